@@ -1,0 +1,457 @@
+//! Arrow Flight and Flight SQL for mkts, served over a narrow backend trait.
+//!
+//! One gRPC service answers both protocols on the same port:
+//! - **Plain Flight** (the contract of `shared/bench/server_client.py`): DoPut to a path descriptor writes a
+//!   bucket; DoGet with a JSON `QueryRequest` ticket (MarketStore's field names) or a bare key reads one;
+//!   GetFlightInfo / GetSchema / ListFlights describe buckets; DoAction runs `create`, `destroy`, `get_info`,
+//!   `delete_range`, `list_symbols`, `server_version`.
+//! - **Flight SQL**: requests whose ticket or command is a protobuf `Any` of a Flight SQL message are handed
+//!   to a [`FlightSqlService`] (the SQL engine's), except DoPut updates/ingests, which this crate decodes and
+//!   passes to the backend (arrow-flight does not let a service re-wrap a consumed `Streaming`).
+//!
+//! The crate knows nothing about storage: [`FlightBackend`] is implemented by the server.
+//!
+//! ```ignore
+//! let svc = mkts_flight::MktsFlightService::new(my_backend, my_flight_sql);
+//! tonic::transport::Server::builder().add_service(svc.into_server()).serve(addr).await?;
+//! ```
+
+pub mod ticket;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{Any, Command, CommandStatementIngest, DoPutUpdateResult, ProstMessageExt, SqlInfo};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+};
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use ticket::QueryTicket;
+
+/// A backend failure with the gRPC code it maps to.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
+        BackendError { code, message: message.into() }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(tonic::Code::InvalidArgument, message)
+    }
+}
+
+impl From<BackendError> for Status {
+    fn from(e: BackendError) -> Status {
+        let mut m = e.message;
+        m.truncate(4000);
+        Status::new(e.code, m)
+    }
+}
+
+/// A stream of result batches.
+pub type BatchStream = BoxStream<'static, Result<RecordBatch, BackendError>>;
+
+/// One appended batch delivered to a subscription, with the key it was written to.
+pub type KeyedBatchStream = BoxStream<'static, (String, RecordBatch)>;
+
+/// A bucket as listed by ListFlights.
+#[derive(Debug, Clone)]
+pub struct BucketListing {
+    pub key: String,
+    pub schema: SchemaRef,
+    pub rows: i64,
+}
+
+/// What the Flight service needs from the server. Implemented in `mkts` over the engine and SQL.
+#[async_trait::async_trait]
+pub trait FlightBackend: Send + Sync + 'static {
+    /// Run a read, SQL or function ticket; batches stream lazily.
+    async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError>;
+    /// Schema and exact row count (if cheap) of what `query` would return.
+    async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError>;
+    /// Durably write one batch to `key`; returns rows stored once they are durable.
+    async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
+    /// Appended batches of keys matching `pattern` (`*` per segment), until dropped.
+    async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError>;
+    /// Every bucket with schema and row count.
+    async fn list(&self) -> Result<Vec<BucketListing>, BackendError>;
+    /// Run a plain action (`create`, `destroy`, ...); returns the JSON result body.
+    async fn action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError>;
+    /// Execute a SQL statement that modifies data (Flight SQL `CommandStatementUpdate`); returns rows affected.
+    async fn sql_update(&self, sql: &str) -> Result<i64, BackendError>;
+}
+
+/// The plain actions, with descriptions for ListActions.
+pub const ACTIONS: &[(&str, &str)] = &[
+    ("create", "Create a bucket: {\"key\", \"column_names\", \"column_types\" (i1..u8, f4, f8, U16, b1), \"is_variable_length\"}"),
+    ("destroy", "Destroy a bucket and its data: a bare key or {\"key\"}"),
+    ("get_info", "Schema, record type, row count and time span of a bucket: a bare key or {\"key\"}"),
+    ("delete_range", "Delete rows with epoch_start <= Epoch <= epoch_end (inclusive): {\"key\", \"epoch_start\", \"epoch_end\"}"),
+    ("list_symbols", "List symbols ({\"format\": \"symbol\"}, default) or full keys ({\"format\": \"tbk\"})"),
+    ("server_version", "The server version"),
+];
+
+type Bs<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Largest FlightData message the server emits (rows of a batch are split to fit).
+const MAX_FLIGHT_DATA: usize = 4 << 20;
+
+/// A Flight SQL service that answers nothing (for servers without SQL, and tests).
+#[derive(Debug, Clone, Default)]
+pub struct NoSql;
+
+#[tonic::async_trait]
+impl FlightSqlService for NoSql {
+    type FlightService = NoSql;
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// The Flight service: plain contract + delegation of Flight SQL.
+pub struct MktsFlightService<B: FlightBackend, S: FlightSqlService> {
+    backend: Arc<B>,
+    sql: Arc<S>,
+}
+
+impl<B: FlightBackend, S: FlightSqlService> Clone for MktsFlightService<B, S> {
+    fn clone(&self) -> Self {
+        MktsFlightService { backend: self.backend.clone(), sql: self.sql.clone() }
+    }
+}
+
+const SQL_TYPE_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
+
+/// Decode a Flight SQL `Any`, if that is what `bytes` holds.
+fn as_sql_any(bytes: &[u8]) -> Option<Any> {
+    if bytes.first() == Some(&b'{') {
+        return None;
+    }
+    let any = Any::decode(bytes).ok()?;
+    any.type_url.starts_with(SQL_TYPE_PREFIX).then_some(any)
+}
+
+fn descriptor_ticket(d: &FlightDescriptor) -> Result<QueryTicket, Status> {
+    if !d.path.is_empty() {
+        let key = d.path.join("/");
+        return Ok(QueryTicket { destination: Some(key), ..Default::default() });
+    }
+    QueryTicket::parse(&d.cmd).map_err(Status::invalid_argument)
+}
+
+fn descriptor_key(d: &FlightDescriptor) -> Result<String, Status> {
+    if !d.path.is_empty() {
+        return Ok(d.path.join("/"));
+    }
+    let t = QueryTicket::parse(&d.cmd).map_err(Status::invalid_argument)?;
+    t.destination.ok_or_else(|| Status::invalid_argument("DoPut needs a path descriptor naming the bucket (SYMBOL/TIMEFRAME/ATTRGROUP)"))
+}
+
+impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService<B, S> {
+    pub fn new(backend: Arc<B>, sql: Arc<S>) -> Self {
+        MktsFlightService { backend, sql }
+    }
+
+    /// The tonic server for this service, with large message limits (market data results are big).
+    pub fn into_server(self, max_msg_bytes: usize) -> FlightServiceServer<Self> {
+        FlightServiceServer::new(self).max_decoding_message_size(max_msg_bytes).max_encoding_message_size(max_msg_bytes)
+    }
+
+    fn encode(schema: SchemaRef, batches: BatchStream) -> Bs<FlightData> {
+        let s = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_max_flight_data_size(MAX_FLIGHT_DATA)
+            .build(batches.map_err(|e| FlightError::Tonic(Box::new(Status::from(e)))))
+            .map_err(Status::from);
+        Box::pin(s)
+    }
+
+    async fn flight_info(&self, desc: FlightDescriptor) -> Result<FlightInfo, Status> {
+        let q = descriptor_ticket(&desc)?;
+        if q.subscribe.is_some() {
+            return Err(Status::invalid_argument("subscriptions have no FlightInfo; DoGet the ticket directly"));
+        }
+        let (schema, rows) = self.backend.describe(q.clone()).await?;
+        let ticket = serde_json::to_vec(&q).map_err(|e| Status::internal(e.to_string()))?;
+        let info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_descriptor(desc)
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+            .with_total_records(rows.unwrap_or(-1))
+            .with_ordered(true);
+        Ok(info)
+    }
+
+    fn subscription_stream(stream: KeyedBatchStream) -> Bs<FlightData> {
+        let mut schema: Option<SchemaRef> = None;
+        let s = stream.flat_map(move |(key, batch)| {
+            let mut out: Vec<Result<FlightData, Status>> = Vec::new();
+            match &schema {
+                None => {
+                    let opts = arrow::ipc::writer::IpcWriteOptions::default();
+                    out.push(Ok(SchemaAsIpc::new(batch.schema().as_ref(), &opts).into()));
+                    schema = Some(batch.schema());
+                }
+                Some(s) if s.fields() != batch.schema().fields() => {
+                    tracing::warn!(key, "subscription: skipping a batch whose schema differs from the stream's");
+                    return futures::stream::iter(out);
+                }
+                Some(_) => {}
+            }
+            let meta = Bytes::from(serde_json::json!({ "key": key }).to_string());
+            match arrow_flight::utils::batches_to_flight_data(batch.schema().as_ref(), vec![batch]) {
+                Ok(mut fds) => {
+                    fds.remove(0); // the schema message, sent once above
+                    if let Some(last) = fds.last_mut() {
+                        last.app_metadata = meta;
+                    }
+                    out.extend(fds.into_iter().map(Ok));
+                }
+                Err(e) => out.push(Err(Status::internal(e.to_string()))),
+            }
+            futures::stream::iter(out)
+        });
+        Box::pin(s)
+    }
+
+    async fn plain_do_put(&self, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+        let desc = first.flight_descriptor.clone().ok_or_else(|| Status::invalid_argument("DoPut: the first message needs a flight descriptor"))?;
+        let key = descriptor_key(&desc)?;
+        let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
+        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input);
+        let backend = self.backend.clone();
+        // Each batch is written (durably) before the next is read: the PutResult acknowledges durable rows.
+        let out = async_stream(move |tx| async move {
+            while let Some(b) = batches.next().await {
+                let r = match b {
+                    Ok(batch) => backend
+                        .write(&key, batch)
+                        .await
+                        .map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) })
+                        .map_err(Status::from),
+                    Err(e) => Err(Status::invalid_argument(format!("DoPut: cannot decode the stream: {e}"))),
+                };
+                let stop = r.is_err();
+                if tx.send(r).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+
+    async fn sql_do_put(&self, cmd: Command, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+        let count = match cmd {
+            Command::CommandStatementUpdate(u) => self.backend.sql_update(&u.query).await?,
+            Command::CommandStatementIngest(ingest) => self.ingest(ingest, rest).await?,
+            other => {
+                return Err(Status::unimplemented(format!("DoPut: {} is not supported", other.type_url())));
+            }
+        };
+        let result = DoPutUpdateResult { record_count: count };
+        let put = PutResult { app_metadata: result.encode_to_vec().into() };
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(put)]))))
+    }
+
+    async fn ingest(&self, cmd: CommandStatementIngest, rest: Streaming<FlightData>) -> Result<i64, Status> {
+        let key = cmd.table.clone();
+        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(rest.map_err(FlightError::from));
+        let mut total = 0i64;
+        while let Some(b) = batches.next().await {
+            let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if b.num_rows() == 0 {
+                continue;
+            }
+            total += self.backend.write(&key, b).await? as i64;
+        }
+        Ok(total)
+    }
+}
+
+/// A small channel-backed stream helper (keeps the writer loop readable).
+fn async_stream<T, F, Fut>(f: F) -> Bs<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream_from(rx))
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn json_result(v: serde_json::Value) -> arrow_flight::Result {
+    arrow_flight::Result { body: Bytes::from(v.to_string()) }
+}
+
+#[tonic::async_trait]
+impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for MktsFlightService<B, S> {
+    type HandshakeStream = Bs<HandshakeResponse>;
+    type ListFlightsStream = Bs<FlightInfo>;
+    type DoGetStream = Bs<FlightData>;
+    type DoPutStream = Bs<PutResult>;
+    type DoActionStream = Bs<arrow_flight::Result>;
+    type ListActionsStream = Bs<ActionType>;
+    type DoExchangeStream = Bs<FlightData>;
+
+    async fn handshake(&self, request: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
+        // No authentication: answer every handshake message with an empty payload.
+        let s = request.into_inner().map_ok(|h| HandshakeResponse { protocol_version: h.protocol_version, payload: Bytes::new() });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn list_flights(&self, _request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let list = self.backend.list().await?;
+        let infos: Vec<Result<FlightInfo, Status>> = list
+            .into_iter()
+            .map(|b| {
+                let ticket = Ticket::new(b.key.clone());
+                FlightInfo::new()
+                    .try_with_schema(&b.schema)
+                    .map(|i| {
+                        i.with_descriptor(FlightDescriptor::new_path(vec![b.key.clone()]))
+                            .with_endpoint(FlightEndpoint::new().with_ticket(ticket))
+                            .with_total_records(b.rows)
+                            .with_ordered(true)
+                    })
+                    .map_err(|e| Status::internal(e.to_string()))
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(infos))))
+    }
+
+    async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        if as_sql_any(&request.get_ref().cmd).is_some() {
+            return FlightService::get_flight_info(self.sql.as_ref(), request).await;
+        }
+        let info = self.flight_info(request.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        if as_sql_any(&request.get_ref().cmd).is_some() {
+            return FlightService::poll_flight_info(self.sql.as_ref(), request).await;
+        }
+        let info = self.flight_info(request.into_inner()).await?;
+        Ok(Response::new(PollInfo { info: Some(info), flight_descriptor: None, progress: Some(1.0), expiration_time: None }))
+    }
+
+    async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        if as_sql_any(&request.get_ref().cmd).is_some() {
+            return FlightService::get_schema(self.sql.as_ref(), request).await;
+        }
+        let q = descriptor_ticket(request.get_ref())?;
+        let (schema, _) = self.backend.describe(q).await?;
+        let opts = arrow::ipc::writer::IpcWriteOptions::default();
+        let r: SchemaResult = SchemaAsIpc::new(schema.as_ref(), &opts)
+            .try_into()
+            .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+        Ok(Response::new(r))
+    }
+
+    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        if as_sql_any(&request.get_ref().ticket).is_some() {
+            return FlightService::do_get(self.sql.as_ref(), request).await;
+        }
+        let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
+        if let Some(pattern) = &q.subscribe {
+            let s = self.backend.subscribe(pattern).await?;
+            return Ok(Response::new(Self::subscription_stream(s)));
+        }
+        let (schema, batches) = self.backend.query(q).await?;
+        Ok(Response::new(Self::encode(schema, batches)))
+    }
+
+    async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        let mut stream = request.into_inner();
+        let first = match stream.message().await? {
+            Some(f) => f,
+            None => return Err(Status::invalid_argument("DoPut: empty stream")),
+        };
+        let sql_cmd = first.flight_descriptor.as_ref().and_then(|d| as_sql_any(&d.cmd));
+        match sql_cmd {
+            Some(any) => {
+                let cmd = Command::try_from(any).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                // The first message of an update carries only the descriptor; of an ingest, also the schema.
+                if matches!(cmd, Command::CommandStatementIngest(_)) {
+                    let rest = stream;
+                    let first_only = first;
+                    return self.sql_do_put_with_first(cmd, first_only, rest).await;
+                }
+                self.sql_do_put(cmd, stream).await
+            }
+            None => self.plain_do_put(first, stream).await,
+        }
+    }
+
+    async fn do_exchange(&self, _request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("DoExchange is not supported; use DoPut to write and DoGet to read or subscribe"))
+    }
+
+    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        let name = request.get_ref().r#type.clone();
+        if !ACTIONS.iter().any(|(n, _)| *n == name) {
+            return FlightService::do_action(self.sql.as_ref(), request).await;
+        }
+        let v = self.backend.action(&name, &request.get_ref().body).await?;
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(json_result(v))]))))
+    }
+
+    async fn list_actions(&self, request: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        let mut all: Vec<Result<ActionType, Status>> = ACTIONS
+            .iter()
+            .map(|(n, d)| Ok(ActionType { r#type: n.to_string(), description: d.to_string() }))
+            .collect();
+        if let Ok(resp) = FlightService::list_actions(self.sql.as_ref(), request).await {
+            let sql: Vec<Result<ActionType, Status>> = resp.into_inner().collect().await;
+            all.extend(sql);
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(all))))
+    }
+}
+
+impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService<B, S> {
+    async fn sql_do_put_with_first(&self, cmd: Command, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+        let Command::CommandStatementIngest(ingest) = cmd else {
+            return Err(Status::internal("unexpected command"));
+        };
+        let key = ingest.table.clone();
+        let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
+        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input);
+        let mut total = 0i64;
+        while let Some(b) = batches.next().await {
+            let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if b.num_rows() == 0 {
+                continue;
+            }
+            total += self.backend.write(&key, b).await? as i64;
+        }
+        let result = DoPutUpdateResult { record_count: total };
+        let put = PutResult { app_metadata: result.encode_to_vec().into() };
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(put)]))))
+    }
+}
+
+/// Shorthand used by the server: a Flight SQL `Any` for a message (re-exported for tests).
+pub fn sql_any<M: ProstMessageExt>(m: &M) -> Any {
+    m.as_any()
+}

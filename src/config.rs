@@ -1,0 +1,431 @@
+//! `mkts.yml`: MarketStore's configuration keys and defaults (reference §8), plus a few of our own.
+//!
+//! Every key MarketStore documents is parsed; keys we do not know are warned about by name (MarketStore
+//! silently ignores them, which cost users afternoons). Booleans accept YAML booleans and MarketStore's
+//! string forms (`"true"`, `"1"`, `"t"`, …).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Configuration errors: one clear line each.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("malformed config file {path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("invalid config {key}: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+/// A trigger entry: `{module, on, config}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriggerConfig {
+    pub module: String,
+    /// Glob over `SYMBOL/TIMEFRAME/ATTRGROUP` with `*` per segment.
+    pub on: String,
+    pub config: serde_json::Value,
+}
+
+/// A background worker entry: `{module, name, config}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BgWorkerConfig {
+    pub module: String,
+    pub name: String,
+    pub config: serde_json::Value,
+}
+
+/// Replication settings (reference §9).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationConfig {
+    pub enabled: bool,
+    pub listen_port: u16,
+    pub tls_enabled: bool,
+    pub cert_file: String,
+    pub key_file: String,
+    pub master_host: String,
+    pub retry_interval: String,
+    pub retry_backoff_coeff: u32,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            enabled: false,
+            listen_port: 5996,
+            tls_enabled: false,
+            cert_file: String::new(),
+            key_file: String::new(),
+            master_host: String::new(),
+            retry_interval: "10s".into(),
+            retry_backoff_coeff: 2,
+        }
+    }
+}
+
+/// The whole server configuration with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Data directory (relative paths resolve against the config file's directory... and, as in
+    /// MarketStore, against the working directory when no file is used).
+    pub root_directory: PathBuf,
+    pub listen_host: String,
+    /// HTTP port: /rpc, /ws, /heartbeat, /metrics.
+    pub listen_port: u16,
+    /// gRPC port: Arrow Flight, Flight SQL and MarketStore's gRPC service. `None` disables it.
+    pub grpc_listen_port: Option<u16>,
+    pub grpc_max_send_msg_size_mb: usize,
+    pub grpc_max_recv_msg_size_mb: usize,
+    pub utilities_url: String,
+    /// IANA zone reported to clients and used for calendar windows; storage is always UTC.
+    pub timezone: String,
+    pub log_level: String,
+    pub stop_grace_period: u64,
+    pub wal_rotate_interval: u64,
+    pub disable_variable_compression: bool,
+    pub init_catalog: bool,
+    pub init_wal_cache: bool,
+    pub background_sync: bool,
+    pub wal_bypass: bool,
+    pub enable_add: bool,
+    pub enable_remove: bool,
+    pub enable_last_known: bool,
+    pub queryable: bool,
+    pub stale_threshold: Option<String>,
+    /// Where plugin modules named by a relative path are looked up (default: `plugins/` beside the config).
+    pub plugin_dir: PathBuf,
+    pub replication: ReplicationConfig,
+    pub triggers: Vec<TriggerConfig>,
+    pub bgworkers: Vec<BgWorkerConfig>,
+    /// Where the file was read from (for resolving relative paths).
+    pub base_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root_directory: PathBuf::from("data"),
+            listen_host: String::new(),
+            listen_port: 5993,
+            grpc_listen_port: Some(5995),
+            grpc_max_send_msg_size_mb: 1024,
+            grpc_max_recv_msg_size_mb: 1024,
+            utilities_url: String::new(),
+            timezone: "UTC".into(),
+            log_level: "info".into(),
+            stop_grace_period: 0,
+            wal_rotate_interval: 5,
+            disable_variable_compression: false,
+            init_catalog: true,
+            init_wal_cache: true,
+            background_sync: true,
+            wal_bypass: false,
+            enable_add: true,
+            enable_remove: true,
+            enable_last_known: false,
+            queryable: true,
+            stale_threshold: None,
+            plugin_dir: PathBuf::from("plugins"),
+            replication: ReplicationConfig::default(),
+            triggers: Vec::new(),
+            bgworkers: Vec::new(),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// The commented default file written by `mkts init`.
+pub const DEFAULT_YAML: &str = include_str!("../mkts.yml");
+
+/// A scalar as YAML gives it to us (MarketStore accepts strings for numbers and booleans).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Scalar {
+    fn as_string(&self) -> String {
+        match self {
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Str(s) => s.clone(),
+        }
+    }
+}
+
+fn parse_bool(key: &str, v: &Scalar) -> Result<bool, ConfigError> {
+    match v {
+        Scalar::Bool(b) => Ok(*b),
+        Scalar::Int(i) => Ok(*i != 0),
+        Scalar::Float(_) => Err(ConfigError::Invalid { key: key.into(), msg: "expected a boolean".into() }),
+        // Go's strconv.ParseBool forms.
+        Scalar::Str(s) => match s.as_str() {
+            "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+            "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+            _ => Err(ConfigError::Invalid { key: key.into(), msg: format!("invalid value for {key}: {s:?}") }),
+        },
+    }
+}
+
+fn parse_int<T: std::str::FromStr>(key: &str, v: &Scalar) -> Result<T, ConfigError> {
+    v.as_string()
+        .trim()
+        .parse::<T>()
+        .map_err(|_| ConfigError::Invalid { key: key.into(), msg: format!("expected a number, got {:?}", v.as_string()) })
+}
+
+/// YAML → JSON for plugin `config` maps (plugins receive JSON).
+fn yaml_to_json(v: serde_json::Value) -> serde_json::Value {
+    v
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), source: e })?;
+        let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { msg, .. } => ConfigError::Parse { path: path.display().to_string(), msg },
+            other => other,
+        })
+    }
+
+    /// Parse config text; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        // Unquoted `on: */1Min/OHLCV` is an alias in YAML and `on` alone is a YAML 1.1 boolean key in some
+        // parsers; MarketStore files write both. Normalise before parsing.
+        let text = normalise_on_keys(text);
+        let raw: BTreeMap<String, serde_json::Value> = if text.trim().is_empty() {
+            BTreeMap::new()
+        } else {
+            serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse { path: String::new(), msg: e.to_string() })?
+        };
+        let mut c = Config { base_dir: base_dir.to_path_buf(), ..Config::default() };
+        let sc = |k: &str, v: &serde_json::Value| -> Result<Scalar, ConfigError> {
+            serde_json::from_value::<Scalar>(v.clone())
+                .map_err(|_| ConfigError::Invalid { key: k.into(), msg: "expected a scalar value".into() })
+        };
+        for (k, v) in &raw {
+            if v.is_null() {
+                continue;
+            }
+            match k.as_str() {
+                "root_directory" => c.root_directory = PathBuf::from(sc(k, v)?.as_string()),
+                "listen_host" => c.listen_host = sc(k, v)?.as_string(),
+                "listen_port" => c.listen_port = parse_int(k, &sc(k, v)?)?,
+                "grpc_listen_port" => {
+                    let s = sc(k, v)?.as_string();
+                    c.grpc_listen_port = if s.is_empty() { None } else { Some(parse_int(k, &sc(k, v)?)?) };
+                }
+                "grpc_max_send_msg_size" => c.grpc_max_send_msg_size_mb = parse_int(k, &sc(k, v)?)?,
+                "grpc_max_recv_msg_size" => c.grpc_max_recv_msg_size_mb = parse_int(k, &sc(k, v)?)?,
+                "utilities_url" => c.utilities_url = sc(k, v)?.as_string(),
+                "timezone" => c.timezone = sc(k, v)?.as_string(),
+                "log_level" => c.log_level = sc(k, v)?.as_string(),
+                "stop_grace_period" => c.stop_grace_period = parse_int(k, &sc(k, v)?)?,
+                "wal_rotate_interval" => c.wal_rotate_interval = parse_int(k, &sc(k, v)?)?,
+                "disable_variable_compression" => c.disable_variable_compression = parse_bool(k, &sc(k, v)?)?,
+                "init_catalog" => c.init_catalog = parse_bool(k, &sc(k, v)?)?,
+                "init_wal_cache" => c.init_wal_cache = parse_bool(k, &sc(k, v)?)?,
+                "background_sync" => c.background_sync = parse_bool(k, &sc(k, v)?)?,
+                "wal_bypass" => c.wal_bypass = parse_bool(k, &sc(k, v)?)?,
+                "enable_add" => c.enable_add = parse_bool(k, &sc(k, v)?)?,
+                "enable_remove" => c.enable_remove = parse_bool(k, &sc(k, v)?)?,
+                "enable_last_known" => c.enable_last_known = parse_bool(k, &sc(k, v)?)?,
+                "queryable" => c.queryable = parse_bool(k, &sc(k, v)?)?,
+                "stale_threshold" => c.stale_threshold = Some(sc(k, v)?.as_string()),
+                "plugin_dir" => c.plugin_dir = PathBuf::from(sc(k, v)?.as_string()),
+                "replication" => c.replication = parse_replication(v)?,
+                "triggers" => c.triggers = parse_triggers(v)?,
+                "bgworkers" => c.bgworkers = parse_bgworkers(v)?,
+                other => tracing::warn!(key = other, "unknown configuration key {other:?} is ignored"),
+            }
+        }
+        if c.listen_port == 0 && !raw.contains_key("listen_port") {
+            return Err(ConfigError::Invalid { key: "listen_port".into(), msg: "listen port can't be empty".into() });
+        }
+        if c.timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(ConfigError::Invalid { key: "timezone".into(), msg: format!("unknown time zone {:?}", c.timezone) });
+        }
+        if c.root_directory.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid { key: "root_directory".into(), msg: "root_directory can't be empty".into() });
+        }
+        if c.root_directory.is_relative() {
+            c.root_directory = base_dir.join(&c.root_directory);
+        }
+        if c.plugin_dir.is_relative() {
+            c.plugin_dir = base_dir.join(&c.plugin_dir);
+        }
+        Ok(c)
+    }
+
+    /// The parsed `timezone`.
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+
+    /// `host:port` to bind for HTTP.
+    pub fn http_addr(&self) -> String {
+        format!("{}:{}", if self.listen_host.is_empty() { "0.0.0.0" } else { &self.listen_host }, self.listen_port)
+    }
+
+    /// `host:port` to bind for gRPC, if enabled.
+    pub fn grpc_addr(&self) -> Option<String> {
+        self.grpc_listen_port
+            .map(|p| format!("{}:{}", if self.listen_host.is_empty() { "0.0.0.0" } else { &self.listen_host }, p))
+    }
+}
+
+/// Quote the value of `on:` keys so `on: */1Min/OHLCV` (a YAML alias otherwise) parses as a string.
+fn normalise_on_keys(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            let indent = &line[..line.len() - trimmed.len()];
+            let (dash, rest) = match trimmed.strip_prefix("- ") {
+                Some(r) => ("- ", r.trim_start()),
+                None => ("", trimmed),
+            };
+            if let Some(val) = rest.strip_prefix("on:") {
+                let v = val.trim();
+                if !v.is_empty() && !v.starts_with('"') && !v.starts_with('\'') && !v.starts_with('#') {
+                    let (pat, comment) = match v.find(" #") {
+                        Some(i) => (&v[..i], &v[i..]),
+                        None => (v, ""),
+                    };
+                    return format!("{indent}{dash}\"on\": \"{}\"{comment}", pat.trim());
+                }
+                return format!("{indent}{dash}\"on\":{val}");
+            }
+            line.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn obj<'a>(key: &str, v: &'a serde_json::Value) -> Result<&'a serde_json::Map<String, serde_json::Value>, ConfigError> {
+    v.as_object().ok_or_else(|| ConfigError::Invalid { key: key.into(), msg: "expected a map".into() })
+}
+
+fn str_field(m: &serde_json::Map<String, serde_json::Value>, k: &str) -> Option<String> {
+    m.get(k).and_then(|v| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Bool(true) if k == "on" => None,
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    })
+}
+
+fn parse_triggers(v: &serde_json::Value) -> Result<Vec<TriggerConfig>, ConfigError> {
+    let arr = v.as_array().ok_or_else(|| ConfigError::Invalid { key: "triggers".into(), msg: "expected a list".into() })?;
+    let mut out = Vec::new();
+    for (i, t) in arr.iter().enumerate() {
+        let key = format!("triggers[{i}]");
+        let m = obj(&key, t)?;
+        let module = str_field(m, "module").ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing module".into() })?;
+        // `on` may have been read as the boolean key `true` by a YAML 1.1 reader.
+        let on = str_field(m, "on")
+            .or_else(|| str_field(m, "true"))
+            .ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing on".into() })?;
+        for k in m.keys() {
+            if !matches!(k.as_str(), "module" | "on" | "true" | "config") {
+                tracing::warn!(key = %format!("{key}.{k}"), "unknown trigger key is ignored");
+            }
+        }
+        out.push(TriggerConfig { module, on, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)) });
+    }
+    Ok(out)
+}
+
+fn parse_bgworkers(v: &serde_json::Value) -> Result<Vec<BgWorkerConfig>, ConfigError> {
+    let arr = v.as_array().ok_or_else(|| ConfigError::Invalid { key: "bgworkers".into(), msg: "expected a list".into() })?;
+    let mut out = Vec::new();
+    for (i, t) in arr.iter().enumerate() {
+        let key = format!("bgworkers[{i}]");
+        let m = obj(&key, t)?;
+        let module = str_field(m, "module").ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing module".into() })?;
+        let name = str_field(m, "name").unwrap_or_else(|| module.clone());
+        out.push(BgWorkerConfig { module, name, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)) });
+    }
+    Ok(out)
+}
+
+fn parse_replication(v: &serde_json::Value) -> Result<ReplicationConfig, ConfigError> {
+    let m = obj("replication", v)?;
+    let mut r = ReplicationConfig::default();
+    for (k, val) in m {
+        let key = format!("replication.{k}");
+        let s: Scalar = serde_json::from_value(val.clone())
+            .map_err(|_| ConfigError::Invalid { key: key.clone(), msg: "expected a scalar".into() })?;
+        match k.as_str() {
+            "enabled" => r.enabled = parse_bool(&key, &s)?,
+            "listen_port" => r.listen_port = parse_int(&key, &s)?,
+            "tls_enabled" => r.tls_enabled = parse_bool(&key, &s)?,
+            "cert_file" => r.cert_file = s.as_string(),
+            "key_file" => r.key_file = s.as_string(),
+            "master_host" => r.master_host = s.as_string(),
+            "retry_interval" => r.retry_interval = s.as_string(),
+            "retry_backoff_coeff" => r.retry_backoff_coeff = parse_int(&key, &s)?,
+            _ => tracing::warn!(key = %key, "unknown configuration key is ignored"),
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_marketstore_file() {
+        let y = r#"
+root_directory: /tmp/x
+listen_port: 5993
+grpc_listen_port: "5995"
+log_level: info
+queryable: "true"
+stop_grace_period: 0
+wal_rotate_interval: 5
+stale_threshold: 5
+triggers:
+  - module: ondiskagg.so
+    on: */1Min/OHLCV
+    config:
+      destinations:
+        - 5Min
+        - 1D
+bgworkers:
+  - module: gdaxfeeder.so
+    name: GdaxFetcher
+    config:
+      query_start: "2017-09-01 00:00"
+"#;
+        let c = Config::parse(y, Path::new(".")).unwrap();
+        assert_eq!(c.grpc_listen_port, Some(5995));
+        assert_eq!(c.triggers[0].on, "*/1Min/OHLCV");
+        assert_eq!(c.triggers[0].config["destinations"][1], "1D");
+        assert_eq!(c.bgworkers[0].name, "GdaxFetcher");
+    }
+
+    #[test]
+    fn default_file_parses() {
+        let c = Config::parse(DEFAULT_YAML, Path::new("/srv")).unwrap();
+        assert_eq!(c.root_directory, PathBuf::from("/srv/data"));
+        assert_eq!(c.listen_port, 5993);
+    }
+
+    #[test]
+    fn bad_bool_is_clear() {
+        let e = Config::parse("listen_port: 1\nqueryable: maybe\n", Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("queryable"), "{e}");
+    }
+}

@@ -1,0 +1,285 @@
+//! Bucket keys (`SYMBOL/TIMEFRAME/ATTRGROUP`) and timeframes.
+//!
+//! A key names a directory under the root, so every segment is validated to be one safe path
+//! component: keys never escape the root.
+
+use std::fmt;
+
+use super::error::{EngineError, Result};
+
+/// MarketStore's category suffix, accepted (and stripped) on input and added on output where clients expect it.
+pub const DEFAULT_CATEGORIES: &str = "Symbol/Timeframe/AttributeGroup";
+
+/// A validated time bucket key, e.g. `AAPL/1Min/OHLCV`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketKey {
+    pub symbol: String,
+    pub timeframe: String,
+    pub attr_group: String,
+}
+
+impl BucketKey {
+    /// Parse `SYM/TF/GROUP`, optionally followed by `:Symbol/Timeframe/AttributeGroup`.
+    ///
+    /// ```
+    /// let k = mkts::engine::BucketKey::parse("AAPL/1Min/OHLCV:Symbol/Timeframe/AttributeGroup").unwrap();
+    /// assert_eq!(k.to_string(), "AAPL/1Min/OHLCV");
+    /// assert!(mkts::engine::BucketKey::parse("../1Min/OHLCV").is_err());
+    /// ```
+    pub fn parse(s: &str) -> Result<Self> {
+        let items = strip_categories(s)?;
+        let parts: Vec<&str> = items.split('/').collect();
+        if parts.len() != 3 {
+            return Err(invalid(s, "a key must have exactly three parts SYMBOL/TIMEFRAME/ATTRGROUP"));
+        }
+        Self::from_parts(parts[0], parts[1], parts[2])
+    }
+
+    /// Build a key from its three segments, validating each.
+    pub fn from_parts(symbol: &str, timeframe: &str, attr_group: &str) -> Result<Self> {
+        let full = format!("{symbol}/{timeframe}/{attr_group}");
+        for seg in [symbol, timeframe, attr_group] {
+            validate_segment(seg).map_err(|r| invalid(&full, &r))?;
+        }
+        Timeframe::parse(timeframe).map_err(|_| invalid(&full, &format!("unknown timeframe {timeframe:?}")))?;
+        Ok(BucketKey { symbol: symbol.into(), timeframe: timeframe.into(), attr_group: attr_group.into() })
+    }
+
+    /// The parsed timeframe (always valid for a constructed key).
+    pub fn tf(&self) -> Timeframe {
+        Timeframe::parse(&self.timeframe).unwrap_or(Timeframe { n: 1, unit: TfUnit::Min })
+    }
+
+    /// The key with MarketStore's category suffix, as returned in NumpyMultiDataset maps.
+    pub fn with_categories(&self) -> String {
+        format!("{self}:{DEFAULT_CATEGORIES}")
+    }
+}
+
+impl fmt::Display for BucketKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.symbol, self.timeframe, self.attr_group)
+    }
+}
+
+fn invalid(key: &str, reason: &str) -> EngineError {
+    EngineError::InvalidKey { key: key.to_string(), reason: reason.to_string() }
+}
+
+fn strip_categories(s: &str) -> Result<&str> {
+    match s.split_once(':') {
+        None => Ok(s),
+        Some((items, cats)) => {
+            if cats.eq_ignore_ascii_case(DEFAULT_CATEGORIES) {
+                Ok(items)
+            } else {
+                Err(invalid(s, "only the categories Symbol/Timeframe/AttributeGroup are supported"))
+            }
+        }
+    }
+}
+
+/// One path segment: non-empty, at most 128 bytes, no separators, NUL, control characters, wildcards or
+/// list commas, and not hidden (`.`-prefixed, which also rules out `.` and `..`).
+fn validate_segment(seg: &str) -> std::result::Result<(), String> {
+    if seg.is_empty() {
+        return Err("empty segment".into());
+    }
+    if seg.len() > 128 {
+        return Err("segment longer than 128 bytes".into());
+    }
+    if seg.starts_with('.') {
+        return Err(format!("segment {seg:?} may not start with '.'"));
+    }
+    if let Some(c) = seg.chars().find(|c| matches!(c, '/' | '\\' | '\0' | ':' | ',' | '*' | '?') || c.is_control()) {
+        return Err(format!("segment {seg:?} contains the forbidden character {c:?}"));
+    }
+    Ok(())
+}
+
+/// A key pattern for reads: one symbol, a comma list of symbols, or `*`, over one timeframe and group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySelector {
+    /// `None` means every symbol (`*`).
+    pub symbols: Option<Vec<String>>,
+    pub timeframe: String,
+    pub attr_group: String,
+}
+
+impl KeySelector {
+    /// Parse `AAPL/1Min/OHLCV`, `AAPL,TSLA/1Min/OHLCV` or `*/1Min/OHLCV` (categories suffix allowed).
+    pub fn parse(s: &str) -> Result<Self> {
+        let items = strip_categories(s)?;
+        let parts: Vec<&str> = items.split('/').collect();
+        if parts.len() != 3 {
+            return Err(invalid(
+                s,
+                &format!("destinations must have a Symbol, Timeframe and AttributeGroup, have: {items}"),
+            ));
+        }
+        let symbols = if parts[0] == "*" {
+            None
+        } else {
+            let syms: Vec<String> = parts[0].split(',').map(|x| x.trim().to_string()).collect();
+            for sym in &syms {
+                BucketKey::from_parts(sym, parts[1], parts[2])?;
+            }
+            Some(syms)
+        };
+        if symbols.is_none() {
+            BucketKey::from_parts("x", parts[1], parts[2])?;
+        }
+        Ok(KeySelector { symbols, timeframe: parts[1].into(), attr_group: parts[2].into() })
+    }
+
+    /// True when the selector names exactly one bucket.
+    pub fn is_single(&self) -> bool {
+        matches!(&self.symbols, Some(v) if v.len() == 1)
+    }
+}
+
+/// Time units of a timeframe string (`N` + `Sec|Min|H|D|W|M|Y`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TfUnit {
+    Sec,
+    Min,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+/// A parsed timeframe such as `1Min`, `5Min`, `1H`, `1D`, `1W`, `1M`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Timeframe {
+    pub n: u32,
+    pub unit: TfUnit,
+}
+
+impl Timeframe {
+    /// Parse `N` + unit; `N` defaults to 1 (`Min` = `1Min`). Also accepts MarketStore's aliases `S`, `T`.
+    ///
+    /// ```
+    /// use mkts::engine::Timeframe;
+    /// assert_eq!(Timeframe::parse("5Min").unwrap().fixed_seconds(), Some(300));
+    /// assert_eq!(Timeframe::parse("1M").unwrap().fixed_seconds(), None); // calendar month
+    /// ```
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
+        let (num, unit) = s.split_at(digits);
+        let n: u32 = if num.is_empty() { 1 } else { num.parse().map_err(|_| format!("bad timeframe {s:?}"))? };
+        if n == 0 {
+            return Err(format!("bad timeframe {s:?}: zero length"));
+        }
+        let unit = match unit {
+            "Sec" | "S" | "s" => TfUnit::Sec,
+            "Min" | "T" | "m" => TfUnit::Min,
+            "H" | "h" => TfUnit::Hour,
+            "D" | "d" => TfUnit::Day,
+            "W" | "w" => TfUnit::Week,
+            "M" => TfUnit::Month,
+            "Y" | "y" => TfUnit::Year,
+            _ => return Err(format!("bad timeframe {s:?}: unit must be Sec, Min, H, D, W, M or Y")),
+        };
+        Ok(Timeframe { n, unit })
+    }
+
+    /// Length in seconds for fixed-length timeframes; `None` for calendar months and years.
+    pub fn fixed_seconds(&self) -> Option<i64> {
+        let n = self.n as i64;
+        match self.unit {
+            TfUnit::Sec => Some(n),
+            TfUnit::Min => Some(60 * n),
+            TfUnit::Hour => Some(3600 * n),
+            TfUnit::Day => Some(86400 * n),
+            TfUnit::Week => Some(7 * 86400 * n),
+            TfUnit::Month | TfUnit::Year => None,
+        }
+    }
+
+    /// Nominal duration in nanoseconds (months 30 days, years 365), as MarketStore's GetInfo `TimeFrame`.
+    pub fn nominal_nanos(&self) -> i64 {
+        let secs = self.fixed_seconds().unwrap_or(match self.unit {
+            TfUnit::Month => 30 * 86400 * self.n as i64,
+            _ => 365 * 86400 * self.n as i64,
+        });
+        secs.saturating_mul(1_000_000_000)
+    }
+
+    /// Start (UTC seconds) of the interval containing `t`.
+    ///
+    /// Sub-day timeframes align to the Unix epoch; days to UTC midnight; weeks to Monday 00:00 UTC;
+    /// months and years to the calendar (UTC).
+    pub fn truncate(&self, t: i64) -> i64 {
+        use chrono::{Datelike, TimeZone, Utc};
+        match self.unit {
+            TfUnit::Week => {
+                // 1970-01-05 was a Monday.
+                let w = 7 * 86400 * self.n as i64;
+                let monday = 4 * 86400;
+                (t - monday).div_euclid(w) * w + monday
+            }
+            TfUnit::Month | TfUnit::Year => {
+                let Some(dt) = Utc.timestamp_opt(t, 0).single() else { return t };
+                let months_per = if self.unit == TfUnit::Year { 12 * self.n as i32 } else { self.n as i32 };
+                let total = dt.year() * 12 + dt.month0() as i32;
+                let start = total.div_euclid(months_per) * months_per;
+                let (y, m) = (start.div_euclid(12), start.rem_euclid(12) as u32 + 1);
+                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(t)
+            }
+            _ => {
+                let w = self.fixed_seconds().unwrap_or(60);
+                t.div_euclid(w) * w
+            }
+        }
+    }
+}
+
+impl fmt::Display for Timeframe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let u = match self.unit {
+            TfUnit::Sec => "Sec",
+            TfUnit::Min => "Min",
+            TfUnit::Hour => "H",
+            TfUnit::Day => "D",
+            TfUnit::Week => "W",
+            TfUnit::Month => "M",
+            TfUnit::Year => "Y",
+        };
+        write!(f, "{}{}", self.n, u)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unsafe_keys() {
+        for bad in ["../1Min/OHLCV", "A/1Min", "A//OHLCV", "A/1Min/.x", "/etc/1Min/X", "A\0/1Min/X", "A/1Min/B/C", "A/1Foo/X"] {
+            assert!(BucketKey::parse(bad).is_err(), "{bad}");
+        }
+        assert!(BucketKey::parse("BRK.B/1D/OHLCV").is_ok());
+        assert!(BucketKey::parse("gdax_BTC-USD/1Min/OHLCV").is_ok());
+    }
+
+    #[test]
+    fn truncates() {
+        let tf = Timeframe::parse("5Min").unwrap();
+        assert_eq!(tf.truncate(1_700_000_123), 1_700_000_100);
+        let d = Timeframe::parse("1D").unwrap();
+        assert_eq!(d.truncate(86400 * 3 + 5), 86400 * 3);
+        let m = Timeframe::parse("1M").unwrap();
+        assert_eq!(m.truncate(1_700_000_000), 1_698_796_800); // 2023-11-01
+        let w = Timeframe::parse("1W").unwrap();
+        assert_eq!(w.truncate(1_700_000_000), 1_699_833_600); // Monday 2023-11-13
+    }
+
+    #[test]
+    fn selectors() {
+        let s = KeySelector::parse("A,B/1Min/OHLCV").unwrap();
+        assert_eq!(s.symbols, Some(vec!["A".to_string(), "B".to_string()]));
+        assert!(KeySelector::parse("*/1Min/OHLCV").unwrap().symbols.is_none());
+    }
+}

@@ -1,0 +1,432 @@
+//! One year of one bucket: a dense, time-sorted, memory-mapped file per column.
+//!
+//! Writers own [`Partition`] (only the engine's writer thread touches it); readers get [`PartView`]s:
+//! immutable `(row count, column buffers)` pairs whose buffers point into the mapped files.
+//!
+//! - In-order appends write past the committed row count with `pwrite` (files grow by doubling with
+//!   `set_len`, never shrink), then publish a view with the larger count. Readers of older views never look
+//!   past their own count, so they are unaffected.
+//! - Out-of-order writes, overwrites and range deletes build a new generation directory `g<N+1>`, fsync it,
+//!   switch the manifest by rename, then publish. The old generation's files are unlinked; mappings held by
+//!   readers stay valid (a mapped file is never truncated or rewritten in place).
+//! - The manifest (`manifest.json`) records the generation, the durable row count and the last applied log
+//!   sequence number; replay applies only records after it, so no write is applied twice.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use arrow::buffer::Buffer;
+use serde::{Deserialize, Serialize};
+
+use super::error::{EngineError, Result};
+use super::types::{ColumnType, RecordKind};
+use super::wal::sync_dir;
+
+/// Initial capacity of a new column file, in rows.
+const MIN_CAPACITY_ROWS: usize = 1024;
+
+/// Persisted partition state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub generation: u64,
+    pub rows: usize,
+    pub applied_lsn: u64,
+}
+
+/// Rows to add to a partition, already validated, normalized and sorted (column bytes little-endian,
+/// in the partition's physical column order: Epoch, [Nanoseconds], data columns).
+#[derive(Debug, Clone)]
+pub struct Rows {
+    pub len: usize,
+    /// One byte vector per physical column.
+    pub cols: Vec<Vec<u8>>,
+}
+
+impl Rows {
+    pub fn epoch(&self, i: usize) -> i64 {
+        i64::from_le_bytes(self.cols[0][i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+    }
+    pub fn nanos(&self, i: usize) -> i32 {
+        i32::from_le_bytes(self.cols[1][i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]))
+    }
+}
+
+/// An immutable, zero-copy view of a partition's committed rows.
+#[derive(Debug, Clone)]
+pub struct PartView {
+    pub year: i32,
+    pub rows: usize,
+    /// One buffer per physical column, covering at least `rows` values (the whole mapped file).
+    pub cols: Vec<Buffer>,
+}
+
+impl PartView {
+    /// The stored Epoch values.
+    pub fn epochs(&self) -> &[i64] {
+        typed::<i64>(&self.cols[0], self.rows)
+    }
+    /// The stored Nanoseconds values (variable buckets only).
+    pub fn nanos(&self) -> &[i32] {
+        typed::<i32>(&self.cols[1], self.rows)
+    }
+}
+
+fn typed<T: arrow::datatypes::ArrowNativeType>(b: &Buffer, rows: usize) -> &[T] {
+    let s: &[T] = b.typed_data::<T>();
+    &s[..rows.min(s.len())]
+}
+
+struct ColumnFile {
+    file: File,
+    width: usize,
+    buffer: Buffer,
+}
+
+/// Writer-side state of one partition.
+pub struct Partition {
+    pub year: i32,
+    dir: PathBuf,
+    kind: RecordKind,
+    types: Vec<ColumnType>,
+    manifest: Manifest,
+    capacity: usize,
+    files: Vec<ColumnFile>,
+    /// Rows applied (visible), possibly more than the manifest's durable count.
+    pub rows: usize,
+    /// LSN of the last record applied (persisted at checkpoint).
+    pub applied_lsn: u64,
+    /// True when rows were appended since the last checkpoint.
+    pub dirty: bool,
+}
+
+/// Physical column types of a bucket: Epoch, [Nanoseconds], then the data columns.
+pub fn physical_types(kind: RecordKind, data: &[ColumnType]) -> Vec<ColumnType> {
+    let mut v = vec![ColumnType::I64];
+    if kind == RecordKind::Variable {
+        v.push(ColumnType::I32);
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+fn col_file_name(i: usize, ty: ColumnType) -> String {
+    format!("c{i:03}.{}", ty.file_suffix())
+}
+
+fn map_file(file: &File, path: &Path) -> Result<Buffer> {
+    let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len() as usize;
+    if len == 0 {
+        return Ok(Buffer::from_vec(Vec::<u64>::new()));
+    }
+    // SAFETY: the file is only ever grown (set_len upward) or unlinked, never truncated or rewritten
+    // below a published row count, so the mapped bytes stay valid for the mapping's lifetime.
+    let mmap = unsafe { memmap2::Mmap::map(file) }.map_err(|e| EngineError::io(path, e))?;
+    let ptr = NonNull::new(mmap.as_ptr() as *mut u8)
+        .ok_or_else(|| EngineError::Corrupt { path: path.display().to_string(), reason: "null mapping".into() })?;
+    let n = mmap.len();
+    // SAFETY: ptr/len describe the mapping, which the Arc keeps alive as long as the buffer.
+    Ok(unsafe { Buffer::from_custom_allocation(ptr, n, Arc::new(mmap)) })
+}
+
+impl Partition {
+    /// Open an existing partition directory or create an empty one.
+    pub fn open(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType]) -> Result<Self> {
+        let types = physical_types(kind, data_types);
+        let mpath = dir.join("manifest.json");
+        let manifest = if mpath.exists() {
+            let text = fs::read_to_string(&mpath).map_err(|e| EngineError::io(&mpath, e))?;
+            serde_json::from_str::<Manifest>(&text)
+                .map_err(|e| EngineError::Corrupt { path: mpath.display().to_string(), reason: e.to_string() })?
+        } else {
+            fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+            let m = Manifest { generation: 0, rows: 0, applied_lsn: 0 };
+            write_manifest(dir, &m)?;
+            m
+        };
+        // Remove generations left behind by a crash in the middle of a merge.
+        if let Ok(rd) = fs::read_dir(dir) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().to_string();
+                if let Some(g) = name.strip_prefix('g').and_then(|g| g.parse::<u64>().ok()) {
+                    if g != manifest.generation {
+                        let _ = fs::remove_dir_all(ent.path());
+                    }
+                }
+            }
+        }
+        let gdir = dir.join(format!("g{}", manifest.generation));
+        fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
+        let mut files = Vec::with_capacity(types.len());
+        let mut capacity = usize::MAX;
+        for (i, ty) in types.iter().enumerate() {
+            let p = gdir.join(col_file_name(i, *ty));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(|e| EngineError::io(&p, e))?;
+            let len = file.metadata().map_err(|e| EngineError::io(&p, e))?.len() as usize;
+            if len < manifest.rows * ty.width() {
+                return Err(EngineError::Corrupt {
+                    path: p.display().to_string(),
+                    reason: format!("file holds {} bytes, manifest says {} rows", len, manifest.rows),
+                });
+            }
+            capacity = capacity.min(len / ty.width());
+            let buffer = map_file(&file, &p)?;
+            files.push(ColumnFile { file, width: ty.width(), buffer });
+        }
+        let rows = manifest.rows;
+        let applied_lsn = manifest.applied_lsn;
+        Ok(Partition {
+            year,
+            dir: dir.to_path_buf(),
+            kind,
+            types,
+            manifest,
+            capacity: if capacity == usize::MAX { 0 } else { capacity },
+            files,
+            rows,
+            applied_lsn,
+            dirty: false,
+        })
+    }
+
+    /// The current committed view for readers.
+    pub fn view(&self) -> PartView {
+        PartView { year: self.year, rows: self.rows, cols: self.files.iter().map(|f| f.buffer.clone()).collect() }
+    }
+
+    fn gen_dir(&self, g: u64) -> PathBuf {
+        self.dir.join(format!("g{g}"))
+    }
+
+    fn last_key(&self) -> Option<(i64, i32)> {
+        if self.rows == 0 {
+            return None;
+        }
+        let v = self.view();
+        let e = v.epochs()[self.rows - 1];
+        let n = if self.kind == RecordKind::Variable { v.nanos()[self.rows - 1] } else { 0 };
+        Some((e, n))
+    }
+
+    /// Apply sorted rows (fixed: unique truncated epochs, last write already chosen). Appends when every new
+    /// row sorts after the stored ones; otherwise merges copy-on-write. Returns rows added.
+    pub fn apply_rows(&mut self, rows: &Rows, lsn: u64) -> Result<()> {
+        if rows.len == 0 {
+            self.applied_lsn = lsn;
+            return Ok(());
+        }
+        let first = (rows.epoch(0), if self.kind == RecordKind::Variable { rows.nanos(0) } else { 0 });
+        let in_order = match self.last_key() {
+            None => true,
+            Some(last) => match self.kind {
+                RecordKind::Fixed => first.0 > last.0,
+                RecordKind::Variable => first >= last,
+            },
+        };
+        if in_order {
+            self.append(rows)?;
+        } else {
+            self.merge(rows, lsn)?;
+        }
+        self.applied_lsn = lsn;
+        Ok(())
+    }
+
+    fn append(&mut self, rows: &Rows) -> Result<()> {
+        let need = self.rows + rows.len;
+        let mut remap = false;
+        if need > self.capacity {
+            let new_cap = need.max(self.capacity * 2).max(MIN_CAPACITY_ROWS);
+            let gdir = self.gen_dir(self.manifest.generation);
+            for (i, f) in self.files.iter_mut().enumerate() {
+                let p = gdir.join(col_file_name(i, self.types[i]));
+                f.file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&p, e))?;
+            }
+            self.capacity = new_cap;
+            remap = true;
+        }
+        let gdir = self.gen_dir(self.manifest.generation);
+        for (i, f) in self.files.iter().enumerate() {
+            let bytes = &rows.cols[i];
+            f.file
+                .write_all_at(bytes, (self.rows * f.width) as u64)
+                .map_err(|e| EngineError::io(gdir.join(col_file_name(i, self.types[i])), e))?;
+        }
+        if remap {
+            for (i, f) in self.files.iter_mut().enumerate() {
+                let p = gdir.join(col_file_name(i, self.types[i]));
+                f.buffer = map_file(&f.file, &p)?;
+            }
+        }
+        self.rows += rows.len;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Replace the partition's content with `cols` (already merged) as a new durable generation.
+    fn rewrite(&mut self, n: usize, cols: Vec<Vec<u8>>, lsn: u64) -> Result<()> {
+        let g = self.manifest.generation + 1;
+        let gdir = self.gen_dir(g);
+        let _ = fs::remove_dir_all(&gdir);
+        fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
+        let cap = n.max(MIN_CAPACITY_ROWS);
+        let mut files = Vec::with_capacity(cols.len());
+        for (i, bytes) in cols.iter().enumerate() {
+            let ty = self.types[i];
+            let p = gdir.join(col_file_name(i, ty));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(|e| EngineError::io(&p, e))?;
+            file.set_len((cap * ty.width()) as u64).map_err(|e| EngineError::io(&p, e))?;
+            file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&p, e))?;
+            file.sync_data().map_err(|e| EngineError::io(&p, e))?;
+            let buffer = map_file(&file, &p)?;
+            files.push(ColumnFile { file, width: ty.width(), buffer });
+        }
+        sync_dir(&gdir)?;
+        let m = Manifest { generation: g, rows: n, applied_lsn: lsn };
+        write_manifest(&self.dir, &m)?;
+        let old = self.gen_dir(self.manifest.generation);
+        self.manifest = m;
+        self.files = files;
+        self.capacity = cap;
+        self.rows = n;
+        self.dirty = false;
+        // Unlinking is safe while readers map the old files; the pages live until the last mapping goes.
+        let _ = fs::remove_dir_all(old);
+        Ok(())
+    }
+
+    fn merge(&mut self, rows: &Rows, lsn: u64) -> Result<()> {
+        let view = self.view();
+        let old_e = view.epochs();
+        let old_n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
+        // Plan: a list of (from_new, index) picks in output order.
+        let mut picks: Vec<(bool, u32)> = Vec::with_capacity(self.rows + rows.len);
+        let (mut i, mut j) = (0usize, 0usize);
+        while i < self.rows || j < rows.len {
+            if j >= rows.len {
+                picks.push((false, i as u32));
+                i += 1;
+                continue;
+            }
+            if i >= self.rows {
+                picks.push((true, j as u32));
+                j += 1;
+                continue;
+            }
+            match self.kind {
+                RecordKind::Fixed => {
+                    let (a, b) = (old_e[i], rows.epoch(j));
+                    if a < b {
+                        picks.push((false, i as u32));
+                        i += 1;
+                    } else if a > b {
+                        picks.push((true, j as u32));
+                        j += 1;
+                    } else {
+                        // Same interval: the new row replaces the stored one.
+                        picks.push((true, j as u32));
+                        i += 1;
+                        j += 1;
+                    }
+                }
+                RecordKind::Variable => {
+                    // Stored rows first on ties: ticks keep arrival order.
+                    if (old_e[i], old_n[i]) <= (rows.epoch(j), rows.nanos(j)) {
+                        picks.push((false, i as u32));
+                        i += 1;
+                    } else {
+                        picks.push((true, j as u32));
+                        j += 1;
+                    }
+                }
+            }
+        }
+        let cols = self.gather(&view, rows, &picks);
+        self.rewrite(picks.len(), cols, lsn)
+    }
+
+    fn gather(&self, view: &PartView, rows: &Rows, picks: &[(bool, u32)]) -> Vec<Vec<u8>> {
+        self.types
+            .iter()
+            .enumerate()
+            .map(|(c, ty)| {
+                let w = ty.width();
+                let old = &view.cols[c].as_slice()[..view.rows * w];
+                let new = &rows.cols[c];
+                let mut out = Vec::with_capacity(picks.len() * w);
+                for &(from_new, idx) in picks {
+                    let k = idx as usize * w;
+                    let src = if from_new { &new[k..k + w] } else { &old[k..k + w] };
+                    out.extend_from_slice(src);
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Delete stored rows with `start <= (Epoch, Nanoseconds) <= end`. Returns rows removed.
+    pub fn delete_range(&mut self, start: (i64, i32), end: (i64, i32), lsn: u64) -> Result<usize> {
+        let view = self.view();
+        let e = view.epochs();
+        let n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
+        let key = |i: usize| (e[i], if n.is_empty() { 0 } else { n[i] });
+        let picks: Vec<(bool, u32)> =
+            (0..self.rows).filter(|&i| !(key(i) >= start && key(i) <= end)).map(|i| (false, i as u32)).collect();
+        let removed = self.rows - picks.len();
+        if removed > 0 {
+            let empty = Rows { len: 0, cols: vec![Vec::new(); self.types.len()] };
+            let cols = self.gather(&view, &empty, &picks);
+            self.rewrite(picks.len(), cols, lsn)?;
+        }
+        self.applied_lsn = lsn;
+        Ok(removed)
+    }
+
+    /// Make appended rows durable and record the applied LSN (checkpoint).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        if !self.dirty && self.manifest.applied_lsn == self.applied_lsn && self.manifest.rows == self.rows {
+            return Ok(());
+        }
+        for f in &self.files {
+            f.file.sync_data().map_err(|e| EngineError::io(&self.dir, e))?;
+        }
+        let m = Manifest { generation: self.manifest.generation, rows: self.rows, applied_lsn: self.applied_lsn };
+        write_manifest(&self.dir, &m)?;
+        self.manifest = m;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Record kind of the bucket.
+    pub fn kind(&self) -> RecordKind {
+        self.kind
+    }
+}
+
+/// Atomically replace `manifest.json` (write temp, fsync, rename, fsync directory).
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let tmp = dir.join("manifest.json.tmp");
+    let text = serde_json::to_vec(m).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    {
+        let mut f = File::create(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+        use std::io::Write;
+        f.write_all(&text).map_err(|e| EngineError::io(&tmp, e))?;
+        f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    }
+    fs::rename(&tmp, dir.join("manifest.json")).map_err(|e| EngineError::io(dir, e))?;
+    sync_dir(dir)
+}

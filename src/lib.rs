@@ -1,0 +1,11 @@
+//! mkts: an Arrow-native market data server, successor to Alpaca's MarketStore.
+//!
+//! The crate is the server's composition: the storage [`engine`], the configuration, the interfaces
+//! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
+//! Data flows one way: interfaces → engine (log → partitions) → trigger bus → plugins.
+
+pub mod config;
+pub mod context;
+pub mod engine;
+pub mod metrics;
+pub mod query;

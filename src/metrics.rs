@@ -1,0 +1,11 @@
+//! Prometheus metrics (`/metrics`).
+
+/// Server metrics registry.
+#[derive(Debug, Default)]
+pub struct Metrics {}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {}
+    }
+}
