@@ -7,5 +7,7 @@
 pub mod config;
 pub mod context;
 pub mod engine;
+pub mod flight_backend;
 pub mod metrics;
 pub mod query;
+pub mod server;

@@ -1,1 +1,100 @@
-fn main() {}
+//! The `mkts` command: `init`, `start`, and (from the SQL tooling) `connect`, `import`, `export`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+/// mkts: an Arrow-native market data server (MarketStore-compatible).
+#[derive(Debug, Parser)]
+#[command(name = "mkts", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Write a commented default mkts.yml (data under ./data).
+    Init {
+        /// Directory to write mkts.yml into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Overwrite an existing mkts.yml.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the server.
+    Start {
+        /// Configuration file. Without one (and no ./mkts.yml) the embedded default is used.
+        #[arg(long, short = 'c', default_value = "mkts.yml")]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(level: &str) {
+    let lvl = match level {
+        "fatal" | "error" => "error",
+        "warning" | "warn" => "warn",
+        "debug" => "debug",
+        "trace" => "trace",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{lvl},h2=warn,tower=warn,hyper=warn")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+/// Lift the open-file limit to its hard maximum: every partition column is an open, mapped file, and a
+/// backfill of thousands of symbols must not run out of descriptors (MarketStore #183).
+fn raise_fd_limit() {
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("mkts: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Init { dir, force } => {
+            let path = dir.join("mkts.yml");
+            if path.exists() && !force {
+                bail!("{} already exists (use --force to overwrite)", path.display());
+            }
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::write(&path, mkts::config::DEFAULT_YAML).with_context(|| format!("cannot write {}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+        Cmd::Start { config } => {
+            let cfg = if config.exists() {
+                mkts::config::Config::load(&config)?
+            } else if config == PathBuf::from("mkts.yml") {
+                mkts::config::Config::parse(mkts::config::DEFAULT_YAML, &std::env::current_dir()?)?
+            } else {
+                bail!("config file {} does not exist", config.display());
+            };
+            init_logging(&cfg.log_level);
+            raise_fd_limit();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let server = mkts::server::start(cfg).await?;
+                mkts::server::wait_for_signal().await;
+                tracing::info!("shutting down");
+                server.shutdown().await
+            })
+        }
+    }
+}

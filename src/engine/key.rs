@@ -138,6 +138,69 @@ impl KeySelector {
     }
 }
 
+/// An anchored glob over `SYMBOL/TIMEFRAME/ATTRGROUP` with `*` matching one whole segment (or, inside a
+/// segment, any run of characters), as used by trigger `on:` patterns and subscriptions.
+///
+/// ```
+/// use mkts::engine::{BucketKey, KeyPattern};
+/// let p = KeyPattern::parse("*/1Min/OHLCV").unwrap();
+/// assert!(p.matches(&BucketKey::parse("AAPL/1Min/OHLCV").unwrap()));
+/// assert!(!p.matches(&BucketKey::parse("AAPL/1Min/OHLCVX").unwrap()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPattern {
+    segments: [String; 3],
+}
+
+impl KeyPattern {
+    /// Parse a three-segment pattern (categories suffix allowed).
+    pub fn parse(s: &str) -> Result<Self> {
+        let items = strip_categories(s)?;
+        let parts: Vec<&str> = items.split('/').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(invalid(s, "a pattern must have exactly three non-empty parts, e.g. */1Min/OHLCV"));
+        }
+        Ok(KeyPattern { segments: [parts[0].into(), parts[1].into(), parts[2].into()] })
+    }
+
+    /// True when every segment matches.
+    pub fn matches(&self, key: &BucketKey) -> bool {
+        glob(&self.segments[0], &key.symbol) && glob(&self.segments[1], &key.timeframe) && glob(&self.segments[2], &key.attr_group)
+    }
+}
+
+impl fmt::Display for KeyPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.segments[0], self.segments[1], self.segments[2])
+    }
+}
+
+/// Anchored glob with `*` as the only wildcard.
+fn glob(pat: &str, s: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pat.chars().collect(), s.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0usize, 0usize, None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some(sp) = star {
+            pi = sp + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
 /// Time units of a timeframe string (`N` + `Sec|Min|H|D|W|M|Y`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TfUnit {

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{EngineError, Result};
-pub use key::{BucketKey, KeySelector, TfUnit, Timeframe, DEFAULT_CATEGORIES};
+pub use key::{BucketKey, KeyPattern, KeySelector, TfUnit, Timeframe, DEFAULT_CATEGORIES};
 pub use normalize::infer_schema;
 pub use partition::PartView;
 pub use read::{decode_string16, TimePoint};

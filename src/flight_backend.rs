@@ -1,0 +1,271 @@
+//! The server side of the Flight contract: [`mkts_flight::FlightBackend`] over the engine and SQL.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use futures::stream::StreamExt;
+use mkts_flight::ticket::{key_body, CreateAction, DeleteRangeAction, ListSymbolsAction};
+use mkts_flight::{BackendError, BatchStream, BucketListing, FlightBackend, KeyedBatchStream, QueryTicket};
+use serde_json::json;
+use tonic::Code;
+
+use crate::context::{ServerContext, VERSION};
+use crate::engine::{
+    BucketKey, BucketRead, BucketSchema, ColumnDef, ColumnType, EngineError, KeyPattern, KeySelector, ReadRequest,
+    RecordKind, TimePoint, WriteOptions,
+};
+use crate::query::QueryError;
+
+/// Name of the column added to multi-symbol results.
+pub const SYMBOL_COLUMN: &str = "Symbol";
+
+/// Flight backend over a running server's context.
+pub struct EngineFlightBackend {
+    pub ctx: Arc<ServerContext>,
+}
+
+/// Map engine errors onto gRPC codes.
+pub fn engine_status(e: EngineError) -> BackendError {
+    let code = match &e {
+        EngineError::InvalidKey { .. } | EngineError::SchemaMismatch { .. } | EngineError::InvalidInput(_) => Code::InvalidArgument,
+        EngineError::NotFound(_) => Code::NotFound,
+        EngineError::AlreadyExists(_) => Code::AlreadyExists,
+        EngineError::NotAllowed(_) => Code::PermissionDenied,
+        EngineError::Unavailable(_) => Code::Unavailable,
+        EngineError::Io { .. } | EngineError::Corrupt { .. } | EngineError::Arrow(_) => Code::Internal,
+    };
+    BackendError::new(code, e.to_string())
+}
+
+fn query_status(e: QueryError) -> BackendError {
+    match e {
+        QueryError::Engine(e) => engine_status(e),
+        other => BackendError::invalid(other.to_string()),
+    }
+}
+
+/// Build a [`ReadRequest`] from a MarketStore QueryRequest-shaped ticket.
+pub fn read_request(q: &QueryTicket) -> Result<ReadRequest, EngineError> {
+    let dest = q.destination.as_deref().ok_or_else(|| EngineError::InvalidInput("missing destination".into()))?;
+    let selector = KeySelector::parse(dest)?;
+    let nanos = |n: Option<i64>| -> Result<i32, EngineError> {
+        match n {
+            None => Ok(0),
+            Some(v) if (0..1_000_000_000).contains(&v) => Ok(v as i32),
+            Some(v) => Err(EngineError::InvalidInput(format!("nanoseconds {v} outside 0..1e9"))),
+        }
+    };
+    let start = q.epoch_start.map(|s| Ok::<_, EngineError>(TimePoint { secs: s, nanos: nanos(q.epoch_start_nanos)? })).transpose()?;
+    let end = q
+        .epoch_end
+        .map(|s| {
+            // An end without nanoseconds covers its whole second (inclusive).
+            let ns = if q.epoch_end_nanos.is_some() { nanos(q.epoch_end_nanos)? } else { 999_999_999 };
+            Ok::<_, EngineError>(TimePoint { secs: s, nanos: ns })
+        })
+        .transpose()?;
+    let limit = match q.limit_record_count {
+        None | Some(0) => None,
+        Some(n) if n < 0 => return Err(EngineError::InvalidInput("limit_record_count must be positive".into())),
+        Some(n) => Some(n as usize),
+    };
+    Ok(ReadRequest { selector, start, end, limit, from_start: q.limit_from_start.unwrap_or(false), columns: q.columns.clone() })
+}
+
+/// Append a constant `Symbol` column to each batch of a multi-bucket result.
+pub fn with_symbol(batch: &RecordBatch, symbol: &str) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    cols.push(Arc::new(StringArray::from(vec![symbol; batch.num_rows()])));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+}
+
+impl EngineFlightBackend {
+    async fn run_functions(&self, reads: Vec<BucketRead>, functions: &[String]) -> Result<Vec<(String, SchemaRef, Vec<RecordBatch>)>, BackendError> {
+        let mut out = Vec::new();
+        for r in reads {
+            let sym = r.key.symbol.clone();
+            let (schema, batches) = self.ctx.query.apply_functions(r, functions).await.map_err(query_status)?;
+            out.push((sym, schema, batches));
+        }
+        Ok(out)
+    }
+
+    /// Read (and optionally transform) the buckets of a ticket: one (symbol, schema, batches) per bucket.
+    async fn read(&self, q: &QueryTicket) -> Result<(bool, Vec<(String, SchemaRef, Vec<RecordBatch>)>), BackendError> {
+        let req = read_request(q).map_err(engine_status)?;
+        let single = req.selector.is_single();
+        let reads = self.ctx.engine.read(&req).map_err(engine_status)?;
+        let parts = match q.functions.as_ref().filter(|f| !f.is_empty()) {
+            Some(f) => self.run_functions(reads, f).await?,
+            None => reads.into_iter().map(|r| (r.key.symbol.clone(), r.schema, r.batches)).collect(),
+        };
+        Ok((single, parts))
+    }
+
+    fn merge_parts(single: bool, parts: Vec<(String, SchemaRef, Vec<RecordBatch>)>) -> Result<(SchemaRef, Vec<RecordBatch>), BackendError> {
+        if single {
+            let (_, schema, batches) = parts.into_iter().next().ok_or_else(|| BackendError::new(Code::NotFound, "no data"))?;
+            return Ok((schema, batches));
+        }
+        let first_schema = parts.first().map(|p| p.1.clone()).ok_or_else(|| BackendError::new(Code::NotFound, "no data"))?;
+        for (sym, s, _) in &parts {
+            if s.fields() != first_schema.fields() {
+                return Err(BackendError::invalid(format!(
+                    "symbols in a query must have the same data type or be filtered by common columns. symbols=[{sym}]"
+                )));
+            }
+        }
+        let mut fields: Vec<Field> = first_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
+        let schema = Arc::new(Schema::new(fields));
+        let mut out = Vec::new();
+        for (sym, _, batches) in parts {
+            for b in batches {
+                out.push(with_symbol(&b, &sym).map_err(|e| BackendError::new(Code::Internal, e.to_string()))?);
+            }
+        }
+        Ok((schema, out))
+    }
+}
+
+fn parse_key(k: &str) -> Result<BucketKey, BackendError> {
+    BucketKey::parse(k).map_err(engine_status)
+}
+
+#[async_trait::async_trait]
+impl FlightBackend for EngineFlightBackend {
+    async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError> {
+        if let Some(sql) = &q.sql {
+            let (schema, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
+            return Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()));
+        }
+        let (single, parts) = self.read(&q).await?;
+        let (schema, batches) = Self::merge_parts(single, parts)?;
+        Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()))
+    }
+
+    async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
+        if let Some(sql) = &q.sql {
+            let (schema, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
+            return Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())));
+        }
+        let (single, parts) = self.read(&q).await?;
+        let (schema, batches) = Self::merge_parts(single, parts)?;
+        Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())))
+    }
+
+    async fn write(&self, key: &str, batch: arrow::array::RecordBatch) -> Result<usize, BackendError> {
+        let key = parse_key(key)?;
+        let ack = self.ctx.engine.write(&key, &batch, WriteOptions::default()).await.map_err(engine_status)?;
+        Ok(ack.rows)
+    }
+
+    async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError> {
+        let pat = KeyPattern::parse(pattern).map_err(engine_status)?;
+        let sub = self.ctx.engine.subscribe(4096);
+        let rx = sub.rx;
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .filter(move |ev| futures::future::ready(pat.matches(&ev.key)))
+            .map(|ev| (ev.key.to_string(), ev.batch.clone()));
+        Ok(s.boxed())
+    }
+
+    async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {
+        let mut out = Vec::new();
+        for k in self.ctx.engine.keys() {
+            if let Ok(info) = self.ctx.engine.info(&k) {
+                out.push(BucketListing { key: k.to_string(), schema: info.schema.arrow_schema(), rows: info.rows as i64 });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError> {
+        let engine = &self.ctx.engine;
+        match name {
+            "create" => {
+                let c: CreateAction = serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("create: {e}")))?;
+                let key = parse_key(&c.key)?;
+                if c.column_names.len() != c.column_types.len() {
+                    return Err(BackendError::invalid("create: column_names and column_types differ in length"));
+                }
+                let variable = c.is_variable_length || c.row_type.as_deref() == Some("variable");
+                let mut columns = Vec::new();
+                for (n, t) in c.column_names.iter().zip(&c.column_types) {
+                    if n == "Epoch" || (variable && n == "Nanoseconds") {
+                        continue;
+                    }
+                    columns.push(ColumnDef { name: n.clone(), ty: ColumnType::from_wire(t).map_err(engine_status)? });
+                }
+                let schema = BucketSchema { kind: if variable { RecordKind::Variable } else { RecordKind::Fixed }, columns };
+                engine.create(&key, schema).await.map_err(engine_status)?;
+                Ok(json!({ "created": key.to_string() }))
+            }
+            "destroy" => {
+                let key = parse_key(&key_body(body).map_err(BackendError::invalid)?)?;
+                engine.destroy(&key).await.map_err(engine_status)?;
+                Ok(json!({ "destroyed": key.to_string() }))
+            }
+            "get_info" => {
+                let key = parse_key(&key_body(body).map_err(BackendError::invalid)?)?;
+                let info = engine.info(&key).map_err(engine_status)?;
+                let cols: Vec<_> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
+                Ok(json!({
+                    "key": info.key,
+                    "timeframe": key.timeframe,
+                    "timeframe_ns": key.tf().nominal_nanos(),
+                    "is_variable_length": info.schema.kind == RecordKind::Variable,
+                    "columns": cols,
+                    "rows": info.rows,
+                    "years": info.years,
+                    "first_epoch": info.first_epoch,
+                    "last_epoch": info.last_epoch,
+                }))
+            }
+            "delete_range" => {
+                let d: DeleteRangeAction = serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("delete_range: {e}")))?;
+                let key = parse_key(&d.key)?;
+                let start = TimePoint { secs: d.epoch_start, nanos: d.epoch_start_nanos.unwrap_or(0) as i32 };
+                let end = TimePoint { secs: d.epoch_end, nanos: d.epoch_end_nanos.unwrap_or(999_999_999) as i32 };
+                let n = engine.delete_range(&key, start, end).await.map_err(engine_status)?;
+                Ok(json!({ "deleted": n }))
+            }
+            "list_symbols" => {
+                let a: ListSymbolsAction = if body.iter().all(|b| b.is_ascii_whitespace()) {
+                    ListSymbolsAction::default()
+                } else {
+                    serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("list_symbols: {e}")))?
+                };
+                if !engine.policy().queryable {
+                    return Err(BackendError::new(Code::PermissionDenied, "server is not queryable"));
+                }
+                let keys = engine.keys();
+                let list: Vec<String> = if a.format.as_deref() == Some("tbk") {
+                    keys.iter().map(|k| k.to_string()).collect()
+                } else {
+                    let mut s: Vec<String> = keys.iter().map(|k| k.symbol.clone()).collect();
+                    s.dedup();
+                    s
+                };
+                Ok(json!(list))
+            }
+            "server_version" => Ok(json!({ "version": VERSION })),
+            other => Err(BackendError::new(Code::Unimplemented, format!("unknown action {other:?}"))),
+        }
+    }
+
+    async fn sql_update(&self, sql: &str) -> Result<i64, BackendError> {
+        let (_, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
+        // DataFusion DML returns one row with a `count` column.
+        let n = batches
+            .first()
+            .and_then(|b| b.column_by_name("count").cloned())
+            .and_then(|c| arrow::compute::cast(&c, &DataType::Int64).ok())
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+            .unwrap_or(-1);
+        Ok(n)
+    }
+}

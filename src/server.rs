@@ -1,0 +1,161 @@
+//! `mkts start`: compose the engine, the interfaces and the plugins into one running server.
+//!
+//! Start-up order: open the engine (replaying the log), bind both listeners (so a port in use is one clear
+//! error before anything runs), serve, start plugins, then report ready. Shutdown (SIGINT/SIGTERM) runs in
+//! reverse: not ready, grace period, plugins, listeners, final checkpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::context::ServerContext;
+use crate::engine::{Engine, EngineConfig, Policy};
+use crate::flight_backend::EngineFlightBackend;
+
+/// A started server (listeners bound, serving). Used by `mkts start` and by tests.
+pub struct RunningServer {
+    pub ctx: Arc<ServerContext>,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: Option<SocketAddr>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// Open the engine and start serving per `config`.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let mut ecfg = EngineConfig::new(&config.root_directory);
+    ecfg.policy = Policy { enable_add: config.enable_add, enable_remove: config.enable_remove, queryable: config.queryable };
+    let engine = tokio::task::spawn_blocking(move || Engine::open(ecfg))
+        .await
+        .context("engine start-up panicked")?
+        .map_err(|e| anyhow!("cannot open data directory {}: {e}", config.root_directory.display()))?;
+
+    let http_listener = bind(&config.http_addr(), "listen_port").await?;
+    let grpc_listener = match config.grpc_addr() {
+        Some(a) => Some(bind(&a, "grpc_listen_port").await?),
+        None => None,
+    };
+    let http_addr = http_listener.local_addr()?;
+    let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+
+    let ctx = ServerContext::new(engine, config.clone());
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // HTTP: MarketStore's /rpc, /ws, /heartbeat, /metrics.
+    {
+        let router = http_router(ctx.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = axum::serve(http_listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        }));
+    }
+
+    // gRPC: Arrow Flight + Flight SQL + MarketStore's proto.Marketstore on one port.
+    if let Some(listener) = grpc_listener {
+        let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone() });
+        let sql = Arc::new(mkts_flight::NoSql);
+        let max = config.grpc_max_recv_msg_size_mb.max(config.grpc_max_send_msg_size_mb).max(64) << 20;
+        let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(max);
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let r = tonic::transport::Server::builder()
+                .add_service(flight)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("gRPC server failed: {e}");
+            }
+        }));
+    }
+
+    ctx.set_ready(true);
+    tracing::info!(
+        http = %http_addr,
+        grpc = %grpc_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        root = %config.root_directory.display(),
+        buckets = ctx.engine.keys().len(),
+        "mkts {} ready", crate::context::VERSION
+    );
+    Ok(RunningServer { ctx, http_addr, grpc_addr, shutdown_tx, tasks })
+}
+
+impl RunningServer {
+    /// Stop serving: not ready, grace period, plugins, listeners, final checkpoint.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.ctx.set_ready(false);
+        let grace = self.ctx.config.stop_grace_period;
+        if grace > 0 {
+            tracing::info!("waiting stop_grace_period = {grace}s");
+            tokio::time::sleep(Duration::from_secs(grace)).await;
+        }
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        self.ctx.engine.shutdown().await.map_err(|e| anyhow!("final checkpoint failed: {e}"))?;
+        tracing::info!("mkts stopped cleanly");
+        Ok(())
+    }
+}
+
+/// Wait for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Interim HTTP routes until the MarketStore compatibility layer is wired in.
+fn http_router(ctx: Arc<ServerContext>) -> axum::Router {
+    use axum::http::StatusCode;
+    axum::Router::new().route(
+        "/heartbeat",
+        axum::routing::any(move || {
+            let ctx = ctx.clone();
+            async move {
+                let ok = ctx.is_ready();
+                let body = serde_json::json!({
+                    "status": if ok { "queryable" } else { "not queryable" },
+                    "version": crate::context::VERSION,
+                    "uptime": format!("{:?}", ctx.started.elapsed()),
+                });
+                (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body))
+            }
+        }),
+    )
+}
