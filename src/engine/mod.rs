@@ -1145,3 +1145,6 @@ fn reply_failed(cmd: Cmd) {
         Cmd::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }
+
+#[cfg(test)]
+mod tests;
