@@ -55,7 +55,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let router = http_router(ctx.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let r = axum::serve(http_listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            use axum::serve::ListenerExt;
+            let listener = http_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let r = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|v| *v).await;
                 })
@@ -74,7 +78,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(max);
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // TCP_NODELAY: small Flight replies must not wait for delayed ACKs (40 ms per round trip otherwise).
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .add_service(flight)
                 .serve_with_incoming_shutdown(incoming, async move {
