@@ -102,6 +102,8 @@ pub struct Config {
     pub bgworkers: Vec<BgWorkerConfig>,
     /// Where the file was read from (for resolving relative paths).
     pub base_dir: PathBuf,
+    /// Problems that do not stop the server (unknown keys), logged once logging is up.
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -133,6 +135,7 @@ impl Default for Config {
             triggers: Vec::new(),
             bgworkers: Vec::new(),
             base_dir: PathBuf::from("."),
+            warnings: Vec::new(),
         }
     }
 }
@@ -244,10 +247,10 @@ impl Config {
                 "queryable" => c.queryable = parse_bool(k, &sc(k, v)?)?,
                 "stale_threshold" => c.stale_threshold = Some(sc(k, v)?.as_string()),
                 "plugin_dir" => c.plugin_dir = PathBuf::from(sc(k, v)?.as_string()),
-                "replication" => c.replication = parse_replication(v)?,
-                "triggers" => c.triggers = parse_triggers(v)?,
+                "replication" => c.replication = parse_replication(v, &mut c.warnings)?,
+                "triggers" => c.triggers = parse_triggers(v, &mut c.warnings)?,
                 "bgworkers" => c.bgworkers = parse_bgworkers(v)?,
-                other => tracing::warn!(key = other, "unknown configuration key {other:?} is ignored"),
+                other => c.warnings.push(format!("unknown configuration key {other:?} is ignored")),
             }
         }
         if c.listen_port == 0 && !raw.contains_key("listen_port") {
@@ -325,7 +328,7 @@ fn str_field(m: &serde_json::Map<String, serde_json::Value>, k: &str) -> Option<
     })
 }
 
-fn parse_triggers(v: &serde_json::Value) -> Result<Vec<TriggerConfig>, ConfigError> {
+fn parse_triggers(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<Vec<TriggerConfig>, ConfigError> {
     let arr = v.as_array().ok_or_else(|| ConfigError::Invalid { key: "triggers".into(), msg: "expected a list".into() })?;
     let mut out = Vec::new();
     for (i, t) in arr.iter().enumerate() {
@@ -338,7 +341,7 @@ fn parse_triggers(v: &serde_json::Value) -> Result<Vec<TriggerConfig>, ConfigErr
             .ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing on".into() })?;
         for k in m.keys() {
             if !matches!(k.as_str(), "module" | "on" | "true" | "config") {
-                tracing::warn!(key = %format!("{key}.{k}"), "unknown trigger key is ignored");
+                warnings.push(format!("unknown configuration key \"{key}.{k}\" is ignored"));
             }
         }
         out.push(TriggerConfig { module, on, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)) });
@@ -359,7 +362,7 @@ fn parse_bgworkers(v: &serde_json::Value) -> Result<Vec<BgWorkerConfig>, ConfigE
     Ok(out)
 }
 
-fn parse_replication(v: &serde_json::Value) -> Result<ReplicationConfig, ConfigError> {
+fn parse_replication(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<ReplicationConfig, ConfigError> {
     let m = obj("replication", v)?;
     let mut r = ReplicationConfig::default();
     for (k, val) in m {
@@ -375,7 +378,7 @@ fn parse_replication(v: &serde_json::Value) -> Result<ReplicationConfig, ConfigE
             "master_host" => r.master_host = s.as_string(),
             "retry_interval" => r.retry_interval = s.as_string(),
             "retry_backoff_coeff" => r.retry_backoff_coeff = parse_int(&key, &s)?,
-            _ => tracing::warn!(key = %key, "unknown configuration key is ignored"),
+            _ => warnings.push(format!("unknown configuration key {key:?} is ignored")),
         }
     }
     Ok(r)

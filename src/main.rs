@@ -42,7 +42,8 @@ fn init_logging(level: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{lvl},h2=warn,tower=warn,hyper=warn")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).try_init();
 }
 
 /// Lift the open-file limit to its hard maximum: every partition column is an open, mapped file, and a
@@ -87,6 +88,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("config file {} does not exist", config.display());
             };
             init_logging(&cfg.log_level);
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
             raise_fd_limit();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
