@@ -105,10 +105,13 @@ impl EngineFlightBackend {
         Ok((single, parts))
     }
 
-    fn merge_parts(single: bool, parts: Vec<(String, SchemaRef, Vec<RecordBatch>)>) -> Result<(SchemaRef, Vec<RecordBatch>), BackendError> {
+    /// One schema and a lazy batch stream over per-bucket results. Multi-bucket results get a `Symbol`
+    /// column, built per slice of at most [`SYMBOL_SLICE_ROWS`] rows as the client consumes the stream, so
+    /// memory stays bounded however many buckets a `*` read spans.
+    fn merge_parts(single: bool, parts: Vec<(String, SchemaRef, Vec<RecordBatch>)>) -> Result<(SchemaRef, BatchStream), BackendError> {
         if single {
             let (_, schema, batches) = parts.into_iter().next().ok_or_else(|| BackendError::new(Code::NotFound, "no data"))?;
-            return Ok((schema, batches));
+            return Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()));
         }
         let first_schema = parts.first().map(|p| p.1.clone()).ok_or_else(|| BackendError::new(Code::NotFound, "no data"))?;
         for (sym, s, _) in &parts {
@@ -121,15 +124,20 @@ impl EngineFlightBackend {
         let mut fields: Vec<Field> = first_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
         let schema = Arc::new(Schema::new(fields));
-        let mut out = Vec::new();
-        for (sym, _, batches) in parts {
-            for b in batches {
-                out.push(with_symbol(&b, &sym).map_err(|e| BackendError::new(Code::Internal, e.to_string()))?);
-            }
-        }
-        Ok((schema, out))
+        let slices = parts.into_iter().flat_map(|(sym, _, batches)| {
+            batches.into_iter().flat_map(move |b| {
+                let sym = sym.clone();
+                (0..b.num_rows()).step_by(SYMBOL_SLICE_ROWS).map(move |off| (sym.clone(), b.slice(off, SYMBOL_SLICE_ROWS.min(b.num_rows() - off))))
+            })
+        });
+        let stream = futures::stream::iter(slices)
+            .map(|(sym, b)| with_symbol(&b, &sym).map_err(|e| BackendError::new(Code::Internal, e.to_string())));
+        Ok((schema, stream.boxed()))
     }
 }
+
+/// Rows per batch when a `Symbol` column has to be materialised.
+pub const SYMBOL_SLICE_ROWS: usize = 65_536;
 
 fn parse_key(k: &str) -> Result<BucketKey, BackendError> {
     BucketKey::parse(k).map_err(engine_status)
@@ -143,8 +151,7 @@ impl FlightBackend for EngineFlightBackend {
             return Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()));
         }
         let (single, parts) = self.read(&q).await?;
-        let (schema, batches) = Self::merge_parts(single, parts)?;
-        Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()))
+        Self::merge_parts(single, parts)
     }
 
     async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
@@ -153,8 +160,9 @@ impl FlightBackend for EngineFlightBackend {
             return Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())));
         }
         let (single, parts) = self.read(&q).await?;
-        let (schema, batches) = Self::merge_parts(single, parts)?;
-        Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())))
+        let rows = parts.iter().flat_map(|p| p.2.iter()).map(|b| b.num_rows() as i64).sum();
+        let (schema, _) = Self::merge_parts(single, parts)?;
+        Ok((schema, Some(rows)))
     }
 
     async fn write(&self, key: &str, batch: arrow::array::RecordBatch) -> Result<usize, BackendError> {

@@ -305,6 +305,10 @@ struct Inner {
     failed: AtomicBool,
     stopped: AtomicBool,
     rows_written: AtomicU64,
+    /// Log appends made durable (one fdatasync each) and records they carried: group commit shows as
+    /// `records_logged > wal_syncs` under concurrent writers.
+    wal_syncs: AtomicU64,
+    records_logged: AtomicU64,
     _lock: fs::File,
 }
 
@@ -380,6 +384,8 @@ impl Engine {
             failed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             rows_written: AtomicU64::new(0),
+            wal_syncs: AtomicU64::new(0),
+            records_logged: AtomicU64::new(0),
             _lock: lock,
         });
         let weak = Arc::downgrade(&inner);
@@ -416,6 +422,11 @@ impl Engine {
     /// Total rows acknowledged since start (for metrics).
     pub fn rows_written(&self) -> u64 {
         self.inner.rows_written.load(Ordering::Relaxed)
+    }
+
+    /// Durable log appends (fdatasync calls) and the records they carried since start.
+    pub fn wal_stats(&self) -> (u64, u64) {
+        (self.inner.wal_syncs.load(Ordering::Relaxed), self.inner.records_logged.load(Ordering::Relaxed))
     }
 
     fn check_open(&self) -> Result<()> {
@@ -1066,6 +1077,8 @@ impl Writer {
             buf.clear();
             return;
         }
+        inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        inner.records_logged.fetch_add(pending.len() as u64, Ordering::Relaxed);
         if let Err(e) = self.wal.append_durable(buf) {
             self.fail(inner, &e);
             for p in pending.drain(..) {

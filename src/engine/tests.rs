@@ -150,3 +150,39 @@ fn bad_writes_change_nothing() {
         e.shutdown().await.unwrap();
     });
 }
+
+/// Concurrent writers share fsyncs: many acknowledged writes, fewer log syncs.
+#[test]
+fn group_commit_shares_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        // Create the buckets first (creation is synced on its own).
+        for k in 0..16 {
+            let key = BucketKey::parse(&format!("S{k}/1Min/OHLCV")).unwrap();
+            e.write(&key, &bars(&[0], &[0.0]), WriteOptions::default()).await.unwrap();
+        }
+        let (s0, r0) = e.wal_stats();
+        let mut tasks = Vec::new();
+        for k in 0..16 {
+            let e = e.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = BucketKey::parse(&format!("S{k}/1Min/OHLCV")).unwrap();
+                for i in 1..=20i64 {
+                    e.write(&key, &bars(&[i * 60], &[i as f32]), WriteOptions::default()).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (s1, r1) = e.wal_stats();
+        assert_eq!(r1 - r0, 320);
+        assert!(s1 - s0 < 320, "expected shared fsyncs, got {} syncs for 320 writes", s1 - s0);
+        for k in 0..16 {
+            let key = BucketKey::parse(&format!("S{k}/1Min/OHLCV")).unwrap();
+            assert_eq!(e.info(&key).unwrap().rows, 21);
+        }
+        e.shutdown().await.unwrap();
+    });
+}
