@@ -446,7 +446,15 @@ impl Engine {
     /// Write a batch to a bucket, creating it when absent (if `enable_add`). Returns once the rows are
     /// durable in the log and visible to readers.
     pub async fn write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
-        let rx = self.submit_write(key, batch, opts)?;
+        // Large batches are validated and sorted off the async workers.
+        let rx = if batch.num_rows() > 50_000 {
+            let (me, key, batch) = (self.clone(), key.clone(), batch.clone());
+            tokio::task::spawn_blocking(move || me.submit_write(&key, &batch, opts))
+                .await
+                .map_err(|e| EngineError::Unavailable(format!("write task failed: {e}")))??
+        } else {
+            self.submit_write(key, batch, opts)?
+        };
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 

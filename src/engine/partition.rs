@@ -79,10 +79,16 @@ fn typed<T: arrow::datatypes::ArrowNativeType>(b: &Buffer, rows: usize) -> &[T] 
     &s[..rows.min(s.len())]
 }
 
+/// A column file: its path and current mapping. No file descriptor is kept open (a mapping outlives its
+/// descriptor), so thousands of buckets never exhaust the process's open-file limit (MarketStore #183).
 struct ColumnFile {
-    file: File,
+    path: PathBuf,
     width: usize,
     buffer: Buffer,
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new().read(true).write(true).open(path).map_err(|e| EngineError::io(path, e))
 }
 
 /// Writer-side state of one partition.
@@ -179,7 +185,7 @@ impl Partition {
             }
             capacity = capacity.min(len / ty.width());
             let buffer = map_file(&file, &p)?;
-            files.push(ColumnFile { file, width: ty.width(), buffer });
+            files.push(ColumnFile { path: p, width: ty.width(), buffer });
         }
         let rows = manifest.rows;
         let applied_lsn = manifest.applied_lsn;
@@ -242,30 +248,19 @@ impl Partition {
 
     fn append(&mut self, rows: &Rows) -> Result<()> {
         let need = self.rows + rows.len;
-        let mut remap = false;
-        if need > self.capacity {
-            let new_cap = need.max(self.capacity * 2).max(MIN_CAPACITY_ROWS);
-            let gdir = self.gen_dir(self.manifest.generation);
-            for (i, f) in self.files.iter_mut().enumerate() {
-                let p = gdir.join(col_file_name(i, self.types[i]));
-                f.file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&p, e))?;
+        let grow = need > self.capacity;
+        let new_cap = if grow { need.max(self.capacity * 2).max(MIN_CAPACITY_ROWS) } else { self.capacity };
+        for (i, f) in self.files.iter_mut().enumerate() {
+            let file = open_rw(&f.path)?;
+            if grow {
+                file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
             }
-            self.capacity = new_cap;
-            remap = true;
-        }
-        let gdir = self.gen_dir(self.manifest.generation);
-        for (i, f) in self.files.iter().enumerate() {
-            let bytes = &rows.cols[i];
-            f.file
-                .write_all_at(bytes, (self.rows * f.width) as u64)
-                .map_err(|e| EngineError::io(gdir.join(col_file_name(i, self.types[i])), e))?;
-        }
-        if remap {
-            for (i, f) in self.files.iter_mut().enumerate() {
-                let p = gdir.join(col_file_name(i, self.types[i]));
-                f.buffer = map_file(&f.file, &p)?;
+            file.write_all_at(&rows.cols[i], (self.rows * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
+            if grow {
+                f.buffer = map_file(&file, &f.path)?;
             }
         }
+        self.capacity = new_cap;
         self.rows += rows.len;
         self.dirty = true;
         Ok(())
@@ -293,7 +288,7 @@ impl Partition {
             file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&p, e))?;
             file.sync_data().map_err(|e| EngineError::io(&p, e))?;
             let buffer = map_file(&file, &p)?;
-            files.push(ColumnFile { file, width: ty.width(), buffer });
+            files.push(ColumnFile { path: p, width: ty.width(), buffer });
         }
         sync_dir(&gdir)?;
         let m = Manifest { generation: g, rows: n, applied_lsn: lsn };
@@ -402,7 +397,7 @@ impl Partition {
             return Ok(());
         }
         for f in &self.files {
-            f.file.sync_data().map_err(|e| EngineError::io(&self.dir, e))?;
+            open_rw(&f.path)?.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
         }
         let m = Manifest { generation: self.manifest.generation, rows: self.rows, applied_lsn: self.applied_lsn };
         write_manifest(&self.dir, &m)?;
