@@ -80,7 +80,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tasks.push(tokio::spawn(async move {
             // TCP_NODELAY: small Flight replies must not wait for delayed ACKs (40 ms per round trip otherwise).
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            // Large HTTP/2 windows and frames: market data results are megabytes, and the 64 KiB defaults
+            // cost a flow-control round trip every 64 KiB.
             let r = tonic::transport::Server::builder()
+                .initial_stream_window_size(16u32 << 20)
+                .initial_connection_window_size(64u32 << 20)
+                .max_frame_size(1u32 << 20)
                 .add_service(flight)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|v| *v).await;
