@@ -109,8 +109,10 @@ pub const ACTIONS: &[(&str, &str)] = &[
 
 type Bs<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Largest FlightData message the server emits (rows of a batch are split to fit).
-const MAX_FLIGHT_DATA: usize = 4 << 20;
+/// Largest FlightData message the server emits (rows of a batch are split to fit). Large enough that a
+/// symbol-year of 1Min bars (~17 MB) travels as one batch: clients then hand pandas one contiguous array
+/// instead of concatenating chunks; small enough to bound the per-message copy.
+const MAX_FLIGHT_DATA: usize = 64 << 20;
 
 /// A Flight SQL service that answers nothing (for servers without SQL, and tests).
 #[derive(Debug, Clone, Default)]
