@@ -276,7 +276,7 @@ impl Bucket {
 }
 
 fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
-    Rows { len: hi - lo, cols: rows.cols.iter().zip(widths).map(|(c, w)| c[lo * w..hi * w].to_vec()).collect() }
+    Rows { len: hi - lo, cols: rows.cols.iter().zip(widths).map(|(c, w)| c.slice_with_length(lo * w, (hi - lo) * w)).collect() }
 }
 
 fn year_of(t: i64) -> i32 {
@@ -803,18 +803,24 @@ fn decode_write_payload(payload: &[u8], widths: &[usize]) -> Option<Rows> {
     let mut cols = Vec::with_capacity(ncols);
     for w in widths {
         let n = len * w;
-        cols.push(payload.get(pos..pos + n)?.to_vec());
+        cols.push(arrow::buffer::Buffer::from(payload.get(pos..pos + n)?));
         pos += n;
     }
     Some(Rows { len, cols })
 }
 
-fn encode_write_payload(buf: &mut Vec<u8>, rows: &Rows) {
-    buf.extend_from_slice(&(rows.len as u32).to_le_bytes());
-    buf.extend_from_slice(&(rows.cols.len() as u16).to_le_bytes());
-    for c in &rows.cols {
-        buf.extend_from_slice(c);
-    }
+fn encode_write(group: &mut wal::Group, lsn: u64, key: &str, rows: &Rows) {
+    wal::encode_record_with(
+        group,
+        lsn,
+        Op::Write,
+        key,
+        |b| {
+            b.extend_from_slice(&(rows.len as u32).to_le_bytes());
+            b.extend_from_slice(&(rows.cols.len() as u16).to_le_bytes());
+        },
+        &rows.cols,
+    );
 }
 
 fn encode_range(buf: &mut Vec<u8>, start: TimePoint, end: TimePoint) {
@@ -937,7 +943,7 @@ impl Writer {
 
     /// Returns true on shutdown.
     fn process(&mut self, inner: &Arc<Inner>, group: Vec<Cmd>) -> bool {
-        let mut buf = Vec::new();
+        let mut buf = wal::Group::default();
         let mut pending: Vec<PendingWrite> = Vec::new();
         for cmd in group {
             if inner.failed.load(Ordering::Acquire) {
@@ -950,12 +956,12 @@ impl Writer {
                     match (existing, created_lsn, create) {
                         (Some(b), Some(c), _) if b.created_lsn == c => {
                             let lsn = self.take_lsn();
-                            wal::encode_record(&mut buf, lsn, Op::Write, &key.to_string(), |p| encode_write_payload(p, &rows));
+                            encode_write(&mut buf, lsn, &key.to_string(), &rows);
                             pending.push(PendingWrite { lsn, bucket: b, rows, reply });
                         }
                         (Some(b), None, Some(schema)) if b.schema == schema => {
                             let lsn = self.take_lsn();
-                            wal::encode_record(&mut buf, lsn, Op::Write, &key.to_string(), |p| encode_write_payload(p, &rows));
+                            encode_write(&mut buf, lsn, &key.to_string(), &rows);
                             pending.push(PendingWrite { lsn, bucket: b, rows, reply });
                         }
                         (None, None, Some(schema)) => {
@@ -967,7 +973,7 @@ impl Writer {
                             wal::encode_record(&mut buf, clsn, Op::Create, &key_s, |p| {
                                 p.extend_from_slice(&serde_json::to_vec(&schema).unwrap_or_default())
                             });
-                            wal::encode_record(&mut buf, wlsn, Op::Write, &key_s, |p| encode_write_payload(p, &rows));
+                            encode_write(&mut buf, wlsn, &key_s, &rows);
                             if let Err(e) = self.wal.append_durable(&buf) {
                                 self.fail(inner, &e);
                                 let _ = reply.send(Err(e));
@@ -1080,7 +1086,7 @@ impl Writer {
     }
 
     /// Make the buffered records durable (one fdatasync), then apply and acknowledge them.
-    fn flush(&mut self, inner: &Arc<Inner>, buf: &mut Vec<u8>, pending: &mut Vec<PendingWrite>) {
+    fn flush(&mut self, inner: &Arc<Inner>, buf: &mut wal::Group, pending: &mut Vec<PendingWrite>) {
         if pending.is_empty() {
             buf.clear();
             return;

@@ -10,6 +10,7 @@
 //! - Variable buckets: rows are stably sorted by (Epoch, Nanoseconds); duplicates are kept.
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::buffer::Buffer;
 use arrow::compute::{cast_with_options, CastOptions};
 use arrow::datatypes::{self as adt, DataType, TimeUnit};
 
@@ -80,8 +81,9 @@ fn epoch_column(arr: &ArrayRef) -> Result<(Vec<i64>, Option<Vec<i32>>)> {
     })
 }
 
-/// Little-endian bytes of `arr` stored as `ty`.
-fn column_bytes(name: &str, arr: &ArrayRef, ty: ColumnType) -> Result<Vec<u8>> {
+/// Little-endian bytes of `arr` stored as `ty`. Numeric columns already of the bucket's type are shared,
+/// not copied.
+fn column_bytes(name: &str, arr: &ArrayRef, ty: ColumnType) -> Result<Buffer> {
     if arr.null_count() > 0 {
         return Err(EngineError::InvalidInput(format!("column {name:?} contains nulls")));
     }
@@ -91,7 +93,7 @@ fn column_bytes(name: &str, arr: &ArrayRef, ty: ColumnType) -> Result<Vec<u8>> {
             let b = arr.as_boolean_opt().ok_or_else(|| {
                 EngineError::InvalidInput(format!("can not cast to boolean: column {name:?} is {}", arr.data_type()))
             })?;
-            Ok((0..b.len()).map(|i| b.value(i) as u8).collect())
+            Ok(Buffer::from_vec((0..b.len()).map(|i| b.value(i) as u8).collect::<Vec<u8>>()))
         }
         ColumnType::String16 => {
             let casted = match arr.data_type() {
@@ -118,7 +120,7 @@ fn column_bytes(name: &str, arr: &ArrayRef, ty: ColumnType) -> Result<Vec<u8>> {
                     out[o..o + 4].copy_from_slice(&(ch as u32).to_le_bytes());
                 }
             }
-            Ok(out)
+            Ok(Buffer::from_vec(out))
         }
         _ => {
             let src_numeric = arr.data_type().is_numeric();
@@ -144,8 +146,7 @@ fn column_bytes(name: &str, arr: &ArrayRef, ty: ColumnType) -> Result<Vec<u8>> {
             };
             let data = casted.to_data();
             let w = ty.width();
-            let bytes = &data.buffers()[0].as_slice()[data.offset() * w..(data.offset() + data.len()) * w];
-            Ok(bytes.to_vec())
+            Ok(data.buffers()[0].slice_with_length(data.offset() * w, data.len() * w))
         }
     }
 }
@@ -240,26 +241,28 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> R
         }
     };
 
-    let mut cols: Vec<Vec<u8>> = Vec::with_capacity(2 + data_cols.len());
-    cols.push(secs.iter().flat_map(|v| v.to_le_bytes()).collect());
-    if let Some(ns) = &nanos {
-        cols.push(ns.iter().flat_map(|v| v.to_le_bytes()).collect());
+    let mut cols: Vec<Buffer> = Vec::with_capacity(2 + data_cols.len());
+    let has_nanos = nanos.is_some();
+    cols.push(Buffer::from_vec(secs));
+    if let Some(ns) = nanos {
+        cols.push(Buffer::from_vec(ns));
     }
     cols.extend(data_cols);
     let len = match &order {
         None => n,
         Some(o) => {
             let widths: Vec<usize> = std::iter::once(8)
-                .chain(nanos.as_ref().map(|_| 4))
+                .chain(has_nanos.then_some(4))
                 .chain(schema.columns.iter().map(|c| c.ty.width()))
                 .collect();
             for (c, w) in cols.iter_mut().zip(widths) {
                 let mut out = Vec::with_capacity(o.len() * w);
+                let src = c.as_slice();
                 for &i in o {
                     let k = i as usize * w;
-                    out.extend_from_slice(&c[k..k + w]);
+                    out.extend_from_slice(&src[k..k + w]);
                 }
-                *c = out;
+                *c = Buffer::from_vec(out);
             }
             o.len()
         }

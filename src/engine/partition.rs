@@ -41,8 +41,8 @@ pub struct Manifest {
 #[derive(Debug, Clone)]
 pub struct Rows {
     pub len: usize,
-    /// One byte vector per physical column.
-    pub cols: Vec<Vec<u8>>,
+    /// Little-endian bytes of each physical column (shared, often the incoming Arrow buffer itself).
+    pub cols: Vec<Buffer>,
 }
 
 impl Rows {
@@ -255,7 +255,7 @@ impl Partition {
             if grow {
                 file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
             }
-            file.write_all_at(&rows.cols[i], (self.rows * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
+            file.write_all_at(rows.cols[i].as_slice(), (self.rows * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
             if grow {
                 f.buffer = map_file(&file, &f.path)?;
             }
@@ -361,7 +361,7 @@ impl Partition {
             .map(|(c, ty)| {
                 let w = ty.width();
                 let old = &view.cols[c].as_slice()[..view.rows * w];
-                let new = &rows.cols[c];
+                let new = rows.cols[c].as_slice();
                 let mut out = Vec::with_capacity(picks.len() * w);
                 for &(from_new, idx) in picks {
                     let k = idx as usize * w;
@@ -383,7 +383,7 @@ impl Partition {
             (0..self.rows).filter(|&i| !(key(i) >= start && key(i) <= end)).map(|i| (false, i as u32)).collect();
         let removed = self.rows - picks.len();
         if removed > 0 {
-            let empty = Rows { len: 0, cols: vec![Vec::new(); self.types.len()] };
+            let empty = Rows { len: 0, cols: vec![Buffer::from_vec(Vec::<u8>::new()); self.types.len()] };
             let cols = self.gather(&view, &empty, &picks);
             self.rewrite(picks.len(), cols, lsn)?;
         }

@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+
 use std::path::{Path, PathBuf};
 
 use super::error::{EngineError, Result};
@@ -52,19 +53,71 @@ pub struct WalWriter {
 
 const HEADER: usize = 8;
 
-/// Encode one record into `buf` (appended).
-pub fn encode_record(buf: &mut Vec<u8>, lsn: u64, op: Op, key: &str, payload: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
+/// Records queued for one durable append. Small parts are owned bytes; column data is referenced as shared
+/// Arrow buffers and written with `writev`, so a bulk write is not copied into the log buffer.
+#[derive(Default)]
+pub struct Group {
+    pieces: Vec<Piece>,
+    bytes: usize,
+}
+
+enum Piece {
+    Owned(Vec<u8>),
+    Shared(arrow::buffer::Buffer),
+}
+
+impl Piece {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Owned(v) => v,
+            Piece::Shared(b) => b.as_slice(),
+        }
+    }
+}
+
+impl Group {
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+    pub fn clear(&mut self) {
+        self.pieces.clear();
+        self.bytes = 0;
+    }
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Encode one record with a small payload into `group`.
+pub fn encode_record(group: &mut Group, lsn: u64, op: Op, key: &str, payload: impl FnOnce(&mut Vec<u8>)) {
+    encode_record_with(group, lsn, op, key, payload, &[]);
+}
+
+/// Encode one record whose payload is `head` (small, owned) followed by `tail` (shared buffers, not copied).
+pub fn encode_record_with(group: &mut Group, lsn: u64, op: Op, key: &str, head: impl FnOnce(&mut Vec<u8>), tail: &[arrow::buffer::Buffer]) {
+    let mut buf = Vec::with_capacity(64 + key.len());
     buf.extend_from_slice(&[0u8; HEADER]);
     buf.extend_from_slice(&lsn.to_le_bytes());
     buf.push(op as u8);
     buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
     buf.extend_from_slice(key.as_bytes());
-    payload(buf);
-    let body_len = (buf.len() - start - HEADER) as u32;
-    let crc = crc32c::crc32c(&buf[start + HEADER..]);
-    buf[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    head(&mut buf);
+    let mut crc = crc32c::crc32c(&buf[HEADER..]);
+    let mut body_len = buf.len() - HEADER;
+    for t in tail {
+        crc = crc32c::crc32c_append(crc, t.as_slice());
+        body_len += t.len();
+    }
+    buf[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    group.bytes += HEADER + body_len;
+    group.pieces.push(Piece::Owned(buf));
+    for t in tail {
+        if !t.is_empty() {
+            group.pieces.push(Piece::Shared(t.clone()));
+        }
+    }
 }
 
 fn segment_name(first_lsn: u64) -> String {
@@ -169,11 +222,31 @@ impl WalWriter {
         Ok(WalWriter { dir: dir.to_path_buf(), file, path, size })
     }
 
-    /// Append encoded records and make them durable (one fdatasync for the whole group).
-    pub fn append_durable(&mut self, buf: &[u8]) -> Result<()> {
-        self.file.write_all(buf).map_err(|e| EngineError::io(&self.path, e))?;
+    /// Append a group of records and make them durable (one fdatasync for the whole group).
+    pub fn append_durable(&mut self, group: &Group) -> Result<()> {
+        let mut slices: Vec<&[u8]> = group.pieces.iter().map(|p| p.as_slice()).collect();
+        let mut idx = 0;
+        while idx < slices.len() {
+            let end = (idx + 512).min(slices.len());
+            let io: Vec<std::io::IoSlice<'_>> = slices[idx..end].iter().map(|s| std::io::IoSlice::new(s)).collect();
+            let n = self.file.write_vectored(&io).map_err(|e| EngineError::io(&self.path, e))?;
+            if n == 0 {
+                return Err(EngineError::io(&self.path, std::io::Error::new(std::io::ErrorKind::WriteZero, "log write returned 0")));
+            }
+            // Advance past what was written (a short write leaves a partial slice to retry).
+            let mut left = n;
+            while left > 0 && idx < slices.len() {
+                if left >= slices[idx].len() {
+                    left -= slices[idx].len();
+                    idx += 1;
+                } else {
+                    slices[idx] = &slices[idx][left..];
+                    left = 0;
+                }
+            }
+        }
         self.file.sync_data().map_err(|e| EngineError::io(&self.path, e))?;
-        self.size += buf.len() as u64;
+        self.size += group.bytes as u64;
         Ok(())
     }
 
@@ -210,11 +283,14 @@ mod tests {
     fn torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = WalWriter::create(dir.path(), 1).unwrap();
-        let mut buf = Vec::new();
-        encode_record(&mut buf, 1, Op::Write, "A/1Min/X", |b| b.extend_from_slice(b"hello"));
-        encode_record(&mut buf, 2, Op::Write, "A/1Min/X", |b| b.extend_from_slice(b"world"));
-        w.append_durable(&buf).unwrap();
-        w.append_durable(&buf[..10]).unwrap(); // torn
+        let mut g = Group::default();
+        encode_record(&mut g, 1, Op::Write, "A/1Min/X", |b| b.extend_from_slice(b"hel"));
+        encode_record_with(&mut g, 2, Op::Write, "A/1Min/X", |b| b.extend_from_slice(b"wo"), &[arrow::buffer::Buffer::from(b"rld".as_slice())]);
+        w.append_durable(&g).unwrap();
+        let flat: Vec<u8> = g.pieces.iter().flat_map(|p| p.as_slice().to_vec()).collect();
+        let mut torn = Group::default();
+        torn.pieces.push(Piece::Owned(flat[..10].to_vec()));
+        w.append_durable(&torn).unwrap(); // torn tail
         let mut seen = vec![];
         let max = replay(dir.path(), |r| {
             seen.push((r.lsn, r.payload.to_vec()));
@@ -222,8 +298,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(max, 2);
-        assert_eq!(seen, vec![(1, b"hello".to_vec()), (2, b"world".to_vec())]);
+        assert_eq!(seen, vec![(1, b"hel".to_vec()), (2, b"world".to_vec())]);
         let segs = list_segments(dir.path()).unwrap();
-        assert_eq!(fs::metadata(&segs[0].1).unwrap().len() as usize, buf.len());
+        assert_eq!(fs::metadata(&segs[0].1).unwrap().len() as usize, flat.len());
     }
 }
