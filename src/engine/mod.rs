@@ -211,14 +211,13 @@ impl Bucket {
         self.view.read().clone()
     }
 
-    /// Apply sorted rows, splitting them by UTC year.
-    fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool) -> Result<()> {
-        let mut parts = self.parts.lock();
+    /// Split sorted rows by UTC year (zero-copy slices).
+    fn year_slices(&self, rows: &Rows) -> Vec<(i32, Rows)> {
+        let mut out = Vec::new();
         let mut start = 0;
         while start < rows.len {
             let year = year_of(rows.epoch(start));
             let next_year_start = year_start(year + 1);
-            let mut end = start;
             // Rows are sorted by epoch: binary search the year's end.
             let (mut lo, mut hi) = (start, rows.len);
             while lo < hi {
@@ -229,21 +228,66 @@ impl Bucket {
                     hi = mid;
                 }
             }
-            end = end.max(lo);
-            let part = match parts.entry(year) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(Partition::open(&self.dir.join(year.to_string()), year, self.schema.kind, &self.data_types())?)
-                }
-            };
+            let end = lo.max(start + 1);
+            let slice = if start == 0 && end == rows.len { rows.clone() } else { slice_rows(rows, &self.widths(), start, end) };
+            out.push((year, slice));
+            start = end;
+        }
+        out
+    }
+
+    fn part<'a>(&self, parts: &'a mut BTreeMap<i32, Partition>, year: i32) -> Result<&'a mut Partition> {
+        Ok(match parts.entry(year) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Partition::open(&self.dir.join(year.to_string()), year, self.schema.kind, &self.data_types())?)
+            }
+        })
+    }
+
+    /// Apply sorted rows, splitting them by UTC year.
+    fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool) -> Result<()> {
+        let mut parts = self.parts.lock();
+        for (year, slice) in self.year_slices(rows) {
+            let part = self.part(&mut parts, year)?;
             if !(replay && lsn <= part.applied_lsn) {
-                if start == 0 && end == rows.len {
-                    part.apply_rows(rows, lsn)?;
-                } else {
-                    part.apply_rows(&slice_rows(rows, &self.widths(), start, end), lsn)?;
+                part.apply_rows(&slice, lsn)?;
+            }
+        }
+        self.publish(&parts);
+        Ok(())
+    }
+
+    /// Bulk path: if every year slice is a pure append, write the rows straight into the column files
+    /// (fsync'd), and return the commit record entries; `None` when the write must take the log path.
+    fn stage_direct(&self, rows: &Rows) -> Result<Option<Vec<DirectEntry>>> {
+        let mut parts = self.parts.lock();
+        let slices = self.year_slices(rows);
+        for (year, slice) in &slices {
+            if let Some(p) = parts.get(year) {
+                if !p.is_append(slice) {
+                    return Ok(None);
                 }
             }
-            start = end;
+        }
+        let mut entries = Vec::with_capacity(slices.len());
+        for (year, slice) in &slices {
+            let part = self.part(&mut parts, *year)?;
+            let (generation, start, crc) = part.stage_direct_append(slice)?;
+            entries.push(DirectEntry { year: *year, generation, start: start as u64, rows: slice.len as u64, crc });
+        }
+        Ok(Some(entries))
+    }
+
+    /// Make staged (or replayed) bulk appends visible.
+    fn commit_direct(&self, entries: &[DirectEntry], lsn: u64, replay: bool) -> Result<()> {
+        let mut parts = self.parts.lock();
+        for e in entries {
+            let part = self.part(&mut parts, e.year)?;
+            if replay && lsn <= part.applied_lsn {
+                continue;
+            }
+            part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn)?;
         }
         self.publish(&parts);
         Ok(())
@@ -273,6 +317,48 @@ impl Bucket {
         }
         Ok(())
     }
+}
+
+/// One year partition's part of a bulk append commit record.
+#[derive(Debug, Clone, Copy)]
+struct DirectEntry {
+    year: i32,
+    generation: u64,
+    start: u64,
+    rows: u64,
+    crc: u32,
+}
+
+/// Writes at least this large skip copying their rows into the log when they are pure appends.
+const DIRECT_APPEND_ROWS: usize = 32_768;
+
+fn encode_direct(buf: &mut Vec<u8>, entries: &[DirectEntry]) {
+    buf.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for e in entries {
+        buf.extend_from_slice(&e.year.to_le_bytes());
+        buf.extend_from_slice(&e.generation.to_le_bytes());
+        buf.extend_from_slice(&e.start.to_le_bytes());
+        buf.extend_from_slice(&e.rows.to_le_bytes());
+        buf.extend_from_slice(&e.crc.to_le_bytes());
+    }
+}
+
+fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
+    let n = u16::from_le_bytes(p.get(0..2)?.try_into().ok()?) as usize;
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 2;
+    for _ in 0..n {
+        let b = p.get(pos..pos + 32)?;
+        out.push(DirectEntry {
+            year: i32::from_le_bytes(b[0..4].try_into().ok()?),
+            generation: u64::from_le_bytes(b[4..12].try_into().ok()?),
+            start: u64::from_le_bytes(b[12..20].try_into().ok()?),
+            rows: u64::from_le_bytes(b[20..28].try_into().ok()?),
+            crc: u32::from_le_bytes(b[28..32].try_into().ok()?),
+        });
+        pos += 32;
+    }
+    Some(out)
 }
 
 fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
@@ -878,6 +964,15 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, rec: w
                 b.delete_range(s, e, rec.lsn, true)?;
             }
         }
+        Op::AppendDirect => {
+            if let Some(b) = current {
+                let entries = decode_direct(rec.payload).ok_or_else(|| EngineError::Corrupt {
+                    path: format!("log record {}", rec.lsn),
+                    reason: "bad bulk append record".into(),
+                })?;
+                b.commit_direct(&entries, rec.lsn, true)?;
+            }
+        }
     }
     Ok(())
 }
@@ -954,6 +1049,10 @@ impl Writer {
                 Cmd::Write { key, created_lsn, create, rows, reply } => {
                     let existing = inner.catalog.read().get(&key).cloned();
                     match (existing, created_lsn, create) {
+                        (Some(b), Some(c), _) if b.created_lsn == c && rows.len >= DIRECT_APPEND_ROWS => {
+                            self.flush(inner, &mut buf, &mut pending);
+                            self.direct_write(inner, b, rows, reply);
+                        }
                         (Some(b), Some(c), _) if b.created_lsn == c => {
                             let lsn = self.take_lsn();
                             encode_write(&mut buf, lsn, &key.to_string(), &rows);
@@ -973,7 +1072,10 @@ impl Writer {
                             wal::encode_record(&mut buf, clsn, Op::Create, &key_s, |p| {
                                 p.extend_from_slice(&serde_json::to_vec(&schema).unwrap_or_default())
                             });
-                            encode_write(&mut buf, wlsn, &key_s, &rows);
+                            let direct = rows.len >= DIRECT_APPEND_ROWS;
+                            if !direct {
+                                encode_write(&mut buf, wlsn, &key_s, &rows);
+                            }
                             if let Err(e) = self.wal.append_durable(&buf) {
                                 self.fail(inner, &e);
                                 let _ = reply.send(Err(e));
@@ -985,7 +1087,11 @@ impl Writer {
                                 Ok(b) => {
                                     let b = Arc::new(b);
                                     inner.catalog.write().insert(key.clone(), b.clone());
-                                    self.apply_one(inner, PendingWrite { lsn: wlsn, bucket: b, rows, reply });
+                                    if direct {
+                                        self.direct_write_at(inner, b, rows, reply, wlsn);
+                                    } else {
+                                        self.apply_one(inner, PendingWrite { lsn: wlsn, bucket: b, rows, reply });
+                                    }
                                 }
                                 Err(e) => {
                                     self.fail(inner, &e);
@@ -1104,6 +1210,48 @@ impl Writer {
         buf.clear();
         for p in pending.drain(..) {
             self.apply_one(inner, p);
+        }
+    }
+
+    /// Bulk append without copying the rows into the log (falls back to the log path when not an append).
+    fn direct_write(&mut self, inner: &Arc<Inner>, bucket: Arc<Bucket>, rows: Rows, reply: oneshot::Sender<Result<WriteAck>>) {
+        let lsn = self.take_lsn();
+        self.direct_write_at(inner, bucket, rows, reply, lsn);
+    }
+
+    fn direct_write_at(&mut self, inner: &Arc<Inner>, bucket: Arc<Bucket>, rows: Rows, reply: oneshot::Sender<Result<WriteAck>>, lsn: u64) {
+        let key_s = bucket.key.to_string();
+        let staged = match bucket.stage_direct(&rows) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(inner, &e);
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let mut group = wal::Group::default();
+        let Some(entries) = staged else {
+            // Not a pure append: the ordinary log path.
+            encode_write(&mut group, lsn, &key_s, &rows);
+            let mut pending = vec![PendingWrite { lsn, bucket, rows, reply }];
+            self.flush(inner, &mut group, &mut pending);
+            return;
+        };
+        wal::encode_record(&mut group, lsn, Op::AppendDirect, &key_s, |p| encode_direct(p, &entries));
+        inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        inner.records_logged.fetch_add(1, Ordering::Relaxed);
+        let r = self.wal.append_durable(&group).and_then(|_| bucket.commit_direct(&entries, lsn, false));
+        match r {
+            Ok(()) => {
+                self.dirty.insert(bucket.key.clone());
+                inner.rows_written.fetch_add(rows.len as u64, Ordering::Relaxed);
+                publish_event(inner, &bucket, &rows, lsn);
+                let _ = reply.send(Ok(WriteAck { rows: rows.len, lsn }));
+            }
+            Err(e) => {
+                self.fail(inner, &e);
+                let _ = reply.send(Err(e));
+            }
         }
     }
 

@@ -186,3 +186,56 @@ fn group_commit_shares_fsyncs() {
         e.shutdown().await.unwrap();
     });
 }
+
+fn reopen(dir: &std::path::Path) -> Engine {
+    loop {
+        match Engine::open(EngineConfig::new(dir)) {
+            Ok(e) => break e,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Bulk appends skip the log copy; they must replay exactly, interleaved with small logged writes,
+/// across years, and a large out-of-order write must fall back to the merge path.
+#[test]
+fn bulk_direct_appends_replay_without_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("D/1Min/OHLCV").unwrap();
+    let n = 100_000i64;
+    let y2024 = 1_704_067_200i64;
+    let first: Vec<i64> = (0..n).map(|i| y2024 - 50_000 * 60 + i * 60).collect(); // spans New Year
+    rt().block_on(async {
+        let mut cfg = EngineConfig::new(dir.path());
+        cfg.checkpoint_interval = std::time::Duration::from_secs(3600);
+        let e = Engine::open(cfg).unwrap();
+        e.write(&key, &bars(&[first[0] - 120], &[-1.0]), WriteOptions::default()).await.unwrap(); // small, logged
+        let px: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        e.write(&key, &bars(&first, &px), WriteOptions::default()).await.unwrap(); // bulk, direct
+        let last = *first.last().unwrap();
+        e.write(&key, &bars(&[last + 60], &[7.0]), WriteOptions::default()).await.unwrap(); // small, logged
+        // Large but out of order (overwrites the first 40k bars): merge path.
+        let over: Vec<i64> = first[..40_000].to_vec();
+        e.write(&key, &bars(&over, &vec![3.0; 40_000]), WriteOptions::default()).await.unwrap();
+        let (ep, v) = read_all(&e, &key);
+        assert_eq!(ep.len(), n as usize + 2);
+        assert_eq!((v[0], v[1], v[40_000], v[40_001], *v.last().unwrap()), (-1.0, 3.0, 3.0, 40_000.0, 7.0));
+        drop(e); // crash: no checkpoint
+    });
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        let (ep, v) = read_all(&e, &key);
+        assert_eq!(ep.len(), n as usize + 2);
+        assert_eq!((v[0], v[1], v[40_000], v[40_001], *v.last().unwrap()), (-1.0, 3.0, 3.0, 40_000.0, 7.0));
+        assert!(ep.windows(2).all(|w| w[0] < w[1]));
+        // Another bulk append after recovery, then a clean restart.
+        let more: Vec<i64> = (0..50_000).map(|i| ep.last().unwrap() + 60 * (i + 1)).collect();
+        e.write(&key, &bars(&more, &vec![9.0; 50_000]), WriteOptions::default()).await.unwrap();
+        e.shutdown().await.unwrap();
+    });
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        assert_eq!(e.info(&key).unwrap().rows, n as usize + 2 + 50_000);
+        e.shutdown().await.unwrap();
+    });
+}

@@ -20,6 +20,8 @@ pub enum Op {
     Write = 2,
     Destroy = 3,
     DeleteRange = 4,
+    /// A bulk append whose rows were written to the column files (and fsync'd) before this record.
+    AppendDirect = 5,
 }
 
 impl Op {
@@ -29,6 +31,7 @@ impl Op {
             2 => Op::Write,
             3 => Op::Destroy,
             4 => Op::DeleteRange,
+            5 => Op::AppendDirect,
             _ => return None,
         })
     }
