@@ -18,6 +18,9 @@ pub struct ServerContext {
     pub config: Config,
     pub query: QueryEngine,
     pub metrics: Arc<Metrics>,
+    /// Rows the `stream` trigger decided to push; `/ws` and Flight stream subscriptions read it when a
+    /// `stream` trigger is configured ([`ServerContext::streams_gated`]).
+    pub stream: Arc<crate::contrib::stream::StreamHub>,
     ready: AtomicBool,
     pub started: Instant,
 }
@@ -25,7 +28,13 @@ pub struct ServerContext {
 impl ServerContext {
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
         let query = QueryEngine::new(engine.clone(), config.tz());
-        Arc::new(ServerContext { engine, config, query, metrics: Arc::new(Metrics::new()), ready: AtomicBool::new(false), started: Instant::now() })
+        Arc::new(ServerContext { engine, config, query, metrics: Arc::new(Metrics::new()), stream: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
+    }
+
+    /// True when a `stream` trigger is configured: subscribers then receive what it pushes (gated, shelved,
+    /// filtered) instead of every append.
+    pub fn streams_gated(&self) -> bool {
+        self.config.triggers.iter().any(|t| crate::contrib::module_name(&t.module) == "stream")
     }
 
     /// True once start-up (replay, listeners, plugins) is complete and until shutdown begins.

@@ -173,6 +173,10 @@ impl FlightBackend for EngineFlightBackend {
 
     async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError> {
         let pat = KeyPattern::parse(pattern).map_err(engine_status)?;
+        if self.ctx.streams_gated() {
+            // A `stream` trigger is configured: subscribers get the rows it pushes (contrib::stream).
+            return Ok(self.ctx.stream.matching(pat));
+        }
         let sub = self.ctx.engine.subscribe(4096);
         let rx = sub.rx;
         let s = tokio_stream::wrappers::ReceiverStream::new(rx)

@@ -4,8 +4,11 @@
 //! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
 //! Data flows one way: interfaces → engine (log → partitions) → trigger bus → plugins.
 
+pub mod compat;
+pub mod cli;
 pub mod config;
 pub mod context;
+pub mod contrib;
 pub mod engine;
 pub mod flight_backend;
 pub mod metrics;

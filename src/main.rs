@@ -30,6 +30,12 @@ enum Cmd {
         #[arg(long, short = 'c', default_value = "mkts.yml")]
         config: PathBuf,
     },
+    /// Interactive SQL shell over a server (--url host:port, Flight SQL) or a data directory (--dir).
+    Connect(mkts::cli::connect::ConnectArgs),
+    /// Load a CSV (MarketStore control file supported) or Parquet file into a bucket.
+    Import(mkts::cli::transfer::ImportArgs),
+    /// Write a bucket or a SQL result to a CSV or Parquet file.
+    Export(mkts::cli::transfer::ExportArgs),
 }
 
 fn init_logging(level: &str) {
@@ -69,6 +75,9 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Connect(args) => mkts::cli::connect::run(args),
+        Cmd::Import(args) => mkts::cli::transfer::run_import(args),
+        Cmd::Export(args) => mkts::cli::transfer::run_export(args),
         Cmd::Init { dir, force } => {
             let path = dir.join("mkts.yml");
             if path.exists() && !force {

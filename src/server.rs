@@ -23,6 +23,8 @@ pub struct RunningServer {
     pub grpc_addr: Option<SocketAddr>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Built-in plugins (ondiskagg, stream, feeders) started from the config.
+    contrib: Option<crate::contrib::Contrib>,
 }
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -52,7 +54,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     // HTTP: MarketStore's /rpc, /ws, /heartbeat, /metrics.
     {
-        let router = http_router(ctx.clone());
+        let router = crate::compat::http_router(ctx.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             use axum::serve::ListenerExt;
@@ -73,9 +75,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // gRPC: Arrow Flight + Flight SQL + MarketStore's proto.Marketstore on one port.
     if let Some(listener) = grpc_listener {
         let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone() });
-        let sql = Arc::new(mkts_flight::NoSql);
+        let sql = Arc::new(crate::query::flight_sql::FlightSqlHandler::new(ctx.clone()));
         let max = config.grpc_max_recv_msg_size_mb.max(config.grpc_max_send_msg_size_mb).max(64) << 20;
         let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(max);
+        let marketstore = crate::compat::grpc::service(ctx.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             // TCP_NODELAY: small Flight replies must not wait for delayed ACKs (40 ms per round trip otherwise).
@@ -87,6 +90,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 .initial_connection_window_size(64u32 << 20)
                 .max_frame_size(1u32 << 20)
                 .add_service(flight)
+                .add_service(marketstore)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|v| *v).await;
                 })
@@ -97,6 +101,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }));
     }
 
+    let contrib = Some(crate::contrib::start(&ctx));
     ctx.set_ready(true);
     tracing::info!(
         http = %http_addr,
@@ -105,7 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         buckets = ctx.engine.keys().len(),
         "mkts {} ready", crate::context::VERSION
     );
-    Ok(RunningServer { ctx, http_addr, grpc_addr, shutdown_tx, tasks })
+    Ok(RunningServer { ctx, http_addr, grpc_addr, shutdown_tx, tasks, contrib })
 }
 
 impl RunningServer {
@@ -116,6 +121,9 @@ impl RunningServer {
         if grace > 0 {
             tracing::info!("waiting stop_grace_period = {grace}s");
             tokio::time::sleep(Duration::from_secs(grace)).await;
+        }
+        if let Some(c) = self.contrib.take() {
+            c.shutdown(Duration::from_secs(30)).await;
         }
         let _ = self.shutdown_tx.send(true);
         for t in self.tasks.drain(..) {

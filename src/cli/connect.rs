@@ -1,0 +1,538 @@
+//! `mkts connect`: an interactive SQL shell over a running server (`--url host:port`, Arrow Flight SQL) or
+//! an embedded engine (`--dir <root>`, the data directory opened in-process; not while a server holds it).
+//!
+//! Lines starting with `\` are session commands (MarketStore's set: `\show`, `\create`, `\destroy`,
+//! `\getinfo`, `\load`, `\o`, `\timing`, `\help`, plus `\tables`); anything else is SQL. `-c/--command`
+//! runs commands non-interactively (repeatable); without a terminal, commands are read from stdin.
+//! History lives in `~/.mkts_history`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::{Action, FlightClient, FlightDescriptor};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, Engine, EngineConfig, RecordKind, WriteOptions};
+use crate::query::QueryEngine;
+
+/// Arguments of `mkts connect`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Server address `host:port` of the gRPC (Flight SQL) listener; `grpc://` or `http://` prefixes are accepted.
+    #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present = "dir")]
+    pub url: Option<String>,
+    /// Open this data directory in-process instead of connecting to a server.
+    #[arg(short = 'd', long)]
+    pub dir: Option<PathBuf>,
+    /// Run this command (SQL or a `\` command) and exit; may be repeated.
+    #[arg(short = 'c', long = "command")]
+    pub command: Vec<String>,
+}
+
+/// Largest message the CLI accepts from a server.
+const MAX_MSG: usize = 256 << 20;
+
+/// Where commands go: a server over Flight (SQL) or an engine opened in this process.
+pub enum Client {
+    Remote { sql: FlightSqlServiceClient<Channel>, flight: FlightClient },
+    Local { engine: Engine, query: Box<QueryEngine> },
+}
+
+/// A lazy stream of result batches.
+pub type Batches = BoxStream<'static, anyhow::Result<RecordBatch>>;
+
+fn normalize_url(url: &str) -> String {
+    let rest = url.trim().trim_start_matches("grpc://").trim_start_matches("grpc+tcp://").trim_start_matches("http://");
+    format!("http://{rest}")
+}
+
+impl Client {
+    /// Connect to a server's gRPC listener.
+    pub async fn connect(url: &str) -> anyhow::Result<Client> {
+        let endpoint = tonic::transport::Endpoint::from_shared(normalize_url(url)).with_context(|| format!("bad url {url:?}"))?;
+        let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))?;
+        let inner = || FlightServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MSG).max_encoding_message_size(MAX_MSG);
+        Ok(Client::Remote { sql: FlightSqlServiceClient::new_from_inner(inner()), flight: FlightClient::new_from_inner(inner()) })
+    }
+
+    /// Open a data directory in-process.
+    pub fn open(dir: &Path) -> anyhow::Result<Client> {
+        let engine = Engine::open(EngineConfig::new(dir)).map_err(|e| anyhow!("cannot open {}: {e}", dir.display()))?;
+        let query = Box::new(QueryEngine::new(engine.clone(), chrono_tz::UTC));
+        Ok(Client::Local { engine, query })
+    }
+
+    /// From `--url`/`--dir`.
+    pub async fn from_args(url: Option<&str>, dir: Option<&Path>) -> anyhow::Result<Client> {
+        match (url, dir) {
+            (Some(u), None) => Client::connect(u).await,
+            (None, Some(d)) => Client::open(d),
+            _ => bail!("give exactly one of --url host:port or --dir <root>"),
+        }
+    }
+
+    /// Close cleanly (the embedded engine checkpoints).
+    pub async fn close(self) -> anyhow::Result<()> {
+        if let Client::Local { engine, .. } = self {
+            engine.shutdown().await.map_err(|e| anyhow!("checkpoint on close failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Run SQL and stream the result.
+    pub async fn sql_stream(&mut self, text: &str) -> anyhow::Result<(SchemaRef, Batches)> {
+        match self {
+            Client::Local { query, .. } => {
+                let (schema, s) = query.sql_stream(text).await?;
+                Ok((schema, s.map_err(anyhow::Error::from).boxed()))
+            }
+            Client::Remote { sql, .. } => {
+                let info = sql.execute(text.to_string(), None).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                let schema: SchemaRef = Arc::new(info.clone().try_decode_schema().map_err(|e| anyhow!("bad schema from server: {e}"))?);
+                let mut streams = Vec::new();
+                for ep in info.endpoint {
+                    let ticket = ep.ticket.ok_or_else(|| anyhow!("server returned an endpoint without a ticket"))?;
+                    let s = sql.do_get(ticket).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                    streams.push(s.map_err(|e| anyhow!("{}", flight_message(&e))));
+                }
+                Ok((schema, futures::stream::iter(streams).flatten().boxed()))
+            }
+        }
+    }
+
+    /// Run SQL and collect the result.
+    pub async fn sql(&mut self, text: &str) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
+        let (schema, s) = self.sql_stream(text).await?;
+        let batches: Vec<RecordBatch> = s.try_collect().await?;
+        Ok((schema, batches))
+    }
+
+    async fn action(&mut self, name: &str, body: Value) -> anyhow::Result<Value> {
+        let Client::Remote { flight, .. } = self else { bail!("not connected to a server") };
+        let mut s = flight.do_action(Action::new(name, body.to_string())).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+        let first = s.next().await.ok_or_else(|| anyhow!("{name}: empty reply"))?.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+        Ok(serde_json::from_slice(&first).unwrap_or(Value::Null))
+    }
+
+    /// Create a bucket.
+    pub async fn create(&mut self, key: &BucketKey, schema: BucketSchema) -> anyhow::Result<()> {
+        match self {
+            Client::Local { engine, .. } => Ok(engine.create(key, schema).await?),
+            Client::Remote { .. } => {
+                let names: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
+                let types: Vec<&str> = schema.columns.iter().map(|c| c.ty.wire_name()).collect();
+                let body = json!({"key": key.to_string(), "column_names": names, "column_types": types,
+                                  "is_variable_length": schema.kind == RecordKind::Variable});
+                self.action("create", body).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Destroy a bucket.
+    pub async fn destroy(&mut self, key: &BucketKey) -> anyhow::Result<()> {
+        match self {
+            Client::Local { engine, .. } => Ok(engine.destroy(key).await?),
+            Client::Remote { .. } => self.action("destroy", json!({"key": key.to_string()})).await.map(|_| ()),
+        }
+    }
+
+    /// Bucket description: `{key, timeframe, is_variable_length, columns: [{name, type}], rows, years, first_epoch, last_epoch}`.
+    pub async fn info(&mut self, key: &BucketKey) -> anyhow::Result<Value> {
+        match self {
+            Client::Local { engine, .. } => {
+                let info = engine.info(key)?;
+                let cols: Vec<Value> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
+                Ok(json!({"key": info.key, "timeframe": key.timeframe, "timeframe_ns": key.tf().nominal_nanos(),
+                          "is_variable_length": info.schema.kind == RecordKind::Variable, "columns": cols,
+                          "rows": info.rows, "years": info.years, "first_epoch": info.first_epoch, "last_epoch": info.last_epoch}))
+            }
+            Client::Remote { .. } => self.action("get_info", json!({"key": key.to_string()})).await,
+        }
+    }
+
+    /// The bucket's schema, or `None` when it does not exist.
+    pub async fn bucket_schema(&mut self, key: &BucketKey) -> anyhow::Result<Option<BucketSchema>> {
+        match self {
+            Client::Local { engine, .. } => Ok(engine.schema(key)),
+            Client::Remote { .. } => match self.info(key).await {
+                Ok(v) => Ok(Some(schema_from_info(&v)?)),
+                Err(e) if e.to_string().to_lowercase().contains("not found") || e.to_string().contains("does not exist") => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Write batches to a bucket (durably); returns rows stored. Remote writes stream over one DoPut.
+    pub async fn write_stream(&mut self, key: &BucketKey, batches: Batches) -> anyhow::Result<u64> {
+        match self {
+            Client::Local { engine, .. } => {
+                let mut total = 0u64;
+                let mut batches = batches;
+                while let Some(b) = batches.next().await {
+                    let b = b?;
+                    if b.num_rows() > 0 {
+                        total += engine.write(key, &b, WriteOptions::default()).await?.rows as u64;
+                    }
+                }
+                Ok(total)
+            }
+            Client::Remote { flight, .. } => {
+                let (err_tx, mut err_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
+                let input = batches
+                    .take_while(move |r| {
+                        let ok = match r {
+                            Ok(_) => true,
+                            Err(e) => {
+                                let _ = err_tx.send(anyhow!("{e:#}"));
+                                false
+                            }
+                        };
+                        futures::future::ready(ok)
+                    })
+                    .filter_map(|r| futures::future::ready(r.ok()))
+                    .map(Ok);
+                let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
+                    .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![key.to_string()])))
+                    .build(input);
+                let mut results = flight.do_put(data).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                let mut total = 0u64;
+                while let Some(r) = results.next().await {
+                    let r = r.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                    let v: Value = serde_json::from_slice(&r.app_metadata).unwrap_or(Value::Null);
+                    total += v.get("rows").and_then(Value::as_u64).unwrap_or(0);
+                }
+                if let Ok(e) = err_rx.try_recv() {
+                    return Err(e);
+                }
+                Ok(total)
+            }
+        }
+    }
+}
+
+/// The server's message of a Flight error (without the Rust error chain noise).
+pub fn flight_message(e: &arrow_flight::error::FlightError) -> String {
+    match e {
+        arrow_flight::error::FlightError::Tonic(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Bucket schema from a `get_info` reply.
+pub fn schema_from_info(v: &Value) -> anyhow::Result<BucketSchema> {
+    let variable = v.get("is_variable_length").and_then(Value::as_bool).unwrap_or(false);
+    let mut columns = Vec::new();
+    for c in v.get("columns").and_then(Value::as_array).ok_or_else(|| anyhow!("get_info reply without columns"))? {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let ty = ColumnType::from_wire(c.get("type").and_then(Value::as_str).unwrap_or_default())?;
+        columns.push(ColumnDef { name, ty });
+    }
+    Ok(BucketSchema { kind: if variable { RecordKind::Variable } else { RecordKind::Fixed }, columns })
+}
+
+/// Parse MarketStore's `\create` shape: `Open,High,Low,Close/float32:Volume/int64`.
+pub fn parse_shape(shape: &str, kind: RecordKind) -> anyhow::Result<BucketSchema> {
+    let mut columns = Vec::new();
+    for group in shape.split(':').filter(|g| !g.is_empty()) {
+        let (names, ty) = group.rsplit_once('/').ok_or_else(|| anyhow!("shape group {group:?} must be name1,name2/type"))?;
+        let ty = ColumnType::from_wire(ty)?;
+        for n in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if n == "Epoch" || (kind == RecordKind::Variable && n == "Nanoseconds") {
+                continue;
+            }
+            columns.push(ColumnDef { name: n.to_string(), ty });
+        }
+    }
+    let s = BucketSchema { kind, columns };
+    s.validate()?;
+    Ok(s)
+}
+
+/// Parse a `\show` time: `2006-01-02`, `2006-01-02T15:04`, `2006-01-02T15:04:05`, RFC 3339,
+/// `20060102 150405`, or Unix seconds.
+pub fn parse_time_arg(s: &str) -> anyhow::Result<i64> {
+    use chrono::{NaiveDate, NaiveDateTime};
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(d.timestamp());
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y%m%d %H%M%S"] {
+        if let Ok(d) = NaiveDateTime::parse_from_str(s, f) {
+            return Ok(d.and_utc().timestamp());
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).map(|x| x.and_utc().timestamp()).unwrap_or_default());
+    }
+    bail!("cannot parse time {s:?} (use 2024-01-02, 2024-01-02T15:04[:05], RFC 3339 or Unix seconds)")
+}
+
+/// Shell state.
+pub struct Shell {
+    pub client: Client,
+    timing: bool,
+    output: Option<(PathBuf, std::fs::File)>,
+}
+
+const HELP: &str = r#"Commands (anything else is SQL; quote keys: SELECT * FROM "AAPL/1Min/OHLCV"):
+  \show KEY START [END]          rows of a bucket in a time range (2024-01-02, 2024-01-02T09:30, RFC 3339, Unix s)
+  \create KEY SHAPE fixed|variable
+                                 e.g. \create TSLA/1Min/OHLCV Open,High,Low,Close/float32:Volume/int64 fixed
+  \destroy KEY                   remove a bucket and its data
+  \getinfo KEY                   schema, record type, timeframe, rows, years
+  \load KEY FILE.csv [CTL.yaml]  load a CSV (MarketStore control file: firstRowHasColumnNames, timeFormat,
+                                 timeZone, columnNameMap)
+  \tables                        list tables (bucket keys and */TF/GROUP tables)
+  \o [FILE]                      write results as CSV to FILE (no argument: back to the terminal)
+  \timing                        toggle printing elapsed time
+  \help, \?                      this text
+  \q, \quit, \stop, exit         leave
+Tables: "SYM/TF/GROUP" (one bucket), "*/TF/GROUP" or "TF/GROUP" (all symbols, with a Symbol column)."#;
+
+impl Shell {
+    pub fn new(client: Client) -> Self {
+        Shell { client, timing: false, output: None }
+    }
+
+    fn print(&mut self, text: &str) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{text}")?;
+        Ok(())
+    }
+
+    fn emit(&mut self, schema: &SchemaRef, batches: &[RecordBatch]) -> anyhow::Result<()> {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if let Some((path, file)) = &mut self.output {
+            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut *file);
+            for b in batches {
+                w.write(b)?;
+            }
+            drop(w);
+            file.flush()?;
+            let p = path.display().to_string();
+            return self.print(&format!("wrote {rows} rows to {p}"));
+        }
+        let table = if batches.is_empty() {
+            arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(schema.clone())])?
+        } else {
+            arrow::util::pretty::pretty_format_batches(batches)?
+        };
+        let cols = schema.fields().len();
+        self.print(&format!("{table}\n({rows} row{} * {cols} column{})", if rows == 1 { "" } else { "s" }, if cols == 1 { "" } else { "s" }))
+    }
+
+    /// Run one line; returns false when the shell should exit.
+    pub async fn execute(&mut self, line: &str) -> anyhow::Result<bool> {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with("--") {
+            return Ok(true);
+        }
+        if matches!(line, "\\q" | "\\quit" | "\\stop" | "exit" | "quit") {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        if let Some(cmd) = line.strip_prefix('\\') {
+            self.command(cmd).await?;
+        } else if line == "help" {
+            self.print(HELP)?;
+        } else {
+            let (schema, batches) = self.client.sql(line).await?;
+            self.emit(&schema, &batches)?;
+        }
+        if self.timing {
+            self.print(&format!("Elapsed query time: {:.3} ms", started.elapsed().as_secs_f64() * 1000.0))?;
+        }
+        Ok(true)
+    }
+
+    async fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        let (name, args) = words.split_first().map(|(n, a)| (*n, a.to_vec())).unwrap_or(("help", Vec::new()));
+        let key_arg = |i: usize| -> anyhow::Result<BucketKey> {
+            let k = args.get(i).ok_or_else(|| anyhow!("\\{name} needs a bucket key SYMBOL/TIMEFRAME/ATTRGROUP"))?;
+            Ok(BucketKey::parse(k)?)
+        };
+        match name {
+            "help" | "?" | "h" => self.print(HELP),
+            "timing" => {
+                self.timing = !self.timing;
+                let s = if self.timing { "on" } else { "off" };
+                self.print(&format!("Timing is {s}."))
+            }
+            "o" => {
+                match args.first() {
+                    None => {
+                        self.output = None;
+                        self.print("Output goes to the terminal.")?;
+                    }
+                    Some(p) => {
+                        let f = std::fs::File::create(p).with_context(|| format!("cannot create {p}"))?;
+                        self.output = Some((PathBuf::from(p), f));
+                        self.print(&format!("Output goes to {p} (CSV)."))?;
+                    }
+                }
+                Ok(())
+            }
+            "show" => {
+                let key = key_arg(0)?;
+                let times: Vec<&str> = args[1..].iter().copied().filter(|w| !w.eq_ignore_ascii_case("between") && !w.eq_ignore_ascii_case("and")).collect();
+                let start = times.first().ok_or_else(|| anyhow!("\\show KEY START [END]"))?;
+                let start = parse_time_arg(start)?;
+                let mut sql = format!("SELECT * FROM \"{key}\" WHERE \"Epoch\" >= to_timestamp({start})");
+                if let Some(end) = times.get(1) {
+                    sql.push_str(&format!(" AND \"Epoch\" <= to_timestamp({})", parse_time_arg(end)?));
+                }
+                sql.push_str(" ORDER BY \"Epoch\"");
+                let (schema, batches) = self.client.sql(&sql).await?;
+                self.emit(&schema, &batches)
+            }
+            "create" => {
+                let key = key_arg(0)?;
+                let shape = args.get(1).ok_or_else(|| anyhow!("\\create KEY SHAPE fixed|variable"))?;
+                let kind = match args.get(2).map(|s| s.to_ascii_lowercase()).as_deref() {
+                    Some("variable") => RecordKind::Variable,
+                    Some("fixed") | None => RecordKind::Fixed,
+                    Some(o) => bail!("record type must be fixed or variable, not {o:?}"),
+                };
+                let schema = parse_shape(shape, kind)?;
+                self.client.create(&key, schema).await?;
+                self.print(&format!("created {key}"))
+            }
+            "destroy" => {
+                if args.len() != 1 {
+                    bail!("\\destroy takes exactly one key");
+                }
+                let key = key_arg(0)?;
+                self.client.destroy(&key).await?;
+                self.print(&format!("destroyed {key}"))
+            }
+            "getinfo" => {
+                let key = key_arg(0)?;
+                let v = self.client.info(&key).await?;
+                let rt = if v.get("is_variable_length").and_then(Value::as_bool).unwrap_or(false) { "VARIABLE" } else { "FIXED" };
+                let years: Vec<String> = v.get("years").and_then(Value::as_array).map(|a| a.iter().map(|y| y.to_string()).collect()).unwrap_or_default();
+                let cols: Vec<String> = v
+                    .get("columns")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().map(|c| format!("{}:{}", c["name"].as_str().unwrap_or(""), c["type"].as_str().unwrap_or(""))).collect())
+                    .unwrap_or_default();
+                let text = format!(
+                    "Bucket: {key}\nLatest Year: {}, RecordType: {rt}, TF: {}\nData Types: {{Epoch:i8 {}}}\nRows: {}",
+                    years.last().cloned().unwrap_or_else(|| "-".into()),
+                    key.timeframe,
+                    cols.join(" "),
+                    v.get("rows").cloned().unwrap_or(Value::Null)
+                );
+                self.print(&text)
+            }
+            "load" => {
+                let key = key_arg(0)?;
+                let file = args.get(1).ok_or_else(|| anyhow!("\\load KEY FILE.csv [CONTROL.yaml]"))?;
+                let ctl = args.get(2).map(PathBuf::from);
+                let summary = super::transfer::import_file(&mut self.client, &key, Path::new(file), ctl.as_deref(), false).await?;
+                self.print(&summary)
+            }
+            "tables" | "list" | "d" => {
+                let (schema, batches) = self.client.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1").await?;
+                self.emit(&schema, &batches)
+            }
+            other => bail!("unknown command \\{other}; \\help lists them"),
+        }
+    }
+}
+
+fn history_path() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".mkts_history"))
+}
+
+/// Run `mkts connect`.
+pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let client = Client::from_args(args.url.as_deref(), args.dir.as_deref()).await?;
+        let mut shell = Shell::new(client);
+        let mut failed = false;
+        if !args.command.is_empty() {
+            for c in &args.command {
+                match shell.execute(c).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        } else if std::io::stdin().is_terminal() {
+            interactive(&mut shell).await?;
+        } else {
+            for line in std::io::stdin().lock().lines() {
+                let line = line?;
+                match shell.execute(&line).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed = true;
+                    }
+                }
+            }
+        }
+        shell.client.close().await?;
+        if failed {
+            bail!("a command failed");
+        }
+        Ok(())
+    })
+}
+
+async fn interactive(shell: &mut Shell) -> anyhow::Result<()> {
+    use rustyline::error::ReadlineError;
+    let mut rl = rustyline::DefaultEditor::new()?;
+    let hist = history_path();
+    if let Some(h) = &hist {
+        let _ = rl.load_history(h);
+    }
+    let target = match &shell.client {
+        Client::Remote { .. } => "server",
+        Client::Local { engine, .. } => {
+            let _ = engine;
+            "local"
+        }
+    };
+    println!("mkts {} connected ({target}). \\help for commands, \\q to quit.", crate::context::VERSION);
+    loop {
+        match rl.readline("» ") {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    let _ = rl.add_history_entry(line.as_str());
+                }
+                match shell.execute(&line).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => eprintln!("error: {e:#}"),
+                }
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(h) = &hist {
+        let _ = rl.save_history(h);
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Command-line tools beyond `start`/`init`: the SQL shell (`mkts connect`) and bulk transfer
+//! (`mkts import`, `mkts export`).
+
+pub mod connect;
+pub mod transfer;

@@ -1,0 +1,131 @@
+//! MarketStore compatibility: everything an existing MarketStore client (pymarketstore, the Go client,
+//! dashboards) talks to, on the ports it expects.
+//!
+//! - `listen_port` (HTTP, [`http_router`]): `/rpc` JSON-RPC `DataService` over msgpack or JSON ([`rpc`]),
+//!   `/ws` streaming ([`ws`]), `/heartbeat`, Prometheus `/metrics`.
+//! - `grpc_listen_port` ([`grpc::service`]): `proto.Marketstore`, added to the same tonic server as Flight.
+//!
+//! Both protocols decode into the transport-neutral operations of [`service`]; results are packed into
+//! MarketStore's NumpyMultiDataset straight from the engine's zero-copy Arrow batches ([`numpy`]).
+//! `enable_add` / `enable_remove` / `queryable` are enforced by the engine, and its refusals surface as a
+//! JSON-RPC error (queries), a per-request error (writes, creates, destroys) or a gRPC status.
+
+pub mod grpc;
+pub mod numpy;
+pub mod rpc;
+pub mod service;
+pub mod value;
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+
+use crate::context::{ServerContext, VERSION};
+use crate::metrics::{disk_usage, EngineSample};
+
+/// How long a measured disk usage is reused before `/metrics` measures again.
+pub const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Largest accepted `/rpc` request body (writes of large numpy datasets).
+pub const MAX_RPC_BODY: usize = 1 << 30;
+
+/// The HTTP routes of `listen_port`: `/rpc`, `/ws`, `/heartbeat`, `/metrics`.
+pub fn http_router(ctx: Arc<ServerContext>) -> Router {
+    let hub = ws::WsHub::new(ctx.clone());
+    let rpc = Router::new()
+        .route("/rpc", any(rpc::handle))
+        .route("/heartbeat", any(heartbeat))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_RPC_BODY))
+        .with_state(ctx);
+    let ws = Router::new().route("/ws", any(ws::handle)).with_state(hub);
+    rpc.merge(ws)
+}
+
+/// `/heartbeat` (any method): 200 `queryable` once ready, 503 `not queryable` before/while shutting down.
+async fn heartbeat(State(ctx): State<Arc<ServerContext>>) -> Response {
+    let ok = ctx.is_ready();
+    let body = serde_json::json!({
+        "status": if ok { "queryable" } else { "not queryable" },
+        "version": VERSION,
+        "git_hash": option_env!("MKTS_GIT_HASH").unwrap_or(""),
+        "uptime": go_duration(ctx.started.elapsed()),
+    });
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body)).into_response()
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
+    let cached = *ctx.metrics.disk_usage.lock();
+    let disk = match cached {
+        Some((at, bytes)) if at.elapsed() < DISK_USAGE_MAX_AGE => Some(bytes),
+        _ => {
+            let root = ctx.engine.root().to_path_buf();
+            let bytes = tokio::task::spawn_blocking(move || disk_usage(&root)).await.ok();
+            if let Some(b) = bytes {
+                *ctx.metrics.disk_usage.lock() = Some((Instant::now(), b));
+            }
+            bytes
+        }
+    };
+    let (wal_syncs, wal_records) = ctx.engine.wal_stats();
+    let sample = EngineSample {
+        rows_written: ctx.engine.rows_written(),
+        wal_syncs,
+        wal_records,
+        buckets: ctx.engine.keys().len() as u64,
+        disk_usage_bytes: disk,
+        uptime: ctx.started.elapsed(),
+        ready: ctx.is_ready(),
+    };
+    let mut r = ctx.metrics.render(&sample).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}
+
+/// A duration the way Go prints it (`1h2m3.5s`, `250ms`), as MarketStore's heartbeat `uptime`.
+pub fn go_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
+    }
+    let frac = |v: u128, div: u128| -> String {
+        let whole = v / div;
+        let rest = v % div;
+        if rest == 0 {
+            whole.to_string()
+        } else {
+            let width = div.to_string().len() - 1;
+            let s = format!("{whole}.{rest:0width$}");
+            s.trim_end_matches('0').to_string()
+        }
+    };
+    if ns < 1_000 {
+        return format!("{ns}ns");
+    }
+    if ns < 1_000_000 {
+        return format!("{}µs", frac(ns, 1_000));
+    }
+    if ns < 1_000_000_000 {
+        return format!("{}ms", frac(ns, 1_000_000));
+    }
+    let total_s = ns / 1_000_000_000;
+    let (h, m) = (total_s / 3600, (total_s / 60) % 60);
+    let secs = frac(ns % 60_000_000_000, 1_000_000_000);
+    if h > 0 {
+        format!("{h}h{m}m{secs}s")
+    } else if m > 0 {
+        format!("{m}m{secs}s")
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,344 @@
+//! `/rpc`: MarketStore's JSON-RPC 2.0 `DataService` over msgpack (`application/x-msgpack`) or JSON
+//! (`application/json`), with the transport rules of reference §2.1:
+//!
+//! - POST only; anything else is `405 text/plain` (`rpc: POST method required, received HEAD`), which still
+//!   carries `Marketstore-Version` — pymarketstore's `server_version()` reads it from a HEAD.
+//! - unknown content type: `415 text/plain`;
+//! - JSON-RPC errors travel as HTTP 200 with `{code, message, data}`; the request `id` is echoed with its
+//!   msgpack type; a request without `id` (a notification) gets no body.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use rmpv::Value;
+
+use crate::context::{ServerContext, VERSION};
+use crate::engine::TimePoint;
+
+use super::numpy::NumpyIn;
+use super::service::{self, CreateError, QuerySpec};
+use super::value::{base64_decode, json_to_msgpack, to_json, to_msgpack, Codec, Fields, ParamError, Val};
+
+/// Header carrying the server version on every `/rpc` response.
+pub const VERSION_HEADER: &str = "marketstore-version";
+
+/// JSON-RPC error codes used by MarketStore's RPC framework.
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const SERVER_ERROR: i64 = -32000;
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+}
+
+impl RpcError {
+    fn server(msg: impl Into<String>) -> Self {
+        RpcError { code: SERVER_ERROR, message: msg.into() }
+    }
+}
+
+impl From<ParamError> for RpcError {
+    fn from(e: ParamError) -> Self {
+        RpcError { code: INVALID_REQUEST, message: e.0 }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(VERSION_HEADER, HeaderValue::from_static(VERSION));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// The `/rpc` handler (any method; non-POST answers 405).
+pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
+    let t0 = Instant::now();
+    let resp = handle_inner(&ctx, method, &headers, body).await;
+    ctx.metrics.observe_rpc_request(t0.elapsed());
+    resp
+}
+
+async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Bytes) -> Response {
+    if method != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, format!("rpc: POST method required, received {method}"));
+    }
+    let ct_raw = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = ct_raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let codec = match ct.as_str() {
+        "application/x-msgpack" => Codec::Msgpack,
+        "application/json" => Codec::Json,
+        _ => return text(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("rpc: unrecognized Content-Type: {ct_raw}")),
+    };
+    let req: Result<Value, String> = match codec {
+        Codec::Msgpack => rmpv::decode::read_value(&mut &body[..]).map_err(|e| e.to_string()),
+        Codec::Json => serde_json::from_slice::<serde_json::Value>(&body).map(json_to_msgpack).map_err(|e| e.to_string()),
+    };
+    let req = match req {
+        Ok(v) => v,
+        Err(e) => return reply(codec, &Value::Nil, Err(RpcError { code: PARSE_ERROR, message: e }), true),
+    };
+    let env = match Fields::of(&req, codec, "request") {
+        Ok(f) => f,
+        Err(e) => return reply(codec, &Value::Nil, Err(RpcError { code: PARSE_ERROR, message: e.0 }), true),
+    };
+    let id = env.get("id", "id").cloned().unwrap_or(Value::Nil);
+    let notification = id.is_nil();
+    if env.get("jsonrpc", "jsonrpc").and_then(|v| v.as_str()) != Some("2.0") {
+        let e = RpcError { code: INVALID_REQUEST, message: "jsonrpc must be 2.0".into() };
+        return reply(codec, &id, Err(e), !notification);
+    }
+    let mname = env.get("method", "method").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let t0 = Instant::now();
+    let result = dispatch(ctx, codec, &mname, env.get("params", "params")).await;
+    if let Some(m) = mname.strip_prefix("DataService.")
+        && METHODS.contains(&m)
+    {
+        ctx.metrics.observe("jsonrpc", m, t0.elapsed(), result.is_ok());
+    }
+    reply(codec, &id, result, !notification)
+}
+
+const METHODS: [&str; 6] = ["Query", "Write", "Create", "Destroy", "GetInfo", "ListSymbols"];
+
+fn reply(codec: Codec, id: &Value, result: Result<Val, RpcError>, with_body: bool) -> Response {
+    let mut r = if !with_body {
+        Response::new(Body::empty())
+    } else {
+        let (k, v) = match result {
+            Ok(v) => ("result", v),
+            Err(e) => (
+                "error",
+                Val::Obj(vec![
+                    ("code", "code", Val::Int(e.code)),
+                    ("message", "message", Val::Str(e.message)),
+                    ("data", "data", Val::Nil),
+                ]),
+            ),
+        };
+        let env = Val::Obj(vec![("jsonrpc", "jsonrpc", Val::str("2.0")), (k, k, v), ("id", "id", Val::Raw(id.clone()))]);
+        let (ct, body) = match codec {
+            Codec::Msgpack => {
+                let mut out = Vec::new();
+                to_msgpack(&env, &mut out);
+                ("application/x-msgpack", out)
+            }
+            Codec::Json => ("application/json; charset=utf-8", serde_json::to_vec(&to_json(&env)).unwrap_or_default()),
+        };
+        let mut r = Response::new(Body::from(body));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        r
+    };
+    let h = r.headers_mut();
+    h.insert(VERSION_HEADER, HeaderValue::from_static(VERSION));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// The argument struct: `params` itself or a one-element array holding it.
+fn params_of(p: Option<&Value>) -> Result<Value, RpcError> {
+    match p {
+        None => Ok(Value::Map(Vec::new())),
+        Some(Value::Array(a)) if a.len() == 1 => Ok(a[0].clone()),
+        Some(v @ Value::Map(_)) => Ok(v.clone()),
+        Some(_) => Err(RpcError { code: INVALID_REQUEST, message: "params must be a map or a one-element array".into() }),
+    }
+}
+
+async fn dispatch(ctx: &ServerContext, codec: Codec, m: &str, params: Option<&Value>) -> Result<Val, RpcError> {
+    let parts: Vec<&str> = m.split('.').collect();
+    if parts.len() != 2 {
+        return Err(RpcError::server(format!("rpc: service/method request ill-formed: \"{m}\"")));
+    }
+    if parts[0] != "DataService" {
+        return Err(RpcError::server(format!("rpc: can't find service \"{m}\"")));
+    }
+    if !METHODS.contains(&parts[1]) {
+        return Err(RpcError::server(format!("rpc: can't find method \"{m}\"")));
+    }
+    let p = params_of(params)?;
+    let f = Fields::of(&p, codec, "params")?;
+    match parts[1] {
+        "Query" => query(ctx, f).await,
+        "Write" => write(ctx, f).await,
+        "Create" => create(ctx, f).await,
+        "Destroy" => destroy(ctx, f).await,
+        "GetInfo" => get_info(ctx, f),
+        _ => list_symbols(ctx, f),
+    }
+}
+
+fn requests<'a>(f: &Fields<'a>) -> Result<Vec<Fields<'a>>, ParamError> {
+    let codec = f.codec();
+    f.array("requests", "Requests")?.unwrap_or(&[]).iter().map(|r| Fields::of(r, codec, "request")).collect()
+}
+
+fn server_response(error: String) -> Val {
+    Val::Obj(vec![("error", "Error", Val::Str(error)), ("version", "Version", Val::str(VERSION))])
+}
+
+/// Parse one msgpack/JSON `QueryRequest`.
+pub fn query_spec(r: &Fields<'_>) -> Result<QuerySpec, ParamError> {
+    let nanos = |v: Option<i64>, what: &str| -> Result<i32, ParamError> {
+        match v {
+            None => Ok(0),
+            Some(n) if (0..1_000_000_000).contains(&n) => Ok(n as i32),
+            Some(n) => Err(ParamError(format!("{what} {n} is outside 0..1e9"))),
+        }
+    };
+    let start_ns = nanos(r.i64("epoch_start_nanos", "EpochStartNanos")?, "epoch_start_nanos")?;
+    let end_ns = nanos(r.i64("epoch_end_nanos", "EpochEndNanos")?, "epoch_end_nanos")?;
+    let limit = match r.i64("limit_record_count", "LimitRecordCount")? {
+        None | Some(0) => None,
+        Some(n) if n < 0 => return Err(ParamError("limit_record_count must not be negative".into())),
+        Some(n) => Some(n as usize),
+    };
+    let sql = if r.bool("is_sqlstatement", "IsSQLStatement")?.unwrap_or(false) {
+        Some(r.str("sql_statement", "SQLStatement")?.unwrap_or("").to_string())
+    } else {
+        None
+    };
+    Ok(QuerySpec {
+        sql,
+        destination: r.str("destination", "Destination")?.unwrap_or("").to_string(),
+        key_category: r.str("key_category", "KeyCategory")?.map(str::to_string),
+        start: r.i64("epoch_start", "EpochStart")?.map(|s| TimePoint { secs: s, nanos: start_ns }),
+        end: r.i64("epoch_end", "EpochEnd")?.map(|s| TimePoint { secs: s, nanos: end_ns }),
+        limit,
+        from_start: r.bool("limit_from_start", "LimitFromStart")?.unwrap_or(false),
+        columns: r.strings("columns", "Columns")?,
+        functions: r.strings("functions", "Functions")?,
+    })
+}
+
+async fn query(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+    let specs = requests(&f)?.iter().map(query_spec).collect::<Result<Vec<_>, _>>()?;
+    let mut responses = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let out = service::query(ctx, spec).await.map_err(RpcError::server)?;
+        responses.push(Val::Obj(vec![("result", "Result", out.to_val())]));
+    }
+    Ok(Val::Obj(vec![
+        ("responses", "Responses", Val::Arr(responses)),
+        ("version", "Version", Val::str(VERSION)),
+        ("timezone", "Timezone", Val::str(ctx.config.timezone.as_str())),
+    ]))
+}
+
+async fn write(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+    let mut errors = Vec::new();
+    for r in requests(&f)? {
+        let res = write_one(ctx, &r).await;
+        if let Err(e) = res {
+            errors.push(server_response(e));
+        }
+    }
+    Ok(Val::Obj(vec![("responses", "Responses", if errors.is_empty() { Val::Nil } else { Val::Arr(errors) })]))
+}
+
+async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(), String> {
+    let codec = r.codec();
+    let dsv = r.get("dataset", "Data").or_else(|| r.get("dataset", "Dataset")).ok_or("write request has no dataset")?;
+    let ds = Fields::of(dsv, codec, "dataset").map_err(|e| e.0)?;
+    let variable = r.bool("is_variable_length", "IsVariableLength").map_err(|e| e.0)?.unwrap_or(false);
+    let blobs = ds.blobs("data", "ColumnData").map_err(|e| e.0)?.unwrap_or_default();
+    // JSON carries the columns base64-encoded.
+    let decoded: Vec<Vec<u8>> = match codec {
+        Codec::Json => blobs
+            .iter()
+            .map(|b| std::str::from_utf8(b).ok().and_then(base64_decode).ok_or_else(|| "ColumnData must be base64".to_string()))
+            .collect::<Result<_, _>>()?,
+        Codec::Msgpack => Vec::new(),
+    };
+    let data: Vec<&[u8]> = match codec {
+        Codec::Json => decoded.iter().map(|v| v.as_slice()).collect(),
+        Codec::Msgpack => blobs,
+    };
+    let input = NumpyIn {
+        types: ds.strings("types", "ColumnTypes").map_err(|e| e.0)?.unwrap_or_default(),
+        names: ds.strings("names", "ColumnNames").map_err(|e| e.0)?.unwrap_or_default(),
+        data,
+        length: ds.i64("length", "Length").map_err(|e| e.0)?.unwrap_or(0),
+        start_index: ds.int_map("startindex", "StartIndex").map_err(|e| e.0)?.unwrap_or_default(),
+        lengths: ds.int_map("lengths", "Lengths").map_err(|e| e.0)?.unwrap_or_default(),
+    };
+    service::write(ctx, &input, variable).await
+}
+
+async fn create(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+    let mut out = Vec::new();
+    for r in requests(&f)? {
+        let names = r.strings("column_names", "ColumnNames")?.unwrap_or_default();
+        let types = r.strings("column_types", "ColumnTypes")?.unwrap_or_default();
+        if names.len() != types.len() {
+            out.push(server_response(format!("{} column names but {} column types", names.len(), types.len())));
+            continue;
+        }
+        // pymarketstore sends `row_type`; MarketStore's Go client `is_variable_length`: accept both.
+        let variable = r.bool("is_variable_length", "IsVariableLength")?.unwrap_or(false)
+            || r.str("row_type", "RowType")?.is_some_and(|t| t.eq_ignore_ascii_case("variable"));
+        let spec = service::CreateSpec {
+            key: r.str("key", "Key")?.unwrap_or("").to_string(),
+            columns: names.into_iter().zip(types).collect(),
+            variable,
+        };
+        match service::create(ctx, &spec, true).await {
+            Ok(()) => out.push(server_response(String::new())),
+            Err(CreateError::Continue(e)) => out.push(server_response(e)),
+            Err(CreateError::Stop(e)) => {
+                out.push(server_response(e));
+                break;
+            }
+        }
+    }
+    Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
+}
+
+async fn destroy(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+    let mut out = Vec::new();
+    for r in requests(&f)? {
+        let key = r.str("key", "Key")?.unwrap_or("");
+        out.push(server_response(service::destroy(ctx, key).await.err().unwrap_or_default()));
+    }
+    Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
+}
+
+fn get_info(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+    let mut out = Vec::new();
+    for r in requests(&f)? {
+        let key = r.str("key", "Key")?.unwrap_or("");
+        let i = service::get_info(ctx, key);
+        out.push(Val::Obj(vec![
+            ("LatestYear", "LatestYear", Val::Int(i.latest_year)),
+            ("TimeFrame", "TimeFrame", Val::Int(i.timeframe_ns)),
+            (
+                "DSV",
+                "DSV",
+                Val::Arr(
+                    i.dsv
+                        .into_iter()
+                        .map(|(n, t)| Val::Obj(vec![("Name", "Name", Val::Str(n)), ("Type", "Type", Val::UInt(t as u64))]))
+                        .collect(),
+                ),
+            ),
+            ("RecordType", "RecordType", Val::Int(i.record_type)),
+            ("ServerResp", "ServerResp", server_response(i.error)),
+        ]));
+    }
+    Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
+}
+
+fn list_symbols(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+    let tbk = f.str("format", "Format")?.is_some_and(|s| s == "tbk");
+    let list = service::list_symbols(ctx, tbk).map_err(RpcError::server)?;
+    Ok(Val::Obj(vec![("Results", "Results", Val::Arr(list.into_iter().map(Val::Str).collect()))]))
+}

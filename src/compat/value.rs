@@ -1,0 +1,456 @@
+//! The two codecs of MarketStore's `/rpc`: msgpack (tagged snake_case keys, `bin` columns) and JSON (Go field
+//! names, base64 columns).
+//!
+//! Requests of both codecs are decoded into one [`rmpv::Value`] tree and read through [`Fields`], which knows
+//! each field's msgpack tag and Go name. Replies are built once as a [`Val`] tree and written by either
+//! encoder; column data stays in zero-copy chunks until the encoder copies it into the response body.
+
+use bytes::Bytes;
+use rmpv::Value;
+
+/// A reply value. Map keys carry both spellings: `(msgpack tag, Go field name)`.
+#[derive(Debug, Clone)]
+pub enum Val {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    F32(f32),
+    F64(f64),
+    Str(String),
+    /// Binary data as chunks (concatenated on the wire): msgpack `bin`, JSON base64.
+    Bin(Vec<Bytes>),
+    Arr(Vec<Val>),
+    /// A struct: keys are `(msgpack tag, Go field name)`.
+    Obj(Vec<(&'static str, &'static str, Val)>),
+    /// A map with data-dependent string keys (same in both codecs).
+    Map(Vec<(String, Val)>),
+    /// A request value echoed verbatim (the envelope `id`).
+    Raw(Value),
+}
+
+impl Val {
+    pub fn str(s: impl Into<String>) -> Val {
+        Val::Str(s.into())
+    }
+}
+
+/// Which codec a request arrived with (decides the reply encoding and how request keys are matched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Msgpack,
+    Json,
+}
+
+// ------------------------------------------------------------------------------------------------ msgpack
+
+/// Minimal msgpack primitives (most compact encodings, as Go's vmihailenco/msgpack writes them).
+pub mod mp {
+    pub fn nil(out: &mut Vec<u8>) {
+        out.push(0xc0);
+    }
+    pub fn bool(out: &mut Vec<u8>, b: bool) {
+        out.push(if b { 0xc3 } else { 0xc2 });
+    }
+    pub fn uint(out: &mut Vec<u8>, u: u64) {
+        if u < 128 {
+            out.push(u as u8);
+        } else if u <= u8::MAX as u64 {
+            out.extend_from_slice(&[0xcc, u as u8]);
+        } else if u <= u16::MAX as u64 {
+            out.push(0xcd);
+            out.extend_from_slice(&(u as u16).to_be_bytes());
+        } else if u <= u32::MAX as u64 {
+            out.push(0xce);
+            out.extend_from_slice(&(u as u32).to_be_bytes());
+        } else {
+            out.push(0xcf);
+            out.extend_from_slice(&u.to_be_bytes());
+        }
+    }
+    pub fn sint(out: &mut Vec<u8>, i: i64) {
+        if i >= 0 {
+            uint(out, i as u64);
+        } else if i >= -32 {
+            out.push(i as i8 as u8);
+        } else if i >= i8::MIN as i64 {
+            out.extend_from_slice(&[0xd0, i as i8 as u8]);
+        } else if i >= i16::MIN as i64 {
+            out.push(0xd1);
+            out.extend_from_slice(&(i as i16).to_be_bytes());
+        } else if i >= i32::MIN as i64 {
+            out.push(0xd2);
+            out.extend_from_slice(&(i as i32).to_be_bytes());
+        } else {
+            out.push(0xd3);
+            out.extend_from_slice(&i.to_be_bytes());
+        }
+    }
+    pub fn f32(out: &mut Vec<u8>, f: f32) {
+        out.push(0xca);
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+    pub fn f64(out: &mut Vec<u8>, f: f64) {
+        out.push(0xcb);
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+    fn len_header(out: &mut Vec<u8>, n: usize, fix: Option<(u8, usize)>, m8: Option<u8>, m16: u8, m32: u8) {
+        match fix {
+            Some((base, max)) if n <= max => out.push(base | n as u8),
+            _ => {
+                if let (Some(c), true) = (m8, n <= u8::MAX as usize) {
+                    out.extend_from_slice(&[c, n as u8]);
+                } else if n <= u16::MAX as usize {
+                    out.push(m16);
+                    out.extend_from_slice(&(n as u16).to_be_bytes());
+                } else {
+                    out.push(m32);
+                    out.extend_from_slice(&(n as u32).to_be_bytes());
+                }
+            }
+        }
+    }
+    pub fn str(out: &mut Vec<u8>, s: &str) {
+        len_header(out, s.len(), Some((0xa0, 31)), Some(0xd9), 0xda, 0xdb);
+        out.extend_from_slice(s.as_bytes());
+    }
+    pub fn bin_len(out: &mut Vec<u8>, n: usize) {
+        len_header(out, n, None, Some(0xc4), 0xc5, 0xc6);
+    }
+    pub fn array_len(out: &mut Vec<u8>, n: usize) {
+        len_header(out, n, Some((0x90, 15)), None, 0xdc, 0xdd);
+    }
+    pub fn map_len(out: &mut Vec<u8>, n: usize) {
+        len_header(out, n, Some((0x80, 15)), None, 0xde, 0xdf);
+    }
+}
+
+/// Encode a reply tree as msgpack (most compact integer encodings, `bin` for binary, float32 kept).
+pub fn to_msgpack(v: &Val, out: &mut Vec<u8>) {
+    match v {
+        Val::Nil => mp::nil(out),
+        Val::Bool(b) => mp::bool(out, *b),
+        Val::Int(i) => mp::sint(out, *i),
+        Val::UInt(u) => mp::uint(out, *u),
+        Val::F32(f) => mp::f32(out, *f),
+        Val::F64(f) => mp::f64(out, *f),
+        Val::Str(s) => mp::str(out, s),
+        Val::Bin(chunks) => {
+            let n: usize = chunks.iter().map(|c| c.len()).sum();
+            mp::bin_len(out, n);
+            out.reserve(n);
+            for c in chunks {
+                out.extend_from_slice(c);
+            }
+        }
+        Val::Arr(a) => {
+            mp::array_len(out, a.len());
+            for x in a {
+                to_msgpack(x, out);
+            }
+        }
+        Val::Obj(fields) => {
+            mp::map_len(out, fields.len());
+            for (k, _, x) in fields {
+                mp::str(out, k);
+                to_msgpack(x, out);
+            }
+        }
+        Val::Map(m) => {
+            mp::map_len(out, m.len());
+            for (k, x) in m {
+                mp::str(out, k);
+                to_msgpack(x, out);
+            }
+        }
+        Val::Raw(r) => {
+            // Writing into a Vec cannot fail.
+            let _ = rmpv::encode::write_value(out, r);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ JSON
+
+/// Encode a reply tree as JSON with Go field names (what gorilla's json2 codec produces).
+pub fn to_json(v: &Val) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Val::Nil => J::Null,
+        Val::Bool(b) => J::Bool(*b),
+        Val::Int(i) => J::from(*i),
+        Val::UInt(u) => J::from(*u),
+        Val::F32(f) => serde_json::Number::from_f64(*f as f64).map(J::Number).unwrap_or(J::Null),
+        Val::F64(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
+        Val::Str(s) => J::String(s.clone()),
+        Val::Bin(chunks) => {
+            let mut all = Vec::with_capacity(chunks.iter().map(|c| c.len()).sum());
+            for c in chunks {
+                all.extend_from_slice(c);
+            }
+            J::String(base64_encode(&all))
+        }
+        Val::Arr(a) => J::Array(a.iter().map(to_json).collect()),
+        Val::Obj(fields) => J::Object(fields.iter().map(|(_, g, x)| (g.to_string(), to_json(x))).collect()),
+        Val::Map(m) => J::Object(m.iter().map(|(k, x)| (k.clone(), to_json(x))).collect()),
+        Val::Raw(r) => msgpack_to_json(r),
+    }
+}
+
+/// A decoded request value as JSON (used to echo a JSON request's `id`).
+pub fn msgpack_to_json(v: &Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Convert a JSON request into the msgpack value model (`Str` keys, integers kept as integers).
+pub fn json_to_msgpack(v: serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::Nil,
+        J::Bool(b) => Value::Boolean(b),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::F64(n.as_f64().unwrap_or(0.0))
+            }
+        }
+        J::String(s) => Value::from(s),
+        J::Array(a) => Value::Array(a.into_iter().map(json_to_msgpack).collect()),
+        J::Object(o) => Value::Map(o.into_iter().map(|(k, v)| (Value::from(k), json_to_msgpack(v))).collect()),
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (Go's `[]byte` JSON encoding).
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        out.push(B64[(n >> 18) as usize & 63] as char);
+        out.push(B64[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 { B64[(n >> 6) as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 2 { B64[n as usize & 63] as char } else { '=' });
+    }
+    out
+}
+
+/// Decode standard base64 (padding optional); `None` on invalid input.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        if c == b'=' {
+            break;
+        }
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'\n' | b'\r' => continue,
+            _ => return None,
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+// ------------------------------------------------------------------------------------------------ requests
+
+/// Bad request parameters (mapped to JSON-RPC -32600 / per-request errors).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct ParamError(pub String);
+
+/// Read access to one request struct in either codec: msgpack keys match the tag exactly, JSON keys match
+/// the Go field name case-insensitively (Go's `encoding/json` rules).
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    map: &'a [(Value, Value)],
+    codec: Codec,
+}
+
+impl<'a> Fields<'a> {
+    /// View `v` as a struct; `what` names it in errors.
+    pub fn of(v: &'a Value, codec: Codec, what: &str) -> Result<Fields<'a>, ParamError> {
+        match v {
+            Value::Map(m) => Ok(Fields { map: m, codec }),
+            _ => Err(ParamError(format!("{what} must be a map"))),
+        }
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// The field with msgpack tag `tag` / Go name `go`.
+    pub fn get(&self, tag: &str, go: &str) -> Option<&'a Value> {
+        self.map
+            .iter()
+            .find(|(k, _)| match (self.codec, k.as_str()) {
+                (Codec::Msgpack, Some(s)) => s == tag,
+                (Codec::Json, Some(s)) => s.eq_ignore_ascii_case(go),
+                _ => false,
+            })
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_nil())
+    }
+
+    pub fn str(&self, tag: &str, go: &str) -> Result<Option<&'a str>, ParamError> {
+        match self.get(tag, go) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| ParamError(format!("{tag} must be a string"))),
+        }
+    }
+
+    pub fn bool(&self, tag: &str, go: &str) -> Result<Option<bool>, ParamError> {
+        match self.get(tag, go) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| ParamError(format!("{tag} must be a boolean"))),
+        }
+    }
+
+    pub fn i64(&self, tag: &str, go: &str) -> Result<Option<i64>, ParamError> {
+        match self.get(tag, go) {
+            None => Ok(None),
+            Some(v) => as_i64(v).map(Some).ok_or_else(|| ParamError(format!("{tag} must be an integer"))),
+        }
+    }
+
+    pub fn array(&self, tag: &str, go: &str) -> Result<Option<&'a [Value]>, ParamError> {
+        match self.get(tag, go) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a.as_slice())),
+            Some(_) => Err(ParamError(format!("{tag} must be an array"))),
+        }
+    }
+
+    pub fn strings(&self, tag: &str, go: &str) -> Result<Option<Vec<String>>, ParamError> {
+        match self.array(tag, go)? {
+            None => Ok(None),
+            Some(a) => a
+                .iter()
+                .map(|v| as_string(v).ok_or_else(|| ParamError(format!("{tag} must be an array of strings"))))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+        }
+    }
+
+    /// A map of string keys to integers (`startindex`, `lengths`), in wire order.
+    pub fn int_map(&self, tag: &str, go: &str) -> Result<Option<Vec<(String, i64)>>, ParamError> {
+        match self.get(tag, go) {
+            None => Ok(None),
+            Some(Value::Map(m)) => m
+                .iter()
+                .map(|(k, v)| match (as_string(k), as_i64(v)) {
+                    (Some(k), Some(v)) => Ok((k, v)),
+                    _ => Err(ParamError(format!("{tag} must map strings to integers"))),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(ParamError(format!("{tag} must be a map"))),
+        }
+    }
+
+    /// A list of binary blobs: msgpack `bin` (or str), JSON base64 strings.
+    pub fn blobs(&self, tag: &str, go: &str) -> Result<Option<Vec<&'a [u8]>>, ParamError> {
+        let Some(a) = self.array(tag, go)? else { return Ok(None) };
+        let mut out = Vec::with_capacity(a.len());
+        for v in a {
+            match v {
+                Value::Binary(b) => out.push(b.as_slice()),
+                Value::String(s) => out.push(s.as_bytes()),
+                Value::Nil => out.push(&[][..]),
+                _ => return Err(ParamError(format!("{tag} must be an array of binary strings"))),
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Any msgpack integer (or an integral float) as i64.
+pub fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Integer(i) => i.as_i64().or_else(|| i.as_u64().map(|u| u.min(i64::MAX as u64) as i64)),
+        Value::F64(f) if f.fract() == 0.0 => Some(*f as i64),
+        Value::F32(f) if f.fract() == 0.0 => Some(*f as i64),
+        _ => None,
+    }
+}
+
+/// A msgpack str (or UTF-8 bin) as String.
+pub fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => s.as_str().map(str::to_string),
+        Value::Binary(b) => std::str::from_utf8(b).ok().map(str::to_string),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trip() {
+        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar", &[0u8, 255, 128, 7]] {
+            let e = base64_encode(data);
+            assert_eq!(base64_decode(&e).unwrap(), data);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+    }
+
+    #[test]
+    fn msgpack_primitives_match_rmpv() {
+        let ints: [i64; 14] = [0, 1, 127, 128, 255, 256, 65535, 65536, -1, -32, -33, -128, -129, i64::MIN];
+        for i in ints {
+            let mut out = Vec::new();
+            mp::sint(&mut out, i);
+            let mut want = Vec::new();
+            rmpv::encode::write_value(&mut want, &Value::from(i)).unwrap();
+            assert_eq!(out, want, "{i}");
+        }
+        for n in [0usize, 5, 31, 32, 255, 256, 70000] {
+            let s = "x".repeat(n);
+            let mut out = Vec::new();
+            mp::str(&mut out, &s);
+            assert_eq!(rmpv::decode::read_value(&mut &out[..]).unwrap(), Value::from(s.as_str()));
+            let mut out = Vec::new();
+            mp::bin_len(&mut out, n);
+            out.extend(std::iter::repeat_n(7u8, n));
+            assert_eq!(rmpv::decode::read_value(&mut &out[..]).unwrap(), Value::Binary(vec![7; n]));
+            let mut out = Vec::new();
+            mp::array_len(&mut out, n);
+            out.extend(std::iter::repeat_n(0xc0u8, n));
+            assert_eq!(rmpv::decode::read_value(&mut &out[..]).unwrap(), Value::Array(vec![Value::Nil; n]));
+        }
+    }
+
+    #[test]
+    fn msgpack_compact_ints_and_bin_chunks() {
+        let v = Val::Obj(vec![
+            ("a", "A", Val::Int(1)),
+            ("b", "B", Val::Bin(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")])),
+        ]);
+        let mut out = Vec::new();
+        to_msgpack(&v, &mut out);
+        let back = rmpv::decode::read_value(&mut &out[..]).unwrap();
+        assert_eq!(back["a"], Value::from(1));
+        assert_eq!(back["b"], Value::Binary(b"abc".to_vec()));
+        assert_eq!(out[0..3], [0x82, 0xa1, b'a']);
+        assert_eq!(out[3], 0x01); // positive fixint
+        assert_eq!(to_json(&v), serde_json::json!({"A": 1, "B": "YWJj"}));
+    }
+}

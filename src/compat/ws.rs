@@ -1,0 +1,324 @@
+//! `/ws`: MarketStore's WebSocket stream (reference §4).
+//!
+//! A client sends a msgpack `{"streams": ["AAPL/1Min/OHLCV", "*/1Min/*", …]}` (three-part globs); the server
+//! echoes the exact frame on success, or answers `{"error": "<stream> is an invalid stream"}` and keeps the
+//! previous subscriptions. After every durable write the newest written row of each matching bucket is
+//! pushed as `{"key": "SYM/TF/GROUP", "data": {"Epoch": …, "<column>": …}}` (numeric types kept: float32
+//! stays float32).
+//!
+//! Back-pressure: one hub task reads the engine's appended batches (its own bounded subscription, so
+//! writers never wait on it) and hands each frame to every matching client's bounded queue with
+//! `try_send`. A client whose queue is full — slow or dead — is disconnected instead of stalling anyone;
+//! a socket send that does not complete within [`SEND_TIMEOUT`] ends the session too. The server pings
+//! every [`PING_INTERVAL`] and drops a client that has sent nothing (not even a pong) for two intervals.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{self as adt, DataType, TimeUnit};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use parking_lot::{Mutex, RwLock};
+use rmpv::Value;
+use tokio::sync::mpsc;
+
+use crate::context::ServerContext;
+use crate::engine::{AppendEvent, KeyPattern};
+
+use super::value::{to_msgpack, Val};
+
+/// Frames buffered per client before it is considered too slow and disconnected.
+pub const CLIENT_QUEUE: usize = 1024;
+/// Appended batches buffered between the engine and the hub (overflow is dropped and counted by the engine).
+pub const HUB_QUEUE: usize = 8192;
+/// Keepalive ping period (MarketStore: 54 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(54);
+/// Longest a single socket send may take.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Client {
+    id: u64,
+    patterns: Arc<RwLock<Vec<KeyPattern>>>,
+    tx: mpsc::Sender<Bytes>,
+}
+
+/// Routes appended rows to WebSocket subscribers.
+pub struct WsHub {
+    ctx: Arc<ServerContext>,
+    clients: Mutex<Vec<Client>>,
+    next_id: AtomicU64,
+    started: OnceLock<()>,
+}
+
+impl WsHub {
+    pub fn new(ctx: Arc<ServerContext>) -> Arc<Self> {
+        Arc::new(WsHub { ctx, clients: Mutex::new(Vec::new()), next_id: AtomicU64::new(1), started: OnceLock::new() })
+    }
+
+    /// Start the hub task (first connection): subscribe to the engine and fan out.
+    fn ensure_started(self: &Arc<Self>) {
+        self.started.get_or_init(|| {
+            let hub = Arc::downgrade(self);
+            if self.ctx.streams_gated() {
+                // The `stream` trigger decides what is pushed (contrib::stream): forward its rows.
+                let mut rx = self.ctx.stream.subscribe();
+                tokio::spawn(async move {
+                    loop {
+                        match rx.recv().await {
+                            Ok(m) => {
+                                let Some(hub) = hub.upgrade() else { break };
+                                hub.publish(&AppendEvent { key: m.key.clone(), lsn: 0, batch: m.row.clone() });
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                });
+                return;
+            }
+            let mut sub = self.ctx.engine.subscribe(HUB_QUEUE);
+            tokio::spawn(async move {
+                while let Some(ev) = sub.rx.recv().await {
+                    let Some(hub) = hub.upgrade() else { break };
+                    hub.publish(&ev);
+                }
+            });
+        });
+    }
+
+    /// Hand one appended batch to every matching client (drops clients whose queue is full).
+    pub(crate) fn publish(&self, ev: &AppendEvent) {
+        let mut clients = self.clients.lock();
+        if clients.is_empty() {
+            return;
+        }
+        let mut frame: Option<Bytes> = None;
+        clients.retain(|c| {
+            if !c.patterns.read().iter().any(|p| p.matches(&ev.key)) {
+                return true;
+            }
+            let f = frame.get_or_insert_with(|| Bytes::from(push_frame(&ev.key.to_string(), &ev.batch))).clone();
+            match c.tx.try_send(f) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(client = c.id, "dropping /ws client: its queue of {CLIENT_QUEUE} frames is full");
+                    self.ctx.metrics.ws_client_dropped();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    pub(crate) fn register(&self, patterns: Arc<RwLock<Vec<KeyPattern>>>) -> (u64, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.clients.lock().push(Client { id, patterns, tx });
+        (id, rx)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.clients.lock().retain(|c| c.id != id);
+    }
+
+    /// Connected clients.
+    pub fn clients(&self) -> usize {
+        self.clients.lock().len()
+    }
+}
+
+/// One scalar of a row as a msgpack value of the column's own type.
+fn scalar(arr: &dyn Array, i: usize) -> Val {
+    if arr.is_null(i) {
+        return Val::Nil;
+    }
+    match arr.data_type() {
+        DataType::Int8 => Val::Int(arr.as_primitive::<adt::Int8Type>().value(i) as i64),
+        DataType::Int16 => Val::Int(arr.as_primitive::<adt::Int16Type>().value(i) as i64),
+        DataType::Int32 => Val::Int(arr.as_primitive::<adt::Int32Type>().value(i) as i64),
+        DataType::Int64 => Val::Int(arr.as_primitive::<adt::Int64Type>().value(i)),
+        DataType::UInt8 => Val::UInt(arr.as_primitive::<adt::UInt8Type>().value(i) as u64),
+        DataType::UInt16 => Val::UInt(arr.as_primitive::<adt::UInt16Type>().value(i) as u64),
+        DataType::UInt32 => Val::UInt(arr.as_primitive::<adt::UInt32Type>().value(i) as u64),
+        DataType::UInt64 => Val::UInt(arr.as_primitive::<adt::UInt64Type>().value(i)),
+        DataType::Float32 => Val::F32(arr.as_primitive::<adt::Float32Type>().value(i)),
+        DataType::Float64 => Val::F64(arr.as_primitive::<adt::Float64Type>().value(i)),
+        DataType::Boolean => Val::Bool(arr.as_boolean().value(i)),
+        DataType::Utf8 => Val::Str(arr.as_string::<i32>().value(i).to_string()),
+        DataType::Timestamp(TimeUnit::Second, _) => Val::Int(arr.as_primitive::<adt::TimestampSecondType>().value(i)),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            Val::Int(arr.as_primitive::<adt::TimestampNanosecondType>().value(i).div_euclid(1_000_000_000))
+        }
+        _ => Val::Nil,
+    }
+}
+
+/// The push frame for the newest (last) row of `batch`.
+pub fn push_frame(key: &str, batch: &RecordBatch) -> Vec<u8> {
+    let last = batch.num_rows().saturating_sub(1);
+    let data = if batch.num_rows() == 0 {
+        Val::Map(Vec::new())
+    } else {
+        Val::Map(
+            batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(batch.columns())
+                .map(|(f, c)| (f.name().clone(), scalar(c.as_ref(), last)))
+                .collect(),
+        )
+    };
+    let frame = Val::Map(vec![("key".into(), Val::str(key)), ("data".into(), data)]);
+    let mut out = Vec::new();
+    to_msgpack(&frame, &mut out);
+    out
+}
+
+/// What a client message asks for.
+enum Subscribe {
+    /// Valid: replace the subscription set, echo the frame.
+    Set(Vec<KeyPattern>),
+    /// Invalid stream: reply with this error, keep the old set.
+    Invalid(String),
+    /// Undecodable or empty: ignore.
+    Ignore,
+}
+
+fn parse_subscribe(frame: &[u8]) -> Subscribe {
+    let Ok(v) = rmpv::decode::read_value(&mut &frame[..]) else { return Subscribe::Ignore };
+    let Value::Map(m) = &v else { return Subscribe::Ignore };
+    let Some(Value::Array(streams)) = m.iter().find(|(k, _)| k.as_str() == Some("streams")).map(|(_, v)| v) else {
+        return Subscribe::Ignore;
+    };
+    if streams.is_empty() {
+        return Subscribe::Ignore;
+    }
+    let mut pats = Vec::with_capacity(streams.len());
+    for s in streams {
+        let text = s.as_str().unwrap_or("");
+        match KeyPattern::parse(text) {
+            Ok(p) if text.split('/').count() == 3 => pats.push(p),
+            _ => return Subscribe::Invalid(format!("{text} is an invalid stream")),
+        }
+    }
+    Subscribe::Set(pats)
+}
+
+/// `GET /ws` upgrade handler.
+pub async fn handle(State(hub): State<Arc<WsHub>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| session(hub, socket))
+}
+
+async fn session(hub: Arc<WsHub>, socket: WebSocket) {
+    hub.ensure_started();
+    let metrics = hub.ctx.metrics.clone();
+    metrics.ws_connected();
+    let patterns = Arc::new(RwLock::new(Vec::new()));
+    let (id, mut rx) = hub.register(patterns.clone());
+    let (mut sink, mut stream) = socket.split();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let mut last_seen = Instant::now();
+    loop {
+        let out: Option<Message> = tokio::select! {
+            msg = stream.next() => {
+                last_seen = Instant::now();
+                match msg {
+                    Some(Ok(Message::Binary(b))) => subscribe_reply(&patterns, b),
+                    Some(Ok(Message::Text(t))) => subscribe_reply(&patterns, Bytes::copy_from_slice(t.as_str().as_bytes())),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                }
+            }
+            frame = rx.recv() => match frame {
+                Some(f) => {
+                    metrics.ws_message_sent();
+                    Some(Message::Binary(f))
+                }
+                None => break, // dropped by the hub (too slow)
+            },
+            _ = ping.tick() => {
+                if last_seen.elapsed() > 2 * PING_INTERVAL {
+                    break;
+                }
+                Some(Message::Ping(Bytes::new()))
+            }
+        };
+        if let Some(m) = out {
+            match tokio::time::timeout(SEND_TIMEOUT, sink.send(m)).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+    }
+    hub.unregister(id);
+    metrics.ws_disconnected();
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+fn subscribe_reply(patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
+    match parse_subscribe(&frame) {
+        Subscribe::Set(p) => {
+            *patterns.write() = p;
+            Some(Message::Binary(frame))
+        }
+        Subscribe::Invalid(e) => {
+            let mut out = Vec::new();
+            to_msgpack(&Val::Map(vec![("error".into(), Val::Str(e))]), &mut out);
+            Some(Message::Binary(Bytes::from(out)))
+        }
+        Subscribe::Ignore => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float32Array, Int32Array, TimestampSecondArray};
+    use arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn push_frame_is_newest_row_with_native_types() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("Epoch", DataType::Timestamp(TimeUnit::Second, Some("UTC".into())), false),
+            Field::new("Close", DataType::Float32, false),
+            Field::new("Nanoseconds", DataType::Int32, false),
+        ]));
+        let b = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampSecondArray::from(vec![10, 20]).with_timezone("UTC")),
+                Arc::new(Float32Array::from(vec![1.5, 2.5])),
+                Arc::new(Int32Array::from(vec![0, 7])),
+            ],
+        )
+        .unwrap();
+        let f = push_frame("A/1Sec/T", &b);
+        let v = rmpv::decode::read_value(&mut &f[..]).unwrap();
+        assert_eq!(v["key"], Value::from("A/1Sec/T"));
+        assert_eq!(v["data"]["Epoch"], Value::from(20));
+        assert_eq!(v["data"]["Close"], Value::F32(2.5));
+        assert_eq!(v["data"]["Nanoseconds"], Value::from(7));
+    }
+
+    #[test]
+    fn subscribe_validation() {
+        let enc = |v: Value| {
+            let mut o = Vec::new();
+            rmpv::encode::write_value(&mut o, &v).unwrap();
+            o
+        };
+        let ok = enc(Value::Map(vec![(Value::from("streams"), Value::Array(vec![Value::from("*/1Min/*")]))]));
+        assert!(matches!(parse_subscribe(&ok), Subscribe::Set(p) if p.len() == 1));
+        let bad = enc(Value::Map(vec![(Value::from("streams"), Value::Array(vec![Value::from("AAPL/1Min")]))]));
+        assert!(matches!(parse_subscribe(&bad), Subscribe::Invalid(e) if e == "AAPL/1Min is an invalid stream"));
+        let empty = enc(Value::Map(vec![(Value::from("streams"), Value::Array(vec![]))]));
+        assert!(matches!(parse_subscribe(&empty), Subscribe::Ignore));
+        assert!(matches!(parse_subscribe(b"\xc1garbage"), Subscribe::Ignore));
+    }
+}

@@ -1,0 +1,188 @@
+//! The plugins mkts ships built in, MarketStore's "contrib" batteries done right.
+//!
+//! - [`ondiskagg`] (trigger): keeps downsampled buckets (`5Min`, `1H`, `1D`, …) up to date from bars or ticks.
+//! - [`stream`] (trigger): pushes the newest row of each write to `/ws` and Flight stream subscribers, holding
+//!   higher-timeframe bars until their window closes.
+//! - [`gdaxfeeder`] / [`binancefeeder`] (background workers): backfill and follow Coinbase Exchange candles and
+//!   Binance klines into `gdax_<PRODUCT>/<tf>/OHLCV` and `binance_<BASE>-<QUOTE>/<tf>/OHLCV`.
+//! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
+//!
+//! Each plugin is a small testable core (window arithmetic, calendar, response parsing, backfill windows,
+//! back-off) plus a thin runner over the [`Engine`](crate::engine::Engine). Plugin configuration arrives as
+//! the JSON form of the YAML `config:` map, exactly as MarketStore's `map[string]interface{}`.
+
+pub mod binancefeeder;
+pub mod calendar;
+pub mod feeder;
+pub mod gdaxfeeder;
+pub mod ondiskagg;
+pub mod stream;
+
+use thiserror::Error;
+
+/// Errors of the built-in plugins: configuration problems (the plugin is not started) and runtime problems
+/// (logged; they never reach the writer whose write fired a trigger).
+#[derive(Debug, Error)]
+pub enum ContribError {
+    #[error("invalid {plugin} config: {msg}")]
+    Config { plugin: &'static str, msg: String },
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("aggregation failed: {0}")]
+    Aggregate(String),
+    #[error("HTTP {status} from {url}: {body}")]
+    Http { status: u16, url: String, body: String, retry_after: Option<u64> },
+    #[error("request to {url} failed: {msg}")]
+    Transport { url: String, msg: String },
+    #[error("unexpected response from {url}: {msg}")]
+    Parse { url: String, msg: String },
+}
+
+impl From<datafusion::error::DataFusionError> for ContribError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        ContribError::Aggregate(e.to_string())
+    }
+}
+
+impl From<arrow::error::ArrowError> for ContribError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        ContribError::Aggregate(e.to_string())
+    }
+}
+
+/// Names of the built-in trigger modules (`ondiskagg.so` is accepted as `ondiskagg`).
+pub const TRIGGERS: &[&str] = &["ondiskagg", "stream"];
+/// Names of the built-in background-worker modules.
+pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder"];
+
+/// `ondiskagg.so`, `/bin/ondiskagg.so`, `ondiskagg` → `ondiskagg`.
+pub fn module_name(module: &str) -> &str {
+    let base = module.rsplit('/').next().unwrap_or(module);
+    base.strip_suffix(".so").unwrap_or(base)
+}
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::context::ServerContext;
+use crate::engine::{AppendEvent, KeyPattern};
+
+/// A built-in trigger instance, ready to be fired with appended batches.
+#[derive(Clone)]
+pub enum BuiltinTrigger {
+    OnDiskAgg(ondiskagg::OnDiskAgg),
+    Stream(stream::StreamTrigger),
+}
+
+impl BuiltinTrigger {
+    /// Handle one durable append. Never blocks: ondiskagg queues the range, stream pushes or shelves.
+    pub fn fire(&self, ev: &AppendEvent) {
+        match self {
+            BuiltinTrigger::OnDiskAgg(a) => a.fire(ev),
+            BuiltinTrigger::Stream(s) => s.fire(ev),
+        }
+    }
+
+    /// Wait until queued work is done (ondiskagg), at most `timeout`.
+    pub async fn drain(&self, timeout: Duration) {
+        if let BuiltinTrigger::OnDiskAgg(a) = self {
+            let _ = tokio::time::timeout(timeout, a.drain()).await;
+        }
+    }
+}
+
+/// Construct and start the built-in trigger named by `module`, or `None` when it is not a built-in.
+/// Must run inside the tokio runtime (workers and timers are spawned on it).
+pub fn trigger(module: &str, config: &serde_json::Value, ctx: &Arc<ServerContext>) -> Option<Result<BuiltinTrigger, ContribError>> {
+    Some(match module_name(module) {
+        "ondiskagg" => ondiskagg::OnDiskAgg::from_config(config).map(|a| {
+            a.start(ctx.engine.clone());
+            BuiltinTrigger::OnDiskAgg(a)
+        }),
+        "stream" => stream::StreamTrigger::from_config(config, ctx.stream.clone()).map(|s| {
+            s.start();
+            BuiltinTrigger::Stream(s)
+        }),
+        _ => return None,
+    })
+}
+
+/// Start the built-in background worker named by `module`, or `None` when it is not a built-in.
+pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, ctx: &Arc<ServerContext>) -> Option<Result<feeder::FeederHandle, ContribError>> {
+    Some(match module_name(module) {
+        "gdaxfeeder" => gdaxfeeder::start(config, ctx.engine.clone(), name),
+        "binancefeeder" => binancefeeder::start(config, ctx.engine.clone(), name),
+        _ => return None,
+    })
+}
+
+/// The built-ins of a server's configuration, running.
+pub struct Contrib {
+    triggers: Vec<BuiltinTrigger>,
+    workers: Vec<feeder::FeederHandle>,
+    dispatch: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Start every built-in trigger and worker listed in the configuration and dispatch the engine's appends to
+/// the triggers whose `on` pattern matches. Entries that are not built-ins are left to the plugin host;
+/// a built-in with a bad config is logged and skipped (the server keeps running, as MarketStore does).
+pub fn start(ctx: &Arc<ServerContext>) -> Contrib {
+    let mut matched: Vec<(KeyPattern, BuiltinTrigger)> = Vec::new();
+    for t in &ctx.config.triggers {
+        let Some(r) = trigger(&t.module, &t.config, ctx) else { continue };
+        let on = if t.on.trim().is_empty() { "*/*/*" } else { t.on.trim() };
+        match (r, KeyPattern::parse(on)) {
+            (Ok(tr), Ok(p)) => {
+                tracing::info!(module = %t.module, on, "built-in trigger started");
+                matched.push((p, tr));
+            }
+            (Err(e), _) => tracing::error!(module = %t.module, "trigger not started: {e}"),
+            (_, Err(e)) => tracing::error!(module = %t.module, "trigger not started: bad `on` pattern {on:?}: {e}"),
+        }
+    }
+    let mut workers = Vec::new();
+    for w in &ctx.config.bgworkers {
+        match bgworker(&w.module, &w.name, &w.config, ctx) {
+            None => {}
+            Some(Ok(h)) => {
+                tracing::info!(module = %w.module, name = %w.name, "built-in worker started");
+                workers.push(h);
+            }
+            Some(Err(e)) => tracing::error!(module = %w.module, name = %w.name, "worker not started: {e}"),
+        }
+    }
+    let triggers: Vec<BuiltinTrigger> = matched.iter().map(|(_, t)| t.clone()).collect();
+    let dispatch = (!matched.is_empty()).then(|| {
+        let mut sub = ctx.engine.subscribe(1 << 16);
+        tokio::spawn(async move {
+            let mut reported = 0;
+            while let Some(ev) = sub.rx.recv().await {
+                for (p, t) in &matched {
+                    if p.matches(&ev.key) {
+                        t.fire(&ev);
+                    }
+                }
+                let d = sub.dropped.load(std::sync::atomic::Ordering::Relaxed);
+                if d > reported {
+                    tracing::warn!("built-in triggers missed {} appends (queue full)", d - reported);
+                    reported = d;
+                }
+            }
+        })
+    });
+    Contrib { triggers, workers, dispatch }
+}
+
+impl Contrib {
+    /// Stop the workers, let triggers finish queued work (up to `timeout`), stop dispatching.
+    pub async fn shutdown(mut self, timeout: Duration) {
+        let workers = std::mem::take(&mut self.workers);
+        let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| w.stop())).await;
+        for t in &self.triggers {
+            t.drain(timeout).await;
+        }
+        if let Some(d) = self.dispatch.take() {
+            d.abort();
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! `stream` (trigger): push the newest row of each write to stream subscribers (`/ws`, Flight).
+//!
+//! ```yaml
+//! triggers:
+//!   - module: stream             # or stream.so
+//!     on: "*/*/*"
+//!     config:
+//!       filter: nasdaq           # optional: only rows inside the NASDAQ regular session
+//!       shelf: true              # default: hold bars above 1Min until their window closes
+//! ```
+//!
+//! For every matching write the trigger takes the write's newest row (the last row in time order) and
+//! publishes `(key, row)` on the server's [`StreamHub`]; the `/ws` endpoint sends it to WebSocket subscribers
+//! as MarketStore's msgpack frame `{"key": "SYM/TF/GROUP", "data": {"Epoch": …, "Open": …}}` (see
+//! [`ws_frame`]) and Flight stream subscribers receive it as a one-row batch.
+//!
+//! **Shelf.** Bars of timeframes above 1Min (`5Min`, `1H`, `1D`, typically written by `ondiskagg`) are held
+//! until their window closes — per bucket only the latest version is kept — and pushed once, complete, when
+//! the window ends (for `1D` and longer with `filter: nasdaq`, at that day's NASDAQ close, which MarketStore
+//! only knew on early-close days). A bar whose window has already closed (a backfill, a correction) is
+//! pushed at once; MarketStore dropped those silently. `shelf: false` pushes every write at once.
+//!
+//! **Filter.** With `filter: nasdaq`, rows of intraday timeframes are pushed only when their time is inside
+//! the regular session, and daily-or-longer bars only for market days.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{self as adt, DataType};
+use chrono::{TimeZone, Utc};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use super::calendar::Nasdaq;
+use super::ondiskagg::{window_end, Filter};
+use super::ContribError;
+use crate::engine::{AppendEvent, BucketKey, KeyPattern, Timeframe, EPOCH};
+
+const PLUGIN: &str = "stream";
+
+/// One pushed row: the bucket and a one-row batch in the bucket's read schema.
+#[derive(Debug, Clone)]
+pub struct StreamMessage {
+    pub key: BucketKey,
+    pub row: RecordBatch,
+}
+
+/// The server-wide broadcast of stream pushes. Interfaces subscribe; the `stream` trigger (or any plugin)
+/// pushes. Slow subscribers lose the oldest messages (counted in `lagged`) instead of slowing writers.
+pub struct StreamHub {
+    tx: broadcast::Sender<Arc<StreamMessage>>,
+    pushed: AtomicU64,
+}
+
+impl Default for StreamHub {
+    fn default() -> Self {
+        Self::new(4096)
+    }
+}
+
+impl StreamHub {
+    /// A hub whose subscribers buffer up to `capacity` messages each.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(16));
+        StreamHub { tx, pushed: AtomicU64::new(0) }
+    }
+
+    /// Publish one row to every current subscriber.
+    pub fn push(&self, key: BucketKey, row: RecordBatch) {
+        self.pushed.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.send(Arc::new(StreamMessage { key, row }));
+    }
+
+    /// Receive every message pushed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StreamMessage>> {
+        self.tx.subscribe()
+    }
+
+    /// Messages pushed since start.
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(Ordering::Relaxed)
+    }
+
+    /// A stream of the pushes whose key matches `pattern` (Flight subscriptions), as `(key, one-row batch)`.
+    pub fn matching(&self, pattern: KeyPattern) -> futures::stream::BoxStream<'static, (String, RecordBatch)> {
+        use futures::StreamExt;
+        let rx = self.subscribe();
+        tokio_stream::wrappers::BroadcastStream::new(rx)
+            .filter_map(move |m| {
+                let out = match m {
+                    Ok(m) if pattern.matches(&m.key) => Some((m.key.to_string(), m.row.clone())),
+                    _ => None,
+                };
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
+}
+
+/// MarketStore's WebSocket data frame for a pushed row: msgpack `{"key": "...", "data": {column: value}}`.
+/// `Epoch` is int64 Unix seconds; other values keep their column type (float32 stays float32).
+pub fn ws_frame(m: &StreamMessage) -> Vec<u8> {
+    use rmpv::Value;
+    let mut data = Vec::new();
+    let schema = m.row.schema();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let c = m.row.column(i);
+        if c.is_empty() || c.is_null(0) {
+            continue;
+        }
+        let v = match c.data_type() {
+            DataType::Timestamp(_, _) => match arrow::compute::cast(c, &DataType::Int64) {
+                Ok(a) => Value::from(a.as_primitive::<adt::Int64Type>().value(0)),
+                Err(_) => Value::Nil,
+            },
+            DataType::Float32 => Value::F32(c.as_primitive::<adt::Float32Type>().value(0)),
+            DataType::Float64 => Value::F64(c.as_primitive::<adt::Float64Type>().value(0)),
+            DataType::Int8 => Value::from(c.as_primitive::<adt::Int8Type>().value(0)),
+            DataType::Int16 => Value::from(c.as_primitive::<adt::Int16Type>().value(0)),
+            DataType::Int32 => Value::from(c.as_primitive::<adt::Int32Type>().value(0)),
+            DataType::Int64 => Value::from(c.as_primitive::<adt::Int64Type>().value(0)),
+            DataType::UInt8 => Value::from(c.as_primitive::<adt::UInt8Type>().value(0)),
+            DataType::UInt16 => Value::from(c.as_primitive::<adt::UInt16Type>().value(0)),
+            DataType::UInt32 => Value::from(c.as_primitive::<adt::UInt32Type>().value(0)),
+            DataType::UInt64 => Value::from(c.as_primitive::<adt::UInt64Type>().value(0)),
+            DataType::Boolean => Value::from(c.as_boolean().value(0)),
+            DataType::Utf8 => Value::from(c.as_string::<i32>().value(0)),
+            _ => Value::Nil,
+        };
+        data.push((Value::from(f.name().as_str()), v));
+    }
+    let frame = Value::Map(vec![(Value::from("key"), Value::from(m.key.to_string())), (Value::from("data"), Value::Map(data))]);
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &frame);
+    out
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    filter: Option<String>,
+    #[serde(default)]
+    shelf: Option<bool>,
+}
+
+/// Parsed `stream` configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamConfig {
+    pub filter: Option<Filter>,
+    pub shelf: bool,
+}
+
+impl StreamConfig {
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, ContribError> {
+        let raw: RawConfig = serde_json::from_value(if v.is_null() { serde_json::json!({}) } else { v.clone() })
+            .map_err(|e| ContribError::Config { plugin: PLUGIN, msg: e.to_string() })?;
+        let filter = match raw.filter.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(f) if f.eq_ignore_ascii_case("nasdaq") => Some(Filter::Nasdaq),
+            Some(other) => {
+                return Err(ContribError::Config { plugin: PLUGIN, msg: format!("unknown filter {other:?} (only \"nasdaq\")") });
+            }
+        };
+        Ok(StreamConfig { filter, shelf: raw.shelf.unwrap_or(true) })
+    }
+}
+
+/// What to do with a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Filtered out.
+    Drop,
+    /// Push now.
+    Push,
+    /// Hold until this Unix time, then push.
+    Hold(i64),
+}
+
+/// The gating rule, pure: row time `t` of a bucket with timeframe `tf`, at wall-clock `now`.
+pub fn decide(cfg: &StreamConfig, tf: Timeframe, t: i64, now: i64) -> Decision {
+    let daily = tf.nominal_nanos() >= 86_400_000_000_000;
+    let nasdaq = cfg.filter == Some(Filter::Nasdaq);
+    if nasdaq {
+        if daily {
+            // A daily bar is labelled with its UTC date; the market day is that date.
+            let date = Utc.timestamp_opt(tf.truncate(t), 0).single().map(|d| d.date_naive());
+            if !date.is_some_and(Nasdaq::is_market_day) {
+                return Decision::Drop;
+            }
+        } else if !Nasdaq::is_open(t) {
+            return Decision::Drop;
+        }
+    }
+    if !cfg.shelf || tf.nominal_nanos() <= 60_000_000_000 {
+        return Decision::Push;
+    }
+    let ws = tf.truncate(t);
+    let mut deadline = window_end(tf, ws);
+    if nasdaq && tf == (Timeframe { n: 1, unit: crate::engine::TfUnit::Day }) {
+        let date = Utc.timestamp_opt(ws, 0).single().map(|d| d.date_naive());
+        if let Some((_, close)) = date.and_then(Nasdaq::session) {
+            deadline = close;
+        }
+    }
+    if deadline <= now { Decision::Push } else { Decision::Hold(deadline) }
+}
+
+/// The `stream` trigger.
+#[derive(Clone)]
+pub struct StreamTrigger {
+    cfg: StreamConfig,
+    hub: Arc<StreamHub>,
+    shelf: Arc<Mutex<HashMap<BucketKey, (i64, RecordBatch)>>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl StreamTrigger {
+    /// Build from the plugin `config:` map, publishing on `hub`.
+    pub fn from_config(v: &serde_json::Value, hub: Arc<StreamHub>) -> Result<Self, ContribError> {
+        Ok(StreamTrigger { cfg: StreamConfig::from_json(v)?, hub, shelf: Arc::default(), wake: Arc::default() })
+    }
+
+    /// Start the shelf timer on the current tokio runtime.
+    pub fn start(&self) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = me.shelf.lock().values().map(|(d, _)| *d).min();
+                let notified = me.wake.notified();
+                match next {
+                    None => notified.await,
+                    Some(d) => {
+                        let wait = (d - now_secs()).max(0) as u64;
+                        if wait > 0 {
+                            let _ = tokio::time::timeout(Duration::from_millis(wait * 1000), notified).await;
+                        }
+                    }
+                }
+                let now = now_secs();
+                let due: Vec<(BucketKey, RecordBatch)> = {
+                    let mut s = me.shelf.lock();
+                    let keys: Vec<BucketKey> = s.iter().filter(|(_, (d, _))| *d <= now).map(|(k, _)| k.clone()).collect();
+                    keys.into_iter().filter_map(|k| s.remove(&k).map(|(_, r)| (k, r))).collect()
+                };
+                for (k, r) in due {
+                    me.hub.push(k, r);
+                }
+            }
+        });
+    }
+
+    /// Handle one append: push, hold or drop its newest row.
+    pub fn fire(&self, ev: &AppendEvent) {
+        let n = ev.batch.num_rows();
+        if n == 0 {
+            return;
+        }
+        let row = ev.batch.slice(n - 1, 1);
+        let Some(t) = row_epoch(&row) else { return };
+        match decide(&self.cfg, ev.key.tf(), t, now_secs()) {
+            Decision::Drop => {}
+            Decision::Push => {
+                // A newer complete version replaces anything held for the same bucket.
+                let held = self.shelf.lock().remove(&ev.key);
+                if let Some((_, old)) = held {
+                    if row_epoch(&old).is_some_and(|o| o < t) {
+                        self.hub.push(ev.key.clone(), old);
+                    }
+                }
+                self.hub.push(ev.key.clone(), row);
+            }
+            Decision::Hold(deadline) => {
+                let prev = self.shelf.lock().insert(ev.key.clone(), (deadline, row));
+                // A different (older) bar that was still held is complete now: push it.
+                if let Some((d, old)) = prev {
+                    if d < deadline {
+                        self.hub.push(ev.key.clone(), old);
+                    }
+                }
+                self.wake.notify_one();
+            }
+        }
+    }
+}
+
+fn row_epoch(row: &RecordBatch) -> Option<i64> {
+    let c = row.column_by_name(EPOCH)?;
+    let c = arrow::compute::cast(c, &DataType::Int64).ok()?;
+    let c = c.as_primitive::<adt::Int64Type>();
+    (!c.is_empty()).then(|| c.value(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tf(s: &str) -> Timeframe {
+        Timeframe::parse(s).unwrap()
+    }
+
+    #[test]
+    fn decisions() {
+        let plain = StreamConfig { filter: None, shelf: true };
+        let t = 1_710_167_400; // 2024-03-11 14:30 UTC (10:30 New York)
+        assert_eq!(decide(&plain, tf("1Min"), t, t + 5), Decision::Push);
+        assert_eq!(decide(&plain, tf("5Min"), t, t + 5), Decision::Hold(t + 300));
+        assert_eq!(decide(&plain, tf("5Min"), t, t + 300), Decision::Push);
+        assert_eq!(decide(&StreamConfig { shelf: false, ..plain }, tf("1H"), t, t), Decision::Push);
+        let nq = StreamConfig { filter: Some(Filter::Nasdaq), shelf: true };
+        assert_eq!(decide(&nq, tf("1Min"), t - 4 * 3600, t), Decision::Drop); // 06:30 New York
+        let day = 1_710_115_200; // 2024-03-11 00:00 UTC
+        assert_eq!(decide(&nq, tf("1D"), day, t), Decision::Hold(1_710_187_200)); // 16:00 New York
+        assert_eq!(decide(&plain, tf("1D"), day, t), Decision::Hold(day + 86400));
+        assert_eq!(decide(&nq, tf("1D"), day - 86400, t), Decision::Drop); // a Sunday
+    }
+
+    #[tokio::test]
+    async fn pushes_and_shelves() {
+        use arrow::array::{Float64Array, TimestampSecondArray};
+        use arrow::datatypes::{Field, Schema};
+        let hub = Arc::new(StreamHub::default());
+        let mut rx = hub.subscribe();
+        let s = StreamTrigger::from_config(&serde_json::json!({}), hub.clone()).unwrap();
+        s.start();
+        let schema = Arc::new(Schema::new(vec![Field::new(EPOCH, crate::engine::epoch_type(), false), Field::new("Close", DataType::Float64, false)]));
+        let mk = |ep: Vec<i64>, c: Vec<f64>| RecordBatch::try_new(schema.clone(), vec![Arc::new(TimestampSecondArray::from(ep).with_timezone("UTC")), Arc::new(Float64Array::from(c))]).unwrap();
+        let key = BucketKey::parse("AAPL/1Min/OHLCV").unwrap();
+        s.fire(&AppendEvent { key: key.clone(), lsn: 1, batch: mk(vec![60, 120], vec![1.0, 2.0]) });
+        let m = rx.recv().await.unwrap();
+        assert_eq!(m.key, key);
+        assert_eq!(m.row.num_rows(), 1);
+        let frame: rmpv::Value = rmpv::decode::read_value(&mut &ws_frame(&m)[..]).unwrap();
+        assert_eq!(frame["key"].as_str(), Some("AAPL/1Min/OHLCV"));
+        assert_eq!(frame["data"]["Epoch"].as_i64(), Some(120));
+        assert_eq!(frame["data"]["Close"].as_f64(), Some(2.0));
+        // A 1H bar of the current hour is held; a second version replaces it; nothing is pushed yet.
+        let now = now_secs();
+        let hk = BucketKey::parse("AAPL/1H/OHLCV").unwrap();
+        let h0 = tf("1H").truncate(now);
+        s.fire(&AppendEvent { key: hk.clone(), lsn: 2, batch: mk(vec![h0], vec![5.0]) });
+        s.fire(&AppendEvent { key: hk.clone(), lsn: 3, batch: mk(vec![h0], vec![6.0]) });
+        assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err());
+        assert_eq!(s.shelf.lock().get(&hk).map(|(d, _)| *d), Some(h0 + 3600));
+    }
+}

@@ -1,0 +1,208 @@
+//! SQL over the bucket catalog on an embedded engine: tables per key and per timeframe, pushdown in EXPLAIN,
+//! exact filter semantics, INSERT ... SELECT through the engine, MarketStore spellings, functions.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Float32Array, Int64Array, RecordBatch, StringArray, TimestampSecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use mkts::engine::{BucketKey, Engine, EngineConfig, ReadRequest, WriteOptions};
+use mkts::query::QueryEngine;
+
+fn ohlcv(epochs: &[i64], base: f32) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("Epoch", DataType::Timestamp(TimeUnit::Second, Some("UTC".into())), false),
+        Field::new("Open", DataType::Float32, false),
+        Field::new("High", DataType::Float32, false),
+        Field::new("Low", DataType::Float32, false),
+        Field::new("Close", DataType::Float32, false),
+        Field::new("Volume", DataType::Int64, false),
+    ]));
+    let n = epochs.len();
+    let f = |off: f32| Arc::new(Float32Array::from((0..n).map(|i| base + i as f32 + off).collect::<Vec<_>>()));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(TimestampSecondArray::from(epochs.to_vec()).with_timezone("UTC")),
+            f(0.0),
+            f(0.5),
+            f(-0.5),
+            f(0.25),
+            Arc::new(Int64Array::from((0..n).map(|i| 100 + i as i64).collect::<Vec<_>>())),
+        ],
+    )
+    .unwrap()
+}
+
+const T0: i64 = 1_704_067_200; // 2024-01-01T00:00:00Z
+
+async fn setup() -> (tempfile::TempDir, Engine, QueryEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig::new(dir.path())).unwrap();
+    let epochs: Vec<i64> = (0..120).map(|i| T0 + 60 * i).collect();
+    for (sym, base) in [("AAPL", 100.0), ("TSLA", 200.0), ("MSFT", 300.0)] {
+        let key = BucketKey::parse(&format!("{sym}/1Min/OHLCV")).unwrap();
+        engine.write(&key, &ohlcv(&epochs, base), WriteOptions::default()).await.unwrap();
+    }
+    let q = QueryEngine::new(engine.clone(), chrono_tz::UTC);
+    (dir, engine, q)
+}
+
+fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(|b| b.num_rows()).sum()
+}
+
+fn explain_text(batches: &[RecordBatch]) -> String {
+    let mut s = String::new();
+    for b in batches {
+        let col = b.column(1).as_string::<i32>();
+        for i in 0..col.len() {
+            s.push_str(col.value(i));
+            s.push('\n');
+        }
+    }
+    s
+}
+
+#[tokio::test]
+async fn single_bucket_table_and_marketstore_spelling() {
+    let (_d, _e, q) = setup().await;
+    let (schema, b) = q.sql("SELECT * FROM `AAPL/1Min/OHLCV` LIMIT 5;").await.unwrap();
+    assert_eq!(schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(), ["Epoch", "Open", "High", "Low", "Close", "Volume"]);
+    assert_eq!(rows(&b), 5);
+    let (_, b) = q.sql(r#"SELECT count(*) AS n, min(Open) AS lo, max(Close) AS hi FROM "AAPL/1Min/OHLCV""#).await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 120);
+    assert_eq!(b[0].column(1).as_primitive::<arrow::datatypes::Float32Type>().value(0), 100.0);
+    assert_eq!(b[0].column(2).as_primitive::<arrow::datatypes::Float32Type>().value(0), 219.25);
+    // No column at all is read for count(*).
+    let (_, b) = q.sql(r#"SELECT count(*) FROM "*/1Min/OHLCV""#).await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 360);
+}
+
+#[tokio::test]
+async fn epoch_range_is_exact_and_pushed_down() {
+    let (_d, _e, q) = setup().await;
+    // 00:10 < Epoch <= 00:20 → 10 rows (exclusive start even though the engine reads whole bars).
+    let sql = r#"SELECT Epoch, Close FROM "AAPL/1Min/OHLCV" WHERE Epoch > '2024-01-01T00:10:00Z' AND Epoch <= '2024-01-01T00:20:00Z'"#;
+    let (_, b) = q.sql(sql).await.unwrap();
+    assert_eq!(rows(&b), 10);
+    let e = b[0].column(0).as_primitive::<arrow::datatypes::TimestampSecondType>();
+    assert_eq!(e.value(0), T0 + 660);
+    let (_, ex) = q.sql(&format!("EXPLAIN {sql}")).await.unwrap();
+    let text = explain_text(&ex);
+    assert!(text.contains("BucketScanExec: table=AAPL/1Min/OHLCV buckets=1 epoch_range=[2024-01-01T00:10:00.000000001Z, 2024-01-01T00:20:00Z]"), "{text}");
+    assert!(!text.contains("FilterExec"), "the Epoch filter is exact in the scan: {text}");
+    // BETWEEN and integer seconds.
+    let (_, b) = q.sql(&format!(r#"SELECT * FROM "AAPL/1Min/OHLCV" WHERE Epoch BETWEEN to_timestamp({}) AND to_timestamp({})"#, T0 + 60, T0 + 180)).await.unwrap();
+    assert_eq!(rows(&b), 3);
+}
+
+#[tokio::test]
+async fn wildcard_table_symbol_pushdown_and_limit() {
+    let (_d, _e, q) = setup().await;
+    let (schema, b) = q.sql(r#"SELECT * FROM "*/1Min/OHLCV""#).await.unwrap();
+    assert_eq!(schema.field(schema.fields().len() - 1).name(), "Symbol");
+    assert_eq!(rows(&b), 360);
+    let sql = r#"SELECT "Symbol", Epoch, Close FROM "*/1Min/OHLCV" WHERE "Symbol" IN ('AAPL', 'TSLA') AND Epoch >= '2024-01-01T01:00:00Z' LIMIT 7"#;
+    let (_, b) = q.sql(sql).await.unwrap();
+    assert_eq!(rows(&b), 7);
+    let (_, ex) = q.sql(&format!("EXPLAIN {sql}")).await.unwrap();
+    let text = explain_text(&ex);
+    assert!(text.contains("buckets=2 symbols=[AAPL, TSLA] epoch_range=[2024-01-01T01:00:00Z, +inf) limit=7 projection=[Epoch, Close, Symbol]"), "{text}");
+    // The short name and a listed table.
+    let (_, b) = q.sql(r#"SELECT count(*) FROM "1Min/OHLCV" WHERE "Symbol" = 'MSFT'"#).await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 120);
+    let (_, b) = q.sql(r#"SELECT DISTINCT "Symbol" FROM "AAPL,MSFT/1Min/OHLCV" ORDER BY 1"#).await.unwrap();
+    let s = b[0].column(0).as_string::<i32>();
+    assert_eq!((s.value(0), s.value(1), b[0].num_rows()), ("AAPL", "MSFT", 2));
+    // OR of symbols narrows the buckets too.
+    let (_, ex) = q.sql(r#"EXPLAIN SELECT * FROM "*/1Min/OHLCV" WHERE "Symbol" = 'AAPL' OR "Symbol" = 'MSFT'"#).await.unwrap();
+    assert!(explain_text(&ex).contains("buckets=2 symbols=[AAPL, MSFT]"));
+}
+
+#[tokio::test]
+async fn resample_group_and_join() {
+    let (_d, _e, q) = setup().await;
+    let sql = r#"SELECT "Symbol", date_bin(INTERVAL '1 hour', Epoch) AS bar,
+                        first_value(Open ORDER BY Epoch) AS o, max(High) AS h, min(Low) AS l,
+                        last_value(Close ORDER BY Epoch) AS c, sum(Volume) AS v
+                 FROM "*/1Min/OHLCV" GROUP BY 1, 2 ORDER BY 1, 2"#;
+    let (_, b) = q.sql(sql).await.unwrap();
+    let b = arrow::compute::concat_batches(&b[0].schema(), &b).unwrap();
+    assert_eq!(b.num_rows(), 6);
+    // AAPL first hour: open 100, high 59.5+100, low 99.5, close 159.25, volume sum(100..160)
+    assert_eq!(b.column(0).as_string::<i32>().value(0), "AAPL");
+    assert_eq!(b.column(2).as_primitive::<arrow::datatypes::Float32Type>().value(0), 100.0);
+    assert_eq!(b.column(3).as_primitive::<arrow::datatypes::Float32Type>().value(0), 159.5);
+    assert_eq!(b.column(4).as_primitive::<arrow::datatypes::Float32Type>().value(0), 99.5);
+    assert_eq!(b.column(5).as_primitive::<arrow::datatypes::Float32Type>().value(0), 159.25);
+    assert_eq!(b.column(6).as_primitive::<arrow::datatypes::Int64Type>().value(0), (100..160).sum::<i64>());
+    let join = r#"SELECT a.Epoch, t.Close - a.Close AS spread FROM "AAPL/1Min/OHLCV" a JOIN "TSLA/1Min/OHLCV" t ON a.Epoch = t.Epoch ORDER BY 1 LIMIT 3"#;
+    let (_, b) = q.sql(join).await.unwrap();
+    assert_eq!(rows(&b), 3);
+    assert_eq!(b[0].column(1).as_primitive::<arrow::datatypes::Float32Type>().value(2), 100.0);
+    // time_bucket from the udf crate.
+    let (_, b) = q.sql(r#"SELECT time_bucket('1H', Epoch) AS t, count(*) AS n FROM "MSFT/1Min/OHLCV" GROUP BY 1 ORDER BY 1"#).await.unwrap();
+    assert_eq!(rows(&b), 2);
+}
+
+#[tokio::test]
+async fn insert_select_writes_through_the_engine() {
+    let (_d, engine, q) = setup().await;
+    let mut sub = engine.subscribe(16);
+    engine
+        .create(&BucketKey::parse("AAPL/1H/OHLCV").unwrap(), engine.schema(&BucketKey::parse("AAPL/1Min/OHLCV").unwrap()).unwrap())
+        .await
+        .unwrap();
+    let sql = r#"INSERT INTO "AAPL/1H/OHLCV"
+                 SELECT date_bin(INTERVAL '1 hour', Epoch) AS Epoch, first_value(Open ORDER BY Epoch), max(High), min(Low),
+                        last_value(Close ORDER BY Epoch), sum(Volume)
+                 FROM "AAPL/1Min/OHLCV" GROUP BY 1"#;
+    let (_, b) = q.sql(sql).await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::UInt64Type>().value(0), 2);
+    let read = engine.read(&ReadRequest::key(&BucketKey::parse("AAPL/1H/OHLCV").unwrap())).unwrap();
+    assert_eq!(read[0].rows, 2);
+    // The trigger bus saw the write.
+    let ev = sub.rx.recv().await.unwrap();
+    assert_eq!(ev.key.to_string(), "AAPL/1H/OHLCV");
+    // Routing by Symbol into a wildcard table (creates buckets).
+    let (_, b) = q
+        .sql(r#"INSERT INTO "*/1Min/OHLCV" SELECT Epoch, Open, High, Low, Close, Volume, 'COPY' || "Symbol" FROM "*/1Min/OHLCV" WHERE "Symbol" <> 'MSFT' AND Epoch < '2024-01-01T00:05:00Z'"#)
+        .await
+        .unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::UInt64Type>().value(0), 10);
+    let keys: Vec<String> = engine.keys().iter().map(|k| k.to_string()).collect();
+    assert!(keys.contains(&"COPYAAPL/1Min/OHLCV".to_string()) && keys.contains(&"COPYTSLA/1Min/OHLCV".to_string()), "{keys:?}");
+}
+
+#[tokio::test]
+async fn errors_and_listing() {
+    let (_d, _e, q) = setup().await;
+    let err = q.sql(r#"SELECT * FROM "NOPE/1Min/OHLCV""#).await.unwrap_err().to_string();
+    assert!(err.contains("NOPE/1Min/OHLCV"), "{err}");
+    let (_, b) = q.sql("SHOW TABLES").await.unwrap();
+    let names: Vec<String> = b
+        .iter()
+        .flat_map(|b| {
+            let c = b.column_by_name("table_name").unwrap().as_string::<i32>();
+            (0..c.len()).map(|i| c.value(i).to_string()).collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(names.contains(&"AAPL/1Min/OHLCV".to_string()) && names.contains(&"*/1Min/OHLCV".to_string()), "{names:?}");
+    let _ = StringArray::from(vec!["x"]).len();
+}
+
+#[tokio::test]
+async fn functions_chain() {
+    let (_d, engine, q) = setup().await;
+    let read = engine.read(&ReadRequest::key(&BucketKey::parse("AAPL/1Min/OHLCV").unwrap())).unwrap().remove(0);
+    let (schema, b) = q
+        .apply_functions(read, &["candlecandler('1H',Open,High,Low,Close,Sum::Volume)".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(rows(&b), 2);
+    let b = arrow::compute::concat_batches(&schema, &b).unwrap();
+    let vol = b.column(schema.fields().len() - 1);
+    let vol = arrow::compute::cast(vol, &DataType::Float64).unwrap();
+    assert_eq!(vol.as_primitive::<arrow::datatypes::Float64Type>().value(0), (100..160).sum::<i64>() as f64, "{schema:?}");
+    assert_eq!(b.column(1).as_primitive::<arrow::datatypes::Float32Type>().value(0), 100.0);
+}
