@@ -60,8 +60,8 @@ pub fn read_request(q: &QueryTicket) -> Result<ReadRequest, EngineError> {
     let end = q
         .epoch_end
         .map(|s| {
-            // An end without nanoseconds covers its whole second (inclusive).
-            let ns = if q.epoch_end_nanos.is_some() { nanos(q.epoch_end_nanos)? } else { 999_999_999 };
+            // As MarketStore: an end without nanoseconds is the exact second (`secs.000000000`), inclusive.
+            let ns = nanos(q.epoch_end_nanos)?;
             Ok::<_, EngineError>(TimePoint { secs: s, nanos: ns })
         })
         .transpose()?;

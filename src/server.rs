@@ -157,23 +157,3 @@ pub async fn wait_for_signal() {
         let _ = ctrl_c.await;
     }
 }
-
-/// Interim HTTP routes until the MarketStore compatibility layer is wired in.
-fn http_router(ctx: Arc<ServerContext>) -> axum::Router {
-    use axum::http::StatusCode;
-    axum::Router::new().route(
-        "/heartbeat",
-        axum::routing::any(move || {
-            let ctx = ctx.clone();
-            async move {
-                let ok = ctx.is_ready();
-                let body = serde_json::json!({
-                    "status": if ok { "queryable" } else { "not queryable" },
-                    "version": crate::context::VERSION,
-                    "uptime": format!("{:?}", ctx.started.elapsed()),
-                });
-                (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body))
-            }
-        }),
-    )
-}
