@@ -39,7 +39,9 @@ use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::common::{exec_err, plan_err};
 use datafusion::dataframe::DataFrame;
 use datafusion::error::Result as DfResult;
-use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, ident};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, ident,
+};
 
 use crate::apply::{resolve_column, time_keys};
 use crate::error::{Result, UdfError};
@@ -71,17 +73,27 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Option<&'a ArrayRef> {
         .fields()
         .iter()
         .position(|f| f.name() == name)
-        .or_else(|| schema.fields().iter().position(|f| f.name().eq_ignore_ascii_case(name)))?;
+        .or_else(|| {
+            schema
+                .fields()
+                .iter()
+                .position(|f| f.name().eq_ignore_ascii_case(name))
+        })?;
     Some(batch.column(idx))
 }
 
 fn i64_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<i64>>> {
-    let a = column(batch, name).ok_or_else(|| UdfError::Actions(format!("actions table has no {name} column")))?;
+    let a = column(batch, name)
+        .ok_or_else(|| UdfError::Actions(format!("actions table has no {name} column")))?;
     let a = match a.data_type() {
         DataType::Timestamp(_, _) => {
             let scale = units_per_second(a.data_type())?;
             let raw = cast(a, &DataType::Int64)?;
-            return Ok(raw.as_primitive::<Int64Type>().iter().map(|v| v.map(|v| v.div_euclid(scale))).collect());
+            return Ok(raw
+                .as_primitive::<Int64Type>()
+                .iter()
+                .map(|v| v.map(|v| v.div_euclid(scale)))
+                .collect());
         }
         _ => cast(a, &DataType::Int64)?,
     };
@@ -89,8 +101,12 @@ fn i64_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<i64>>> {
 }
 
 fn f64_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<f64>>> {
-    let a = column(batch, name).ok_or_else(|| UdfError::Actions(format!("actions table has no {name} column")))?;
-    Ok(cast(a, &DataType::Float64)?.as_primitive::<Float64Type>().iter().collect())
+    let a = column(batch, name)
+        .ok_or_else(|| UdfError::Actions(format!("actions table has no {name} column")))?;
+    Ok(cast(a, &DataType::Float64)?
+        .as_primitive::<Float64Type>()
+        .iter()
+        .collect())
 }
 
 /// Read the corporate actions from a DataFrame (either layout of the [module docs](self)),
@@ -99,11 +115,12 @@ pub async fn load_actions(actions: DataFrame) -> Result<Vec<Action>> {
     let schema = Arc::new(actions.schema().as_arrow().clone());
     let batches = actions.collect().await?;
     let batch = concat_batches(&schema, &batches)?;
-    let mut out = if column(&batch, "NotificationType").is_some() && column(&batch, "Status").is_some() {
-        ice_actions(&batch)?
-    } else {
-        simple_actions(&batch)?
-    };
+    let mut out =
+        if column(&batch, "NotificationType").is_some() && column(&batch, "Status").is_some() {
+            ice_actions(&batch)?
+        } else {
+            simple_actions(&batch)?
+        };
     out.sort_by_key(|a| a.epoch);
     Ok(out)
 }
@@ -111,15 +128,23 @@ pub async fn load_actions(actions: DataFrame) -> Result<Vec<Action>> {
 fn simple_actions(batch: &RecordBatch) -> Result<Vec<Action>> {
     let epoch = i64_column(batch, "Epoch")?;
     let rate = f64_column(batch, "Rate")?;
-    let kind = column(batch, "Type").ok_or_else(|| UdfError::Actions("actions table has no Type column".into()))?;
+    let kind = column(batch, "Type")
+        .ok_or_else(|| UdfError::Actions("actions table has no Type column".into()))?;
     let kind = cast(kind, &DataType::Utf8)?;
     let kind = kind.as_string::<i32>();
     let mut out = Vec::new();
     for i in 0..batch.num_rows() {
-        let (Some(epoch), Some(rate), Some(k)) = (epoch[i], rate[i], kind.is_valid(i).then(|| kind.value(i))) else {
+        let (Some(epoch), Some(rate), Some(k)) =
+            (epoch[i], rate[i], kind.is_valid(i).then(|| kind.value(i)))
+        else {
             continue;
         };
-        let kind = match k.trim().to_ascii_lowercase().replace(['-', ' '], "_").as_str() {
+        let kind = match k
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['-', ' '], "_")
+            .as_str()
+        {
             "split" | "reverse_split" | "stock_split" | "7" | "+" => ActionKind::Split,
             "dividend" | "stock_dividend" | "/" => ActionKind::Dividend,
             other => return Err(UdfError::Actions(format!("unknown action type {other:?}"))),
@@ -219,7 +244,11 @@ impl AdjustFn {
 
 impl ScalarUDFImpl for AdjustFn {
     fn name(&self) -> &str {
-        if self.multiply { "__mkts_adjust_volume" } else { "__mkts_adjust_price" }
+        if self.multiply {
+            "__mkts_adjust_volume"
+        } else {
+            "__mkts_adjust_price"
+        }
     }
 
     fn signature(&self) -> &Signature {
@@ -235,7 +264,9 @@ impl ScalarUDFImpl for AdjustFn {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let n = args.number_rows;
-        let [value, epoch] = args.args.as_slice() else { return exec_err!("adjust expects (value, epoch)") };
+        let [value, epoch] = args.args.as_slice() else {
+            return exec_err!("adjust expects (value, epoch)");
+        };
         let value = value.to_array(n)?;
         let epoch = epoch.to_array(n)?;
         let scale = units_per_second(epoch.data_type())?;
@@ -252,19 +283,31 @@ impl ScalarUDFImpl for AdjustFn {
                 if f == 1.0 {
                     Some(v)
                 } else if self.multiply {
-                    Some(if value.data_type().is_floating() { v * f } else { (v * f).round() })
+                    Some(if value.data_type().is_floating() {
+                        v * f
+                    } else {
+                        (v * f).round()
+                    })
                 } else {
                     Some(((v / f) * 10_000.0).round() / 10_000.0)
                 }
             })
             .collect();
-        Ok(ColumnarValue::Array(cast(&(Arc::new(out) as ArrayRef), value.data_type())?))
+        Ok(ColumnarValue::Array(cast(
+            &(Arc::new(out) as ArrayRef),
+            value.data_type(),
+        )?))
     }
 }
 
 /// Apply the adjustment described in the [module docs](self) to `input` (lazy: returns a new
 /// plan). `splits` / `dividends` select which kinds of `actions` are applied.
-pub fn adjust_dataframe(input: DataFrame, actions: &[Action], splits: bool, dividends: bool) -> Result<DataFrame> {
+pub fn adjust_dataframe(
+    input: DataFrame,
+    actions: &[Action],
+    splits: bool,
+    dividends: bool,
+) -> Result<DataFrame> {
     let selected: Vec<Action> = actions
         .iter()
         .filter(|a| match a.kind {

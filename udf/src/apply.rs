@@ -7,7 +7,9 @@ use arrow::compute::{cast, concat};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::{avg, count, first_value, last_value, max, min, sum};
+use datafusion::functions_aggregate::expr_fn::{
+    avg, count, first_value, last_value, max, min, sum,
+};
 use datafusion::logical_expr::{Expr, ExprSchemable, SortExpr, cast as cast_expr, ident, lit};
 use datafusion::prelude::SessionContext;
 
@@ -61,7 +63,10 @@ pub async fn apply_functions(
     calls: &[String],
     tz: Option<&str>,
 ) -> Result<DataFrame> {
-    let opts = ApplyOptions { timezone: tz.map(str::to_string), actions: None };
+    let opts = ApplyOptions {
+        timezone: tz.map(str::to_string),
+        actions: None,
+    };
     apply_functions_with(ctx, input, calls, &opts).await
 }
 
@@ -72,7 +77,10 @@ pub async fn apply_functions_with<S: AsRef<str>>(
     calls: &[S],
     opts: &ApplyOptions,
 ) -> Result<DataFrame> {
-    let functions = calls.iter().map(|c| Function::parse(c.as_ref())).collect::<Result<Vec<_>>>()?;
+    let functions = calls
+        .iter()
+        .map(|c| Function::parse(c.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
     let mut df = input;
     for f in &functions {
         df = apply_function(ctx, df, f, opts).await?;
@@ -100,14 +108,44 @@ pub async fn apply_functions_with<S: AsRef<str>>(
 ///   = 30 days, years = 365 days); `gap()` reports gaps whose z-score (population standard
 ///   deviation of all gaps, 1 if that is 0) exceeds 3.
 /// * `adjust` — split/dividend adjustment, see [`crate::adjust`].
-pub async fn apply_function(ctx: &SessionContext, input: DataFrame, f: &Function, opts: &ApplyOptions) -> Result<DataFrame> {
+pub async fn apply_function(
+    ctx: &SessionContext,
+    input: DataFrame,
+    f: &Function,
+    opts: &ApplyOptions,
+) -> Result<DataFrame> {
     match f {
-        Function::CandleCandler { timeframe, open, high, low, close, sum, avg } => {
-            candle(input, "candlecandler", *timeframe, [open, high, low, close], sum, avg, opts)
-        }
-        Function::TickCandler { timeframe, price, sum, avg } => {
-            candle(input, "tickcandler", *timeframe, [price, price, price, price], sum, avg, opts)
-        }
+        Function::CandleCandler {
+            timeframe,
+            open,
+            high,
+            low,
+            close,
+            sum,
+            avg,
+        } => candle(
+            input,
+            "candlecandler",
+            *timeframe,
+            [open, high, low, close],
+            sum,
+            avg,
+            opts,
+        ),
+        Function::TickCandler {
+            timeframe,
+            price,
+            sum,
+            avg,
+        } => candle(
+            input,
+            "tickcandler",
+            *timeframe,
+            [price, price, price, price],
+            sum,
+            avg,
+            opts,
+        ),
         Function::Count { column } => summary(input, "count", column.as_deref()),
         Function::Min { column } => summary(input, "min", Some(column)),
         Function::Max { column } => summary(input, "max", Some(column)),
@@ -115,7 +153,9 @@ pub async fn apply_function(ctx: &SessionContext, input: DataFrame, f: &Function
         Function::Gap { threshold } => gap(ctx, input, *threshold).await,
         Function::Adjust { splits, dividends } => {
             let Some(actions) = opts.actions.clone() else {
-                return Err(UdfError::Actions("no corporate actions table was provided".into()));
+                return Err(UdfError::Actions(
+                    "no corporate actions table was provided".into(),
+                ));
             };
             let actions = load_actions(actions).await?;
             adjust_dataframe(input, &actions, *splits, *dividends)
@@ -129,7 +169,10 @@ pub(crate) fn resolve_column(schema: &DFSchema, name: &str, function: &str) -> R
     if let Some(n) = names.iter().find(|n| n.as_str() == name) {
         return Ok((*n).clone());
     }
-    let ci: Vec<&&String> = names.iter().filter(|n| n.eq_ignore_ascii_case(name)).collect();
+    let ci: Vec<&&String> = names
+        .iter()
+        .filter(|n| n.eq_ignore_ascii_case(name))
+        .collect();
     match ci.as_slice() {
         [n] => Ok((**n).clone()),
         _ => Err(UdfError::ColumnNotFound {
@@ -157,7 +200,10 @@ fn order_by(epoch: &str, nanos: Option<&str>, asc: bool) -> Vec<SortExpr> {
 
 /// Row-wise average of several columns (or the single column itself).
 fn price_expr(schema: &DFSchema, cols: &[String], function: &str) -> Result<Expr> {
-    let resolved = cols.iter().map(|c| resolve_column(schema, c, function)).collect::<Result<Vec<_>>>()?;
+    let resolved = cols
+        .iter()
+        .map(|c| resolve_column(schema, c, function))
+        .collect::<Result<Vec<_>>>()?;
     match resolved.as_slice() {
         [] => Err(UdfError::args(function, "no price column bound")),
         [c] => Ok(ident(c)),
@@ -193,14 +239,20 @@ fn candle(
         bucket_args.push(lit(tz.clone()));
     }
     let bucket = TimeBucket::udf().call(bucket_args).alias("Epoch");
-    let mut names: Vec<String> = ["Epoch", "Open", "High", "Low", "Close"].iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = ["Epoch", "Open", "High", "Low", "Close"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let mut aggs = vec![
         first_value(price_expr(&schema, o, function)?, order.clone()).alias("Open"),
         max(price_expr(&schema, h, function)?).alias("High"),
         min(price_expr(&schema, l, function)?).alias("Low"),
         last_value(price_expr(&schema, c, function)?, order).alias("Close"),
     ];
-    for (cols, suffix, agg) in [(sums, "_SUM", sum as fn(Expr) -> Expr), (avgs, "_AVG", avg as fn(Expr) -> Expr)] {
+    for (cols, suffix, agg) in [
+        (sums, "_SUM", sum as fn(Expr) -> Expr),
+        (avgs, "_AVG", avg as fn(Expr) -> Expr),
+    ] {
         for col in cols {
             let col = resolve_column(&schema, col, function)?;
             let mut name = col.clone();
@@ -208,7 +260,10 @@ fn candle(
                 name = format!("{col}{suffix}");
             }
             if names.contains(&name) {
-                return Err(UdfError::args(function, format!("column {col:?} bound twice to the same input")));
+                return Err(UdfError::args(
+                    function,
+                    format!("column {col:?} bound twice to the same input"),
+                ));
             }
             aggs.push(agg(ident(&col)).alias(&name));
             names.push(name);
@@ -225,15 +280,27 @@ fn candle(
 fn summary(input: DataFrame, function: &str, column: Option<&str>) -> Result<DataFrame> {
     let schema = input.schema().clone();
     let (epoch, nanos) = time_keys(&schema, function)?;
-    let epoch_type = schema.field_with_unqualified_name(&epoch).map_err(UdfError::from)?.data_type().clone();
+    let epoch_type = schema
+        .field_with_unqualified_name(&epoch)
+        .map_err(UdfError::from)?
+        .data_type()
+        .clone();
     let zero = lit(ScalarValue::new_zero(&epoch_type)?);
     let last_epoch = || max(ident(&epoch));
     let (time, value, name) = match (function, column) {
         ("count", None) => (last_epoch(), count(lit(1i64)), "Count"),
-        ("count", Some(c)) => (last_epoch(), count(ident(resolve_column(&schema, c, function)?)), "Count"),
+        ("count", Some(c)) => (
+            last_epoch(),
+            count(ident(resolve_column(&schema, c, function)?)),
+            "Count",
+        ),
         ("avg", Some(c)) => {
             let c = resolve_column(&schema, c, function)?;
-            (last_epoch(), avg(cast_expr(ident(&c), DataType::Float64)), "Avg")
+            (
+                last_epoch(),
+                avg(cast_expr(ident(&c), DataType::Float64)),
+                "Avg",
+            )
         }
         ("min" | "max", Some(c)) => {
             let c = resolve_column(&schema, c, function)?;
@@ -241,8 +308,16 @@ fn summary(input: DataFrame, function: &str, column: Option<&str>) -> Result<Dat
             // Time of the first row that holds the extreme value.
             let mut order = vec![ident(&c).sort(is_min, false)];
             order.extend(order_by(&epoch, nanos.as_deref(), true));
-            let value = if is_min { min(ident(&c)) } else { max(ident(&c)) };
-            (first_value(ident(&epoch), order), value, if is_min { "Min" } else { "Max" })
+            let value = if is_min {
+                min(ident(&c))
+            } else {
+                max(ident(&c))
+            };
+            (
+                first_value(ident(&epoch), order),
+                value,
+                if is_min { "Min" } else { "Max" },
+            )
         }
         _ => return Err(UdfError::args(function, "expects one column")),
     };
@@ -279,10 +354,18 @@ async fn epoch_values(input: DataFrame, epoch: &str) -> Result<(Vec<i64>, DataTy
     Ok((values, dtype, scale))
 }
 
-async fn gap(ctx: &SessionContext, input: DataFrame, threshold: Option<Timeframe>) -> Result<DataFrame> {
+async fn gap(
+    ctx: &SessionContext,
+    input: DataFrame,
+    threshold: Option<Timeframe>,
+) -> Result<DataFrame> {
     let schema = input.schema().clone();
     let (epoch, _) = time_keys(&schema, "gap")?;
-    let declared = schema.field_with_unqualified_name(&epoch).map_err(UdfError::from)?.data_type().clone();
+    let declared = schema
+        .field_with_unqualified_name(&epoch)
+        .map_err(UdfError::from)?
+        .data_type()
+        .clone();
     let (mut t, _, scale) = epoch_values(input, &epoch).await?;
     if !t.is_sorted() {
         t.sort_unstable();
@@ -296,9 +379,20 @@ async fn gap(ctx: &SessionContext, input: DataFrame, threshold: Option<Timeframe
         None => {
             let n = diffs.len() as f64;
             let mean = diffs.iter().map(|d| *d as f64).sum::<f64>() / n;
-            let var = diffs.iter().map(|d| (*d as f64 - mean).powi(2)).sum::<f64>() / n;
-            let sd = if var.sqrt() == 0.0 || var.is_nan() { 1.0 } else { var.sqrt() };
-            diffs.iter().map(|d| ((*d as f64 - mean) / sd).abs() > 3.0).collect()
+            let var = diffs
+                .iter()
+                .map(|d| (*d as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let sd = if var.sqrt() == 0.0 || var.is_nan() {
+                1.0
+            } else {
+                var.sqrt()
+            };
+            diffs
+                .iter()
+                .map(|d| ((*d as f64 - mean) / sd).abs() > 3.0)
+                .collect()
         }
     };
     let (mut start, mut end, mut len) = (Vec::new(), Vec::new(), Vec::new());
@@ -309,12 +403,24 @@ async fn gap(ctx: &SessionContext, input: DataFrame, threshold: Option<Timeframe
             len.push(diffs[i] / scale);
         }
     }
-    let to_time = |v: Vec<i64>| -> Result<ArrayRef> { Ok(cast(&(Arc::new(Int64Array::from(v)) as ArrayRef), &declared)?) };
+    let to_time = |v: Vec<i64>| -> Result<ArrayRef> {
+        Ok(cast(
+            &(Arc::new(Int64Array::from(v)) as ArrayRef),
+            &declared,
+        )?)
+    };
     let out_schema = Arc::new(Schema::new(vec![
         Field::new("Epoch", declared.clone(), false),
         Field::new("End", declared.clone(), false),
         Field::new("Length", DataType::Int64, false),
     ]));
-    let batch = RecordBatch::try_new(out_schema, vec![to_time(start)?, to_time(end)?, Arc::new(Int64Array::from(len))])?;
+    let batch = RecordBatch::try_new(
+        out_schema,
+        vec![
+            to_time(start)?,
+            to_time(end)?,
+            Arc::new(Int64Array::from(len)),
+        ],
+    )?;
     Ok(ctx.read_batch(batch)?)
 }

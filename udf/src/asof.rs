@@ -29,7 +29,12 @@ use crate::time_bucket::units_per_second;
 /// key. The right time column is renamed `<on_time>_right` (and, for tick tables joined on
 /// `Epoch`, `Nanoseconds` becomes `Nanoseconds_right`); any other right column whose name is
 /// taken gets a `_right` suffix. Right columns are nullable (left rows without a match).
-pub fn asof_schema(left: &Schema, right: &Schema, on_time: &str, by: Option<&str>) -> Result<SchemaRef> {
+pub fn asof_schema(
+    left: &Schema,
+    right: &Schema,
+    on_time: &str,
+    by: Option<&str>,
+) -> Result<SchemaRef> {
     Ok(plan(left, right, on_time, by)?.schema)
 }
 
@@ -49,7 +54,12 @@ fn index_of(schema: &Schema, name: &str, side: &str) -> Result<usize> {
     schema
         .index_of(name)
         .ok()
-        .or_else(|| schema.fields().iter().position(|f| f.name().eq_ignore_ascii_case(name)))
+        .or_else(|| {
+            schema
+                .fields()
+                .iter()
+                .position(|f| f.name().eq_ignore_ascii_case(name))
+        })
         .ok_or_else(|| UdfError::ColumnNotFound {
             function: format!("asof_join ({side})"),
             column: name.to_string(),
@@ -65,7 +75,9 @@ fn plan(left: &Schema, right: &Schema, on_time: &str, by: Option<&str>) -> Resul
     }
     // Tick tables: Epoch + Nanoseconds together are the time.
     let nanos = |s: &Schema| {
-        s.fields().iter().position(|f| f.name().eq_ignore_ascii_case("Nanoseconds") && f.data_type().is_integer())
+        s.fields().iter().position(|f| {
+            f.name().eq_ignore_ascii_case("Nanoseconds") && f.data_type().is_integer()
+        })
     };
     let (left_nanos, right_nanos) = if on_time.eq_ignore_ascii_case("Epoch") {
         match (nanos(left), nanos(right)) {
@@ -76,7 +88,10 @@ fn plan(left: &Schema, right: &Schema, on_time: &str, by: Option<&str>) -> Resul
         (None, None)
     };
     let (left_by, right_by) = match by {
-        Some(b) => (Some(index_of(left, b, "left")?), Some(index_of(right, b, "right")?)),
+        Some(b) => (
+            Some(index_of(left, b, "left")?),
+            Some(index_of(right, b, "right")?),
+        ),
         None => (None, None),
     };
     let mut fields: Vec<Field> = left.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -94,7 +109,9 @@ fn plan(left: &Schema, right: &Schema, on_time: &str, by: Option<&str>) -> Resul
             name.push_str("_right");
         }
         taken.insert(name.clone());
-        fields.push(Field::new(name, f.data_type().clone(), true).with_metadata(f.metadata().clone()));
+        fields.push(
+            Field::new(name, f.data_type().clone(), true).with_metadata(f.metadata().clone()),
+        );
         right_cols.push(i);
     }
     Ok(Plan {
@@ -135,7 +152,11 @@ fn nanos_of(batch: &RecordBatch, time: usize, nanos: Option<usize>) -> Result<Ve
 }
 
 fn key_rows(left: &ArrayRef, right: &ArrayRef) -> Result<(Rows, Rows)> {
-    let right = if right.data_type() != left.data_type() { cast(right, left.data_type())? } else { right.clone() };
+    let right = if right.data_type() != left.data_type() {
+        cast(right, left.data_type())?
+    } else {
+        right.clone()
+    };
     let converter = RowConverter::new(vec![SortField::new(left.data_type().clone())])?;
     let l = converter.convert_columns(std::slice::from_ref(left))?;
     let r = converter.convert_columns(&[right])?;
@@ -143,7 +164,12 @@ fn key_rows(left: &ArrayRef, right: &ArrayRef) -> Result<(Rows, Rows)> {
 }
 
 /// Join two collected batches (see [`asof_join`]).
-pub fn asof_join_batches(left: &RecordBatch, right: &RecordBatch, on_time: &str, by: Option<&str>) -> Result<RecordBatch> {
+pub fn asof_join_batches(
+    left: &RecordBatch,
+    right: &RecordBatch,
+    on_time: &str,
+    by: Option<&str>,
+) -> Result<RecordBatch> {
     let p = plan(&left.schema(), &right.schema(), on_time, by)?;
     let lt = nanos_of(left, p.left_time, p.left_nanos)?;
     let rt = nanos_of(right, p.right_time, p.right_nanos)?;
@@ -166,8 +192,12 @@ pub fn asof_join_batches(left: &RecordBatch, right: &RecordBatch, on_time: &str,
             None => Ordering::Equal,
         }
     };
-    let mut lidx: Vec<usize> = (0..left.num_rows()).filter(|&i| lt[i].is_some() && key_valid(0, i)).collect();
-    let mut ridx: Vec<usize> = (0..right.num_rows()).filter(|&i| rt[i].is_some() && key_valid(1, i)).collect();
+    let mut lidx: Vec<usize> = (0..left.num_rows())
+        .filter(|&i| lt[i].is_some() && key_valid(0, i))
+        .collect();
+    let mut ridx: Vec<usize> = (0..right.num_rows())
+        .filter(|&i| rt[i].is_some() && key_valid(1, i))
+        .collect();
     lidx.sort_by(|&a, &b| cmp_key(a, b, true, true).then(lt[a].cmp(&lt[b])));
     // Stable: among equal (key, time) the later input row wins.
     ridx.sort_by(|&a, &b| cmp_key(a, b, false, false).then(rt[a].cmp(&rt[b])));
@@ -214,7 +244,12 @@ pub fn asof_join_batches(left: &RecordBatch, right: &RecordBatch, on_time: &str,
 /// * Ties: among right rows with equal key and time, the last one in input order wins.
 ///
 /// Both inputs are collected into memory (as-of joins need the sorted right side anyway).
-pub async fn asof_join(left: DataFrame, right: DataFrame, on_time: &str, by: Option<&str>) -> Result<DataFrame> {
+pub async fn asof_join(
+    left: DataFrame,
+    right: DataFrame,
+    on_time: &str,
+    by: Option<&str>,
+) -> Result<DataFrame> {
     let (state, left_plan) = left.into_parts();
     let left = DataFrame::new(state.clone(), left_plan);
     let left_schema = Arc::new(left.schema().as_arrow().clone());
@@ -235,9 +270,12 @@ pub struct AsofJoinFunction;
 
 fn string_arg(e: &Expr, what: &str) -> DfResult<String> {
     match e {
-        Expr::Literal(ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)), _) => {
-            Ok(s.clone())
-        }
+        Expr::Literal(
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::LargeUtf8(Some(s))
+            | ScalarValue::Utf8View(Some(s)),
+            _,
+        ) => Ok(s.clone()),
         other => plan_err!("asof_join: {what} must be a string literal, got {other}"),
     }
 }
@@ -261,7 +299,9 @@ fn lookup(state: &SessionState, name: &str) -> DfResult<Arc<dyn TableProvider>> 
         candidates.push(TableReference::from(name));
     }
     for reference in candidates {
-        let Ok(schema) = state.schema_for_ref(reference.clone()) else { continue };
+        let Ok(schema) = state.schema_for_ref(reference.clone()) else {
+            continue;
+        };
         match now_or_never(schema.table(reference.table())) {
             Some(Ok(Some(t))) => return Ok(t),
             Some(Ok(None)) => {}
@@ -276,19 +316,30 @@ impl TableFunctionImpl for AsofJoinFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> DfResult<Arc<dyn TableProvider>> {
         let exprs = args.exprs();
         if !(3..=4).contains(&exprs.len()) {
-            return plan_err!("asof_join('left', 'right', 'time_column' [, 'by_column']) takes 3 or 4 arguments");
+            return plan_err!(
+                "asof_join('left', 'right', 'time_column' [, 'by_column']) takes 3 or 4 arguments"
+            );
         }
         let left = string_arg(&exprs[0], "left table")?;
         let right = string_arg(&exprs[1], "right table")?;
         let on = string_arg(&exprs[2], "time column")?;
-        let by = exprs.get(3).map(|e| string_arg(e, "by column")).transpose()?;
+        let by = exprs
+            .get(3)
+            .map(|e| string_arg(e, "by column"))
+            .transpose()?;
         let Some(state) = args.session().as_any().downcast_ref::<SessionState>() else {
             return plan_err!("asof_join: unsupported session type");
         };
         let left = lookup(state, &left)?;
         let right = lookup(state, &right)?;
         let schema = asof_schema(&left.schema(), &right.schema(), &on, by.as_deref())?;
-        Ok(Arc::new(AsofTable { left, right, on, by, schema }))
+        Ok(Arc::new(AsofTable {
+            left,
+            right,
+            on,
+            by,
+            schema,
+        }))
     }
 }
 
@@ -320,12 +371,21 @@ impl TableProvider for AsofTable {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let Some(state) = state.as_any().downcast_ref::<SessionState>() else {
-            return Err(DataFusionError::Plan("asof_join: unsupported session type".into()));
+            return Err(DataFusionError::Plan(
+                "asof_join: unsupported session type".into(),
+            ));
         };
         let ctx = SessionContext::new_with_state(state.clone());
         let left = ctx.read_table(self.left.clone())?;
         let right = ctx.read_table(self.right.clone())?;
-        let joined = asof_join(left, right, &self.on, self.by.as_deref()).await?.collect().await?;
-        Ok(MemorySourceConfig::try_new_exec(&[joined], self.schema.clone(), projection.cloned())?)
+        let joined = asof_join(left, right, &self.on, self.by.as_deref())
+            .await?
+            .collect()
+            .await?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[joined],
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
     }
 }

@@ -38,7 +38,10 @@ pub struct Call {
 /// The function name is checked against the registry (`count`, `min`, `max`, `avg`, `gap`,
 /// `candlecandler`, `tickcandler`, `adjust`).
 pub fn parse_call(s: &str) -> Result<Call> {
-    let err = |reason: &str| UdfError::Parse { call: s.to_string(), reason: reason.to_string() };
+    let err = |reason: &str| UdfError::Parse {
+        call: s.to_string(),
+        reason: reason.to_string(),
+    };
     let open = s.find('(').ok_or_else(|| err("missing '('"))?;
     let close = s.rfind(')').ok_or_else(|| err("missing ')'"))?;
     if close < open {
@@ -83,15 +86,34 @@ pub fn parse_call(s: &str) -> Result<Call> {
         .map(|p| p.trim().trim_matches(|c| c == '"' || c == '`').trim())
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once("::") {
-            Some((input, column)) => Param { input: Some(input.trim().to_string()), column: column.trim().to_string() },
-            None => Param { input: None, column: p.to_string() },
+            Some((input, column)) => Param {
+                input: Some(input.trim().to_string()),
+                column: column.trim().to_string(),
+            },
+            None => Param {
+                input: None,
+                column: p.to_string(),
+            },
         })
         .collect();
-    Ok(Call { name, literals, params })
+    Ok(Call {
+        name,
+        literals,
+        params,
+    })
 }
 
 /// Names accepted by [`parse_call`], as in MarketStore's UDA registry.
-pub const REGISTRY: &[&str] = &["tickcandler", "candlecandler", "count", "min", "max", "avg", "gap", "adjust"];
+pub const REGISTRY: &[&str] = &[
+    "tickcandler",
+    "candlecandler",
+    "count",
+    "min",
+    "max",
+    "avg",
+    "gap",
+    "adjust",
+];
 
 impl fmt::Display for Call {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -114,7 +136,7 @@ impl fmt::Display for Call {
 }
 
 /// A call with its arguments bound to the function's inputs — what
-/// [`crate::apply_functions`] executes. Build with [`Function::bind`] (or `parse_call(s)?.bind()`).
+/// [`crate::apply_functions`] executes. Build with [`Call::bind`] or [`Function::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Function {
     /// `candlecandler('<tf>', Open, High, Low, Close [, Sum::c…] [, Avg::c…])`: OHLC bars to
@@ -191,7 +213,11 @@ fn inputs(name: &str) -> (&'static [&'static str], &'static [&'static str]) {
 }
 
 /// Canonical input name for a user-written binding name (case-insensitive, `Price` alias).
-fn canonical_input<'a>(name: &str, declared: impl Iterator<Item = &'a &'static str>, func: &str) -> Option<&'static str> {
+fn canonical_input<'a>(
+    name: &str,
+    declared: impl Iterator<Item = &'a &'static str>,
+    func: &str,
+) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     let declared: Vec<&'static str> = declared.copied().collect();
     declared
@@ -213,16 +239,26 @@ impl Call {
     pub fn bind(&self) -> Result<Function> {
         let f = self.name.as_str();
         let (required, optional) = inputs(f);
-        let mut bound: Vec<(&'static str, Vec<String>)> =
-            required.iter().chain(optional.iter()).map(|n| (*n, Vec::new())).collect();
+        let mut bound: Vec<(&'static str, Vec<String>)> = required
+            .iter()
+            .chain(optional.iter())
+            .map(|n| (*n, Vec::new()))
+            .collect();
         let mut positional = Vec::new();
         for p in &self.params {
             match &p.input {
                 Some(input) => {
-                    let Some(canon) = canonical_input(input, required.iter().chain(optional.iter()), f) else {
+                    let Some(canon) =
+                        canonical_input(input, required.iter().chain(optional.iter()), f)
+                    else {
                         return Err(UdfError::args(
                             f,
-                            format!("unknown input {input:?} in {}::{} (inputs: {:?})", input, p.column, [required, optional].concat()),
+                            format!(
+                                "unknown input {input:?} in {}::{} (inputs: {:?})",
+                                input,
+                                p.column,
+                                [required, optional].concat()
+                            ),
                         ));
                     };
                     if let Some(slot) = bound.iter_mut().find(|(n, _)| *n == canon) {
@@ -233,13 +269,21 @@ impl Call {
             }
         }
         let mut positional = positional.into_iter();
-        'fill: for (_, cols) in bound.iter_mut().take(required.len()).filter(|(_, c)| c.is_empty()) {
+        'fill: for (_, cols) in bound
+            .iter_mut()
+            .take(required.len())
+            .filter(|(_, c)| c.is_empty())
+        {
             match positional.next() {
                 Some(c) => cols.push(c),
                 None => break 'fill,
             }
         }
-        for (_, cols) in bound.iter_mut().skip(required.len()).filter(|(_, c)| c.is_empty()) {
+        for (_, cols) in bound
+            .iter_mut()
+            .skip(required.len())
+            .filter(|(_, c)| c.is_empty())
+        {
             match positional.next() {
                 Some(c) => cols.push(c),
                 None => break,
@@ -249,23 +293,40 @@ impl Call {
         if !extra.is_empty() {
             return Err(UdfError::args(
                 f,
-                format!("extra args used: have {extra:?}, required {required:?}, optional {optional:?}"),
+                format!(
+                    "extra args used: have {extra:?}, required {required:?}, optional {optional:?}"
+                ),
             ));
         }
-        let missing: Vec<&str> = bound.iter().take(required.len()).filter(|(_, c)| c.is_empty()).map(|(n, _)| *n).collect();
+        let missing: Vec<&str> = bound
+            .iter()
+            .take(required.len())
+            .filter(|(_, c)| c.is_empty())
+            .map(|(n, _)| *n)
+            .collect();
         // count() with no argument counts rows (MarketStore required `*`).
         if !missing.is_empty() && f != "count" {
             let have: Vec<String> = self.params.iter().map(|p| p.column.clone()).collect();
-            return Err(UdfError::args(f, format!("insufficient args: have {have:?}, need {missing:?}")));
+            return Err(UdfError::args(
+                f,
+                format!("insufficient args: have {have:?}, need {missing:?}"),
+            ));
         }
         let take = |name: &str| -> Vec<String> {
-            bound.iter().find(|(n, _)| *n == name).map(|(_, c)| c.clone()).unwrap_or_default()
+            bound
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default()
         };
         let single = |name: &str| -> Result<String> {
             let cols = take(name);
             match cols.as_slice() {
                 [c] => Ok(c.clone()),
-                _ => Err(UdfError::args(f, format!("expects exactly one column, got {cols:?}"))),
+                _ => Err(UdfError::args(
+                    f,
+                    format!("expects exactly one column, got {cols:?}"),
+                )),
             }
         };
         let max_literals = match f {
@@ -274,12 +335,18 @@ impl Call {
             _ => 0,
         };
         if self.literals.len() > max_literals {
-            return Err(UdfError::args(f, format!("too many literal arguments: {:?}", self.literals)));
+            return Err(UdfError::args(
+                f,
+                format!("too many literal arguments: {:?}", self.literals),
+            ));
         }
         let timeframe = || -> Result<Timeframe> {
             match self.literals.first() {
                 Some(l) => l.parse(),
-                None => Err(UdfError::args(f, format!("not enough init arguments for {f}, need 1 have 0"))),
+                None => Err(UdfError::args(
+                    f,
+                    format!("not enough init arguments for {f}, need 1 have 0"),
+                )),
             }
         };
         Ok(match f {
@@ -303,24 +370,43 @@ impl Call {
                 match cols.as_slice() {
                     [] => Function::Count { column: None },
                     [c] if c == "*" => Function::Count { column: None },
-                    [c] => Function::Count { column: Some(c.clone()) },
-                    _ => return Err(UdfError::args(f, format!("expects at most one column, got {cols:?}"))),
+                    [c] => Function::Count {
+                        column: Some(c.clone()),
+                    },
+                    _ => {
+                        return Err(UdfError::args(
+                            f,
+                            format!("expects at most one column, got {cols:?}"),
+                        ));
+                    }
                 }
             }
-            "min" => Function::Min { column: single("*")? },
-            "max" => Function::Max { column: single("*")? },
-            "avg" => Function::Avg { column: single("*")? },
+            "min" => Function::Min {
+                column: single("*")?,
+            },
+            "max" => Function::Max {
+                column: single("*")?,
+            },
+            "avg" => Function::Avg {
+                column: single("*")?,
+            },
             "gap" => Function::Gap {
                 threshold: self.literals.first().map(|l| l.parse()).transpose()?,
             },
             "adjust" => {
-                let (mut splits, mut dividends) = (self.literals.is_empty(), self.literals.is_empty());
+                let (mut splits, mut dividends) =
+                    (self.literals.is_empty(), self.literals.is_empty());
                 for l in &self.literals {
                     match l.trim().to_ascii_lowercase().as_str() {
                         "split" | "splits" => splits = true,
                         "dividend" | "dividends" => dividends = true,
                         other => {
-                            return Err(UdfError::args(f, format!("unknown literal {other:?}, expected 'split' or 'dividend'")));
+                            return Err(UdfError::args(
+                                f,
+                                format!(
+                                    "unknown literal {other:?}, expected 'split' or 'dividend'"
+                                ),
+                            ));
                         }
                     }
                 }
@@ -348,9 +434,19 @@ mod tests {
         assert_eq!(c.name, "candlecandler");
         assert_eq!(c.literals, vec!["1H"]);
         assert_eq!(c.params.len(), 5);
-        assert_eq!(c.to_string(), "candlecandler('1H',Open,High,Low,Close,Sum::Volume)");
+        assert_eq!(
+            c.to_string(),
+            "candlecandler('1H',Open,High,Low,Close,Sum::Volume)"
+        );
         match c.bind().expect("bind") {
-            Function::CandleCandler { timeframe, open, close, sum, avg, .. } => {
+            Function::CandleCandler {
+                timeframe,
+                open,
+                close,
+                sum,
+                avg,
+                ..
+            } => {
                 assert_eq!(timeframe.to_string(), "1H");
                 assert_eq!(open, vec!["Open"]);
                 assert_eq!(close, vec!["Close"]);
@@ -365,23 +461,71 @@ mod tests {
     fn binding_rules() {
         // single trailing positional optional binds to Sum (MarketStore's off-by-one fixed)
         let f = Function::parse("candlecandler('5Min',Open,High,Low,Close,Volume)").expect("bind");
-        assert!(matches!(f, Function::CandleCandler { ref sum, .. } if sum == &vec!["Volume".to_string()]));
+        assert!(
+            matches!(f, Function::CandleCandler { ref sum, .. } if sum == &vec!["Volume".to_string()])
+        );
         let f = Function::parse("tickcandler('5Min',Price,Sum::Size,Avg::Size)").expect("bind");
-        assert!(matches!(f, Function::TickCandler { ref price, ref sum, ref avg, .. }
-            if price == &vec!["Price".to_string()] && sum == &vec!["Size".to_string()] && avg == &vec!["Size".to_string()]));
-        let f = Function::parse("TickCandler('2H', CandlePrice::Bid, CandlePrice::Ask)").expect("bind");
+        assert!(
+            matches!(f, Function::TickCandler { ref price, ref sum, ref avg, .. }
+            if price == &vec!["Price".to_string()] && sum == &vec!["Size".to_string()] && avg == &vec!["Size".to_string()])
+        );
+        let f =
+            Function::parse("TickCandler('2H', CandlePrice::Bid, CandlePrice::Ask)").expect("bind");
         assert!(matches!(f, Function::TickCandler { ref price, .. } if price.len() == 2));
-        assert_eq!(Function::parse("COUNT (Example)").ok(), Some(Function::Count { column: Some("Example".into()) }));
-        assert_eq!(Function::parse("count(*)").ok(), Some(Function::Count { column: None }));
-        assert_eq!(Function::parse("count()").ok(), Some(Function::Count { column: None }));
-        assert_eq!(Function::parse("gap()").ok(), Some(Function::Gap { threshold: None }));
-        assert_eq!(Function::parse("adjust('split')").ok(), Some(Function::Adjust { splits: true, dividends: false }));
-        assert_eq!(Function::parse("adjust()").ok(), Some(Function::Adjust { splits: true, dividends: true }));
-        assert!(matches!(Function::parse("candlecandler('1H',Open,High,Low)"), Err(UdfError::Arguments { .. })));
-        assert!(matches!(Function::parse("candlecandler(Open,High,Low,Close)"), Err(UdfError::Arguments { .. })));
-        assert!(matches!(Function::parse("min(Close,Open)"), Err(UdfError::Arguments { .. })));
-        assert!(matches!(Function::parse("tickcandler('1H',A,B,C,D)"), Err(UdfError::Arguments { .. })));
-        let e = Function::parse("median(Close)").err().map(|e| e.to_string());
-        assert_eq!(e.as_deref(), Some("no function in the UDA Registry named \"median\""));
+        assert_eq!(
+            Function::parse("COUNT (Example)").ok(),
+            Some(Function::Count {
+                column: Some("Example".into())
+            })
+        );
+        assert_eq!(
+            Function::parse("count(*)").ok(),
+            Some(Function::Count { column: None })
+        );
+        assert_eq!(
+            Function::parse("count()").ok(),
+            Some(Function::Count { column: None })
+        );
+        assert_eq!(
+            Function::parse("gap()").ok(),
+            Some(Function::Gap { threshold: None })
+        );
+        assert_eq!(
+            Function::parse("adjust('split')").ok(),
+            Some(Function::Adjust {
+                splits: true,
+                dividends: false
+            })
+        );
+        assert_eq!(
+            Function::parse("adjust()").ok(),
+            Some(Function::Adjust {
+                splits: true,
+                dividends: true
+            })
+        );
+        assert!(matches!(
+            Function::parse("candlecandler('1H',Open,High,Low)"),
+            Err(UdfError::Arguments { .. })
+        ));
+        assert!(matches!(
+            Function::parse("candlecandler(Open,High,Low,Close)"),
+            Err(UdfError::Arguments { .. })
+        ));
+        assert!(matches!(
+            Function::parse("min(Close,Open)"),
+            Err(UdfError::Arguments { .. })
+        ));
+        assert!(matches!(
+            Function::parse("tickcandler('1H',A,B,C,D)"),
+            Err(UdfError::Arguments { .. })
+        ));
+        let e = Function::parse("median(Close)")
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("no function in the UDA Registry named \"median\"")
+        );
     }
 }

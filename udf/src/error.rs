@@ -65,7 +65,10 @@ pub enum UdfError {
 
 impl UdfError {
     pub(crate) fn args(function: &str, message: impl Into<String>) -> Self {
-        UdfError::Arguments { function: function.to_string(), message: message.into() }
+        UdfError::Arguments {
+            function: function.to_string(),
+            message: message.into(),
+        }
     }
 }
 

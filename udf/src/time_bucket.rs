@@ -8,7 +8,9 @@ use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use datafusion::common::{ScalarValue, exec_err, plan_err};
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
-use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 
 use crate::error::{Result, UdfError};
 use crate::timeframe::{Bucketer, Timeframe, Unit, parse_timezone};
@@ -43,7 +45,9 @@ pub struct TimeBucket {
 
 impl Default for TimeBucket {
     fn default() -> Self {
-        TimeBucket { signature: Signature::user_defined(Volatility::Immutable) }
+        TimeBucket {
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
     }
 }
 
@@ -55,7 +59,10 @@ impl TimeBucket {
 }
 
 fn is_string(t: &DataType) -> bool {
-    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null)
+    matches!(
+        t,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null
+    )
 }
 
 impl ScalarUDFImpl for TimeBucket {
@@ -69,11 +76,17 @@ impl ScalarUDFImpl for TimeBucket {
 
     fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
         if !(2..=3).contains(&arg_types.len()) {
-            return plan_err!("time_bucket expects (timeframe, ts [, timezone]), got {} arguments", arg_types.len());
+            return plan_err!(
+                "time_bucket expects (timeframe, ts [, timezone]), got {} arguments",
+                arg_types.len()
+            );
         }
         let mut out = Vec::with_capacity(arg_types.len());
         if !is_string(&arg_types[0]) {
-            return plan_err!("time_bucket: timeframe must be a string such as '5Min', got {}", arg_types[0]);
+            return plan_err!(
+                "time_bucket: timeframe must be a string such as '5Min', got {}",
+                arg_types[0]
+            );
         }
         out.push(DataType::Utf8);
         out.push(match &arg_types[1] {
@@ -114,7 +127,9 @@ impl ScalarUDFImpl for TimeBucket {
             },
             _ => return exec_err!("time_bucket: timeframe must be a constant"),
         };
-        let Some(ts) = args.args.get(1) else { return exec_err!("time_bucket: missing ts") };
+        let Some(ts) = args.args.get(1) else {
+            return exec_err!("time_bucket: missing ts");
+        };
         let tz_name: Option<String> = match args.args.get(2) {
             None => None,
             Some(ColumnarValue::Scalar(v)) => match v.try_as_str() {
@@ -122,14 +137,20 @@ impl ScalarUDFImpl for TimeBucket {
                 None if v.is_null() => None,
                 None => return exec_err!("time_bucket: timezone must be a string"),
             },
-            Some(ColumnarValue::Array(_)) => return exec_err!("time_bucket: timezone must be a constant"),
+            Some(ColumnarValue::Array(_)) => {
+                return exec_err!("time_bucket: timezone must be a constant");
+            }
         };
         let tz_name = tz_name.or_else(|| match ts.data_type() {
             DataType::Timestamp(_, Some(tz)) => Some(tz.to_string()),
             _ => None,
         });
         match ts {
-            ColumnarValue::Array(a) => Ok(ColumnarValue::Array(bucket_array(a, tf, tz_name.as_deref())?)),
+            ColumnarValue::Array(a) => Ok(ColumnarValue::Array(bucket_array(
+                a,
+                tf,
+                tz_name.as_deref(),
+            )?)),
             ColumnarValue::Scalar(s) => {
                 let a = s.to_array()?;
                 let out = bucket_array(&a, tf, tz_name.as_deref())?;
@@ -139,7 +160,11 @@ impl ScalarUDFImpl for TimeBucket {
     }
 
     fn output_ordering(&self, input: &[ExprProperties]) -> DfResult<SortProperties> {
-        let constant = |i: usize| input.get(i).is_none_or(|p| p.sort_properties == SortProperties::Singleton);
+        let constant = |i: usize| {
+            input
+                .get(i)
+                .is_none_or(|p| p.sort_properties == SortProperties::Singleton)
+        };
         match input.get(1) {
             Some(ts) if constant(0) && constant(2) => Ok(ts.sort_properties),
             _ => Ok(SortProperties::Unordered),
@@ -158,7 +183,9 @@ pub(crate) fn units_per_second(t: &DataType) -> Result<i64> {
         DataType::Timestamp(TimeUnit::Millisecond, _) => Ok(1_000),
         DataType::Timestamp(TimeUnit::Microsecond, _) => Ok(1_000_000),
         DataType::Timestamp(TimeUnit::Nanosecond, _) => Ok(1_000_000_000),
-        t => Err(UdfError::Type(format!("expected a timestamp or Int64 seconds column, got {t}"))),
+        t => Err(UdfError::Type(format!(
+            "expected a timestamp or Int64 seconds column, got {t}"
+        ))),
     }
 }
 
@@ -175,10 +202,22 @@ pub fn bucket_array(array: &ArrayRef, tf: Timeframe, timezone: Option<&str>) -> 
         && let Some(d) = tf.fixed_seconds()
     {
         let du = d.checked_mul(scale).ok_or(UdfError::OutOfRange(d))?;
-        let origin = if tf.unit == Unit::Week { FIRST_MONDAY_SECS * scale } else { 0 };
-        let out: Vec<i64> = raw.values().iter().map(|&v| v - v.wrapping_sub(origin).rem_euclid(du)).collect();
+        let origin = if tf.unit == Unit::Week {
+            FIRST_MONDAY_SECS * scale
+        } else {
+            0
+        };
+        let out: Vec<i64> = raw
+            .values()
+            .iter()
+            .map(|&v| v - v.wrapping_sub(origin).rem_euclid(du))
+            .collect();
         let out: ArrayRef = Arc::new(Int64Array::new(out.into(), nulls.cloned()));
-        return Ok(if dtype == DataType::Int64 { out } else { cast(&out, &dtype)? });
+        return Ok(if dtype == DataType::Int64 {
+            out
+        } else {
+            cast(&out, &dtype)?
+        });
     }
     let mut bucketer = Bucketer::new(tf, tz);
     let mut out = Vec::with_capacity(raw.len());
@@ -192,5 +231,9 @@ pub fn bucket_array(array: &ArrayRef, tf: Timeframe, timezone: Option<&str>) -> 
         out.push(start.checked_mul(scale).ok_or(UdfError::OutOfRange(secs))?);
     }
     let out: ArrayRef = Arc::new(Int64Array::new(out.into(), nulls.cloned()));
-    Ok(if dtype == DataType::Int64 { out } else { cast(&out, &dtype)? })
+    Ok(if dtype == DataType::Int64 {
+        out
+    } else {
+        cast(&out, &dtype)?
+    })
 }

@@ -153,7 +153,11 @@ impl Timeframe {
             Unit::Month | Unit::Year => {
                 let date = date_of(start)?;
                 let idx = i64::from(date.year()) * 12 + i64::from(date.month0());
-                let step = if self.unit == Unit::Month { self.n } else { self.n * 12 };
+                let step = if self.unit == Unit::Month {
+                    self.n
+                } else {
+                    self.n * 12
+                };
                 month_start(idx + step, start)
             }
             _ => start
@@ -215,7 +219,9 @@ impl FromStr for Timeframe {
 /// Resolve a timezone name. `None`, `""`, `UTC`, `Z`, `+00:00` and `-00:00` all mean UTC
 /// (returned as `None`, the fast path); anything else must be an IANA name known to chrono-tz.
 pub fn parse_timezone(name: Option<&str>) -> Result<Option<Tz>> {
-    let Some(name) = name.map(str::trim) else { return Ok(None) };
+    let Some(name) = name.map(str::trim) else {
+        return Ok(None);
+    };
     if name.is_empty()
         || name.eq_ignore_ascii_case("utc")
         || name.eq_ignore_ascii_case("z")
@@ -247,7 +253,11 @@ pub struct Bucketer {
 impl Bucketer {
     /// A bucketer for `tf` on the wall clock of `tz` (UTC when `None`).
     pub fn new(tf: Timeframe, tz: Option<Tz>) -> Self {
-        Bucketer { tf, tz, cache: None }
+        Bucketer {
+            tf,
+            tz,
+            cache: None,
+        }
     }
 
     /// Start (Unix seconds) of the bar containing Unix second `secs`.
@@ -292,7 +302,14 @@ impl Bucketer {
                 return Ok((start, start + d));
             }
             // Fixed durations counted from local midnight of the row's day.
-            let (day_start, day_end) = calendar_range(Timeframe { n: 1, unit: Unit::Day }, tz, secs)?;
+            let (day_start, day_end) = calendar_range(
+                Timeframe {
+                    n: 1,
+                    unit: Unit::Day,
+                },
+                tz,
+                secs,
+            )?;
             let start = day_start + (secs - day_start).div_euclid(d) * d;
             return Ok((start, (start + d).min(day_end)));
         }
@@ -303,7 +320,11 @@ impl Bucketer {
 /// The calendar window (latest local boundary at or before `secs`, next boundary) of `tf`.
 fn calendar_range(tf: Timeframe, tz: Tz, secs: i64) -> Result<(i64, i64)> {
     let utc = chrono::DateTime::from_timestamp(secs, 0).ok_or(UdfError::OutOfRange(secs))?;
-    let offset = i64::from(tz.offset_from_utc_datetime(&utc.naive_utc()).fix().local_minus_utc());
+    let offset = i64::from(
+        tz.offset_from_utc_datetime(&utc.naive_utc())
+            .fix()
+            .local_minus_utc(),
+    );
     let mut wall = tf.floor_wall(secs + offset)?;
     let mut start = resolve(tz, wall)?;
     loop {
@@ -322,7 +343,9 @@ fn calendar_range(tf: Timeframe, tz: Tz, secs: i64) -> Result<(i64, i64)> {
 /// instant after the gap).
 fn resolve(tz: Tz, wall: i64) -> Result<i64> {
     let to_naive = |w: i64| -> Result<NaiveDateTime> {
-        chrono::DateTime::from_timestamp(w, 0).map(|d| d.naive_utc()).ok_or(UdfError::OutOfRange(w))
+        chrono::DateTime::from_timestamp(w, 0)
+            .map(|d| d.naive_utc())
+            .ok_or(UdfError::OutOfRange(w))
     };
     // Gaps are at most a few hours; step minute by minute (rare path, cached by the caller).
     for step in 0..(48 * 60) {
@@ -341,24 +364,50 @@ mod tests {
     use super::*;
 
     fn ts(s: &str) -> i64 {
-        NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").map(|d| d.and_utc().timestamp()).unwrap_or(i64::MIN)
+        NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+            .map(|d| d.and_utc().timestamp())
+            .unwrap_or(i64::MIN)
     }
 
     #[test]
     fn parse() {
-        assert_eq!("5Min".parse::<Timeframe>().ok(), Some(Timeframe { n: 5, unit: Unit::Minute }));
-        assert_eq!("1M".parse::<Timeframe>().ok(), Some(Timeframe { n: 1, unit: Unit::Month }));
-        assert_eq!("10Sec".parse::<Timeframe>().ok(), Some(Timeframe { n: 10, unit: Unit::Second }));
+        assert_eq!(
+            "5Min".parse::<Timeframe>().ok(),
+            Some(Timeframe {
+                n: 5,
+                unit: Unit::Minute
+            })
+        );
+        assert_eq!(
+            "1M".parse::<Timeframe>().ok(),
+            Some(Timeframe {
+                n: 1,
+                unit: Unit::Month
+            })
+        );
+        assert_eq!(
+            "10Sec".parse::<Timeframe>().ok(),
+            Some(Timeframe {
+                n: 10,
+                unit: Unit::Second
+            })
+        );
         assert!("1m".parse::<Timeframe>().is_err());
         assert!("Min".parse::<Timeframe>().is_err());
         assert!("0H".parse::<Timeframe>().is_err());
-        assert_eq!("2H".parse::<Timeframe>().map(|t| t.to_string()).ok(), Some("2H".to_string()));
+        assert_eq!(
+            "2H".parse::<Timeframe>().map(|t| t.to_string()).ok(),
+            Some("2H".to_string())
+        );
     }
 
     #[test]
     fn utc_buckets() {
         let b = |tf: &str, t: &str| {
-            let tf: Timeframe = tf.parse().unwrap_or(Timeframe { n: 1, unit: Unit::Second });
+            let tf: Timeframe = tf.parse().unwrap_or(Timeframe {
+                n: 1,
+                unit: Unit::Second,
+            });
             Bucketer::new(tf, None).bucket(ts(t)).unwrap_or(i64::MIN)
         };
         assert_eq!(b("5Min", "2024-03-10 10:07:59"), ts("2024-03-10 10:05:00"));

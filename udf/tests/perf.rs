@@ -30,14 +30,25 @@ async fn downsample_one_year_of_minutes() {
     let mem = MemTable::try_new(batch.schema(), vec![vec![batch]])
         .expect("mem")
         .with_sort_order(vec![vec![ident("Epoch").sort(true, false)]]);
-    ctx.register_table("sorted", Arc::new(mem)).expect("register");
+    ctx.register_table("sorted", Arc::new(mem))
+        .expect("register");
     let calls = vec!["candlecandler('1H',Open,High,Low,Close,Sum::Volume)".to_string()];
-    for (table, tz) in [("bars", None), ("bars", Some("America/New_York")), ("sorted", None)] {
+    for (table, tz) in [
+        ("bars", None),
+        ("bars", Some("America/New_York")),
+        ("sorted", None),
+    ] {
         for _ in 0..3 {
             let t0 = Instant::now();
-            let df = apply_functions(&ctx, ctx.table(table).await.expect("t"), &calls, tz).await.expect("apply");
+            let df = apply_functions(&ctx, ctx.table(table).await.expect("t"), &calls, tz)
+                .await
+                .expect("apply");
             let b = collect(df).await;
-            println!("{table} tz={tz:?}: {} bars in {:?}", b.num_rows(), t0.elapsed());
+            println!(
+                "{table} tz={tz:?}: {} bars in {:?}",
+                b.num_rows(),
+                t0.elapsed()
+            );
             assert_eq!(b.num_rows(), 8760);
         }
     }
@@ -52,14 +63,28 @@ async fn downsample_one_year_of_minutes() {
             .await
             .expect("sql");
         let b = collect(df).await;
-        println!("built-in date_bin: {} bars in {:?}", b.num_rows(), t0.elapsed());
+        println!(
+            "built-in date_bin: {} bars in {:?}",
+            b.num_rows(),
+            t0.elapsed()
+        );
     }
     let arr = epoch_array(&rows.iter().map(|r| r.0).collect::<Vec<_>>());
     for tz in [None, Some("America/New_York")] {
         let t0 = Instant::now();
         let out = mkts_udf::bucket_array(&arr, "1H".parse().expect("tf"), tz).expect("bucket");
-        println!("bucket_array tz={tz:?}: {} values in {:?}", out.len(), t0.elapsed());
+        println!(
+            "bucket_array tz={tz:?}: {} values in {:?}",
+            out.len(),
+            t0.elapsed()
+        );
     }
-    let df = apply_functions(&ctx, ctx.table("sorted").await.expect("t"), &calls, None).await.expect("apply");
-    df.explain(false, false).expect("explain").show().await.expect("show");
+    let df = apply_functions(&ctx, ctx.table("sorted").await.expect("t"), &calls, None)
+        .await
+        .expect("apply");
+    df.explain(false, false)
+        .expect("explain")
+        .show()
+        .await
+        .expect("show");
 }

@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, TimestampNanosecondArray};
+use arrow::array::{
+    ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, TimestampNanosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use common::*;
 use datafusion::prelude::SessionContext;
@@ -84,7 +86,14 @@ async fn time_bucket_across_dst_in_new_york() {
     // Weeks start on local Monday midnight, months on local first-of-month midnight.
     let b = run(q("1W", ny)).await;
     let w = ints(&b, "b");
-    assert_eq!(&w[..6], [day("2024-03-04 05:00:00"); 5].iter().copied().chain([day("2024-03-11 04:00:00")]).collect::<Vec<_>>());
+    assert_eq!(
+        &w[..6],
+        [day("2024-03-04 05:00:00"); 5]
+            .iter()
+            .copied()
+            .chain([day("2024-03-11 04:00:00")])
+            .collect::<Vec<_>>()
+    );
     assert_eq!(w[6], day("2024-10-28 04:00:00"));
     let b = run(q("1M", ny)).await;
     let m = ints(&b, "b");
@@ -106,14 +115,27 @@ async fn time_bucket_across_dst_in_new_york() {
 #[tokio::test]
 async fn time_bucket_keeps_unit_and_handles_nulls() {
     let v: ArrayRef = Arc::new(
-        TimestampNanosecondArray::from(vec![Some(ts("2024-01-02 10:07:59") * 1_000_000_000 + 123), None])
-            .with_timezone("UTC"),
+        TimestampNanosecondArray::from(vec![
+            Some(ts("2024-01-02 10:07:59") * 1_000_000_000 + 123),
+            None,
+        ])
+        .with_timezone("UTC"),
     );
     let tf: Timeframe = "5Min".parse().expect("tf");
     let out = bucket_array(&v, tf, None).expect("bucket");
-    assert_eq!(out.data_type(), &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())));
-    let b = RecordBatch::try_new(Arc::new(Schema::new(vec![Field::new("b", out.data_type().clone(), true)])), vec![out])
-        .expect("batch");
+    assert_eq!(
+        out.data_type(),
+        &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+    );
+    let b = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new(
+            "b",
+            out.data_type().clone(),
+            true,
+        )])),
+        vec![out],
+    )
+    .expect("batch");
     assert_eq!(ints(&b, "b")[0], ts("2024-01-02 10:05:00") * 1_000_000_000);
     assert_eq!(nulls(&b, "b"), [false, true]);
 }
@@ -156,18 +178,34 @@ async fn sql_candles_with_builtins() {
 const MS: i32 = 1_000_000;
 
 fn tick_table(cols: Vec<(&str, ArrayRef)>) -> RecordBatch {
-    let fields: Vec<Field> = cols.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), false)).collect();
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols.into_iter().map(|(_, a)| a).collect()).expect("ticks")
+    let fields: Vec<Field> = cols
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), false))
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        cols.into_iter().map(|(_, a)| a).collect(),
+    )
+    .expect("ticks")
 }
 
 fn quotes() -> RecordBatch {
     let s = ts("2024-01-02 10:00:00");
     tick_table(vec![
         ("Epoch", epoch_array(&[s, s, s + 1, s + 2])),
-        ("Nanoseconds", Arc::new(Int32Array::from(vec![0, 500 * MS, 0, 0]))),
+        (
+            "Nanoseconds",
+            Arc::new(Int32Array::from(vec![0, 500 * MS, 0, 0])),
+        ),
         ("Symbol", strings(&["AAPL", "MSFT", "AAPL", "AAPL"])),
-        ("Bid", Arc::new(Float64Array::from(vec![99.0, 199.0, 100.0, 101.0]))),
-        ("Ask", Arc::new(Float64Array::from(vec![101.0, 201.0, 102.0, 103.0]))),
+        (
+            "Bid",
+            Arc::new(Float64Array::from(vec![99.0, 199.0, 100.0, 101.0])),
+        ),
+        (
+            "Ask",
+            Arc::new(Float64Array::from(vec![101.0, 201.0, 102.0, 103.0])),
+        ),
     ])
 }
 
@@ -175,9 +213,20 @@ fn trades() -> RecordBatch {
     let s = ts("2024-01-02 10:00:00");
     tick_table(vec![
         ("Epoch", epoch_array(&[s, s, s + 1, s + 3, s - 1, s + 5])),
-        ("Nanoseconds", Arc::new(Int32Array::from(vec![200 * MS, 900 * MS, 0, 0, 0, 0]))),
-        ("Symbol", strings(&["MSFT", "AAPL", "AAPL", "MSFT", "AAPL", "TSLA"])),
-        ("Price", Arc::new(Float64Array::from(vec![200.0, 100.5, 101.0, 200.5, 98.0, 250.0]))),
+        (
+            "Nanoseconds",
+            Arc::new(Int32Array::from(vec![200 * MS, 900 * MS, 0, 0, 0, 0])),
+        ),
+        (
+            "Symbol",
+            strings(&["MSFT", "AAPL", "AAPL", "MSFT", "AAPL", "TSLA"]),
+        ),
+        (
+            "Price",
+            Arc::new(Float64Array::from(vec![
+                200.0, 100.5, 101.0, 200.5, 98.0, 250.0,
+            ])),
+        ),
         ("Size", Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5, 6]))),
     ])
 }
@@ -187,10 +236,25 @@ async fn asof_join_trades_to_quotes_by_symbol() {
     let ctx = SessionContext::new();
     let left = table(&ctx, "trades", trades()).await;
     let right = table(&ctx, "quotes", quotes()).await;
-    let b = collect(asof_join(left.clone(), right.clone(), "Epoch", Some("Symbol")).await.expect("asof")).await;
+    let b = collect(
+        asof_join(left.clone(), right.clone(), "Epoch", Some("Symbol"))
+            .await
+            .expect("asof"),
+    )
+    .await;
     assert_eq!(
         names(&b),
-        ["Epoch", "Nanoseconds", "Symbol", "Price", "Size", "Epoch_right", "Nanoseconds_right", "Bid", "Ask"]
+        [
+            "Epoch",
+            "Nanoseconds",
+            "Symbol",
+            "Price",
+            "Size",
+            "Epoch_right",
+            "Nanoseconds_right",
+            "Bid",
+            "Ask"
+        ]
     );
     // left order is preserved
     assert_eq!(ints(&b, "Size"), [1, 2, 3, 4, 5, 6]);
@@ -207,10 +271,27 @@ async fn asof_join_trades_to_quotes_by_symbol() {
 
     // Without a key: the latest quote of any symbol.
     let b = collect(asof_join(left, right, "Epoch", None).await.expect("asof")).await;
-    assert_eq!(names(&b), ["Epoch", "Nanoseconds", "Symbol", "Price", "Size", "Epoch_right", "Nanoseconds_right", "Symbol_right", "Bid", "Ask"]);
+    assert_eq!(
+        names(&b),
+        [
+            "Epoch",
+            "Nanoseconds",
+            "Symbol",
+            "Price",
+            "Size",
+            "Epoch_right",
+            "Nanoseconds_right",
+            "Symbol_right",
+            "Bid",
+            "Ask"
+        ]
+    );
     assert_eq!(nulls(&b, "Bid"), [false, false, false, false, true, false]);
     let bids = floats(&b, "Bid");
-    assert_eq!([bids[0], bids[1], bids[2], bids[3], bids[5]], [99.0, 199.0, 100.0, 101.0, 101.0]);
+    assert_eq!(
+        [bids[0], bids[1], bids[2], bids[3], bids[5]],
+        [99.0, 199.0, 100.0, 101.0, 101.0]
+    );
 }
 
 #[tokio::test]
@@ -228,6 +309,9 @@ async fn asof_join_sql_table_function() {
     assert_eq!(ints(&b, "Size"), [2, 3, 4]);
     assert_eq!(floats(&b, "Bid"), [99.0, 100.0, 199.0]);
     assert_eq!(floats(&b, "Ask"), [101.0, 102.0, 201.0]);
-    let err = ctx.sql("SELECT * FROM asof_join('trades', 'nope', 'Epoch')").await.err();
+    let err = ctx
+        .sql("SELECT * FROM asof_join('trades', 'nope', 'Epoch')")
+        .await
+        .err();
     assert!(err.is_some_and(|e| e.to_string().contains("not found")));
 }

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    TimestampSecondArray,
+    Array, ArrayRef, AsArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
+    StringArray, TimestampSecondArray,
 };
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, TimeUnit};
@@ -15,7 +15,10 @@ use datafusion::prelude::SessionContext;
 
 /// `"2024-01-02 09:30:00"` (UTC) as Unix seconds.
 pub fn ts(s: &str) -> i64 {
-    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").expect("test timestamp").and_utc().timestamp()
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+        .expect("test timestamp")
+        .and_utc()
+        .timestamp()
 }
 
 pub fn epoch_type() -> DataType {
@@ -40,11 +43,21 @@ pub fn bars_batch(rows: &[(i64, f32, f32, f32, f32, i64)]) -> RecordBatch {
         schema,
         vec![
             epoch_array(&rows.iter().map(|r| r.0).collect::<Vec<_>>()),
-            Arc::new(Float32Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-            Arc::new(Float32Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
-            Arc::new(Float32Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())),
-            Arc::new(Float32Array::from(rows.iter().map(|r| r.4).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(rows.iter().map(|r| r.5).collect::<Vec<_>>())),
+            Arc::new(Float32Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float32Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float32Array::from(
+                rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float32Array::from(
+                rows.iter().map(|r| r.4).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.5).collect::<Vec<_>>(),
+            )),
         ],
     )
     .expect("bars batch")
@@ -62,9 +75,15 @@ pub fn ticks_batch(rows: &[(i64, i32, f64, i64)]) -> RecordBatch {
         schema,
         vec![
             epoch_array(&rows.iter().map(|r| r.0).collect::<Vec<_>>()),
-            Arc::new(Int32Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-            Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())),
+            Arc::new(Int32Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+            )),
         ],
     )
     .expect("ticks batch")
@@ -88,23 +107,38 @@ pub async fn collect(df: DataFrame) -> RecordBatch {
 }
 
 pub fn names(b: &RecordBatch) -> Vec<String> {
-    b.schema().fields().iter().map(|f| f.name().clone()).collect()
+    b.schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect()
 }
 
 fn column(b: &RecordBatch, name: &str) -> ArrayRef {
-    b.column(b.schema().index_of(name).unwrap_or_else(|_| panic!("no column {name} in {:?}", names(b)))).clone()
+    b.column(
+        b.schema()
+            .index_of(name)
+            .unwrap_or_else(|_| panic!("no column {name} in {:?}", names(b))),
+    )
+    .clone()
 }
 
 /// Column as i64 (timestamps as their raw value); nulls become i64::MIN.
 pub fn ints(b: &RecordBatch, name: &str) -> Vec<i64> {
     let c = cast(&column(b, name), &DataType::Int64).expect("cast i64");
-    c.as_primitive::<Int64Type>().iter().map(|v| v.unwrap_or(i64::MIN)).collect()
+    c.as_primitive::<Int64Type>()
+        .iter()
+        .map(|v| v.unwrap_or(i64::MIN))
+        .collect()
 }
 
 /// Column as f64; nulls become NaN.
 pub fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
     let c = cast(&column(b, name), &DataType::Float64).expect("cast f64");
-    c.as_primitive::<Float64Type>().iter().map(|v| v.unwrap_or(f64::NAN)).collect()
+    c.as_primitive::<Float64Type>()
+        .iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect()
 }
 
 pub fn dtype(b: &RecordBatch, name: &str) -> DataType {
