@@ -42,6 +42,7 @@ pub struct ConnectArgs {
 const MAX_MSG: usize = 256 << 20;
 
 /// Where commands go: a server over Flight (SQL) or an engine opened in this process.
+#[allow(clippy::large_enum_variant)]
 pub enum Client {
     Remote { sql: FlightSqlServiceClient<Channel>, flight: FlightClient },
     Local { engine: Engine, query: Box<QueryEngine> },

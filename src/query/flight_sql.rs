@@ -21,7 +21,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
@@ -403,7 +402,7 @@ impl FlightSqlService for FlightSqlHandler {
     }
 
     async fn get_flight_info_catalogs(&self, query: CommandGetCatalogs, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.info_for(&schema, query.as_any().encode_to_vec(), request.into_inner())
     }
 
@@ -459,7 +458,7 @@ impl FlightSqlService for FlightSqlHandler {
     }
 
     async fn get_flight_info_table_types(&self, query: CommandGetTableTypes, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.info_for(&schema, query.as_any().encode_to_vec(), request.into_inner())
     }
 
@@ -483,7 +482,3 @@ impl FlightSqlService for FlightSqlHandler {
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
-
-/// Keep the `FlightService` bound visible: the handler is a complete Flight service on its own (tests serve
-/// it directly).
-pub fn assert_flight_service<T: FlightService>() {}

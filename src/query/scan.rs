@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -61,7 +61,7 @@ impl BucketTable {
         let keys = engine.resolve(&selector);
         let first = keys.first()?;
         let bucket_schema = engine.schema(first)?;
-        let multi = !(selector.is_single() && !name.contains(','));
+        let multi = !selector.is_single() || name.contains(',');
         let base = bucket_schema.arrow_schema();
         let schema = if multi {
             let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -106,8 +106,6 @@ fn exact_filter(e: &Expr) -> bool {
     });
     ok && !e.column_refs().is_empty()
 }
-
-use datafusion::common::tree_node::TreeNode;
 
 /// The pushdown extracted from filters: a time range and a symbol set (both supersets of the matching rows).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -716,9 +714,4 @@ impl DataSink for BucketSink {
         }
         Ok(total)
     }
-}
-
-/// True for the `Epoch` type of reads.
-pub fn is_epoch_type(dt: &DataType) -> bool {
-    matches!(dt, DataType::Timestamp(TimeUnit::Second, _))
 }
