@@ -23,6 +23,8 @@ pub const SYMBOL_COLUMN: &str = "Symbol";
 /// Flight backend over a running server's context.
 pub struct EngineFlightBackend {
     pub ctx: Arc<ServerContext>,
+    /// The Flight SQL handler, for parameter uploads that the Flight crate decodes itself.
+    pub sql: Arc<crate::query::flight_sql::FlightSqlHandler>,
 }
 
 /// Map engine errors onto gRPC codes.
@@ -139,6 +141,10 @@ impl EngineFlightBackend {
 /// Rows per batch when a `Symbol` column has to be materialised.
 pub const SYMBOL_SLICE_ROWS: usize = 65_536;
 
+fn status_to_backend(s: tonic::Status) -> BackendError {
+    BackendError::new(s.code(), s.message())
+}
+
 fn parse_key(k: &str) -> Result<BucketKey, BackendError> {
     BucketKey::parse(k).map_err(engine_status)
 }
@@ -147,8 +153,8 @@ fn parse_key(k: &str) -> Result<BucketKey, BackendError> {
 impl FlightBackend for EngineFlightBackend {
     async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError> {
         if let Some(sql) = &q.sql {
-            let (schema, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
-            return Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()));
+            let (schema, stream) = self.ctx.query.sql_stream(sql).await.map_err(query_status)?;
+            return Ok((schema, stream.map(|r| r.map_err(query_status)).boxed()));
         }
         let (single, parts) = self.read(&q).await?;
         Self::merge_parts(single, parts)
@@ -267,6 +273,14 @@ impl FlightBackend for EngineFlightBackend {
             "server_version" => Ok(json!({ "version": VERSION })),
             other => Err(BackendError::new(Code::Unimplemented, format!("unknown action {other:?}"))),
         }
+    }
+
+    async fn sql_bind_parameters(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
+        self.sql.bind_parameters(handle, params).map_err(status_to_backend)
+    }
+
+    async fn sql_prepared_update(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
+        self.sql.execute_prepared_update(handle, params).await.map_err(status_to_backend)
     }
 
     async fn sql_update(&self, sql: &str) -> Result<i64, BackendError> {

@@ -74,8 +74,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     // gRPC: Arrow Flight + Flight SQL + MarketStore's proto.Marketstore on one port.
     if let Some(listener) = grpc_listener {
-        let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone() });
         let sql = Arc::new(crate::query::flight_sql::FlightSqlHandler::new(ctx.clone()));
+        let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone(), sql: sql.clone() });
         let max = config.grpc_max_recv_msg_size_mb.max(config.grpc_max_send_msg_size_mb).max(64) << 20;
         let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(max);
         let marketstore = crate::compat::grpc::service(ctx.clone());

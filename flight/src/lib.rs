@@ -27,7 +27,7 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::server::FlightSqlService;
-use arrow_flight::sql::{Any, Command, CommandStatementIngest, DoPutUpdateResult, ProstMessageExt, SqlInfo};
+use arrow_flight::sql::{Any, Command, DoPutUpdateResult, ProstMessageExt, SqlInfo};
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
     HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
@@ -95,6 +95,17 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError>;
     /// Execute a SQL statement that modifies data (Flight SQL `CommandStatementUpdate`); returns rows affected.
     async fn sql_update(&self, sql: &str) -> Result<i64, BackendError>;
+    /// Bind parameter rows to a prepared statement (Flight SQL DoPut `CommandPreparedStatementQuery`);
+    /// returns the handle to use from now on.
+    async fn sql_bind_parameters(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
+        let _ = (handle, params);
+        Err(BackendError::new(tonic::Code::Unimplemented, "prepared statement parameters are not supported"))
+    }
+    /// Execute a prepared update with parameter rows (Flight SQL DoPut `CommandPreparedStatementUpdate`).
+    async fn sql_prepared_update(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
+        let _ = (handle, params);
+        Err(BackendError::new(tonic::Code::Unimplemented, "prepared updates are not supported"))
+    }
 }
 
 /// The plain actions, with descriptions for ListActions.
@@ -257,10 +268,9 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Ok(Response::new(out))
     }
 
-    async fn sql_do_put(&self, cmd: Command, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+    async fn sql_do_put(&self, cmd: Command, _rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
         let count = match cmd {
             Command::CommandStatementUpdate(u) => self.backend.sql_update(&u.query).await?,
-            Command::CommandStatementIngest(ingest) => self.ingest(ingest, rest).await?,
             other => {
                 return Err(Status::unimplemented(format!("DoPut: {} is not supported", other.type_url())));
             }
@@ -270,19 +280,6 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(put)]))))
     }
 
-    async fn ingest(&self, cmd: CommandStatementIngest, rest: Streaming<FlightData>) -> Result<i64, Status> {
-        let key = cmd.table.clone();
-        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(rest.map_err(FlightError::from));
-        let mut total = 0i64;
-        while let Some(b) = batches.next().await {
-            let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if b.num_rows() == 0 {
-                continue;
-            }
-            total += self.backend.write(&key, b).await? as i64;
-        }
-        Ok(total)
-    }
 }
 
 /// A small channel-backed stream helper (keeps the writer loop readable).
@@ -393,8 +390,12 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         match sql_cmd {
             Some(any) => {
                 let cmd = Command::try_from(any).map_err(|e| Status::invalid_argument(e.to_string()))?;
-                // The first message of an update carries only the descriptor; of an ingest, also the schema.
-                if matches!(cmd, Command::CommandStatementIngest(_)) {
+                // The first message of an update carries only the descriptor; of an ingest or a parameter
+                // upload, also the schema.
+                if matches!(
+                    cmd,
+                    Command::CommandStatementIngest(_) | Command::CommandPreparedStatementQuery(_) | Command::CommandPreparedStatementUpdate(_)
+                ) {
                     let rest = stream;
                     let first_only = first;
                     return self.sql_do_put_with_first(cmd, first_only, rest).await;
@@ -433,22 +434,34 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
 impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService<B, S> {
     async fn sql_do_put_with_first(&self, cmd: Command, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
-        let Command::CommandStatementIngest(ingest) = cmd else {
-            return Err(Status::internal("unexpected command"));
-        };
-        let key = ingest.table.clone();
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
         let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input);
-        let mut total = 0i64;
-        while let Some(b) = batches.next().await {
-            let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if b.num_rows() == 0 {
-                continue;
+        let put = match cmd {
+            Command::CommandStatementIngest(ingest) => {
+                let key = ingest.table.clone();
+                let mut total = 0i64;
+                while let Some(b) = batches.next().await {
+                    let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    if b.num_rows() == 0 {
+                        continue;
+                    }
+                    total += self.backend.write(&key, b).await? as i64;
+                }
+                PutResult { app_metadata: DoPutUpdateResult { record_count: total }.encode_to_vec().into() }
             }
-            total += self.backend.write(&key, b).await? as i64;
-        }
-        let result = DoPutUpdateResult { record_count: total };
-        let put = PutResult { app_metadata: result.encode_to_vec().into() };
+            Command::CommandPreparedStatementQuery(q) => {
+                let params: Vec<RecordBatch> = batches.try_collect().await.map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let handle = self.backend.sql_bind_parameters(&q.prepared_statement_handle, params).await?;
+                let r = arrow_flight::sql::DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.into()) };
+                PutResult { app_metadata: r.encode_to_vec().into() }
+            }
+            Command::CommandPreparedStatementUpdate(u) => {
+                let params: Vec<RecordBatch> = batches.try_collect().await.map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let n = self.backend.sql_prepared_update(&u.prepared_statement_handle, params).await?;
+                PutResult { app_metadata: DoPutUpdateResult { record_count: n }.encode_to_vec().into() }
+            }
+            other => return Err(Status::unimplemented(format!("DoPut: {} is not supported", other.type_url()))),
+        };
         Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(put)]))))
     }
 }

@@ -180,3 +180,14 @@ def test_sql_errors_are_clear(loaded):
     _, conn, _ = loaded
     with pytest.raises(Exception, match="NOPE/1Min/OHLCV"):
         query(conn, 'SELECT * FROM "NOPE/1Min/OHLCV"')
+
+
+def test_adbc_bound_parameters(loaded):
+    """Parameters travel as a DoPut of CommandPreparedStatementQuery; the Flight service decodes them."""
+    _, conn, frames = loaded
+    df = frames["AAPL"]
+    cut = float(df["Close"].median())
+    with conn.cursor() as cur:
+        cur.execute('SELECT count(*) AS n FROM "AAPL/1Min/OHLCV" WHERE "Close" > $1', parameters=(cut,))
+        got = cur.fetch_df()
+    assert int(got["n"][0]) == int((df["Close"].astype(np.float64) > cut).sum())
