@@ -28,6 +28,9 @@ pub struct TriggerConfig {
     /// Glob over `SYMBOL/TIMEFRAME/ATTRGROUP` with `*` per segment.
     pub on: String,
     pub config: serde_json::Value,
+    /// Appends that may wait for this trigger before further ones are dropped (mkts extension;
+    /// default [`crate::plugins::TRIGGER_QUEUE`]).
+    pub queue_size: Option<usize>,
 }
 
 /// A background worker entry: `{module, name, config}`.
@@ -340,11 +343,15 @@ fn parse_triggers(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<V
             .or_else(|| str_field(m, "true"))
             .ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing on".into() })?;
         for k in m.keys() {
-            if !matches!(k.as_str(), "module" | "on" | "true" | "config") {
+            if !matches!(k.as_str(), "module" | "on" | "true" | "config" | "queue_size") {
                 warnings.push(format!("unknown configuration key \"{key}.{k}\" is ignored"));
             }
         }
-        out.push(TriggerConfig { module, on, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)) });
+        let queue_size = match m.get("queue_size") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| ConfigError::Invalid { key: format!("{key}.queue_size"), msg: "expected a positive integer".into() })? as usize),
+        };
+        out.push(TriggerConfig { module, on, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)), queue_size });
     }
     Ok(out)
 }
@@ -430,5 +437,30 @@ bgworkers:
     fn bad_bool_is_clear() {
         let e = Config::parse("listen_port: 1\nqueryable: maybe\n", Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("queryable"), "{e}");
+    }
+
+    #[test]
+    fn trigger_on_key_in_every_spelling() {
+        let y = r#"
+listen_port: 1
+triggers:
+  - module: a.so
+    on: */1Min/OHLCV
+  - module: b.so
+    on: "AAPL/*/*"   # quoted
+  - on: 'X*/1D/OHLCV'
+    module: c.so
+    queue_size: 16
+  - {module: d.so, on: "*/*/TRADE"}
+  - module: e.so
+    true: "*/5Min/OHLCV"
+"#;
+        let c = Config::parse(y, Path::new(".")).unwrap();
+        let on: Vec<&str> = c.triggers.iter().map(|t| t.on.as_str()).collect();
+        assert_eq!(on, ["*/1Min/OHLCV", "AAPL/*/*", "X*/1D/OHLCV", "*/*/TRADE", "*/5Min/OHLCV"]);
+        assert_eq!(c.triggers[2].queue_size, Some(16));
+        assert_eq!(c.triggers[0].queue_size, None);
+        let e = Config::parse("listen_port: 1\ntriggers:\n  - module: a.so\n    on: \"*/*/*\"\n    queue_size: 0\n", Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("queue_size"), "{e}");
     }
 }

@@ -21,6 +21,8 @@ pub struct ServerContext {
     /// Rows the `stream` trigger decided to push; `/ws` and Flight stream subscriptions read it when a
     /// `stream` trigger is configured ([`ServerContext::streams_gated`]).
     pub stream: Arc<crate::contrib::stream::StreamHub>,
+    /// Delivery streams of out-of-process triggers, opened by the Flight service for their tickets.
+    pub trigger_streams: Arc<crate::plugins::TriggerStreams>,
     ready: AtomicBool,
     pub started: Instant,
 }
@@ -28,7 +30,7 @@ pub struct ServerContext {
 impl ServerContext {
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
         let query = QueryEngine::new(engine.clone(), config.tz());
-        Arc::new(ServerContext { engine, config, query, metrics: Arc::new(Metrics::new()), stream: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
+        Arc::new(ServerContext { engine, config, query, metrics: Arc::new(Metrics::new()), stream: Arc::default(), trigger_streams: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
     }
 
     /// True when a `stream` trigger is configured: subscribers then receive what it pushes (gated, shelved,

@@ -183,12 +183,13 @@ impl FlightBackend for EngineFlightBackend {
             // A `stream` trigger is configured: subscribers get the rows it pushes (contrib::stream).
             return Ok(self.ctx.stream.matching(pat));
         }
-        let sub = self.ctx.engine.subscribe(4096);
-        let rx = sub.rx;
-        let s = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .filter(move |ev| futures::future::ready(pat.matches(&ev.key)))
-            .map(|ev| (ev.key.to_string(), ev.batch.clone()));
+        let sub = self.ctx.engine.subscribe_matching(Some(pat), 4096);
+        let s = tokio_stream::wrappers::ReceiverStream::new(sub.rx).map(|ev| (ev.key.to_string(), ev.batch.clone()));
         Ok(s.boxed())
+    }
+
+    async fn trigger_stream(&self, token: &str) -> Result<KeyedBatchStream, BackendError> {
+        self.ctx.trigger_streams.open(token).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))
     }
 
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {

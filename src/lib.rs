@@ -12,5 +12,6 @@ pub mod contrib;
 pub mod engine;
 pub mod flight_backend;
 pub mod metrics;
+pub mod plugins;
 pub mod query;
 pub mod server;

@@ -85,6 +85,63 @@ pub struct Metrics {
     ws_dropped_clients: AtomicU64,
     /// Cached disk usage: `(measured at, bytes)`.
     pub disk_usage: Mutex<Option<(std::time::Instant, u64)>>,
+    /// One entry per configured trigger and worker (registered by the plugin host).
+    plugins: Mutex<Vec<std::sync::Arc<PluginStats>>>,
+}
+
+/// Counters of one plugin instance, shared between the plugin host (which updates them) and `/metrics`.
+///
+/// A trigger's queue is its own engine subscription: `queued` samples how many appends wait in it (the
+/// trigger's lag, in appends) and `dropped` counts appends that overflowed it.
+pub struct PluginStats {
+    /// `trigger` or `worker`.
+    pub role: &'static str,
+    /// `triggers[0]`, `bgworkers[1]`, …: unique per configuration entry.
+    pub entry: String,
+    /// The configured `module`.
+    pub module: String,
+    /// `builtin`, `shared_library` or `process`.
+    pub kind: &'static str,
+    /// Appended batches handed to the trigger.
+    pub fired: AtomicU64,
+    /// Calls that returned an error, panics, crashes.
+    pub errors: AtomicU64,
+    /// Restarts of an out-of-process plugin after it exited.
+    pub restarts: AtomicU64,
+    /// 1 while the plugin runs (0 once disabled, finished or stopped).
+    pub up: std::sync::atomic::AtomicBool,
+    /// Appends dropped because the trigger's queue was full.
+    pub dropped: std::sync::Arc<AtomicU64>,
+    /// Samples the trigger's queue depth.
+    pub queued: Option<Box<dyn Fn() -> usize + Send + Sync>>,
+}
+
+impl std::fmt::Debug for PluginStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginStats").field("entry", &self.entry).field("module", &self.module).field("kind", &self.kind).finish()
+    }
+}
+
+impl PluginStats {
+    /// Fresh counters for one configuration entry.
+    pub fn new(role: &'static str, entry: String, module: String, kind: &'static str) -> Self {
+        PluginStats {
+            role,
+            entry,
+            module,
+            kind,
+            fired: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            up: std::sync::atomic::AtomicBool::new(false),
+            dropped: Default::default(),
+            queued: None,
+        }
+    }
+
+    fn labels(&self) -> String {
+        format!("entry=\"{}\",module=\"{}\",kind=\"{}\"", esc(&self.entry), esc(&self.module), self.kind)
+    }
 }
 
 impl Metrics {
@@ -102,6 +159,16 @@ impl Metrics {
         if !ok {
             stats.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Add a plugin's counters to the exposition.
+    pub fn register_plugin(&self, stats: std::sync::Arc<PluginStats>) {
+        self.plugins.lock().push(stats);
+    }
+
+    /// The registered plugins' counters.
+    pub fn plugins(&self) -> Vec<std::sync::Arc<PluginStats>> {
+        self.plugins.lock().clone()
     }
 
     /// Record one `/rpc` HTTP request (any outcome), MarketStore's total request histogram.
@@ -180,7 +247,32 @@ impl Metrics {
         }
         gauge(&mut out, "mkts_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", e.uptime.as_secs_f64()));
         gauge(&mut out, "mkts_ready", "gauge", "1 when the server is queryable.", (e.ready as u8).to_string());
+        self.render_plugins(&mut out);
         out
+    }
+
+    fn render_plugins(&self, out: &mut String) {
+        let plugins = self.plugins();
+        if plugins.is_empty() {
+            return;
+        }
+        type Sample = fn(&PluginStats) -> Option<u64>;
+        let series: [(&str, &str, &str, Sample); 6] = [
+            ("mkts_plugin_up", "gauge", "1 while the plugin runs.", |p| Some(p.up.load(Ordering::Relaxed) as u64)),
+            ("mkts_plugin_errors_total", "counter", "Plugin calls that failed, panics and crashes.", |p| Some(p.errors.load(Ordering::Relaxed))),
+            ("mkts_plugin_restarts_total", "counter", "Restarts of out-of-process plugins.", |p| Some(p.restarts.load(Ordering::Relaxed))),
+            ("mkts_trigger_fired_total", "counter", "Appended batches handed to a trigger.", |p| (p.role == "trigger").then(|| p.fired.load(Ordering::Relaxed))),
+            ("mkts_trigger_dropped_total", "counter", "Appends a trigger missed because its queue was full.", |p| (p.role == "trigger").then(|| p.dropped.load(Ordering::Relaxed))),
+            ("mkts_trigger_queue_depth", "gauge", "Appends durable but not yet handed to a trigger: its lag.", |p| p.queued.as_ref().map(|q| q() as u64)),
+        ];
+        for (name, kind, help, f) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for p in &plugins {
+                if let Some(v) = f(p) {
+                    let _ = writeln!(out, "{name}{{role=\"{}\",{}}} {v}", p.role, p.labels());
+                }
+            }
+        }
     }
 }
 

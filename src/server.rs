@@ -23,8 +23,8 @@ pub struct RunningServer {
     pub grpc_addr: Option<SocketAddr>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Built-in plugins (ondiskagg, stream, feeders) started from the config.
-    contrib: Option<crate::contrib::Contrib>,
+    /// The configured triggers and background workers.
+    plugins: Option<crate::plugins::PluginHost>,
 }
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -101,7 +101,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }));
     }
 
-    let contrib = Some(crate::contrib::start(&ctx));
+    let plugins = Some(crate::plugins::PluginHost::start(&ctx, crate::plugins::ServerAddrs { http: http_addr, flight: grpc_addr }));
     ctx.set_ready(true);
     tracing::info!(
         http = %http_addr,
@@ -110,7 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         buckets = ctx.engine.keys().len(),
         "mkts {} ready", crate::context::VERSION
     );
-    Ok(RunningServer { ctx, http_addr, grpc_addr, shutdown_tx, tasks, contrib })
+    Ok(RunningServer { ctx, http_addr, grpc_addr, shutdown_tx, tasks, plugins })
 }
 
 impl RunningServer {
@@ -122,8 +122,9 @@ impl RunningServer {
             tracing::info!("waiting stop_grace_period = {grace}s");
             tokio::time::sleep(Duration::from_secs(grace)).await;
         }
-        if let Some(c) = self.contrib.take() {
-            c.shutdown(Duration::from_secs(30)).await;
+        // Plugins stop while the listeners still serve: out-of-process triggers drain over Flight.
+        if let Some(p) = self.plugins.take() {
+            p.shutdown(Duration::from_secs(30)).await;
         }
         let _ = self.shutdown_tx.send(true);
         for t in self.tasks.drain(..) {

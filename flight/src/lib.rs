@@ -89,6 +89,13 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
     /// Appended batches of keys matching `pattern` (`*` per segment), until dropped.
     async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError>;
+    /// The queued appends of an out-of-process trigger identified by its secret `token`. Every batch of one
+    /// stream has the same schema: the stream ends before an append of another schema, and the plugin asks
+    /// again (docs/plugins.md). At most one stream per trigger at a time.
+    async fn trigger_stream(&self, token: &str) -> Result<KeyedBatchStream, BackendError> {
+        let _ = token;
+        Err(BackendError::new(tonic::Code::Unimplemented, "trigger streams are not supported"))
+    }
     /// Every bucket with schema and row count.
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError>;
     /// Run a plain action (`create`, `destroy`, ...); returns the JSON result body.
@@ -195,7 +202,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
 
     async fn flight_info(&self, desc: FlightDescriptor) -> Result<FlightInfo, Status> {
         let q = descriptor_ticket(&desc)?;
-        if q.subscribe.is_some() {
+        if q.subscribe.is_some() || q.trigger.is_some() {
             return Err(Status::invalid_argument("subscriptions have no FlightInfo; DoGet the ticket directly"));
         }
         let (schema, rows) = self.backend.describe(q.clone()).await?;
@@ -374,6 +381,10 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
         if let Some(pattern) = &q.subscribe {
             let s = self.backend.subscribe(pattern).await?;
+            return Ok(Response::new(Self::subscription_stream(s)));
+        }
+        if let Some(token) = &q.trigger {
+            let s = self.backend.trigger_stream(token).await?;
             return Ok(Response::new(Self::subscription_stream(s)));
         }
         let (schema, batches) = self.backend.query(q).await?;

@@ -48,6 +48,10 @@ pub struct QueryTicket {
     /// Stream appended rows of keys matching this glob until the client cancels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<String>,
+    /// The stream of an out-of-process trigger: the secret the plugin host handed the process (in
+    /// `MKTS_TRIGGER_TICKET`). Delivers that trigger's queued appends; ends when the schema changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
 }
 
 impl QueryTicket {
@@ -60,8 +64,8 @@ impl QueryTicket {
             if q.sql.is_none() && q.is_sqlstatement == Some(true) {
                 q.sql = q.sql_statement.take();
             }
-            if q.destination.is_none() && q.sql.is_none() && q.subscribe.is_none() {
-                return Err("ticket needs \"destination\", \"sql\" or \"subscribe\"".into());
+            if q.destination.is_none() && q.sql.is_none() && q.subscribe.is_none() && q.trigger.is_none() {
+                return Err("ticket needs \"destination\", \"sql\", \"subscribe\" or \"trigger\"".into());
             }
             Ok(q)
         } else if t.is_empty() {

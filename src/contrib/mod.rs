@@ -8,7 +8,8 @@
 //! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
 //!
 //! Each plugin is a small testable core (window arithmetic, calendar, response parsing, backfill windows,
-//! back-off) plus a thin runner over the [`Engine`](crate::engine::Engine). Plugin configuration arrives as
+//! back-off) plus a thin runner over the [`Engine`](crate::engine::Engine). The plugin host
+//! ([`crate::plugins`]) starts them by name through [`trigger`] and [`bgworker`]. Plugin configuration arrives as
 //! the JSON form of the YAML `config:` map, exactly as MarketStore's `map[string]interface{}`.
 
 pub mod binancefeeder;
@@ -65,7 +66,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::context::ServerContext;
-use crate::engine::{AppendEvent, KeyPattern};
+use crate::engine::AppendEvent;
 
 /// A built-in trigger instance, ready to be fired with appended batches.
 #[derive(Clone)]
@@ -114,75 +115,4 @@ pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, ctx: &Arc<
         "binancefeeder" => binancefeeder::start(config, ctx.engine.clone(), name),
         _ => return None,
     })
-}
-
-/// The built-ins of a server's configuration, running.
-pub struct Contrib {
-    triggers: Vec<BuiltinTrigger>,
-    workers: Vec<feeder::FeederHandle>,
-    dispatch: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// Start every built-in trigger and worker listed in the configuration and dispatch the engine's appends to
-/// the triggers whose `on` pattern matches. Entries that are not built-ins are left to the plugin host;
-/// a built-in with a bad config is logged and skipped (the server keeps running, as MarketStore does).
-pub fn start(ctx: &Arc<ServerContext>) -> Contrib {
-    let mut matched: Vec<(KeyPattern, BuiltinTrigger)> = Vec::new();
-    for t in &ctx.config.triggers {
-        let Some(r) = trigger(&t.module, &t.config, ctx) else { continue };
-        let on = if t.on.trim().is_empty() { "*/*/*" } else { t.on.trim() };
-        match (r, KeyPattern::parse(on)) {
-            (Ok(tr), Ok(p)) => {
-                tracing::info!(module = %t.module, on, "built-in trigger started");
-                matched.push((p, tr));
-            }
-            (Err(e), _) => tracing::error!(module = %t.module, "trigger not started: {e}"),
-            (_, Err(e)) => tracing::error!(module = %t.module, "trigger not started: bad `on` pattern {on:?}: {e}"),
-        }
-    }
-    let mut workers = Vec::new();
-    for w in &ctx.config.bgworkers {
-        match bgworker(&w.module, &w.name, &w.config, ctx) {
-            None => {}
-            Some(Ok(h)) => {
-                tracing::info!(module = %w.module, name = %w.name, "built-in worker started");
-                workers.push(h);
-            }
-            Some(Err(e)) => tracing::error!(module = %w.module, name = %w.name, "worker not started: {e}"),
-        }
-    }
-    let triggers: Vec<BuiltinTrigger> = matched.iter().map(|(_, t)| t.clone()).collect();
-    let dispatch = (!matched.is_empty()).then(|| {
-        let mut sub = ctx.engine.subscribe(1 << 16);
-        tokio::spawn(async move {
-            let mut reported = 0;
-            while let Some(ev) = sub.rx.recv().await {
-                for (p, t) in &matched {
-                    if p.matches(&ev.key) {
-                        t.fire(&ev);
-                    }
-                }
-                let d = sub.dropped.load(std::sync::atomic::Ordering::Relaxed);
-                if d > reported {
-                    tracing::warn!("built-in triggers missed {} appends (queue full)", d - reported);
-                    reported = d;
-                }
-            }
-        })
-    });
-    Contrib { triggers, workers, dispatch }
-}
-
-impl Contrib {
-    /// Stop the workers, let triggers finish queued work (up to `timeout`), stop dispatching.
-    pub async fn shutdown(mut self, timeout: Duration) {
-        let workers = std::mem::take(&mut self.workers);
-        let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| w.stop())).await;
-        for t in &self.triggers {
-            t.drain(timeout).await;
-        }
-        if let Some(d) = self.dispatch.take() {
-            d.abort();
-        }
-    }
 }

@@ -171,11 +171,24 @@ pub struct AppendEvent {
 pub struct Subscription {
     pub rx: mpsc::Receiver<Arc<AppendEvent>>,
     pub dropped: Arc<AtomicU64>,
+    probe: mpsc::WeakSender<Arc<AppendEvent>>,
+}
+
+impl Subscription {
+    /// A function reporting how many events wait in this subscription's queue (for lag metrics); usable
+    /// from any thread while the subscription lives, 0 after.
+    pub fn depth_probe(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let probe = self.probe.clone();
+        move || probe.upgrade().map(|tx| tx.max_capacity() - tx.capacity()).unwrap_or(0)
+    }
 }
 
 struct Subscriber {
     tx: mpsc::Sender<Arc<AppendEvent>>,
     dropped: Arc<AtomicU64>,
+    /// Only keys matching this pattern are queued (all when `None`), so unrelated writes neither fill the
+    /// queue nor count as drops.
+    filter: Option<KeyPattern>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -710,10 +723,18 @@ impl Engine {
 
     /// Subscribe to appended batches. `capacity` bounds the queue; overflow drops events (counted).
     pub fn subscribe(&self, capacity: usize) -> Subscription {
+        self.subscribe_matching(None, capacity)
+    }
+
+    /// Subscribe to appended batches of the keys matching `filter` (every key when `None`). Triggers use
+    /// one such subscription each: a bounded queue of their own, so a slow one never delays writers or
+    /// other subscribers; what overflows is dropped and counted in `dropped`.
+    pub fn subscribe_matching(&self, filter: Option<KeyPattern>, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
-        self.inner.subscribers.lock().push(Subscriber { tx, dropped: dropped.clone() });
-        Subscription { rx, dropped }
+        let probe = tx.downgrade();
+        self.inner.subscribers.lock().push(Subscriber { tx, dropped: dropped.clone(), filter });
+        Subscription { rx, dropped, probe }
     }
 }
 
@@ -1287,7 +1308,7 @@ impl Writer {
 fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64) {
     let mut subs = inner.subscribers.lock();
     subs.retain(|s| !s.tx.is_closed());
-    if subs.is_empty() {
+    if !subs.iter().any(|s| s.filter.as_ref().is_none_or(|f| f.matches(&bucket.key))) {
         return;
     }
     let batch = match read::rows_batch(&bucket.schema, rows) {
@@ -1298,7 +1319,7 @@ fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64) {
         }
     };
     let ev = Arc::new(AppendEvent { key: bucket.key.clone(), lsn, batch });
-    for s in subs.iter() {
+    for s in subs.iter().filter(|s| s.filter.as_ref().is_none_or(|f| f.matches(&bucket.key))) {
         if s.tx.try_send(ev.clone()).is_err() {
             s.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -72,9 +73,11 @@ class Server:
 
     def start(self, timeout: float = 60.0) -> "Server":
         log = open(self.log_path, "ab")
+        # Out-of-process plugins written in Python (`#!/usr/bin/env python3`) find this venv's pyarrow.
+        env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         self.proc = subprocess.Popen(
             [mkts_bin(), "start", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
