@@ -22,6 +22,9 @@ fi
 echo "== cargo test (debug, whole workspace)"
 cargo test --workspace
 
+echo "== example plugins (shared libraries the plugin tests load)"
+cargo build -p mkts-example-trigger -p mkts-example-worker
+
 echo "== python client tests"
 export MKTS_BIN="$CARGO_TARGET_DIR/debug/mkts"
 "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider "$@"

@@ -401,3 +401,43 @@ unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, msg: StrRef) {
         }
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    /// The host side of the C ABI, driven through the plugin-side `Host` exactly as a library would.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_table_writes_queries_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::engine::Engine::open(crate::engine::EngineConfig::new(dir.path())).unwrap();
+        let ctx = ServerContext::new(engine, crate::config::Config { root_directory: dir.path().to_path_buf(), ..Default::default() });
+        let hb = HostBox::new(HostState::new(ctx.clone(), "test".into()));
+        let api = hb.api() as usize;
+        let out = std::thread::spawn(move || {
+            let host = unsafe { mkts_plugin_api::Host::from_raw(api as *const HostApi) }.unwrap();
+            let schema = Arc::new(Schema::new(vec![Field::new("Epoch", DataType::Int64, false), Field::new("Value", DataType::Float64, false)]));
+            let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![60, 120, 180])), Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0]))]).unwrap();
+            assert_eq!(host.write("ABC/1Min/OHLCV", &batch).unwrap(), 3);
+            let read = host.read("ABC/1Min/OHLCV", Some(120), None).unwrap();
+            let values: Vec<f64> = read.iter().flat_map(|b| b.column_by_name("Value").unwrap().as_any().downcast_ref::<Float64Array>().unwrap().values().to_vec()).collect();
+            let sql = host.sql("SELECT sum(\"Value\") AS s FROM \"ABC/1Min/OHLCV\"").unwrap();
+            let sum = sql[0].column(0).as_any().downcast_ref::<Float64Array>().unwrap().value(0);
+            let bad_key = host.write("../escape", &batch).unwrap_err();
+            let bad_query = host.query_json(&serde_json::json!({"nope": 1})).unwrap_err();
+            (values, sum, bad_key, bad_query)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(out.0, vec![2.0, 3.0]);
+        assert_eq!(out.1, 6.0);
+        assert!(out.2.contains("escape") || out.2.contains("key"), "{}", out.2);
+        assert!(out.3.contains("needs \"sql\" or \"key\""), "{}", out.3);
+        // On the server's async threads host calls are refused instead of stalling them.
+        let host = unsafe { mkts_plugin_api::Host::from_raw(hb.api()) }.unwrap();
+        assert!(host.sql("SELECT 1").unwrap_err().contains("plugin's own threads"));
+        assert_eq!(ctx.engine.keys().len(), 1);
+    }
+}
