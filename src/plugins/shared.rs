@@ -20,7 +20,7 @@ use std::time::Instant;
 use arrow::array::{RecordBatch, RecordBatchIterator};
 use arrow::datatypes::SchemaRef;
 use mkts_plugin_api::{
-    batch_from_ffi, batch_to_ffi, panic_message, ErrorSink, FFI_ArrowArray, FFI_ArrowArrayStream, FFI_ArrowSchema, HostApi,
+    guarded, batch_from_ffi, batch_to_ffi, panic_message, ErrorSink, FFI_ArrowArray, FFI_ArrowArrayStream, FFI_ArrowSchema, HostApi,
     PluginDescriptor, StrRef, TriggerVTable, WorkerVTable, ABI_VERSION, DESCRIPTOR_SYMBOL, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
 };
 
@@ -303,21 +303,6 @@ impl HostBox {
 
     fn api(&self) -> *const HostApi {
         &*self.api
-    }
-}
-
-/// Run a host callback body: no panic may unwind into the plugin's frames.
-fn guarded(err: ErrorSink, f: impl FnOnce() -> Result<(), String>) -> i32 {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => STATUS_OK,
-        Ok(Err(e)) => {
-            err.report(&e);
-            STATUS_ERROR
-        }
-        Err(p) => {
-            err.report(&format!("the server failed the call: {}", panic_message(p.as_ref())));
-            STATUS_ERROR
-        }
     }
 }
 

@@ -371,24 +371,27 @@ pub trait Worker: Sized + Send + Sync + 'static {
     fn run(&self, stop: &Stop) -> Result<(), String>;
 }
 
+/// Run one side of an ABI call: `f`'s error goes to `err` as [`STATUS_ERROR`], a panic is caught (it must not
+/// unwind into the other side's frames) and reported as [`STATUS_PANIC`]. Used by the generated plugin entry
+/// points and by the server's host callbacks.
+pub fn guarded<F: FnOnce() -> Result<(), String>>(err: ErrorSink, f: F) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => STATUS_OK,
+        Ok(Err(e)) => {
+            err.report(&e);
+            STATUS_ERROR
+        }
+        Err(p) => {
+            err.report(&format!("panicked: {}", panic_message(p.as_ref())));
+            STATUS_PANIC
+        }
+    }
+}
+
 /// Support code for [`export_plugin!`]; not for direct use.
 #[doc(hidden)]
 pub mod glue {
     use super::*;
-
-    fn guarded<F: FnOnce() -> Result<(), String>>(err: ErrorSink, f: F) -> i32 {
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(Ok(())) => STATUS_OK,
-            Ok(Err(e)) => {
-                err.report(&e);
-                STATUS_ERROR
-            }
-            Err(p) => {
-                err.report(&format!("panicked: {}", panic_message(p.as_ref())));
-                STATUS_PANIC
-            }
-        }
-    }
 
     fn config_of(config: StrRef) -> Result<serde_json::Value, String> {
         let text = unsafe { config.as_str() }?;
