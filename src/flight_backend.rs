@@ -188,8 +188,8 @@ impl FlightBackend for EngineFlightBackend {
         Ok(s.boxed())
     }
 
-    async fn trigger_stream(&self, token: &str) -> Result<KeyedBatchStream, BackendError> {
-        self.ctx.trigger_streams.open(token).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))
+    async fn trigger_exchange(&self, token: &str, acks: mkts_flight::AckStream) -> Result<KeyedBatchStream, BackendError> {
+        self.ctx.trigger_streams.exchange(token, acks).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))
     }
 
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {

@@ -70,6 +70,9 @@ pub type BatchStream = BoxStream<'static, Result<RecordBatch, BackendError>>;
 /// One appended batch delivered to a subscription, with the key it was written to.
 pub type KeyedBatchStream = BoxStream<'static, (String, RecordBatch)>;
 
+/// Acknowledgements of a trigger exchange: each item is a number of batches handled by the client.
+pub type AckStream = BoxStream<'static, u64>;
+
 /// A bucket as listed by ListFlights.
 #[derive(Debug, Clone)]
 pub struct BucketListing {
@@ -89,11 +92,13 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
     /// Appended batches of keys matching `pattern` (`*` per segment), until dropped.
     async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError>;
-    /// The queued appends of an out-of-process trigger identified by its secret `token`. Every batch of one
-    /// stream has the same schema: the stream ends before an append of another schema, and the plugin asks
-    /// again (docs/plugins.md). At most one stream per trigger at a time.
-    async fn trigger_stream(&self, token: &str) -> Result<KeyedBatchStream, BackendError> {
-        let _ = token;
+    /// The queued appends of an out-of-process trigger identified by its secret `token` (DoExchange).
+    /// `acks` yields, for each client message, how many delivered batches the client has handled; a batch
+    /// not acknowledged when the exchange ends is delivered again on the next one. Every batch of one
+    /// exchange has the same schema: it ends before an append of another schema, and the plugin opens the
+    /// next (docs/plugins.md). At most one exchange per trigger at a time.
+    async fn trigger_exchange(&self, token: &str, acks: AckStream) -> Result<KeyedBatchStream, BackendError> {
+        let _ = (token, acks);
         Err(BackendError::new(tonic::Code::Unimplemented, "trigger streams are not supported"))
     }
     /// Every bucket with schema and row count.
@@ -290,6 +295,11 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
 }
 
 /// A small channel-backed stream helper (keeps the writer loop readable).
+/// `{"ack": n}` in a client message's app_metadata.
+fn parse_ack(meta: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(meta).ok()?.get("ack")?.as_u64()
+}
+
 fn async_stream<T, F, Fut>(f: F) -> Bs<T>
 where
     T: Send + 'static,
@@ -383,9 +393,8 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
             let s = self.backend.subscribe(pattern).await?;
             return Ok(Response::new(Self::subscription_stream(s)));
         }
-        if let Some(token) = &q.trigger {
-            let s = self.backend.trigger_stream(token).await?;
-            return Ok(Response::new(Self::subscription_stream(s)));
+        if q.trigger.is_some() {
+            return Err(Status::invalid_argument("a trigger ticket is opened with DoExchange, acknowledging each batch (docs/plugins.md)"));
         }
         let (schema, batches) = self.backend.query(q).await?;
         Ok(Response::new(Self::encode(schema, batches)))
@@ -417,8 +426,23 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         }
     }
 
-    async fn do_exchange(&self, _request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
-        Err(Status::unimplemented("DoExchange is not supported; use DoPut to write and DoGet to read or subscribe"))
+    /// DoExchange serves out-of-process triggers: the descriptor command is the trigger's ticket
+    /// (`{"trigger": secret}`), the server streams its appends, the client answers each handled batch with a
+    /// message whose `app_metadata` is `{"ack": n}`.
+    async fn do_exchange(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("DoExchange: empty stream"))?;
+        let desc = first.flight_descriptor.as_ref().ok_or_else(|| Status::invalid_argument("DoExchange: the first message needs a flight descriptor"))?;
+        let q = QueryTicket::parse(&desc.cmd).map_err(Status::invalid_argument)?;
+        let token = q.trigger.ok_or_else(|| {
+            Status::invalid_argument("DoExchange serves trigger streams only: the descriptor command is the trigger's ticket {\"trigger\": …}")
+        })?;
+        let first_ack = parse_ack(&first.app_metadata);
+        // A client error or half-close ends the acknowledgements, and with them the exchange.
+        let rest = stream.take_while(|m| futures::future::ready(m.is_ok())).filter_map(|m| futures::future::ready(m.ok().and_then(|m| parse_ack(&m.app_metadata))));
+        let acks = futures::stream::iter(first_ack).chain(rest).boxed();
+        let s = self.backend.trigger_exchange(&token, acks).await?;
+        Ok(Response::new(Self::subscription_stream(s)))
     }
 
     async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {

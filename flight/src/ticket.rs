@@ -49,7 +49,7 @@ pub struct QueryTicket {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<String>,
     /// The stream of an out-of-process trigger: the secret the plugin host handed the process (in
-    /// `MKTS_TRIGGER_TICKET`). Delivers that trigger's queued appends; ends when the schema changes.
+    /// `MKTS_TRIGGER_TICKET`), opened with DoExchange. Delivers that trigger's queued appends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
 }

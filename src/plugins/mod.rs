@@ -8,8 +8,8 @@
 //!   at the boundary and disables that plugin only.
 //! - **Out-of-process** ([`process`]): an executable in any language, started with its config and the
 //!   server's Flight address in its environment; a worker writes with DoPut, a trigger reads its appends
-//!   from a Flight stream. Supervised: output to the log, restarted with exponential backoff after a crash,
-//!   stopped at shutdown.
+//!   over a Flight DoExchange and acknowledges them (at least once across its crashes). Supervised: output
+//!   to the log, restarted with exponential backoff after a crash, stopped at shutdown.
 //!
 //! Triggers are fed from the engine's trigger bus: each has its own bounded subscription filtered by its
 //! `on:` pattern and its own thread, so a slow or stuck trigger never delays a write acknowledgement (its

@@ -2,16 +2,18 @@
 //!
 //! The host starts the executable with everything it needs in its environment (`MKTS_PLUGIN_*`,
 //! `MKTS_FLIGHT_ADDR`, …; the full protocol is in `docs/plugins.md`). A worker writes with DoPut like any
-//! client. A trigger does DoGet with the ticket in `MKTS_TRIGGER_TICKET` and receives the appends queued for
-//! it: one Flight stream of batches of one schema, each batch's `app_metadata` naming its key; before an
-//! append of another schema the stream ends and the plugin asks again.
+//! client. A trigger opens a DoExchange whose descriptor command is the ticket in `MKTS_TRIGGER_TICKET` and
+//! receives the appends queued for it: batches of one schema, each batch's `app_metadata` naming its key;
+//! it answers each handled batch with `{"ack": 1}`. Before an append of another schema the exchange ends
+//! and the plugin opens the next. Batches unacknowledged when a process dies are delivered again to its
+//! successor: delivery is at least once.
 //!
 //! [`Supervisor`] runs the process: stdout and stderr go to the server log line by line, an exit other than
 //! a clean one restarts it after an exponential backoff (0.5 s doubling to 30 s, reset after 30 s of
 //! uptime), and shutdown sends SIGTERM, then SIGKILL after 5 s. On Linux the child also gets SIGTERM if the
 //! server dies, so no plugin outlives it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, watch};
 
@@ -52,8 +54,12 @@ impl ServerAddrs {
     }
 }
 
+/// Batches a trigger process may hold unacknowledged: enough to hide the acknowledgement round trip, few
+/// enough that a crash redelivers little.
+const ACK_WINDOW: usize = 32;
+
 /// The delivery side of one out-of-process trigger: the trigger's thread pushes appends in, the Flight
-/// stream opened with the trigger's ticket takes them out.
+/// exchange opened with the trigger's ticket takes them out.
 struct Bridge {
     tx: mpsc::Sender<Arc<AppendEvent>>,
     rx: Arc<tokio::sync::Mutex<BridgeRx>>,
@@ -61,40 +67,94 @@ struct Bridge {
 
 struct BridgeRx {
     rx: mpsc::Receiver<Arc<AppendEvent>>,
-    /// An append of another schema than the stream that just ended: the next stream starts with it.
-    pending: Option<Arc<AppendEvent>>,
+    /// Sent on the current (or last) exchange and not acknowledged yet, oldest first.
+    unacked: VecDeque<Arc<AppendEvent>>,
+    /// To send before anything new: the unacknowledged batches of a broken exchange, or an append whose
+    /// schema ended the last one.
+    front: VecDeque<Arc<AppendEvent>>,
 }
 
 /// The trigger streams of the running out-of-process triggers, by ticket secret. The Flight service opens
-/// them for DoGet `{"trigger": secret}`.
+/// them for DoExchange on `{"trigger": secret}`.
 #[derive(Default)]
 pub struct TriggerStreams {
     bridges: parking_lot::Mutex<HashMap<String, Arc<Bridge>>>,
 }
 
-impl TriggerStreams {
-    /// The stream of the trigger holding `secret`: its appends, all of one schema, as `(key, batch)`.
-    /// Waits up to 10 s for a previous stream of the same trigger to be dropped (a restarted process
-    /// reconnecting before the server noticed the old connection is gone).
-    pub async fn open(&self, secret: &str) -> Result<BoxStream<'static, (String, RecordBatch)>, String> {
-        let bridge = self.bridges.lock().get(secret).cloned().ok_or_else(|| "unknown trigger ticket".to_string())?;
-        let guard = tokio::time::timeout(Duration::from_secs(10), bridge.rx.clone().lock_owned())
-            .await
-            .map_err(|_| "this trigger's stream is already open elsewhere".to_string())?;
-        let s = futures::stream::unfold((guard, None::<SchemaRef>), |(mut g, schema)| async move {
-            let ev = match g.pending.take() {
+/// One open exchange: the bridge (locked for the exchange's life), the acknowledgements, the schema.
+struct Exchange {
+    rx: tokio::sync::OwnedMutexGuard<BridgeRx>,
+    acks: BoxStream<'static, u64>,
+    schema: Option<SchemaRef>,
+}
+
+impl Exchange {
+    fn ack(&mut self, n: u64) {
+        for _ in 0..n {
+            if self.rx.unacked.pop_front().is_none() {
+                break;
+            }
+        }
+    }
+
+    /// The next batch to send, or `None` to end the exchange (client gone, trigger closed, or a schema
+    /// change once everything sent is acknowledged).
+    async fn next(&mut self) -> Option<(String, RecordBatch)> {
+        loop {
+            if self.rx.unacked.len() >= ACK_WINDOW {
+                let n = self.acks.next().await?;
+                self.ack(n);
+                continue;
+            }
+            let ev = match self.rx.front.pop_front() {
                 Some(ev) => ev,
-                None => g.rx.recv().await?,
+                None => {
+                    let BridgeRx { rx, .. } = &mut *self.rx;
+                    tokio::select! {
+                        ev = rx.recv() => ev?,
+                        n = self.acks.next() => {
+                            self.ack(n?);
+                            continue;
+                        }
+                    }
+                }
             };
             let ev_schema = ev.batch.schema();
-            if let Some(s) = &schema
+            if let Some(s) = &self.schema
                 && s.fields() != ev_schema.fields()
             {
-                g.pending = Some(ev);
+                // One schema per exchange: end it once the client has acknowledged what it holds.
+                self.rx.front.push_front(ev);
+                while !self.rx.unacked.is_empty() {
+                    let n = self.acks.next().await?;
+                    self.ack(n);
+                }
                 return None;
             }
-            Some(((ev.key.to_string(), ev.batch.clone()), (g, Some(ev_schema))))
-        });
+            self.schema = Some(ev_schema);
+            self.rx.unacked.push_back(ev.clone());
+            return Some((ev.key.to_string(), ev.batch.clone()));
+        }
+    }
+}
+
+impl TriggerStreams {
+    /// The exchange of the trigger holding `secret`: its appends, all of one schema, as `(key, batch)`,
+    /// at most [`ACK_WINDOW`] unacknowledged. Batches a previous exchange left unacknowledged come first.
+    /// Waits up to 10 s for a previous exchange of the same trigger to close (a restarted process
+    /// reconnecting before the server noticed the old connection is gone).
+    pub async fn exchange(&self, secret: &str, acks: BoxStream<'static, u64>) -> Result<BoxStream<'static, (String, RecordBatch)>, String> {
+        let bridge = self.bridges.lock().get(secret).cloned().ok_or_else(|| "unknown trigger ticket".to_string())?;
+        let mut rx = tokio::time::timeout(Duration::from_secs(10), bridge.rx.clone().lock_owned())
+            .await
+            .map_err(|_| "this trigger's stream is already open elsewhere".to_string())?;
+        // Whatever the last exchange did not get acknowledged is delivered again, first.
+        let redeliver = std::mem::take(&mut rx.unacked);
+        for ev in redeliver.into_iter().rev() {
+            rx.front.push_front(ev);
+        }
+        let ex = Exchange { rx, acks, schema: None };
+        let s = futures::stream::unfold(ex, |mut ex| async move { ex.next().await.map(|item| (item, ex)) });
         Ok(Box::pin(s))
     }
 
@@ -162,7 +222,7 @@ pub fn trigger(
     let flight = addrs.flight.ok_or_else(|| PluginError::Start("out-of-process plugins need the Flight port (grpc_listen_port)".into()))?;
     let secret = secret()?;
     let (tx, rx) = mpsc::channel(1);
-    let bridge = Arc::new(Bridge { tx, rx: Arc::new(tokio::sync::Mutex::new(BridgeRx { rx, pending: None })) });
+    let bridge = Arc::new(Bridge { tx, rx: Arc::new(tokio::sync::Mutex::new(BridgeRx { rx, unacked: VecDeque::new(), front: VecDeque::new() })) });
     ctx.trigger_streams.insert(secret.clone(), bridge.clone());
     let ticket = serde_json::json!({ "trigger": secret }).to_string();
     let env = vec![
@@ -378,4 +438,59 @@ async fn terminate(child: &mut tokio::process::Child, pid: u32) {
         tracing::warn!(pid, "plugin process ignored SIGTERM for {}s; killing it", TERM_GRACE.as_secs());
     }
     let _ = child.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn event(sym: &str, col: &str, v: i64) -> Arc<AppendEvent> {
+        let schema = Arc::new(Schema::new(vec![Field::new("Epoch", DataType::Int64, false), Field::new(col, DataType::Float64, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![v])), Arc::new(Float64Array::from(vec![v as f64]))]).unwrap();
+        Arc::new(AppendEvent { key: crate::engine::BucketKey::parse(&format!("{sym}/1Min/OHLCV")).unwrap(), lsn: v as u64, batch })
+    }
+
+    fn epoch(b: &RecordBatch) -> i64 {
+        b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0)
+    }
+
+    #[tokio::test]
+    async fn exchange_redelivers_unacknowledged_and_splits_on_schema() {
+        let streams = TriggerStreams::default();
+        let (tx, rx) = mpsc::channel(16);
+        let bridge = Arc::new(Bridge { tx, rx: Arc::new(tokio::sync::Mutex::new(BridgeRx { rx, unacked: VecDeque::new(), front: VecDeque::new() })) });
+        streams.insert("s".into(), bridge.clone());
+        for (sym, col, v) in [("A", "Open", 1), ("A", "Open", 2), ("A", "Open", 3), ("B", "Close", 4)] {
+            bridge.tx.send(event(sym, col, v)).await.unwrap();
+        }
+        assert!(streams.exchange("nope", futures::stream::empty().boxed()).await.is_err());
+
+        // First exchange: receives 1, 2, 3, acknowledges only 1, then breaks.
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let mut s = streams.exchange("s", tokio_stream::wrappers::UnboundedReceiverStream::new(ack_rx).boxed()).await.unwrap();
+        let got: Vec<i64> = vec![epoch(&s.next().await.unwrap().1), epoch(&s.next().await.unwrap().1), epoch(&s.next().await.unwrap().1)];
+        assert_eq!(got, [1, 2, 3]);
+        ack_tx.send(1).unwrap();
+        drop(ack_tx); // the process died
+        assert!(s.next().await.is_none());
+        drop(s);
+
+        // Second exchange: 2 and 3 again, then it ends before B's other schema once both are acknowledged.
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let mut s = streams.exchange("s", tokio_stream::wrappers::UnboundedReceiverStream::new(ack_rx).boxed()).await.unwrap();
+        assert_eq!(epoch(&s.next().await.unwrap().1), 2);
+        assert_eq!(epoch(&s.next().await.unwrap().1), 3);
+        ack_tx.send(2).unwrap();
+        assert!(s.next().await.is_none());
+        drop(s);
+
+        // Third: B.
+        let (_ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let mut s = streams.exchange("s", tokio_stream::wrappers::UnboundedReceiverStream::new(ack_rx).boxed()).await.unwrap();
+        let (key, b) = s.next().await.unwrap();
+        assert_eq!((key.as_str(), epoch(&b)), ("B/1Min/OHLCV", 4));
+        assert_eq!(b.schema().field(1).name(), "Close");
+    }
 }

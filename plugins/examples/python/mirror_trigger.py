@@ -6,34 +6,44 @@
         on: "*/1Min/OHLCV"
         config:
           destination: "{symbol}_MIRROR/{timeframe}/{attrgroup}"   # the default
+          exit_after: 0   # crash (exit 3) after mirroring this many batches in one run, before acknowledging
+                          # the last: shows the restart and the redelivery
 
-The server queues the appends matching `on` for this trigger; the process reads them with DoGet on the
-ticket in MKTS_TRIGGER_TICKET. Every batch of one stream has one schema and names its key in app_metadata;
-when the stream ends (the next append has another schema) the trigger simply asks again. Each batch is
-written back with DoPut. The trigger skips the keys it writes itself, so mirrors are not mirrored again.
-The protocol is in docs/plugins.md.
+The server queues the appends matching `on` for this trigger; the process reads them over a DoExchange
+whose descriptor is the ticket in MKTS_TRIGGER_TICKET, and acknowledges each batch once it is handled
+(unacknowledged batches are delivered again after a crash). Every batch of one exchange has one schema and
+names its key in app_metadata; when the exchange ends (the next append has another schema) the trigger
+simply opens another. Each batch is written back with DoPut. The trigger skips the keys it writes itself,
+so mirrors are not mirrored again. The protocol is in docs/plugins.md.
 """
 import json
 import os
 import signal
 import sys
 
+import pyarrow as pa
 import pyarrow.flight as flight
+
+ACK = pa.py_buffer(b'{"ack": 1}')
 
 
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     config = json.loads(os.environ.get("MKTS_PLUGIN_CONFIG") or "null") or {}
     destination = config.get("destination", "{symbol}_MIRROR/{timeframe}/{attrgroup}")
+    exit_after = config.get("exit_after", 0)
+    mirrored = 0
     client = flight.connect(os.environ["MKTS_FLIGHT_ADDR"])
-    ticket = flight.Ticket(os.environ["MKTS_TRIGGER_TICKET"].encode())
+    descriptor = flight.FlightDescriptor.for_command(os.environ["MKTS_TRIGGER_TICKET"])
     print(f"mirroring {os.environ['MKTS_PLUGIN_ON']} to {destination}", flush=True)
     written: set[str] = set()
-    while True:  # one stream per run of appends with the same schema
-        reader = client.do_get(ticket)
+    while True:  # one exchange per run of appends with the same schema
+        exchange, reader = client.do_exchange(descriptor)
+        exchange.write_metadata(pa.py_buffer(b'{"ack": 0}'))  # opens the exchange
         for chunk in reader:
             key = json.loads(chunk.app_metadata.to_pybytes())["key"]
             if key in written:
+                exchange.write_metadata(ACK)
                 continue
             symbol, timeframe, attrgroup = key.split("/")
             dest = destination.format(symbol=symbol, timeframe=timeframe, attrgroup=attrgroup)
@@ -44,6 +54,13 @@ def main() -> int:
             writer.done_writing()
             ack.read()
             writer.close()
+            mirrored += 1
+            print(f"mirrored {key} to {dest}: {batch.num_rows} rows from Epoch {batch.column(0)[0]}", flush=True)
+            if exit_after and mirrored >= exit_after:
+                print(f"exiting with status 3 after {mirrored} batches (exit_after)", file=sys.stderr, flush=True)
+                return 3
+            exchange.write_metadata(ACK)  # handled: the server will not deliver it again
+        exchange.close()
 
 
 if __name__ == "__main__":

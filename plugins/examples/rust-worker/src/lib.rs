@@ -8,6 +8,7 @@
 //!       key: TICKER/1Min/OHLCV   # where to write (the default)
 //!       interval_ms: 100         # pause between rows (default 1000)
 //!       count: 5                 # stop after this many rows in total (default: run until shutdown)
+//!       panic_after: 3           # optional: panic after writing this many rows (to see the isolation)
 //! ```
 //!
 //! Row `i` has `Epoch = i * 60` and `Value = i`. On start the worker reads the bucket back through the host
@@ -25,6 +26,7 @@ struct Ticker {
     key: String,
     interval: Duration,
     count: Option<u64>,
+    panic_after: Option<u64>,
 }
 
 impl Worker for Ticker {
@@ -32,7 +34,8 @@ impl Worker for Ticker {
         let key = config.get("key").and_then(|v| v.as_str()).unwrap_or("TICKER/1Min/OHLCV").to_string();
         let interval = Duration::from_millis(config.get("interval_ms").and_then(|v| v.as_u64()).unwrap_or(1000));
         let count = config.get("count").and_then(|v| v.as_u64());
-        Ok(Ticker { host, key, interval, count })
+        let panic_after = config.get("panic_after").and_then(|v| v.as_u64());
+        Ok(Ticker { host, key, interval, count, panic_after })
     }
 
     fn run(&self, stop: &Stop) -> Result<(), String> {
@@ -49,6 +52,9 @@ impl Worker for Ticker {
             .map_err(|e| e.to_string())?;
             self.host.write(&self.key, &batch)?;
             i += 1;
+            if self.panic_after.is_some_and(|n| i >= n) {
+                panic!("asked to panic after row {i}");
+            }
             if stop.sleep(self.interval) {
                 break;
             }
