@@ -375,7 +375,7 @@ fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
 }
 
 fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
-    Rows { len: hi - lo, cols: rows.cols.iter().zip(widths).map(|(c, w)| c.slice_with_length(lo * w, (hi - lo) * w)).collect() }
+    rows.slice(widths, lo, hi)
 }
 
 fn year_of(t: i64) -> i32 {
@@ -669,8 +669,8 @@ impl Engine {
         let b = self.bucket(key).ok_or_else(|| EngineError::NotFound(key.to_string()))?;
         let snap = b.snapshot();
         let rows = snap.iter().map(|p| p.rows).sum();
-        let first = snap.iter().find(|p| p.rows > 0).map(|p| p.epochs()[0]);
-        let last = snap.iter().rev().find(|p| p.rows > 0).map(|p| p.epochs()[p.rows - 1]);
+        let first = snap.iter().find(|p| p.rows > 0).map(|p| p.epoch(0));
+        let last = snap.iter().rev().find(|p| p.rows > 0).map(|p| p.epoch(p.rows - 1));
         Ok(BucketInfo {
             key: key.to_string(),
             schema: b.schema.clone(),
@@ -787,7 +787,7 @@ fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
     let mut batches = Vec::with_capacity(ranges.len());
     let mut rows = 0;
     for (i, lo, hi) in ranges {
-        batches.push(read::batch_of(&schema, &cols, &snap[i], lo, hi)?);
+        read::batches_of(&schema, &cols, &snap[i], lo, hi, &mut batches)?;
         rows += hi - lo;
     }
     Ok(BucketRead { key: b.key.clone(), kind: b.schema.kind, schema, batches, rows })

@@ -8,7 +8,14 @@
 //!   past their own count, so they are unaffected.
 //! - Out-of-order writes, overwrites and range deletes build a new generation directory `g<N+1>`, fsync it,
 //!   switch the manifest by rename, then publish. The old generation's files are unlinked; mappings held by
-//!   readers stay valid (a mapped file is never truncated or rewritten in place).
+//!   readers stay valid (a mapped file is never truncated).
+//! - Live feeds re-send the newest bars; copying a year to replace its last bar would cost O(partition) per
+//!   write. So after the first such overwrite the partition turns *hot*: every view it publishes from then
+//!   on takes its last [`TAIL_ROWS`] rows from heap copies instead of the mapping, and later overwrites of
+//!   rows within the last [`TAIL_ROWS`] are written in place with `pwrite`. No view ever reads those bytes
+//!   from the mapping (a view's mapped region ends `TAIL_ROWS` before its own row count, and row counts only
+//!   grow within a generation), so snapshots stay consistent. The log holds every overwrite, and replaying
+//!   one in place is idempotent.
 //! - The manifest (`manifest.json`) records the generation, the durable row count and the last applied log
 //!   sequence number; replay applies only records after it, so no write is applied twice.
 
@@ -28,6 +35,9 @@ use super::wal::sync_dir;
 /// Initial capacity of a new column file, in rows.
 const MIN_CAPACITY_ROWS: usize = 1024;
 
+/// Rows at the end of a hot partition that views copy to the heap and writers may overwrite in place.
+pub const TAIL_ROWS: usize = 128;
+
 /// Persisted partition state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Manifest {
@@ -46,6 +56,11 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// Rows `lo..hi` (zero-copy); `widths` are the physical column widths.
+    pub fn slice(&self, widths: &[usize], lo: usize, hi: usize) -> Rows {
+        Rows { len: hi - lo, cols: self.cols.iter().zip(widths).map(|(c, w)| c.slice_with_length(lo * w, (hi - lo) * w)).collect() }
+    }
+
     pub fn epoch(&self, i: usize) -> i64 {
         i64::from_le_bytes(self.cols[0][i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
     }
@@ -54,22 +69,50 @@ impl Rows {
     }
 }
 
-/// An immutable, zero-copy view of a partition's committed rows.
+/// An immutable view of a partition's committed rows: rows `0..split` zero-copy over the mapped files,
+/// rows `split..rows` from heap copies (hot partitions only; otherwise `split == rows`).
 #[derive(Debug, Clone)]
 pub struct PartView {
     pub year: i32,
     pub rows: usize,
-    /// One buffer per physical column, covering at least `rows` values (the whole mapped file).
+    /// One buffer per physical column over the mapped file; only rows `0..split` may be read from it.
     pub cols: Vec<Buffer>,
+    pub split: usize,
+    /// One buffer per physical column holding rows `split..rows`.
+    pub tail: Vec<Buffer>,
 }
 
 impl PartView {
-    /// The stored Epoch values.
-    pub fn epochs(&self) -> &[i64] {
+    /// Epoch of row `i`.
+    pub fn epoch(&self, i: usize) -> i64 {
+        if i < self.split { typed::<i64>(&self.cols[0], self.split)[i] } else { typed::<i64>(&self.tail[0], self.rows - self.split)[i - self.split] }
+    }
+
+    /// Nanoseconds of row `i` (variable buckets only).
+    pub fn nanos_at(&self, i: usize) -> i32 {
+        if i < self.split { typed::<i32>(&self.cols[1], self.split)[i] } else { typed::<i32>(&self.tail[1], self.rows - self.split)[i - self.split] }
+    }
+
+    /// Rows `lo..hi` as `(buffers, first row in them, row count)` pieces: one or two (mapped, heap).
+    pub fn pieces(&self, lo: usize, hi: usize) -> Vec<(&[Buffer], usize, usize)> {
+        let mut out = Vec::with_capacity(2);
+        if lo < self.split {
+            let h = hi.min(self.split);
+            out.push((self.cols.as_slice(), lo, h - lo));
+        }
+        if hi > self.split {
+            let l = lo.max(self.split);
+            out.push((self.tail.as_slice(), l - self.split, hi - l));
+        }
+        out
+    }
+
+    /// Every stored Epoch; only for dense views (`split == rows`), i.e. the writer's own.
+    fn epochs(&self) -> &[i64] {
         typed::<i64>(&self.cols[0], self.rows)
     }
-    /// The stored Nanoseconds values (variable buckets only).
-    pub fn nanos(&self) -> &[i32] {
+
+    fn nanos(&self) -> &[i32] {
         typed::<i32>(&self.cols[1], self.rows)
     }
 }
@@ -106,6 +149,8 @@ pub struct Partition {
     pub applied_lsn: u64,
     /// True when rows were appended since the last checkpoint.
     pub dirty: bool,
+    /// Views carry heap copies of the last [`TAIL_ROWS`] rows, so those may be overwritten in place.
+    hot: bool,
 }
 
 /// Physical column types of a bucket: Epoch, [Nanoseconds], then the data columns.
@@ -127,8 +172,9 @@ fn map_file(file: &File, path: &Path) -> Result<Buffer> {
     if len == 0 {
         return Ok(Buffer::from_vec(Vec::<u64>::new()));
     }
-    // SAFETY: the file is only ever grown (set_len upward) or unlinked, never truncated or rewritten
-    // below a published row count, so the mapped bytes stay valid for the mapping's lifetime.
+    // SAFETY: the file is only ever grown (set_len upward) or unlinked, never truncated, so the mapping stays
+    // valid for its lifetime. Bytes change in place only in the tail of a hot partition, which no view reads
+    // from the mapping (module docs).
     let mmap = unsafe { memmap2::Mmap::map(file) }.map_err(|e| EngineError::io(path, e))?;
     let ptr = NonNull::new(mmap.as_ptr() as *mut u8)
         .ok_or_else(|| EngineError::Corrupt { path: path.display().to_string(), reason: "null mapping".into() })?;
@@ -200,12 +246,28 @@ impl Partition {
             rows,
             applied_lsn,
             dirty: false,
+            hot: false,
         })
     }
 
     /// The current committed view for readers.
     pub fn view(&self) -> PartView {
-        PartView { year: self.year, rows: self.rows, cols: self.files.iter().map(|f| f.buffer.clone()).collect() }
+        let cols: Vec<Buffer> = self.files.iter().map(|f| f.buffer.clone()).collect();
+        if !self.hot {
+            return PartView { year: self.year, rows: self.rows, cols, split: self.rows, tail: Vec::new() };
+        }
+        let split = self.rows.saturating_sub(TAIL_ROWS);
+        let tail = self.files.iter().map(|f| Buffer::from(&f.buffer.as_slice()[split * f.width..self.rows * f.width])).collect();
+        PartView { year: self.year, rows: self.rows, cols, split, tail }
+    }
+
+    /// All rows straight from the mapping, as the writer (the only one who modifies them) sees them.
+    fn file_view(&self) -> PartView {
+        PartView { year: self.year, rows: self.rows, cols: self.files.iter().map(|f| f.buffer.clone()).collect(), split: self.rows, tail: Vec::new() }
+    }
+
+    fn widths(&self) -> Vec<usize> {
+        self.files.iter().map(|f| f.width).collect()
     }
 
     fn gen_dir(&self, g: u64) -> PathBuf {
@@ -216,7 +278,7 @@ impl Partition {
         if self.rows == 0 {
             return None;
         }
-        let v = self.view();
+        let v = self.file_view();
         let e = v.epochs()[self.rows - 1];
         let n = if self.kind == RecordKind::Variable { v.nanos()[self.rows - 1] } else { 0 };
         Some((e, n))
@@ -239,11 +301,54 @@ impl Partition {
         };
         if in_order {
             self.append(rows)?;
-        } else {
+        } else if !self.overwrite_tail_in_place(rows)? {
+            // The first overwrite near the end copies the partition once and makes it hot, so the next
+            // ones (a live feed re-sending its newest bar) are written in place.
+            let near_end = self.kind == RecordKind::Fixed && first.0 >= self.file_view().epochs()[self.rows.saturating_sub(TAIL_ROWS)];
             self.merge(rows, lsn)?;
+            self.hot |= near_end;
         }
         self.applied_lsn = lsn;
         Ok(())
+    }
+
+    /// Fixed buckets, hot partitions: when every new row either replaces one of the last [`TAIL_ROWS`] rows
+    /// or sorts after all of them, write the replacements in place and append the rest. False (nothing
+    /// written) otherwise.
+    fn overwrite_tail_in_place(&mut self, rows: &Rows) -> Result<bool> {
+        if !self.hot || self.kind != RecordKind::Fixed || self.rows == 0 {
+            return Ok(false);
+        }
+        let view = self.file_view();
+        let stored = view.epochs();
+        let floor = self.rows.saturating_sub(TAIL_ROWS);
+        let last = stored[self.rows - 1];
+        let mut targets = Vec::with_capacity(rows.len);
+        let mut appended_from = rows.len;
+        for j in 0..rows.len {
+            let e = rows.epoch(j);
+            if e > last {
+                appended_from = j;
+                break;
+            }
+            match stored[floor..].binary_search(&e) {
+                Ok(k) => targets.push(floor + k),
+                Err(_) => return Ok(false), // an insertion between stored rows, or before the tail
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            let file = open_rw(&f.path)?;
+            let src = rows.cols[i].as_slice();
+            for (j, &row) in targets.iter().enumerate() {
+                file.write_all_at(&src[j * f.width..(j + 1) * f.width], (row * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
+            }
+        }
+        self.dirty = true;
+        if appended_from < rows.len {
+            let widths = self.widths();
+            self.append(&rows.slice(&widths, appended_from, rows.len))?;
+        }
+        Ok(true)
     }
 
     fn append(&mut self, rows: &Rows) -> Result<()> {
@@ -374,7 +479,7 @@ impl Partition {
     }
 
     fn merge(&mut self, rows: &Rows, lsn: u64) -> Result<()> {
-        let view = self.view();
+        let view = self.file_view();
         let old_e = view.epochs();
         let old_n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
         // Plan: a list of (from_new, index) picks in output order.
@@ -444,7 +549,7 @@ impl Partition {
 
     /// Delete stored rows with `start <= (Epoch, Nanoseconds) <= end`. Returns rows removed.
     pub fn delete_range(&mut self, start: (i64, i32), end: (i64, i32), lsn: u64) -> Result<usize> {
-        let view = self.view();
+        let view = self.file_view();
         let e = view.epochs();
         let n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
         let key = |i: usize| (e[i], if n.is_empty() { 0 } else { n[i] });

@@ -103,17 +103,17 @@ pub fn decode_string16(c: &[u8]) -> String {
 
 /// Row range `[lo, hi)` of a partition inside `[start, end]` (inclusive).
 pub(crate) fn row_range(view: &PartView, kind: RecordKind, start: TimePoint, end: TimePoint) -> (usize, usize) {
-    let e = view.epochs();
+    let e = |i| view.epoch(i);
     match kind {
         RecordKind::Fixed => {
-            let lo = e.partition_point(|&x| x < start.secs);
-            let hi = e.partition_point(|&x| x <= end.secs);
+            let lo = partition_point_by(view.rows, |i| e(i) < start.secs);
+            let hi = partition_point_by(view.rows, |i| e(i) <= end.secs);
             (lo, hi.max(lo))
         }
         RecordKind::Variable => {
-            let n = view.nanos();
-            let lo = partition_point_by(e.len(), |i| (e[i], n[i]) < (start.secs, start.nanos));
-            let hi = partition_point_by(e.len(), |i| (e[i], n[i]) <= (end.secs, end.nanos));
+            let n = |i| view.nanos_at(i);
+            let lo = partition_point_by(view.rows, |i| (e(i), n(i)) < (start.secs, start.nanos));
+            let hi = partition_point_by(view.rows, |i| (e(i), n(i)) <= (end.secs, end.nanos));
             (lo, hi.max(lo))
         }
     }
@@ -132,11 +132,14 @@ fn partition_point_by(len: usize, pred: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
-/// One batch over rows `lo..hi` of a view.
-pub(crate) fn batch_of(schema: &SchemaRef, cols: &[OutCol], view: &PartView, lo: usize, hi: usize) -> Result<RecordBatch> {
-    let arrays: Vec<ArrayRef> =
-        cols.iter().map(|c| column_array(c.ty, &view.cols[c.phys], lo, hi - lo, c.phys == 0)).collect();
-    Ok(RecordBatch::try_new(schema.clone(), arrays)?)
+/// Rows `lo..hi` of a view as batches: one zero-copy over the mapping, plus one over the heap tail of a
+/// hot partition when the range reaches into it.
+pub(crate) fn batches_of(schema: &SchemaRef, cols: &[OutCol], view: &PartView, lo: usize, hi: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
+    for (bufs, first, len) in view.pieces(lo, hi) {
+        let arrays: Vec<ArrayRef> = cols.iter().map(|c| column_array(c.ty, &bufs[c.phys], first, len, c.phys == 0)).collect();
+        out.push(RecordBatch::try_new(schema.clone(), arrays)?);
+    }
+    Ok(())
 }
 
 /// The rows of a write as a batch in the bucket's read schema (for triggers).

@@ -239,3 +239,92 @@ fn bulk_direct_appends_replay_without_checkpoint() {
         e.shutdown().await.unwrap();
     });
 }
+
+fn generations(dir: &std::path::Path, key: &BucketKey, year: i32) -> Vec<String> {
+    let p = dir.join(&key.symbol).join(&key.timeframe).join(&key.attr_group).join(year.to_string());
+    let mut g: Vec<String> = std::fs::read_dir(p).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('g')).collect();
+    g.sort();
+    g
+}
+
+/// A live feed re-sending its newest bars: the first overwrite near the end copies the partition once, the
+/// next ones are written in place — and a reader's snapshot taken before never changes.
+#[test]
+fn tail_overwrites_are_in_place_and_keep_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("LIVE/1Min/OHLCV").unwrap();
+    let n = 5_000i64;
+    let ep: Vec<i64> = (0..n).map(|i| 1_700_000_000 - 1_700_000_000 % 60 + i * 60).collect();
+    let year = chrono::Utc.timestamp_opt(ep[0], 0).unwrap().year();
+    let last = ep[n as usize - 1];
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        let px: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        e.write(&key, &bars(&ep, &px), WriteOptions::default()).await.unwrap();
+        // First overwrite of the newest bar: copy-on-write, the partition turns hot.
+        e.write(&key, &bars(&[last], &[-1.0]), WriteOptions::default()).await.unwrap();
+        let g_hot = generations(dir.path(), &key, year);
+        assert_eq!(g_hot.len(), 1);
+        let before = e.read(&ReadRequest::key(&key)).unwrap();
+        // Next ones: in place (same generation), and a mix of overwrites and appends in one write.
+        e.write(&key, &bars(&[last], &[-2.0]), WriteOptions::default()).await.unwrap();
+        e.write(&key, &bars(&[last - 60, last, last + 60], &[-3.0, -4.0, -5.0]), WriteOptions::default()).await.unwrap();
+        assert_eq!(generations(dir.path(), &key, year), g_hot, "tail overwrites must not copy the partition");
+        // The old snapshot still shows what it showed.
+        let old_tail: Vec<f32> = before[0].batches.iter().flat_map(|b| b.column(1).as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()).collect();
+        assert_eq!(old_tail.len(), n as usize);
+        assert_eq!(&old_tail[n as usize - 2..], &[(n - 2) as f32, -1.0]);
+        let (eps, vals) = read_all(&e, &key);
+        assert_eq!(eps.len(), n as usize + 1);
+        assert_eq!(&vals[n as usize - 3..], &[(n - 3) as f32, -3.0, -4.0, -5.0]);
+        assert_eq!(*eps.last().unwrap(), last + 60);
+        // Ranges across the mapped part and the heap tail, and limits.
+        let mut r = ReadRequest::key(&key);
+        r.start = Some(TimePoint::secs(last - 300));
+        r.end = Some(TimePoint::secs(last));
+        let got = e.read(&r).unwrap();
+        assert_eq!(got[0].rows, 6);
+        let v: Vec<f32> = got[0].batches.iter().flat_map(|b| b.column(1).as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()).collect();
+        assert_eq!(v, vec![(n - 6) as f32, (n - 5) as f32, (n - 4) as f32, (n - 3) as f32, -3.0, -4.0]);
+        assert_eq!(e.info(&key).unwrap().last_epoch, Some(last + 60));
+        // An overwrite far from the end still merges (a new generation), correctly.
+        e.write(&key, &bars(&[ep[10]], &[7.0]), WriteOptions::default()).await.unwrap();
+        assert_eq!(read_all(&e, &key).1[10], 7.0);
+        e.write(&key, &bars(&[last], &[-6.0]), WriteOptions::default()).await.unwrap();
+        e.shutdown().await.unwrap();
+    });
+    // After a restart (replay or checkpoint), the last values stand.
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        let (eps, vals) = read_all(&e, &key);
+        assert_eq!(eps.len(), n as usize + 1);
+        assert_eq!(&vals[n as usize - 1..], &[-6.0, -5.0]);
+        assert_eq!(vals[10], 7.0);
+        e.shutdown().await.unwrap();
+    });
+}
+
+/// In-place tail overwrites are logged first: a crash before any checkpoint replays them.
+#[test]
+fn tail_overwrites_replay_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("CRASHT/1Min/OHLCV").unwrap();
+    let ep: Vec<i64> = (0..500).map(|i| 1_700_000_040 + i * 60).collect();
+    let last = ep[499];
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        e.write(&key, &bars(&ep, &vec![1.0; 500]), WriteOptions::default()).await.unwrap();
+        for v in 0..5 {
+            e.write(&key, &bars(&[last], &[v as f32]), WriteOptions::default()).await.unwrap();
+        }
+        drop(e); // crash: no checkpoint
+    });
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        let (eps, vals) = read_all(&e, &key);
+        assert_eq!(eps.len(), 500);
+        assert_eq!(vals[499], 4.0);
+        assert_eq!(vals[498], 1.0);
+        e.shutdown().await.unwrap();
+    });
+}
