@@ -374,6 +374,24 @@ fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
     Some(out)
 }
 
+/// Every column file of every partition stays mapped, and Linux caps a process's mappings at
+/// `vm.max_map_count` (65530 by default); past it, new partitions fail to map. Say so at start-up, with the
+/// fix, while there is room left.
+fn warn_if_near_map_limit(catalog: &BTreeMap<BucketKey, Arc<Bucket>>) {
+    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse::<usize>().ok()) else {
+        return;
+    };
+    let maps: usize = catalog.values().map(|b| b.parts.lock().values().map(|p| p.column_count()).sum::<usize>()).sum();
+    if maps * 2 > limit {
+        tracing::warn!(
+            mapped_files = maps,
+            max_map_count = limit,
+            "the data set maps {maps} column files, more than half of vm.max_map_count ({limit}); raise it before it runs out, e.g. `sysctl -w vm.max_map_count={}`",
+            (maps * 4).max(262_144)
+        );
+    }
+}
+
 fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
     rows.slice(widths, lo, hi)
 }
@@ -470,6 +488,7 @@ impl Engine {
         if replayed > 0 {
             tracing::info!(records = replayed, last_lsn = wal_max, "replayed the write-ahead log");
         }
+        warn_if_near_map_limit(&catalog);
         let mut walw = WalWriter::create(&wal_dir, max_lsn + 1)?;
         walw.rotate_and_trim(max_lsn + 1)?;
 

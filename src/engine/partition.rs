@@ -175,7 +175,14 @@ fn map_file(file: &File, path: &Path) -> Result<Buffer> {
     // SAFETY: the file is only ever grown (set_len upward) or unlinked, never truncated, so the mapping stays
     // valid for its lifetime. Bytes change in place only in the tail of a hot partition, which no view reads
     // from the mapping (module docs).
-    let mmap = unsafe { memmap2::Mmap::map(file) }.map_err(|e| EngineError::io(path, e))?;
+    let mmap = unsafe { memmap2::Mmap::map(file) }.map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            // Almost always the per-process mapping limit, not memory.
+            EngineError::io(path, std::io::Error::other(format!("{e}: too many mapped files? raise vm.max_map_count (sysctl -w vm.max_map_count=262144)")))
+        } else {
+            EngineError::io(path, e)
+        }
+    })?;
     let ptr = NonNull::new(mmap.as_ptr() as *mut u8)
         .ok_or_else(|| EngineError::Corrupt { path: path.display().to_string(), reason: "null mapping".into() })?;
     let n = mmap.len();
@@ -578,6 +585,11 @@ impl Partition {
         self.manifest = m;
         self.dirty = false;
         Ok(())
+    }
+
+    /// Column files (each one mapping).
+    pub fn column_count(&self) -> usize {
+        self.files.len()
     }
 
     /// Record kind of the bucket.
