@@ -272,6 +272,23 @@ impl FlightBackend for EngineFlightBackend {
                 Ok(json!(list))
             }
             "server_version" => Ok(json!({ "version": VERSION })),
+            "plugins" => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let list: Vec<serde_json::Value> = self
+                    .ctx
+                    .metrics
+                    .plugins()
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "entry": p.entry, "role": p.role, "module": p.module, "kind": p.kind,
+                            "up": p.up.load(Relaxed), "fired": p.fired.load(Relaxed), "dropped": p.dropped.load(Relaxed),
+                            "queued": p.queued.as_ref().map(|q| q()), "errors": p.errors.load(Relaxed), "restarts": p.restarts.load(Relaxed),
+                        })
+                    })
+                    .collect();
+                Ok(json!({ "plugins": list }))
+            }
             other => Err(BackendError::new(Code::Unimplemented, format!("unknown action {other:?}"))),
         }
     }

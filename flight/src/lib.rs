@@ -128,6 +128,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("delete_range", "Delete rows with epoch_start <= Epoch <= epoch_end (inclusive): {\"key\", \"epoch_start\", \"epoch_end\"}"),
     ("list_symbols", "List symbols ({\"format\": \"symbol\"}, default) or full keys ({\"format\": \"tbk\"})"),
     ("server_version", "The server version"),
+    ("plugins", "Configured triggers and background workers with their state: up, fired, dropped, queued, errors, restarts"),
 ];
 
 type Bs<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;

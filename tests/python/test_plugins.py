@@ -134,6 +134,11 @@ bgworkers:
     m = metrics(srv)
     assert m[("mkts_plugin_up", "triggers[0]")] == 1
     assert m[("mkts_trigger_fired_total", "triggers[0]")] >= 4
+    # The same state as a Flight action.
+    state = json.loads(next(iter(c.do_action(flight.Action("plugins", b"")))).body.to_pybytes())["plugins"]
+    assert [(p["entry"], p["role"], p["kind"]) for p in state] == [("triggers[0]", "trigger", "shared_library"), ("bgworkers[0]", "worker", "shared_library")]
+    assert state[0]["up"] is True and state[0]["dropped"] == 0 and state[0]["queued"] == 0 and state[0]["fired"] >= 4
+    assert state[1]["queued"] is None
     assert m[("mkts_trigger_dropped_total", "triggers[0]")] == 0
     assert srv.stop() == 0
     log = srv.log()
