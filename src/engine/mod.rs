@@ -224,6 +224,19 @@ impl Bucket {
         self.view.read().clone()
     }
 
+    /// Map the partitions of `years` that are not mapped yet (first read of them) and publish views that
+    /// include their buffers.
+    fn map_years(&self, years: &[i32]) -> Result<()> {
+        let mut parts = self.parts.lock();
+        for y in years {
+            if let Some(p) = parts.get_mut(y) {
+                p.ensure_mapped()?;
+            }
+        }
+        self.publish(&parts);
+        Ok(())
+    }
+
     /// Split sorted rows by UTC year (zero-copy slices).
     fn year_slices(&self, rows: &Rows) -> Vec<(i32, Rows)> {
         let mut out = Vec::new();
@@ -374,9 +387,9 @@ fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
     Some(out)
 }
 
-/// Every column file of every partition stays mapped, and Linux caps a process's mappings at
-/// `vm.max_map_count` (65530 by default); past it, new partitions fail to map. Say so at start-up, with the
-/// fix, while there is room left.
+/// Partitions are mapped when first read or written and stay mapped, and Linux caps a process's mappings
+/// at `vm.max_map_count` (65530 by default); past it, further partitions fail to map. Say so at start-up,
+/// with the fix, when reading everything would get near it.
 fn warn_if_near_map_limit(catalog: &BTreeMap<BucketKey, Arc<Bucket>>) {
     let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse::<usize>().ok()) else {
         return;
@@ -386,7 +399,7 @@ fn warn_if_near_map_limit(catalog: &BTreeMap<BucketKey, Arc<Bucket>>) {
         tracing::warn!(
             mapped_files = maps,
             max_map_count = limit,
-            "the data set maps {maps} column files, more than half of vm.max_map_count ({limit}); raise it before it runs out, e.g. `sysctl -w vm.max_map_count={}`",
+            "the data set has {maps} column files, more than half of vm.max_map_count ({limit}): reading all of it would map them all; raise the limit, e.g. `sysctl -w vm.max_map_count={}`",
             (maps * 4).max(262_144)
         );
     }
@@ -688,8 +701,8 @@ impl Engine {
         let b = self.bucket(key).ok_or_else(|| EngineError::NotFound(key.to_string()))?;
         let snap = b.snapshot();
         let rows = snap.iter().map(|p| p.rows).sum();
-        let first = snap.iter().find(|p| p.rows > 0).map(|p| p.epoch(0));
-        let last = snap.iter().rev().find(|p| p.rows > 0).map(|p| p.epoch(p.rows - 1));
+        let first = snap.iter().find(|p| p.rows > 0).and_then(|p| p.first);
+        let last = snap.iter().rev().find(|p| p.rows > 0).and_then(|p| p.last);
         Ok(BucketInfo {
             key: key.to_string(),
             schema: b.schema.clone(),
@@ -758,7 +771,7 @@ impl Engine {
 }
 
 fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
-    let snap = b.snapshot();
+    let mut snap = b.snapshot();
     let (schema, cols) = read::projection(&b.schema, req.columns.as_deref());
     let mut start = req.start.unwrap_or(TimePoint::MIN);
     let end = req.end.unwrap_or(TimePoint::MAX);
@@ -766,9 +779,16 @@ fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
         // Fixed buckets filter at interval granularity: a start inside an interval includes its bar.
         start = TimePoint::secs(b.key.tf().truncate(start.secs));
     }
+    // Partitions that can hold rows of the range (by their first/last Epoch) must be mapped to be read.
+    let overlaps = |p: &PartView| p.rows > 0 && p.first.is_none_or(|f| f <= end.secs) && p.last.is_none_or(|l| l >= start.secs);
+    let unmapped: Vec<i32> = snap.iter().filter(|p| overlaps(p) && !p.mapped).map(|p| p.year).collect();
+    if !unmapped.is_empty() {
+        b.map_years(&unmapped)?;
+        snap = b.snapshot();
+    }
     let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
     for (i, p) in snap.iter().enumerate() {
-        if p.rows == 0 {
+        if !overlaps(p) || !p.mapped {
             continue;
         }
         let (lo, hi) = read::row_range(p, b.schema.kind, start, end);

@@ -16,6 +16,8 @@
 //!   from the mapping (a view's mapped region ends `TAIL_ROWS` before its own row count, and row counts only
 //!   grow within a generation), so snapshots stay consistent. The log holds every overwrite, and replaying
 //!   one in place is idempotent.
+//! - Files are mapped lazily: a partition is mapped when it is first read or written, so a catalog with
+//!   decades of history starts without mapping it, and `vm.max_map_count` bounds only what is in use.
 //! - The manifest (`manifest.json`) records the generation, the durable row count and the last applied log
 //!   sequence number; replay applies only records after it, so no write is applied twice.
 
@@ -70,11 +72,16 @@ impl Rows {
 }
 
 /// An immutable view of a partition's committed rows: rows `0..split` zero-copy over the mapped files,
-/// rows `split..rows` from heap copies (hot partitions only; otherwise `split == rows`).
+/// rows `split..rows` from heap copies (hot partitions only; otherwise `split == rows`). A partition not
+/// mapped yet has `mapped == false` and no buffers; readers ask the engine to map it first.
 #[derive(Debug, Clone)]
 pub struct PartView {
     pub year: i32,
     pub rows: usize,
+    pub mapped: bool,
+    /// Epoch of the first and last row (known without mapping).
+    pub first: Option<i64>,
+    pub last: Option<i64>,
     /// One buffer per physical column over the mapped file; only rows `0..split` may be read from it.
     pub cols: Vec<Buffer>,
     pub split: usize,
@@ -127,7 +134,18 @@ fn typed<T: arrow::datatypes::ArrowNativeType>(b: &Buffer, rows: usize) -> &[T] 
 struct ColumnFile {
     path: PathBuf,
     width: usize,
-    buffer: Buffer,
+    /// `None` until the partition is first read or written.
+    buffer: Option<Buffer>,
+}
+
+impl ColumnFile {
+    fn mapped(&self) -> Buffer {
+        self.buffer.clone().unwrap_or_else(|| Buffer::from_vec(Vec::<u64>::new()))
+    }
+}
+
+fn read_at(path: &Path, buf: &mut [u8], offset: usize) -> Result<()> {
+    File::open(path).and_then(|f| f.read_exact_at(buf, offset as u64)).map_err(|e| EngineError::io(path, e))
 }
 
 fn open_rw(path: &Path) -> Result<File> {
@@ -151,6 +169,9 @@ pub struct Partition {
     pub dirty: bool,
     /// Views carry heap copies of the last [`TAIL_ROWS`] rows, so those may be overwritten in place.
     hot: bool,
+    /// `(Epoch, Nanoseconds)` of the first and last row, kept without mapping.
+    first_key: Option<(i64, i32)>,
+    last_key: Option<(i64, i32)>,
 }
 
 /// Physical column types of a bucket: Epoch, [Nanoseconds], then the data columns.
@@ -237,11 +258,20 @@ impl Partition {
                 });
             }
             capacity = capacity.min(len / ty.width());
-            let buffer = map_file(&file, &p)?;
-            files.push(ColumnFile { path: p, width: ty.width(), buffer });
+            files.push(ColumnFile { path: p, width: ty.width(), buffer: None });
         }
         let rows = manifest.rows;
         let applied_lsn = manifest.applied_lsn;
+        let key_at = |i: usize| -> Result<(i64, i32)> {
+            let mut e = [0u8; 8];
+            read_at(&files[0].path, &mut e, i * 8)?;
+            let mut n = [0u8; 4];
+            if kind == RecordKind::Variable {
+                read_at(&files[1].path, &mut n, i * 4)?;
+            }
+            Ok((i64::from_le_bytes(e), i32::from_le_bytes(n)))
+        };
+        let (first_key, last_key) = if rows > 0 { (Some(key_at(0)?), Some(key_at(rows - 1)?)) } else { (None, None) };
         Ok(Partition {
             year,
             dir: dir.to_path_buf(),
@@ -254,23 +284,62 @@ impl Partition {
             applied_lsn,
             dirty: false,
             hot: false,
+            first_key,
+            last_key,
         })
+    }
+
+    /// Map the column files (no-op when mapped). The writer maps before every change; readers through
+    /// the engine before reading a partition the first time.
+    pub fn ensure_mapped(&mut self) -> Result<()> {
+        for f in &mut self.files {
+            if f.buffer.is_none() {
+                let file = open_rw(&f.path)?;
+                f.buffer = Some(map_file(&file, &f.path)?);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.files.iter().all(|f| f.buffer.is_some())
+    }
+
+    /// Re-read the first and last keys from the (mapped) files after a change.
+    fn refresh_bounds(&mut self) {
+        if self.rows == 0 {
+            self.first_key = None;
+            self.last_key = None;
+            return;
+        }
+        let v = self.file_view();
+        let key = |i: usize| (v.epochs()[i], if self.kind == RecordKind::Variable { v.nanos()[i] } else { 0 });
+        self.first_key = Some(key(0));
+        self.last_key = Some(key(self.rows - 1));
     }
 
     /// The current committed view for readers.
     pub fn view(&self) -> PartView {
-        let cols: Vec<Buffer> = self.files.iter().map(|f| f.buffer.clone()).collect();
+        let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
+        let base = PartView { year: self.year, rows: self.rows, mapped: false, first, last, cols: Vec::new(), split: self.rows, tail: Vec::new() };
+        if !self.is_mapped() {
+            return base;
+        }
+        let cols: Vec<Buffer> = self.files.iter().map(|f| f.mapped()).collect();
         if !self.hot {
-            return PartView { year: self.year, rows: self.rows, cols, split: self.rows, tail: Vec::new() };
+            return PartView { mapped: true, cols, ..base };
         }
         let split = self.rows.saturating_sub(TAIL_ROWS);
-        let tail = self.files.iter().map(|f| Buffer::from(&f.buffer.as_slice()[split * f.width..self.rows * f.width])).collect();
-        PartView { year: self.year, rows: self.rows, cols, split, tail }
+        let tail = cols.iter().zip(&self.files).map(|(b, f)| Buffer::from(&b.as_slice()[split * f.width..self.rows * f.width])).collect();
+        PartView { mapped: true, cols, split, tail, ..base }
     }
 
-    /// All rows straight from the mapping, as the writer (the only one who modifies them) sees them.
+    /// All rows straight from the mapping, as the writer (the only one who modifies them) sees them. Only
+    /// after [`Partition::ensure_mapped`].
     fn file_view(&self) -> PartView {
-        PartView { year: self.year, rows: self.rows, cols: self.files.iter().map(|f| f.buffer.clone()).collect(), split: self.rows, tail: Vec::new() }
+        let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
+        let cols = self.files.iter().map(|f| f.mapped()).collect();
+        PartView { year: self.year, rows: self.rows, mapped: true, first, last, cols, split: self.rows, tail: Vec::new() }
     }
 
     fn widths(&self) -> Vec<usize> {
@@ -282,13 +351,7 @@ impl Partition {
     }
 
     fn last_key(&self) -> Option<(i64, i32)> {
-        if self.rows == 0 {
-            return None;
-        }
-        let v = self.file_view();
-        let e = v.epochs()[self.rows - 1];
-        let n = if self.kind == RecordKind::Variable { v.nanos()[self.rows - 1] } else { 0 };
-        Some((e, n))
+        self.last_key
     }
 
     /// Apply sorted rows (fixed: unique truncated epochs, last write already chosen). Appends when every new
@@ -298,6 +361,7 @@ impl Partition {
             self.applied_lsn = lsn;
             return Ok(());
         }
+        self.ensure_mapped()?;
         let first = (rows.epoch(0), if self.kind == RecordKind::Variable { rows.nanos(0) } else { 0 });
         let in_order = match self.last_key() {
             None => true,
@@ -315,6 +379,7 @@ impl Partition {
             self.merge(rows, lsn)?;
             self.hot |= near_end;
         }
+        self.refresh_bounds();
         self.applied_lsn = lsn;
         Ok(())
     }
@@ -368,8 +433,8 @@ impl Partition {
                 file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
             }
             file.write_all_at(rows.cols[i].as_slice(), (self.rows * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
-            if grow {
-                f.buffer = map_file(&file, &f.path)?;
+            if grow && f.buffer.is_some() {
+                f.buffer = Some(map_file(&file, &f.path)?);
             }
         }
         self.capacity = new_cap;
@@ -411,8 +476,8 @@ impl Partition {
             crc = crc32c::crc32c_append(crc, bytes);
             file.write_all_at(bytes, (start * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
             file.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
-            if grow {
-                f.buffer = map_file(&file, &f.path)?;
+            if grow && f.buffer.is_some() {
+                f.buffer = Some(map_file(&file, &f.path)?);
             }
         }
         self.capacity = new_cap;
@@ -434,9 +499,10 @@ impl Partition {
         if start + n > self.capacity {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}) beyond the column files") });
         }
+        self.ensure_mapped()?;
         let mut got = 0u32;
         for f in &self.files {
-            got = crc32c::crc32c_append(got, &f.buffer.as_slice()[start * f.width..(start + n) * f.width]);
+            got = crc32c::crc32c_append(got, &f.mapped().as_slice()[start * f.width..(start + n) * f.width]);
         }
         if got != crc {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}): checksum mismatch") });
@@ -444,6 +510,7 @@ impl Partition {
         self.rows = start + n;
         self.applied_lsn = lsn;
         self.dirty = true;
+        self.refresh_bounds();
         Ok(())
     }
 
@@ -469,7 +536,7 @@ impl Partition {
             file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&p, e))?;
             file.sync_data().map_err(|e| EngineError::io(&p, e))?;
             let buffer = map_file(&file, &p)?;
-            files.push(ColumnFile { path: p, width: ty.width(), buffer });
+            files.push(ColumnFile { path: p, width: ty.width(), buffer: Some(buffer) });
         }
         sync_dir(&gdir)?;
         let m = Manifest { generation: g, rows: n, applied_lsn: lsn };
@@ -556,6 +623,7 @@ impl Partition {
 
     /// Delete stored rows with `start <= (Epoch, Nanoseconds) <= end`. Returns rows removed.
     pub fn delete_range(&mut self, start: (i64, i32), end: (i64, i32), lsn: u64) -> Result<usize> {
+        self.ensure_mapped()?;
         let view = self.file_view();
         let e = view.epochs();
         let n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
@@ -567,6 +635,7 @@ impl Partition {
             let empty = Rows { len: 0, cols: vec![Buffer::from_vec(Vec::<u8>::new()); self.types.len()] };
             let cols = self.gather(&view, &empty, &picks);
             self.rewrite(picks.len(), cols, lsn)?;
+            self.refresh_bounds();
         }
         self.applied_lsn = lsn;
         Ok(removed)

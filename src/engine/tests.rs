@@ -363,3 +363,48 @@ fn tail_overwrites_never_tear_a_snapshot() {
         e.shutdown().await.unwrap();
     });
 }
+
+fn mapped_files_under(dir: &std::path::Path) -> usize {
+    let d = dir.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.contains(d)).count()
+}
+
+/// A reopened catalog maps nothing until read; info needs no mapping; a read maps only the years it
+/// touches.
+#[test]
+fn partitions_are_mapped_when_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("LAZY/1D/OHLCV").unwrap();
+    // One bar a year for ten years: ten partitions.
+    let ep: Vec<i64> = (0..10).map(|y| 1_262_304_000 + y * 366 * 86_400).collect();
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        e.write(&key, &bars(&ep, &(0..10).map(|i| i as f32).collect::<Vec<_>>()), WriteOptions::default()).await.unwrap();
+        e.shutdown().await.unwrap();
+    });
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        assert_eq!(mapped_files_under(dir.path()), 0, "nothing mapped at start-up");
+        let info = e.info(&key).unwrap();
+        assert_eq!((info.rows, info.first_epoch, info.last_epoch), (10, Some(ep[0]), Some(ep[9])));
+        assert_eq!(mapped_files_under(dir.path()), 0, "info needs no mapping");
+        // A range inside one year maps that year only (Epoch + Open = 2 files).
+        let mut r = ReadRequest::key(&key);
+        r.start = Some(TimePoint::secs(ep[3] - 10));
+        r.end = Some(TimePoint::secs(ep[3] + 10));
+        let got = e.read(&r).unwrap();
+        assert_eq!(got[0].rows, 1);
+        assert_eq!(got[0].batches[0].column(1).as_primitive::<arrow::datatypes::Float32Type>().value(0), 3.0);
+        assert_eq!(mapped_files_under(dir.path()), 2);
+        let (eps, vals) = read_all(&e, &key);
+        assert_eq!((eps, vals), (ep.clone(), (0..10).map(|i| i as f32).collect::<Vec<_>>()));
+        // Writing to an unmapped partition maps it first (append, then an overwrite merge).
+        e.write(&key, &bars(&[ep[9] + 86_400], &[10.0]), WriteOptions::default()).await.unwrap();
+        e.write(&key, &bars(&[ep[0]], &[-1.0]), WriteOptions::default()).await.unwrap();
+        let (eps, vals) = read_all(&e, &key);
+        assert_eq!(eps.len(), 11);
+        assert_eq!((vals[0], vals[10]), (-1.0, 10.0));
+        assert_eq!(e.info(&key).unwrap().last_epoch, Some(ep[9] + 86_400));
+        e.shutdown().await.unwrap();
+    });
+}
