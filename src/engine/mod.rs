@@ -74,6 +74,9 @@ pub struct EngineConfig {
     pub wal_segment_bytes: u64,
     /// Checkpoint at least this often while there are unflushed appends.
     pub checkpoint_interval: Duration,
+    /// Column files kept mapped at most (checked at every checkpoint tick): past it, the least recently used
+    /// partitions are unmapped. Default: half of `vm.max_map_count`.
+    pub max_mapped_files: usize,
 }
 
 impl EngineConfig {
@@ -83,6 +86,11 @@ impl EngineConfig {
             policy: Policy::default(),
             wal_segment_bytes: 256 << 20,
             checkpoint_interval: Duration::from_secs(10),
+            max_mapped_files: std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .map(|n| n / 2)
+                .unwrap_or(32_768),
         }
     }
 }
@@ -387,24 +395,6 @@ fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
     Some(out)
 }
 
-/// Partitions are mapped when first read or written and stay mapped, and Linux caps a process's mappings
-/// at `vm.max_map_count` (65530 by default); past it, further partitions fail to map. Say so at start-up,
-/// with the fix, when reading everything would get near it.
-fn warn_if_near_map_limit(catalog: &BTreeMap<BucketKey, Arc<Bucket>>) {
-    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse::<usize>().ok()) else {
-        return;
-    };
-    let maps: usize = catalog.values().map(|b| b.parts.lock().values().map(|p| p.column_count()).sum::<usize>()).sum();
-    if maps * 2 > limit {
-        tracing::warn!(
-            mapped_files = maps,
-            max_map_count = limit,
-            "the data set has {maps} column files, more than half of vm.max_map_count ({limit}): reading all of it would map them all; raise the limit, e.g. `sysctl -w vm.max_map_count={}`",
-            (maps * 4).max(262_144)
-        );
-    }
-}
-
 fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
     rows.slice(widths, lo, hi)
 }
@@ -501,7 +491,6 @@ impl Engine {
         if replayed > 0 {
             tracing::info!(records = replayed, last_lsn = wal_max, "replayed the write-ahead log");
         }
-        warn_if_near_map_limit(&catalog);
         let mut walw = WalWriter::create(&wal_dir, max_lsn + 1)?;
         walw.rotate_and_trim(max_lsn + 1)?;
 
@@ -791,6 +780,7 @@ fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
         if !overlaps(p) || !p.mapped {
             continue;
         }
+        p.touch();
         let (lo, hi) = read::row_range(p, b.schema.kind, start, end);
         if hi > lo {
             ranges.push((i, lo, hi));
@@ -1235,6 +1225,7 @@ impl Writer {
                     if let Err(e) = &r {
                         self.fail(inner, e);
                     }
+                    unmap_coldest(inner, self.cfg.max_mapped_files);
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
                     }
@@ -1342,6 +1333,47 @@ impl Writer {
         self.last_checkpoint = Instant::now();
         Ok(())
     }
+}
+
+/// Keep at most `budget` column files mapped: unmap the least recently used partitions (down to 80% of the
+/// budget, so this does not run at every tick). Readers holding batches keep their own mappings alive.
+fn unmap_coldest(inner: &Inner, budget: usize) {
+    let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
+    let mut mapped: Vec<(u64, usize, usize, i32)> = Vec::new(); // (last used, files, bucket index, year)
+    for (bi, b) in buckets.iter().enumerate() {
+        for (year, p) in b.parts.lock().iter() {
+            let (files, used) = p.mapping_state();
+            if files > 0 {
+                mapped.push((used, files, bi, *year));
+            }
+        }
+    }
+    let mut total: usize = mapped.iter().map(|m| m.1).sum();
+    if total <= budget {
+        return;
+    }
+    mapped.sort_unstable();
+    let target = budget - budget / 5;
+    let mut touched: BTreeMap<usize, Vec<i32>> = BTreeMap::new();
+    for (_, files, bi, year) in mapped {
+        if total <= target {
+            break;
+        }
+        touched.entry(bi).or_default().push(year);
+        total -= files;
+    }
+    let mut unmapped = 0;
+    for (bi, years) in touched {
+        let b = &buckets[bi];
+        let mut parts = b.parts.lock();
+        for y in years {
+            if let Some(p) = parts.get_mut(&y) {
+                unmapped += p.unmap();
+            }
+        }
+        b.publish(&parts);
+    }
+    tracing::debug!(unmapped, budget, "unmapped the least recently used partitions");
 }
 
 fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64) {

@@ -17,7 +17,8 @@
 //!   grow within a generation), so snapshots stay consistent. The log holds every overwrite, and replaying
 //!   one in place is idempotent.
 //! - Files are mapped lazily: a partition is mapped when it is first read or written, so a catalog with
-//!   decades of history starts without mapping it, and `vm.max_map_count` bounds only what is in use.
+//!   decades of history starts without mapping it; past a budget (half of `vm.max_map_count` by default)
+//!   the engine unmaps the least recently used partitions, and their next use maps them again.
 //! - The manifest (`manifest.json`) records the generation, the durable row count and the last applied log
 //!   sequence number; replay applies only records after it, so no write is applied twice.
 
@@ -25,6 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arrow::buffer::Buffer;
@@ -79,6 +81,8 @@ pub struct PartView {
     pub year: i32,
     pub rows: usize,
     pub mapped: bool,
+    /// When a reader last used this partition (shared with the partition, for unmapping the coldest).
+    pub last_used: Arc<AtomicU64>,
     /// Epoch of the first and last row (known without mapping).
     pub first: Option<i64>,
     pub last: Option<i64>,
@@ -90,6 +94,11 @@ pub struct PartView {
 }
 
 impl PartView {
+    /// Record a use by a reader now.
+    pub fn touch(&self) {
+        self.last_used.store(now_millis(), Ordering::Relaxed);
+    }
+
     /// Epoch of row `i`.
     pub fn epoch(&self, i: usize) -> i64 {
         if i < self.split { typed::<i64>(&self.cols[0], self.split)[i] } else { typed::<i64>(&self.tail[0], self.rows - self.split)[i - self.split] }
@@ -144,6 +153,10 @@ impl ColumnFile {
     }
 }
 
+fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 fn read_at(path: &Path, buf: &mut [u8], offset: usize) -> Result<()> {
     File::open(path).and_then(|f| f.read_exact_at(buf, offset as u64)).map_err(|e| EngineError::io(path, e))
 }
@@ -172,6 +185,8 @@ pub struct Partition {
     /// `(Epoch, Nanoseconds)` of the first and last row, kept without mapping.
     first_key: Option<(i64, i32)>,
     last_key: Option<(i64, i32)>,
+    /// Milliseconds since the Unix epoch of the last read or write (for unmapping the coldest).
+    last_used: Arc<AtomicU64>,
 }
 
 /// Physical column types of a bucket: Epoch, [Nanoseconds], then the data columns.
@@ -286,7 +301,23 @@ impl Partition {
             hot: false,
             first_key,
             last_key,
+            last_used: Arc::new(AtomicU64::new(now_millis())),
         })
+    }
+
+    /// Drop this partition's mappings (readers holding batches keep theirs until they drop them); the next
+    /// read or write maps again. Returns the files unmapped.
+    pub fn unmap(&mut self) -> usize {
+        let n = self.files.iter().filter(|f| f.buffer.is_some()).count();
+        for f in &mut self.files {
+            f.buffer = None;
+        }
+        n
+    }
+
+    /// Mapped column files and the last use, for the engine's unmapping of cold partitions.
+    pub fn mapping_state(&self) -> (usize, u64) {
+        (self.files.iter().filter(|f| f.buffer.is_some()).count(), self.last_used.load(Ordering::Relaxed))
     }
 
     /// Map the column files (no-op when mapped). The writer maps before every change; readers through
@@ -321,7 +352,7 @@ impl Partition {
     /// The current committed view for readers.
     pub fn view(&self) -> PartView {
         let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
-        let base = PartView { year: self.year, rows: self.rows, mapped: false, first, last, cols: Vec::new(), split: self.rows, tail: Vec::new() };
+        let base = PartView { year: self.year, rows: self.rows, mapped: false, last_used: self.last_used.clone(), first, last, cols: Vec::new(), split: self.rows, tail: Vec::new() };
         if !self.is_mapped() {
             return base;
         }
@@ -339,7 +370,7 @@ impl Partition {
     fn file_view(&self) -> PartView {
         let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
         let cols = self.files.iter().map(|f| f.mapped()).collect();
-        PartView { year: self.year, rows: self.rows, mapped: true, first, last, cols, split: self.rows, tail: Vec::new() }
+        PartView { year: self.year, rows: self.rows, mapped: true, last_used: self.last_used.clone(), first, last, cols, split: self.rows, tail: Vec::new() }
     }
 
     fn widths(&self) -> Vec<usize> {
@@ -362,6 +393,7 @@ impl Partition {
             return Ok(());
         }
         self.ensure_mapped()?;
+        self.last_used.store(now_millis(), Ordering::Relaxed);
         let first = (rows.epoch(0), if self.kind == RecordKind::Variable { rows.nanos(0) } else { 0 });
         let in_order = match self.last_key() {
             None => true,
@@ -654,11 +686,6 @@ impl Partition {
         self.manifest = m;
         self.dirty = false;
         Ok(())
-    }
-
-    /// Column files (each one mapping).
-    pub fn column_count(&self) -> usize {
-        self.files.len()
     }
 
     /// Record kind of the bucket.

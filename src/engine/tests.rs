@@ -408,3 +408,31 @@ fn partitions_are_mapped_when_first_read() {
         e.shutdown().await.unwrap();
     });
 }
+
+/// Past `max_mapped_files`, the least recently used partitions are unmapped at the next checkpoint tick,
+/// and read again transparently.
+#[test]
+fn coldest_partitions_are_unmapped_past_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("COLD/1D/OHLCV").unwrap();
+    let ep: Vec<i64> = (0..10).map(|y| 1_262_304_000 + y * 366 * 86_400).collect();
+    let vals: Vec<f32> = (0..10).map(|i| i as f32).collect();
+    rt().block_on(async {
+        let mut cfg = EngineConfig::new(dir.path());
+        cfg.max_mapped_files = 8; // 4 partitions of 2 files
+        let e = Engine::open(cfg).unwrap();
+        e.write(&key, &bars(&ep, &vals), WriteOptions::default()).await.unwrap();
+        assert_eq!(mapped_files_under(dir.path()), 20);
+        // Read the last three years again, so they are the most recently used.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut r = ReadRequest::key(&key);
+        r.start = Some(TimePoint::secs(ep[7]));
+        assert_eq!(e.read(&r).unwrap()[0].rows, 3);
+        e.checkpoint().await.unwrap();
+        // Down to 80% of the budget (6 files = 3 partitions): the three just read.
+        assert_eq!(mapped_files_under(dir.path()), 6);
+        let (eps, got) = read_all(&e, &key);
+        assert_eq!((eps, got), (ep.clone(), vals.clone()));
+        e.shutdown().await.unwrap();
+    });
+}
