@@ -178,6 +178,35 @@ fn classify(path: &Path) -> Result<Source, PluginError> {
     )))
 }
 
+/// A resolved module, with a shared library already loaded (so a file that is no mkts plugin can still
+/// fall back to the built-in of its name before anything is counted under the wrong kind).
+enum Provider {
+    Builtin(&'static str),
+    Shared(shared::Library, PathBuf),
+    Process(PathBuf),
+}
+
+impl Provider {
+    fn load(source: Source, module: &str, role: Role) -> Result<Provider, PluginError> {
+        Ok(match source {
+            Source::Builtin(b) => Provider::Builtin(b),
+            Source::Executable(p) => Provider::Process(p),
+            Source::SharedLibrary(p) => match shared::Library::load(&p) {
+                Ok(lib) => Provider::Shared(lib, p),
+                Err(e) => Provider::Builtin(builtin_fallback(module, role, &e)?),
+            },
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Provider::Builtin(_) => "builtin",
+            Provider::Shared(..) => "shared_library",
+            Provider::Process(_) => "process",
+        }
+    }
+}
+
 /// A running trigger: its thread, its stop signal and its counters.
 struct TriggerSlot {
     stats: Arc<PluginStats>,
@@ -227,7 +256,8 @@ impl PluginHost {
         let pattern = KeyPattern::parse(on).map_err(|e| PluginError::Start(format!("bad `on` pattern {on:?}: {e}")))?;
         let source = resolve(module, &ctx.config.plugin_dir, Role::Trigger)?;
         let name = format!("{entry}:{}", display_name(module));
-        let kind = kind_of(&source);
+        let provider = Provider::load(source, module, Role::Trigger)?;
+        let kind = provider.kind();
         // Subscribe before anything else: appends acknowledged from here on reach this trigger.
         let queue = t.queue_size.unwrap_or(TRIGGER_QUEUE);
         let sub = ctx.engine.subscribe_matching(Some(pattern.clone()), queue);
@@ -237,27 +267,20 @@ impl PluginHost {
         let stats = Arc::new(stats);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
         let mut process = None;
-        let plugin: Box<dyn FnOnce() -> Result<Box<dyn TriggerPlugin>, PluginError> + Send> = match source {
-            Source::Builtin(b) => {
+        let plugin: Box<dyn FnOnce() -> Result<Box<dyn TriggerPlugin>, PluginError> + Send> = match provider {
+            Provider::Builtin(b) => {
                 let t = builtin::trigger(b, config, ctx)?;
                 Box::new(move || Ok(t))
             }
-            Source::SharedLibrary(path) => match shared::Library::load(&path) {
-                Ok(lib) => {
-                    if !lib.has_trigger() {
-                        return Err(PluginError::Incompatible(format!("{} exports no trigger", path.display())));
-                    }
-                    let host = shared::HostState::new(ctx.clone(), name.clone());
-                    let config = config.to_string();
-                    Box::new(move || lib.create_trigger(&config, host).map(|t| Box::new(t) as Box<dyn TriggerPlugin>))
+            Provider::Shared(lib, path) => {
+                if !lib.has_trigger() {
+                    return Err(PluginError::Incompatible(format!("{} exports no trigger", path.display())));
                 }
-                Err(e) => {
-                    let b = builtin_fallback(module, Role::Trigger, &e)?;
-                    let t = builtin::trigger(b, config, ctx)?;
-                    Box::new(move || Ok(t))
-                }
-            },
-            Source::Executable(path) => {
+                let host = shared::HostState::new(ctx.clone(), name.clone());
+                let config = config.to_string();
+                Box::new(move || lib.create_trigger(&config, host).map(|t| Box::new(t) as Box<dyn TriggerPlugin>))
+            }
+            Provider::Process(path) => {
                 let (t, sup) = process::trigger(ctx, self.addrs, &path, &name, &pattern, config, stop_rx.clone(), stats.clone())?;
                 process = Some(sup);
                 Box::new(move || Ok(Box::new(t) as Box<dyn TriggerPlugin>))
@@ -285,21 +308,19 @@ impl PluginHost {
     fn start_worker(&mut self, ctx: &Arc<ServerContext>, entry: &str, module: &str, name: &str, config: &serde_json::Value) -> Result<(), PluginError> {
         let source = resolve(module, &ctx.config.plugin_dir, Role::Worker)?;
         let label = format!("{entry}:{name}");
-        let kind = kind_of(&source);
+        let provider = Provider::load(source, module, Role::Worker)?;
+        let kind = provider.kind();
         let stats = Arc::new(PluginStats::new("worker", entry.to_string(), module.to_string(), kind));
-        let worker: Box<dyn WorkerPlugin> = match source {
-            Source::Builtin(b) => builtin::worker(b, name, config, ctx)?,
-            Source::SharedLibrary(path) => match shared::Library::load(&path) {
-                Ok(lib) => {
-                    if !lib.has_worker() {
-                        return Err(PluginError::Incompatible(format!("{} exports no worker", path.display())));
-                    }
-                    let host = shared::HostState::new(ctx.clone(), label.clone());
-                    Box::new(lib.start_worker(&config.to_string(), host, stats.clone())?)
+        let worker: Box<dyn WorkerPlugin> = match provider {
+            Provider::Builtin(b) => builtin::worker(b, name, config, ctx)?,
+            Provider::Shared(lib, path) => {
+                if !lib.has_worker() {
+                    return Err(PluginError::Incompatible(format!("{} exports no worker", path.display())));
                 }
-                Err(e) => builtin::worker(builtin_fallback(module, Role::Worker, &e)?, name, config, ctx)?,
-            },
-            Source::Executable(path) => Box::new(process::worker(ctx, self.addrs, &path, &label, name, config, stats.clone())?),
+                let host = shared::HostState::new(ctx.clone(), label.clone());
+                Box::new(lib.start_worker(&config.to_string(), host, stats.clone())?)
+            }
+            Provider::Process(path) => Box::new(process::worker(ctx, self.addrs, &path, &label, name, config, stats.clone())?),
         };
         stats.up.store(true, Ordering::Relaxed);
         ctx.metrics.register_plugin(stats.clone());
@@ -348,14 +369,6 @@ impl PluginHost {
                 p.stop().await;
             }
         }
-    }
-}
-
-fn kind_of(source: &Source) -> &'static str {
-    match source {
-        Source::Builtin(_) => "builtin",
-        Source::SharedLibrary(_) => "shared_library",
-        Source::Executable(_) => "process",
     }
 }
 

@@ -46,9 +46,16 @@ impl Library {
     /// Load `path` and check its descriptor. Errors are one line naming the file and the problem.
     pub fn load(path: &Path) -> Result<Library, PluginError> {
         let shown = path.display();
+        let sym = String::from_utf8_lossy(&DESCRIPTOR_SYMBOL[..DESCRIPTOR_SYMBOL.len() - 1]).into_owned();
+        // Loading runs a library's initialisers (a MarketStore Go plugin would start a Go runtime inside the
+        // server): only load files that name our descriptor symbol at all.
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Incompatible(format!("cannot read {shown}: {e}")))?;
+        if !bytes.windows(sym.len()).any(|w| w == sym.as_bytes()) {
+            return Err(PluginError::Incompatible(format!("{shown} is not an mkts plugin (no `{sym}` symbol; build it on the mkts-plugin-api crate)")));
+        }
+        drop(bytes);
         // SAFETY: loading runs the library's initialisers; configuring a plugin is trusting it.
         let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::Incompatible(format!("cannot load {shown}: {e}")))?;
-        let sym = String::from_utf8_lossy(&DESCRIPTOR_SYMBOL[..DESCRIPTOR_SYMBOL.len() - 1]).into_owned();
         let desc_fn = unsafe { lib.get::<unsafe extern "C" fn() -> *const PluginDescriptor>(DESCRIPTOR_SYMBOL) }
             .map_err(|_| PluginError::Incompatible(format!("{shown} is not an mkts plugin (no `{sym}` symbol; build it on the mkts-plugin-api crate)")))?;
         let desc = unsafe { desc_fn() };

@@ -389,6 +389,8 @@ def test_missing_and_incompatible_plugins_are_one_line_each(server_factory, tmp_
     plugin_dir = tmp_path / "plugdir"
     plugin_dir.mkdir()
     (plugin_dir / "garbage.so").write_text("not a library")
+    (plugin_dir / "ondiskagg.so").write_bytes(b"\x7fELF a MarketStore Go plugin")  # never loaded
+    (plugin_dir / "fake.so").write_text("mentions mkts_plugin_descriptor but is no library")
     (plugin_dir / "notexec.py").write_text("print('hi')\n")
     shutil.copy(rust_lib("worker"), plugin_dir / "workeronly.so")
     gcc = shutil.which("gcc") or shutil.which("cc")
@@ -408,6 +410,8 @@ triggers:
     on: "*/*/*"
   - module: garbage.so
     on: "*/*/*"
+  - module: fake.so
+    on: "*/*/*"
   - module: notexec.py
     on: "*/*/*"
   - module: workeronly.so
@@ -416,22 +420,33 @@ triggers:
     on: "*/*/*"
   - module: ondiskagg.so
     on: "bad pattern"
+  - module: ondiskagg.so
+    on: "*/1Min/OHLCV"
+    config: {{destinations: [5Min]}}
 bgworkers:
   - module: /no/such/worker
     name: ghost
 """)
     log = srv.log()
     errors = [l for l in log.splitlines() if "not started" in l]
-    assert len(errors) == (7 if gcc else 6), "\n".join(errors)
+    assert len(errors) == (8 if gcc else 7), "\n".join(errors)
     assert any('module "missing.so" not found' in l and "not a built-in trigger (ondiskagg, stream)" in l for l in errors)
-    assert any("garbage.so" in l and "cannot load" in l for l in errors)
+    assert any("garbage.so is not an mkts plugin" in l for l in errors)
+    assert any("fake.so" in l and "cannot load" in l for l in errors)
     assert any("notexec.py is neither a shared library" in l for l in errors)
     assert any("workeronly.so exports no trigger" in l for l in errors)
     assert any("bad `on` pattern" in l for l in errors)
     assert any("/no/such/worker does not exist" in l for l in errors)
     if gcc:
         assert any("speaks plugin ABI version 99, this server speaks 1" in l for l in errors)
-    # The server runs on.
+    assert "using the built-in ondiskagg instead" in log
+    # The server runs on, with the built-in ondiskagg standing in for the Go file.
     c = client(srv)
-    assert put(c, "AAPL/1Min/OHLCV", bars([60], [1.0])) == 1
+    ohlcv = pa.table({"Epoch": pa.array([60, 120], pa.int64()), "Open": [1.0, 2.0], "High": [3.0, 4.0], "Low": [0.5, 1.5], "Close": [2.0, 3.0], "Volume": pa.array([10, 20], pa.int64())})
+    assert put(c, "AAPL/1Min/OHLCV", ohlcv) == 2
+    agg = rows(c, "AAPL/5Min/OHLCV", 1)
+    assert epochs(agg) == [0]
+    assert [agg.column(k).to_pylist() for k in ("Open", "High", "Low", "Close", "Volume")] == [[1.0], [4.0], [0.5], [3.0], [30]]
+    state = json.loads(next(iter(c.do_action(flight.Action("plugins", b"")))).body.to_pybytes())["plugins"]
+    assert [(p["module"], p["kind"]) for p in state] == [("ondiskagg.so", "builtin")]
     assert srv.stop() == 0
