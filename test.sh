@@ -19,11 +19,13 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# One build of every target with one feature set: the example plugins (shared libraries the plugin tests
+# load) come out of the same build as the tests, so nothing is compiled twice.
+echo "== cargo build (debug, whole workspace, all targets)"
+cargo build --workspace --all-targets
+
 echo "== cargo test (debug, whole workspace)"
 cargo test --workspace
-
-echo "== example plugins (shared libraries the plugin tests load)"
-cargo build -p mkts-example-trigger -p mkts-example-worker
 
 echo "== python client tests"
 export MKTS_BIN="$CARGO_TARGET_DIR/debug/mkts"

@@ -34,8 +34,10 @@ pub fn engine_status(e: EngineError) -> BackendError {
         EngineError::NotFound(_) => Code::NotFound,
         EngineError::AlreadyExists(_) => Code::AlreadyExists,
         EngineError::NotAllowed(_) => Code::PermissionDenied,
-        EngineError::Unavailable(_) => Code::Unavailable,
-        EngineError::Io { .. } | EngineError::Corrupt { .. } | EngineError::Arrow(_) => Code::Internal,
+        EngineError::Unavailable(_) | EngineError::Damaged { .. } => Code::Unavailable,
+        EngineError::Aborted(_) => Code::Aborted,
+        EngineError::Io { .. } if e.is_disk_full() => Code::ResourceExhausted,
+        EngineError::Io { .. } | EngineError::Corrupt { .. } | EngineError::LogDamaged(_) | EngineError::Arrow(_) => Code::Internal,
     };
     BackendError::new(code, e.to_string())
 }

@@ -1,4 +1,4 @@
-//! The `mkts` command: `init`, `start`, and (from the SQL tooling) `connect`, `import`, `export`.
+//! The `mkts` command: `init`, `start`, `tool recover-wal`, and (from the SQL tooling) `connect`, `import`, `export`.
 
 use std::path::PathBuf;
 
@@ -36,6 +36,22 @@ enum Cmd {
     Import(mkts::cli::transfer::ImportArgs),
     /// Write a bucket or a SQL result to a CSV or Parquet file.
     Export(mkts::cli::transfer::ExportArgs),
+    /// Maintenance of a data directory (the server must be stopped).
+    Tool {
+        #[command(subcommand)]
+        tool: ToolCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ToolCmd {
+    /// Make a data directory whose write-ahead log is damaged in the middle start again: keep every readable
+    /// record, copy each damaged segment to .wal/quarantine/, drop the unreadable bytes and report them.
+    RecoverWal {
+        /// The data directory (`root_directory` of mkts.yml).
+        #[arg(long)]
+        root: PathBuf,
+    },
 }
 
 fn init_logging(level: &str) {
@@ -78,6 +94,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Connect(args) => mkts::cli::connect::run(args),
         Cmd::Import(args) => mkts::cli::transfer::run_import(args),
         Cmd::Export(args) => mkts::cli::transfer::run_export(args),
+        Cmd::Tool { tool: ToolCmd::RecoverWal { root } } => {
+            let rec = mkts::engine::recover_wal(&root).with_context(|| format!("cannot recover the log of {}", root.display()))?;
+            if rec.dropped.is_empty() {
+                println!("the write-ahead log of {} is intact; nothing to do", root.display());
+                return Ok(());
+            }
+            for d in &rec.dropped {
+                println!("dropped unreadable bytes: {d}");
+            }
+            for q in &rec.quarantined {
+                println!("damaged segment kept as {}", q.display());
+            }
+            println!("writes inside the dropped bytes are lost; `mkts start` now replays everything else");
+            Ok(())
+        }
         Cmd::Init { dir, force } => {
             let path = dir.join("mkts.yml");
             if path.exists() && !force {

@@ -48,14 +48,25 @@ pub fn http_router(ctx: Arc<ServerContext>) -> Router {
     rpc.merge(ws)
 }
 
-/// `/heartbeat` (any method): 200 `queryable` once ready, 503 `not queryable` before/while shutting down.
+/// `/heartbeat` (any method): 200 `queryable` once ready, 503 `not queryable` before/while shutting down;
+/// `health` is `degraded` (with `writable`, `halted`, `damaged`, `checkpoint_error`) when the engine
+/// refuses writes, holds a damaged bucket or cannot checkpoint.
 async fn heartbeat(State(ctx): State<Arc<ServerContext>>) -> Response {
     let ok = ctx.is_ready();
+    // MarketStore's fields first; then what the engine can do right now, so a monitor sees a server that
+    // still answers queries but refuses writes, or a damaged bucket.
+    let health = ctx.engine.health();
+    let degraded = !health.writable || !health.damaged.is_empty() || health.checkpoint_error.is_some();
     let body = serde_json::json!({
         "status": if ok { "queryable" } else { "not queryable" },
         "version": VERSION,
         "git_hash": option_env!("MKTS_GIT_HASH").unwrap_or(""),
         "uptime": go_duration(ctx.started.elapsed()),
+        "health": if degraded { "degraded" } else { "ok" },
+        "writable": health.writable,
+        "halted": health.halted,
+        "damaged": health.damaged,
+        "checkpoint_error": health.checkpoint_error,
     });
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body)).into_response()
 }

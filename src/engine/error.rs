@@ -35,12 +35,28 @@ pub enum EngineError {
     /// Stored data failed validation (bad manifest, bad bucket.json).
     #[error("corrupt data in {path}: {reason}")]
     Corrupt { path: String, reason: String },
+    /// The bucket's files failed to load or a logged write to it could not be applied: it refuses writes
+    /// (and reads, when damaged at start-up) until repaired or destroyed; the rest of the engine goes on.
+    #[error("bucket {key} is damaged and offline: {reason}")]
+    Damaged { key: String, reason: String },
+    /// The write raced a destroy or recreate of its bucket; retrying is safe.
+    #[error("{0}")]
+    Aborted(String),
+    /// The write-ahead log is damaged in the middle: starting would drop acknowledged writes.
+    #[error("{0}")]
+    LogDamaged(String),
     /// An Arrow error while assembling batches.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }
 
 impl EngineError {
+    /// True when the error is a full disk (or quota): the operation changed nothing and may be retried
+    /// once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, EngineError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull || source.kind() == std::io::ErrorKind::QuotaExceeded)
+    }
+
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         EngineError::Io { path: path.as_ref().display().to_string(), source }
     }

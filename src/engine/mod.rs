@@ -21,8 +21,10 @@ pub mod key;
 mod normalize;
 pub mod partition;
 mod read;
+mod recovery;
 pub mod types;
 pub mod wal;
+mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -45,8 +47,9 @@ pub use partition::PartView;
 pub use read::{decode_string16, TimePoint};
 pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, EPOCH, NANOSECONDS};
 
-use partition::{Partition, Rows};
+use partition::{Generation, Partition, Rows};
 use wal::{Op, WalWriter};
+use writer::{Cmd, Writer};
 
 /// Which operations the server allows (MarketStore's `enable_add`, `enable_remove`, `queryable`).
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +80,9 @@ pub struct EngineConfig {
     /// Column files kept mapped at most (checked at every checkpoint tick): past it, the least recently used
     /// partitions are unmapped. Default: half of `vm.max_map_count`.
     pub max_mapped_files: usize,
+    /// Start even when the log is damaged in the middle: keep every readable record, quarantine the
+    /// damaged segments, drop the unreadable bytes (`mkts tool recover-wal`). Off: refuse to start.
+    pub recover_wal: bool,
 }
 
 impl EngineConfig {
@@ -91,6 +97,7 @@ impl EngineConfig {
                 .and_then(|s| s.trim().parse::<usize>().ok())
                 .map(|n| n / 2)
                 .unwrap_or(32_768),
+            recover_wal: false,
         }
     }
 }
@@ -279,17 +286,50 @@ impl Bucket {
         })
     }
 
-    /// Apply sorted rows, splitting them by UTC year.
-    fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool) -> Result<()> {
+    /// Before logging a write: per year slice, reserve the disk space an append needs, or build the new
+    /// generation a merge needs. A failure here (a full disk) fails the write with nothing logged.
+    fn prepare_write(&self, rows: &Rows) -> Result<Vec<Option<Generation>>> {
         let mut parts = self.parts.lock();
+        let mut out = Vec::new();
         for (year, slice) in self.year_slices(rows) {
             let part = self.part(&mut parts, year)?;
+            if !part.is_append(&slice) {
+                part.ensure_mapped()?;
+            }
+            if part.needs_merge(&slice) {
+                out.push(Some(part.prepare_merge(&slice)?));
+            } else {
+                part.reserve(slice.len)?;
+                out.push(None);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Apply sorted rows, splitting them by UTC year; `prepared` comes from [`Bucket::prepare_write`]
+    /// (empty at replay, where merges are built as they come).
+    fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool, prepared: Vec<Option<Generation>>) -> Result<()> {
+        let mut parts = self.parts.lock();
+        let mut prepared = prepared.into_iter();
+        let mut result = Ok(());
+        for (year, slice) in self.year_slices(rows) {
+            let next_gen = prepared.next().flatten();
+            let part = match self.part(&mut parts, year) {
+                Ok(p) => p,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
             if !(replay && lsn <= part.applied_lsn) {
-                part.apply_rows(&slice, lsn)?;
+                if let Err(e) = part.apply_rows(&slice, lsn, next_gen) {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         self.publish(&parts);
-        Ok(())
+        result
     }
 
     /// Bulk path: if every year slice is a pure append, write the rows straight into the column files
@@ -316,21 +356,62 @@ impl Bucket {
     /// Make staged (or replayed) bulk appends visible.
     fn commit_direct(&self, entries: &[DirectEntry], lsn: u64, replay: bool) -> Result<()> {
         let mut parts = self.parts.lock();
+        let mut result = Ok(());
         for e in entries {
-            let part = self.part(&mut parts, e.year)?;
+            let part = match self.part(&mut parts, e.year) {
+                Ok(p) => p,
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            };
             if replay && lsn <= part.applied_lsn {
                 continue;
             }
-            part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn)?;
+            if let Err(err) = part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn) {
+                result = Err(err);
+                break;
+            }
         }
         self.publish(&parts);
-        Ok(())
+        result
     }
 
     fn widths(&self) -> Vec<usize> {
         partition::physical_types(self.schema.kind, &self.data_types()).iter().map(|t| t.width()).collect()
     }
 
+    /// Before logging a range delete: the new generation of every partition that loses rows.
+    fn prepare_delete(&self, start: TimePoint, end: TimePoint) -> Result<Vec<(i32, Generation)>> {
+        let mut parts = self.parts.lock();
+        let mut out = Vec::new();
+        for (year, p) in parts.iter_mut() {
+            if let Some(g) = p.prepare_delete((start.secs, start.nanos), (end.secs, end.nanos))? {
+                out.push((*year, g));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Switch to the generations [`Bucket::prepare_delete`] built (the record is durable). Returns rows removed.
+    fn commit_delete(&self, prepared: Vec<(i32, Generation)>, lsn: u64) -> usize {
+        let mut parts = self.parts.lock();
+        let mut removed = 0;
+        for (year, g) in prepared {
+            if let Some(p) = parts.get_mut(&year) {
+                let before = p.rows;
+                p.commit_generation(g);
+                removed += before - p.rows;
+            }
+        }
+        for p in parts.values_mut() {
+            p.applied_lsn = p.applied_lsn.max(lsn);
+        }
+        self.publish(&parts);
+        removed
+    }
+
+    /// Replay of a range delete.
     fn delete_range(&self, start: TimePoint, end: TimePoint, lsn: u64, replay: bool) -> Result<usize> {
         let mut parts = self.parts.lock();
         let mut removed = 0;
@@ -407,14 +488,33 @@ fn year_start(y: i32) -> i64 {
     Utc.with_ymd_and_hms(y, 1, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(i64::MAX)
 }
 
-enum Cmd {
-    Write { key: BucketKey, created_lsn: Option<u64>, create: Option<BucketSchema>, rows: Rows, reply: oneshot::Sender<Result<WriteAck>> },
-    Create { key: BucketKey, schema: BucketSchema, reply: oneshot::Sender<Result<()>> },
-    Destroy { key: BucketKey, reply: oneshot::Sender<Result<()>> },
-    DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint, reply: oneshot::Sender<Result<usize>> },
-    Checkpoint { reply: Option<oneshot::Sender<Result<()>>> },
-    Shutdown { reply: oneshot::Sender<Result<()>> },
+/// A bucket that cannot be used: its files failed to load, or applying a logged write to it failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedBucket {
+    pub key: String,
+    pub reason: String,
+    /// True when found at start-up (its log records are held until it is repaired or destroyed); false
+    /// when it failed at run time (the log is kept whole until a restart rebuilds it).
+    pub at_load: bool,
 }
+
+/// What the engine can and cannot do right now, for `/heartbeat`, `/metrics` and `get_info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// Writes are accepted (not halted, start-up finished).
+    pub writable: bool,
+    /// Why writes are stopped for every bucket, when they are.
+    pub halted: Option<String>,
+    /// Buckets that refuse writes (and, when damaged at load, reads).
+    pub damaged: Vec<DamagedBucket>,
+    /// The last checkpoint's error, until one succeeds (the log then keeps growing).
+    pub checkpoint_error: Option<String>,
+    /// Bytes of writes queued for the writer right now.
+    pub queued_bytes: u64,
+}
+
+/// The halt reason of a start-up that could not finish; cleared by the writer once it can.
+const STARTUP_HALT: &str = "start-up could not finish";
 
 struct Inner {
     root: PathBuf,
@@ -422,7 +522,13 @@ struct Inner {
     catalog: RwLock<BTreeMap<BucketKey, Arc<Bucket>>>,
     tx: mpsc::UnboundedSender<Cmd>,
     subscribers: Mutex<Vec<Subscriber>>,
-    failed: AtomicBool,
+    /// Set when the log can no longer be trusted or the writer panicked: every write is refused.
+    halted: RwLock<Option<String>>,
+    /// Damaged buckets by key string.
+    damaged: RwLock<BTreeMap<String, DamagedBucket>>,
+    checkpoint_error: RwLock<Option<String>>,
+    /// Byte budget of the writer's queue (in KiB permits): writers wait when it is spent.
+    queue: Arc<tokio::sync::Semaphore>,
     stopped: AtomicBool,
     rows_written: AtomicU64,
     /// Log appends made durable (one fdatasync each) and records they carried: group commit shows as
@@ -431,6 +537,50 @@ struct Inner {
     records_logged: AtomicU64,
     _lock: fs::File,
 }
+
+impl Inner {
+    fn halt(&self, why: String) {
+        tracing::error!("the engine stops writing: {why}");
+        let mut h = self.halted.write();
+        if h.is_none() {
+            *h = Some(why);
+        }
+    }
+
+    fn clear_halt_if(&self, prefix: &str) {
+        let mut h = self.halted.write();
+        if h.as_deref().is_some_and(|w| w.starts_with(prefix)) {
+            *h = None;
+        }
+    }
+
+    fn mark_damaged(&self, key: &str, reason: &str, at_load: bool) {
+        self.damaged.write().insert(key.to_string(), DamagedBucket { key: key.to_string(), reason: reason.to_string(), at_load });
+    }
+
+    fn damage_of(&self, key: &BucketKey) -> Option<EngineError> {
+        self.damaged.read().get(&key.to_string()).map(|d| EngineError::Damaged { key: d.key.clone(), reason: d.reason.clone() })
+    }
+}
+
+/// A write validated on the caller's thread, ready for the writer.
+struct PreparedWrite {
+    key: BucketKey,
+    created_lsn: Option<u64>,
+    create: Option<BucketSchema>,
+    rows: Rows,
+}
+
+/// The queue permits (KiB, at least 1, at most the whole budget) a write holds while queued.
+fn queue_permits(rows: &Rows) -> u32 {
+    let kib = rows.cols.iter().map(|c| c.len()).sum::<usize>() >> 10;
+    kib.clamp(1, QUEUE_KIB) as u32
+}
+
+/// Total byte budget of writes waiting for the writer (backpressure beyond it).
+const QUEUE_KIB: usize = 256 << 10;
+/// Largest single write (its log record's length is 32-bit).
+pub const MAX_WRITE_BYTES: usize = 1 << 30;
 
 /// Handle to the storage engine; cheap to clone.
 #[derive(Clone)]
@@ -470,7 +620,8 @@ impl Engine {
             ))
         })?;
         let wal_dir = root.join(".wal");
-        let mut catalog = load_catalog(&root)?;
+        let (mut catalog, found_damaged) = recovery::load_catalog(&root)?;
+        let mut damaged: BTreeMap<String, DamagedBucket> = found_damaged.into_iter().map(|d| (d.key.clone(), d)).collect();
         let mut max_lsn = 0u64;
         for b in catalog.values() {
             max_lsn = max_lsn.max(b.created_lsn);
@@ -478,21 +629,60 @@ impl Engine {
                 max_lsn = max_lsn.max(p.applied_lsn);
             }
         }
-        // Replay.
-        let mut replayed = 0usize;
-        let wal_max = wal::replay(&wal_dir, |rec| {
-            replayed += 1;
-            replay_record(&root, &mut catalog, rec)
-        })?;
-        max_lsn = max_lsn.max(wal_max);
-        for b in catalog.values() {
-            b.checkpoint()?;
+        // The log: a torn tail is cut; damage in the middle stops start-up unless recovery was asked for.
+        let mut scan = wal::LogScan::read(&wal_dir)?;
+        let damage = scan.damage();
+        if !damage.is_empty() {
+            if !cfg.recover_wal {
+                let spans: Vec<String> = damage.iter().map(|d| d.to_string()).collect();
+                return Err(EngineError::LogDamaged(format!(
+                    "the write-ahead log is damaged in the middle, so starting would drop acknowledged writes: {}. \
+                     Nothing was changed. `mkts tool recover-wal --root {}` keeps every readable record, copies the \
+                     damaged segment to .wal/{}/ and starts without the unreadable bytes.",
+                    spans.join("; "),
+                    root.display(),
+                    wal::QUARANTINE_DIR
+                )));
+            }
+            let rec = scan.recover()?;
+            tracing::warn!(spans = rec.dropped.len(), "write-ahead log recovered: unreadable bytes dropped, damaged segments quarantined");
         }
-        if replayed > 0 {
-            tracing::info!(records = replayed, last_lsn = wal_max, "replayed the write-ahead log");
+        scan.cut_torn_tail()?;
+        let replay = recovery::replay(&root, &mut catalog, &mut damaged, &scan);
+        max_lsn = max_lsn.max(scan.max_lsn());
+        if replay.records > 0 {
+            tracing::info!(records = replay.records, last_lsn = scan.max_lsn(), "replayed the write-ahead log");
         }
-        let mut walw = WalWriter::create(&wal_dir, max_lsn + 1)?;
-        walw.rotate_and_trim(max_lsn + 1)?;
+        for d in damaged.values() {
+            tracing::error!(key = %d.key, "bucket is damaged and offline (its log records are kept): {}", d.reason);
+        }
+        // Finish: make the replayed state durable, keep damaged buckets' records, start a fresh segment.
+        let mut halted = replay.halted.clone();
+        let walw = if halted.is_some() {
+            None
+        } else {
+            let held: Vec<Vec<u8>> =
+                scan.records_raw().filter(|(r, _)| damaged.contains_key(r.key)).map(|(_, raw)| raw.to_vec()).collect();
+            let finish = (|| -> Result<WalWriter> {
+                for b in catalog.values() {
+                    b.checkpoint()?;
+                }
+                wal::write_held(&wal_dir, &held)?;
+                let mut w = WalWriter::create(&wal_dir, max_lsn + 1)?;
+                w.rotate_and_trim(max_lsn + 1)?;
+                Ok(w)
+            })();
+            match finish {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    let why = format!("{STARTUP_HALT} ({e}): reads work, writes are refused until it can (retried every checkpoint tick)");
+                    tracing::error!("{why}");
+                    halted = Some(why);
+                    None
+                }
+            }
+        };
+        drop(scan);
 
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -501,7 +691,10 @@ impl Engine {
             catalog: RwLock::new(catalog),
             tx,
             subscribers: Mutex::new(Vec::new()),
-            failed: AtomicBool::new(false),
+            halted: RwLock::new(halted),
+            damaged: RwLock::new(damaged),
+            checkpoint_error: RwLock::new(None),
+            queue: Arc::new(tokio::sync::Semaphore::new(QUEUE_KIB)),
             stopped: AtomicBool::new(false),
             rows_written: AtomicU64::new(0),
             wal_syncs: AtomicU64::new(0),
@@ -509,7 +702,8 @@ impl Engine {
             _lock: lock,
         });
         let weak = Arc::downgrade(&inner);
-        let mut writer = Writer { inner: weak, wal: walw, next_lsn: max_lsn + 1, dirty: HashSet::new(), cfg: cfg.clone(), last_checkpoint: Instant::now() };
+        let mut writer =
+            Writer { inner: weak, wal: walw, next_lsn: max_lsn + 1, dirty: HashSet::new(), cfg: cfg.clone(), last_checkpoint: Instant::now() };
         std::thread::Builder::new()
             .name("mkts-writer".into())
             .spawn(move || writer.run(rx))
@@ -527,6 +721,23 @@ impl Engine {
             })
             .map_err(|e| EngineError::io(&root, e))?;
         Ok(Engine { inner })
+    }
+
+    /// What the engine can do right now: halted or not, damaged buckets, checkpoint trouble.
+    pub fn health(&self) -> Health {
+        let halted = self.inner.halted.read().clone();
+        Health {
+            writable: halted.is_none() && !self.inner.stopped.load(Ordering::Acquire),
+            halted,
+            damaged: self.inner.damaged.read().values().cloned().collect(),
+            checkpoint_error: self.inner.checkpoint_error.read().clone(),
+            queued_bytes: ((QUEUE_KIB - self.inner.queue.available_permits().min(QUEUE_KIB)) as u64) << 10,
+        }
+    }
+
+    /// Damaged buckets (see [`Engine::health`]).
+    pub fn damaged(&self) -> Vec<DamagedBucket> {
+        self.inner.damaged.read().values().cloned().collect()
     }
 
     /// The data directory.
@@ -553,8 +764,8 @@ impl Engine {
         if self.inner.stopped.load(Ordering::Acquire) {
             return send_err(EngineError::Unavailable("the engine is shut down".into()));
         }
-        if self.inner.failed.load(Ordering::Acquire) {
-            return send_err(EngineError::Unavailable("a disk write failed; the engine is read-only".into()));
+        if let Some(why) = self.inner.halted.read().clone() {
+            return send_err(EngineError::Unavailable(why));
         }
         Ok(())
     }
@@ -564,28 +775,52 @@ impl Engine {
     }
 
     /// Write a batch to a bucket, creating it when absent (if `enable_add`). Returns once the rows are
-    /// durable in the log and visible to readers.
+    /// durable in the log and visible to readers. Waits while the writer's queue holds more than its byte
+    /// budget (backpressure instead of unbounded memory).
     pub async fn write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
         // Large batches are validated and sorted off the async workers.
-        let rx = if batch.num_rows() > 50_000 {
+        let prepared = if batch.num_rows() > 50_000 {
             let (me, key, batch) = (self.clone(), key.clone(), batch.clone());
-            tokio::task::spawn_blocking(move || me.submit_write(&key, &batch, opts))
+            tokio::task::spawn_blocking(move || me.prepare_write(&key, &batch, opts))
                 .await
                 .map_err(|e| EngineError::Unavailable(format!("write task failed: {e}")))??
         } else {
-            self.submit_write(key, batch, opts)?
+            self.prepare_write(key, batch, opts)?
         };
+        let permit = self
+            .inner
+            .queue
+            .clone()
+            .acquire_many_owned(queue_permits(&prepared.rows))
+            .await
+            .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        let rx = self.send_write(prepared, permit)?;
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 
     /// Blocking form of [`Engine::write`] for non-async callers (CLI, plugins' threads).
     pub fn write_blocking(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
-        let rx = self.submit_write(key, batch, opts)?;
+        let prepared = self.prepare_write(key, batch, opts)?;
+        let permit = futures::executor::block_on(self.inner.queue.clone().acquire_many_owned(queue_permits(&prepared.rows)))
+            .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        let rx = self.send_write(prepared, permit)?;
         rx.blocking_recv().unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 
-    fn submit_write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<oneshot::Receiver<Result<WriteAck>>> {
+    /// Validate and normalise a write on the caller's thread. Every limit is checked here, before anything
+    /// can reach the log.
+    fn prepare_write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<PreparedWrite> {
         self.check_open()?;
+        if let Some(d) = self.inner.damage_of(key) {
+            return Err(d);
+        }
+        if batch.num_columns() > types::MAX_COLUMNS + 2 {
+            return Err(EngineError::InvalidInput(format!(
+                "a write carries at most {} columns, this one has {}",
+                types::MAX_COLUMNS + 2,
+                batch.num_columns()
+            )));
+        }
         let (created_lsn, create, schema) = match self.bucket(key) {
             Some(b) => (Some(b.created_lsn), None, b.schema.clone()),
             None => {
@@ -599,10 +834,22 @@ impl Engine {
             }
         };
         let rows = normalize::normalize(batch, &schema, key.tf())?;
+        let bytes: usize = rows.cols.iter().map(|c| c.len()).sum();
+        if bytes > MAX_WRITE_BYTES {
+            return Err(EngineError::InvalidInput(format!(
+                "one write may carry at most {} MiB of column data, this one has {} MiB; split it",
+                MAX_WRITE_BYTES >> 20,
+                bytes >> 20
+            )));
+        }
+        Ok(PreparedWrite { key: key.clone(), created_lsn, create, rows })
+    }
+
+    fn send_write(&self, w: PreparedWrite, permit: tokio::sync::OwnedSemaphorePermit) -> Result<oneshot::Receiver<Result<WriteAck>>> {
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Cmd::Write { key: key.clone(), created_lsn, create, rows, reply })
+            .send(Cmd::Write { key: w.key, created_lsn: w.created_lsn, create: w.create, rows: w.rows, permit: Some(permit), reply })
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         Ok(rx)
     }
@@ -628,7 +875,7 @@ impl Engine {
         if !self.inner.policy.enable_remove {
             return Err(EngineError::NotAllowed("removing data is disabled (enable_remove: false)".into()));
         }
-        if self.bucket(key).is_none() {
+        if self.bucket(key).is_none() && self.inner.damage_of(key).is_none() {
             return Err(EngineError::NotFound(key.to_string()));
         }
         let (reply, rx) = oneshot::channel();
@@ -670,9 +917,9 @@ impl Engine {
         }
         let (reply, rx) = oneshot::channel();
         if self.inner.tx.send(Cmd::Shutdown { reply }).is_err() {
-            return Ok(());
+            return Err(EngineError::Unavailable("the writer had stopped: no final checkpoint".into()));
         }
-        rx.await.unwrap_or(Ok(()))
+        rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("the writer stopped before the final checkpoint".into())))
     }
 
     /// Every bucket key, sorted.
@@ -687,7 +934,9 @@ impl Engine {
 
     /// Schema, row count and time span of a bucket.
     pub fn info(&self, key: &BucketKey) -> Result<BucketInfo> {
-        let b = self.bucket(key).ok_or_else(|| EngineError::NotFound(key.to_string()))?;
+        let Some(b) = self.bucket(key) else {
+            return Err(self.inner.damage_of(key).unwrap_or_else(|| EngineError::NotFound(key.to_string())));
+        };
         let snap = b.snapshot();
         let rows = snap.iter().map(|p| p.rows).sum();
         let first = snap.iter().find(|p| p.rows > 0).and_then(|p| p.first);
@@ -731,6 +980,16 @@ impl Engine {
         }
         let keys = self.resolve(&req.selector);
         if keys.is_empty() {
+            // A single bucket that failed to load says so instead of "does not exist".
+            if let Some(syms) = &req.selector.symbols {
+                for sym in syms {
+                    if let Ok(k) = BucketKey::from_parts(sym, &req.selector.timeframe, &req.selector.attr_group) {
+                        if let Some(d) = self.inner.damage_of(&k) {
+                            return Err(d);
+                        }
+                    }
+                }
+            }
             let sym = req.selector.symbols.as_ref().map(|s| s.join(",")).unwrap_or_else(|| "*".into());
             return Err(EngineError::NotFound(format!("{sym}/{}/{}", req.selector.timeframe, req.selector.attr_group)));
         }
@@ -757,6 +1016,23 @@ impl Engine {
         self.inner.subscribers.lock().push(Subscriber { tx, dropped: dropped.clone(), filter });
         Subscription { rx, dropped, probe }
     }
+}
+
+/// `mkts tool recover-wal`: make a data directory whose log is damaged in the middle start again. Every
+/// readable record is kept, each damaged segment is copied to `.wal/quarantine/` and rewritten without its
+/// unreadable bytes; the writes that were in those bytes are lost, and the returned spans say between
+/// which log positions they sat. Takes the directory's lock, so it refuses to run beside a server.
+pub fn recover_wal(root: &Path) -> Result<wal::Recovery> {
+    let lock_path = root.join(".lock");
+    let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| EngineError::io(&lock_path, e))?;
+    lock.try_lock().map_err(|_| EngineError::Unavailable(format!("data directory {} is in use by another mkts process", root.display())))?;
+    let mut scan = wal::LogScan::read(&root.join(".wal"))?;
+    let torn = scan.torn_tail();
+    let mut rec = scan.recover()?;
+    if let Some(t) = torn {
+        rec.dropped.push(t);
+    }
+    Ok(rec)
 }
 
 fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
@@ -826,65 +1102,6 @@ fn bucket_dir(root: &Path, key: &BucketKey) -> PathBuf {
     root.join(&key.symbol).join(&key.timeframe).join(&key.attr_group)
 }
 
-fn load_bucket(dir: &Path) -> Result<Bucket> {
-    let bf = dir.join("bucket.json");
-    let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
-    let meta: BucketFile =
-        serde_json::from_str(&text).map_err(|e| EngineError::Corrupt { path: bf.display().to_string(), reason: e.to_string() })?;
-    let key = BucketKey::parse(&meta.key)?;
-    let types: Vec<ColumnType> = meta.schema.columns.iter().map(|c| c.ty).collect();
-    let mut parts = BTreeMap::new();
-    for ent in fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?.flatten() {
-        let name = ent.file_name().to_string_lossy().to_string();
-        if let Ok(year) = name.parse::<i32>() {
-            if ent.path().join("manifest.json").exists() {
-                parts.insert(year, Partition::open(&ent.path(), year, meta.schema.kind, &types)?);
-            }
-        }
-    }
-    let b = Bucket {
-        key,
-        schema: meta.schema,
-        created_lsn: meta.created_lsn,
-        dir: dir.to_path_buf(),
-        parts: Mutex::new(BTreeMap::new()),
-        view: RwLock::new(Arc::new(Vec::new())),
-    };
-    b.publish(&parts);
-    *b.parts.lock() = parts;
-    Ok(b)
-}
-
-fn load_catalog(root: &Path) -> Result<BTreeMap<BucketKey, Arc<Bucket>>> {
-    let mut cat = BTreeMap::new();
-    let subdirs = |p: &Path| -> Vec<PathBuf> {
-        fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    for s in subdirs(root) {
-        for t in subdirs(&s) {
-            for g in subdirs(&t) {
-                if g.join("bucket.json").exists() {
-                    match load_bucket(&g) {
-                        Ok(b) => {
-                            cat.insert(b.key.clone(), Arc::new(b));
-                        }
-                        Err(e) => tracing::error!(dir = %g.display(), "skipping unreadable bucket: {e}"),
-                    }
-                }
-            }
-        }
-    }
-    Ok(cat)
-}
-
 fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketSchema, lsn: u64) -> Result<Bucket> {
     let dir = bucket_dir(root, key);
     fs::create_dir_all(&dir).map_err(|e| EngineError::io(&dir, e))?;
@@ -929,22 +1146,6 @@ fn remove_bucket_files(root: &Path, key: &BucketKey) -> Result<()> {
     Ok(())
 }
 
-fn decode_write_payload(payload: &[u8], widths: &[usize]) -> Option<Rows> {
-    let len = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?) as usize;
-    let ncols = u16::from_le_bytes(payload.get(4..6)?.try_into().ok()?) as usize;
-    if ncols != widths.len() {
-        return None;
-    }
-    let mut pos = 6;
-    let mut cols = Vec::with_capacity(ncols);
-    for w in widths {
-        let n = len * w;
-        cols.push(arrow::buffer::Buffer::from(payload.get(pos..pos + n)?));
-        pos += n;
-    }
-    Some(Rows { len, cols })
-}
-
 fn encode_write(group: &mut wal::Group, lsn: u64, key: &str, rows: &Rows) {
     wal::encode_record_with(
         group,
@@ -971,368 +1172,6 @@ fn decode_range(p: &[u8]) -> Option<(TimePoint, TimePoint)> {
         TimePoint { secs: i64::from_le_bytes(p.get(0..8)?.try_into().ok()?), nanos: i32::from_le_bytes(p.get(8..12)?.try_into().ok()?) },
         TimePoint { secs: i64::from_le_bytes(p.get(12..20)?.try_into().ok()?), nanos: i32::from_le_bytes(p.get(20..24)?.try_into().ok()?) },
     ))
-}
-
-/// Re-apply one logged record on start-up, skipping whatever the durable state already contains.
-fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, rec: wal::Record<'_>) -> Result<()> {
-    let key = match BucketKey::parse(rec.key) {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!(lsn = rec.lsn, "skipping log record with a bad key: {e}");
-            return Ok(());
-        }
-    };
-    let current = cat.get(&key).filter(|b| b.created_lsn <= rec.lsn).cloned();
-    match rec.op {
-        Op::Create => {
-            if cat.get(&key).is_none() {
-                let schema: BucketSchema = serde_json::from_slice(rec.payload).map_err(|e| EngineError::Corrupt {
-                    path: format!("log record {}", rec.lsn),
-                    reason: e.to_string(),
-                })?;
-                let b = create_bucket_files(root, &key, &schema, rec.lsn)?;
-                cat.insert(key, Arc::new(b));
-            }
-        }
-        Op::Destroy => {
-            if current.is_some() {
-                remove_bucket_files(root, &key)?;
-                cat.remove(&key);
-            }
-        }
-        Op::Write => {
-            if let Some(b) = current {
-                let rows = decode_write_payload(rec.payload, &b.widths()).ok_or_else(|| EngineError::Corrupt {
-                    path: format!("log record {}", rec.lsn),
-                    reason: "write payload does not match the bucket schema".into(),
-                })?;
-                b.apply_write(&rows, rec.lsn, true)?;
-            }
-        }
-        Op::DeleteRange => {
-            if let (Some(b), Some((s, e))) = (current, decode_range(rec.payload)) {
-                b.delete_range(s, e, rec.lsn, true)?;
-            }
-        }
-        Op::AppendDirect => {
-            if let Some(b) = current {
-                let entries = decode_direct(rec.payload).ok_or_else(|| EngineError::Corrupt {
-                    path: format!("log record {}", rec.lsn),
-                    reason: "bad bulk append record".into(),
-                })?;
-                b.commit_direct(&entries, rec.lsn, true)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-struct PendingWrite {
-    lsn: u64,
-    bucket: Arc<Bucket>,
-    rows: Rows,
-    reply: oneshot::Sender<Result<WriteAck>>,
-}
-
-/// The single writer: owns the log, assigns LSNs, applies records, runs checkpoints.
-struct Writer {
-    inner: std::sync::Weak<Inner>,
-    wal: WalWriter,
-    next_lsn: u64,
-    dirty: HashSet<BucketKey>,
-    cfg: EngineConfig,
-    last_checkpoint: Instant,
-}
-
-const GROUP_BYTES: usize = 64 << 20;
-
-impl Writer {
-    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        while let Some(first) = rx.blocking_recv() {
-            let Some(inner) = self.inner.upgrade() else { break };
-            let mut group = vec![first];
-            let mut bytes = 0usize;
-            while bytes < GROUP_BYTES {
-                match rx.try_recv() {
-                    Ok(c) => {
-                        if let Cmd::Write { rows, .. } = &c {
-                            bytes += rows.cols.iter().map(|c| c.len()).sum::<usize>();
-                        }
-                        group.push(c)
-                    }
-                    Err(_) => break,
-                }
-            }
-            let stop = self.process(&inner, group);
-            if stop {
-                break;
-            }
-            if self.wal.size() > self.cfg.wal_segment_bytes {
-                if let Err(e) = self.checkpoint(&inner) {
-                    self.fail(&inner, &e);
-                }
-            }
-        }
-    }
-
-    fn fail(&self, inner: &Inner, e: &EngineError) {
-        tracing::error!("storage failure, the engine is now read-only: {e}");
-        inner.failed.store(true, Ordering::Release);
-    }
-
-    fn take_lsn(&mut self) -> u64 {
-        let l = self.next_lsn;
-        self.next_lsn += 1;
-        l
-    }
-
-    /// Returns true on shutdown.
-    fn process(&mut self, inner: &Arc<Inner>, group: Vec<Cmd>) -> bool {
-        let mut buf = wal::Group::default();
-        let mut pending: Vec<PendingWrite> = Vec::new();
-        for cmd in group {
-            if inner.failed.load(Ordering::Acquire) {
-                reply_failed(cmd);
-                continue;
-            }
-            match cmd {
-                Cmd::Write { key, created_lsn, create, rows, reply } => {
-                    let existing = inner.catalog.read().get(&key).cloned();
-                    match (existing, created_lsn, create) {
-                        (Some(b), Some(c), _) if b.created_lsn == c && rows.len >= DIRECT_APPEND_ROWS => {
-                            self.flush(inner, &mut buf, &mut pending);
-                            self.direct_write(inner, b, rows, reply);
-                        }
-                        (Some(b), Some(c), _) if b.created_lsn == c => {
-                            let lsn = self.take_lsn();
-                            encode_write(&mut buf, lsn, &key.to_string(), &rows);
-                            pending.push(PendingWrite { lsn, bucket: b, rows, reply });
-                        }
-                        (Some(b), None, Some(schema)) if b.schema == schema => {
-                            let lsn = self.take_lsn();
-                            encode_write(&mut buf, lsn, &key.to_string(), &rows);
-                            pending.push(PendingWrite { lsn, bucket: b, rows, reply });
-                        }
-                        (None, None, Some(schema)) => {
-                            // Auto-create: log create + write together, then make the bucket.
-                            self.flush(inner, &mut buf, &mut pending);
-                            let clsn = self.take_lsn();
-                            let wlsn = self.take_lsn();
-                            let key_s = key.to_string();
-                            wal::encode_record(&mut buf, clsn, Op::Create, &key_s, |p| {
-                                p.extend_from_slice(&serde_json::to_vec(&schema).unwrap_or_default())
-                            });
-                            let direct = rows.len >= DIRECT_APPEND_ROWS;
-                            if !direct {
-                                encode_write(&mut buf, wlsn, &key_s, &rows);
-                            }
-                            if let Err(e) = self.wal.append_durable(&buf) {
-                                self.fail(inner, &e);
-                                let _ = reply.send(Err(e));
-                                buf.clear();
-                                continue;
-                            }
-                            buf.clear();
-                            match create_bucket_files(&inner.root, &key, &schema, clsn) {
-                                Ok(b) => {
-                                    let b = Arc::new(b);
-                                    inner.catalog.write().insert(key.clone(), b.clone());
-                                    if direct {
-                                        self.direct_write_at(inner, b, rows, reply, wlsn);
-                                    } else {
-                                        self.apply_one(inner, PendingWrite { lsn: wlsn, bucket: b, rows, reply });
-                                    }
-                                }
-                                Err(e) => {
-                                    self.fail(inner, &e);
-                                    let _ = reply.send(Err(e));
-                                }
-                            }
-                        }
-                        _ => {
-                            let _ = reply.send(Err(EngineError::InvalidInput(format!(
-                                "bucket {key} was created, destroyed or recreated concurrently with this write; retry"
-                            ))));
-                        }
-                    }
-                }
-                Cmd::Create { key, schema, reply } => {
-                    self.flush(inner, &mut buf, &mut pending);
-                    if inner.catalog.read().contains_key(&key) {
-                        let _ = reply.send(Err(EngineError::AlreadyExists(key.to_string())));
-                        continue;
-                    }
-                    let lsn = self.take_lsn();
-                    wal::encode_record(&mut buf, lsn, Op::Create, &key.to_string(), |p| {
-                        p.extend_from_slice(&serde_json::to_vec(&schema).unwrap_or_default())
-                    });
-                    let r = self.wal.append_durable(&buf).and_then(|_| create_bucket_files(&inner.root, &key, &schema, lsn));
-                    buf.clear();
-                    match r {
-                        Ok(b) => {
-                            inner.catalog.write().insert(key, Arc::new(b));
-                            let _ = reply.send(Ok(()));
-                        }
-                        Err(e) => {
-                            self.fail(inner, &e);
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
-                Cmd::Destroy { key, reply } => {
-                    self.flush(inner, &mut buf, &mut pending);
-                    if !inner.catalog.read().contains_key(&key) {
-                        let _ = reply.send(Err(EngineError::NotFound(key.to_string())));
-                        continue;
-                    }
-                    let lsn = self.take_lsn();
-                    wal::encode_record(&mut buf, lsn, Op::Destroy, &key.to_string(), |_| {});
-                    let r = self.wal.append_durable(&buf);
-                    buf.clear();
-                    let r = r.and_then(|_| {
-                        inner.catalog.write().remove(&key);
-                        self.dirty.remove(&key);
-                        remove_bucket_files(&inner.root, &key)
-                    });
-                    if let Err(e) = &r {
-                        self.fail(inner, e);
-                    }
-                    let _ = reply.send(r);
-                }
-                Cmd::DeleteRange { key, start, end, reply } => {
-                    self.flush(inner, &mut buf, &mut pending);
-                    let Some(b) = inner.catalog.read().get(&key).cloned() else {
-                        let _ = reply.send(Err(EngineError::NotFound(key.to_string())));
-                        continue;
-                    };
-                    let lsn = self.take_lsn();
-                    wal::encode_record(&mut buf, lsn, Op::DeleteRange, &key.to_string(), |p| encode_range(p, start, end));
-                    let r = self.wal.append_durable(&buf);
-                    buf.clear();
-                    let r = r.and_then(|_| b.delete_range(start, end, lsn, false));
-                    if let Err(e) = &r {
-                        self.fail(inner, e);
-                    } else {
-                        self.dirty.insert(key);
-                    }
-                    let _ = reply.send(r);
-                }
-                Cmd::Checkpoint { reply } => {
-                    self.flush(inner, &mut buf, &mut pending);
-                    let due = reply.is_some()
-                        || (!self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval);
-                    let r = if due { self.checkpoint(inner) } else { Ok(()) };
-                    if let Err(e) = &r {
-                        self.fail(inner, e);
-                    }
-                    unmap_coldest(inner, self.cfg.max_mapped_files);
-                    if let Some(reply) = reply {
-                        let _ = reply.send(r);
-                    }
-                }
-                Cmd::Shutdown { reply } => {
-                    self.flush(inner, &mut buf, &mut pending);
-                    let r = self.checkpoint(inner);
-                    let _ = reply.send(r);
-                    return true;
-                }
-            }
-        }
-        self.flush(inner, &mut buf, &mut pending);
-        false
-    }
-
-    /// Make the buffered records durable (one fdatasync), then apply and acknowledge them.
-    fn flush(&mut self, inner: &Arc<Inner>, buf: &mut wal::Group, pending: &mut Vec<PendingWrite>) {
-        if pending.is_empty() {
-            buf.clear();
-            return;
-        }
-        inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
-        inner.records_logged.fetch_add(pending.len() as u64, Ordering::Relaxed);
-        if let Err(e) = self.wal.append_durable(buf) {
-            self.fail(inner, &e);
-            for p in pending.drain(..) {
-                let _ = p.reply.send(Err(EngineError::Unavailable(format!("write-ahead log failed: {e}"))));
-            }
-            buf.clear();
-            return;
-        }
-        buf.clear();
-        for p in pending.drain(..) {
-            self.apply_one(inner, p);
-        }
-    }
-
-    /// Bulk append without copying the rows into the log (falls back to the log path when not an append).
-    fn direct_write(&mut self, inner: &Arc<Inner>, bucket: Arc<Bucket>, rows: Rows, reply: oneshot::Sender<Result<WriteAck>>) {
-        let lsn = self.take_lsn();
-        self.direct_write_at(inner, bucket, rows, reply, lsn);
-    }
-
-    fn direct_write_at(&mut self, inner: &Arc<Inner>, bucket: Arc<Bucket>, rows: Rows, reply: oneshot::Sender<Result<WriteAck>>, lsn: u64) {
-        let key_s = bucket.key.to_string();
-        let staged = match bucket.stage_direct(&rows) {
-            Ok(s) => s,
-            Err(e) => {
-                self.fail(inner, &e);
-                let _ = reply.send(Err(e));
-                return;
-            }
-        };
-        let mut group = wal::Group::default();
-        let Some(entries) = staged else {
-            // Not a pure append: the ordinary log path.
-            encode_write(&mut group, lsn, &key_s, &rows);
-            let mut pending = vec![PendingWrite { lsn, bucket, rows, reply }];
-            self.flush(inner, &mut group, &mut pending);
-            return;
-        };
-        wal::encode_record(&mut group, lsn, Op::AppendDirect, &key_s, |p| encode_direct(p, &entries));
-        inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
-        inner.records_logged.fetch_add(1, Ordering::Relaxed);
-        let r = self.wal.append_durable(&group).and_then(|_| bucket.commit_direct(&entries, lsn, false));
-        match r {
-            Ok(()) => {
-                self.dirty.insert(bucket.key.clone());
-                inner.rows_written.fetch_add(rows.len as u64, Ordering::Relaxed);
-                publish_event(inner, &bucket, &rows, lsn);
-                let _ = reply.send(Ok(WriteAck { rows: rows.len, lsn }));
-            }
-            Err(e) => {
-                self.fail(inner, &e);
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
-
-    fn apply_one(&mut self, inner: &Arc<Inner>, p: PendingWrite) {
-        match p.bucket.apply_write(&p.rows, p.lsn, false) {
-            Ok(()) => {
-                self.dirty.insert(p.bucket.key.clone());
-                inner.rows_written.fetch_add(p.rows.len as u64, Ordering::Relaxed);
-                let n = p.rows.len;
-                publish_event(inner, &p.bucket, &p.rows, p.lsn);
-                let _ = p.reply.send(Ok(WriteAck { rows: n, lsn: p.lsn }));
-            }
-            Err(e) => {
-                self.fail(inner, &e);
-                let _ = p.reply.send(Err(e));
-            }
-        }
-    }
-
-    fn checkpoint(&mut self, inner: &Arc<Inner>) -> Result<()> {
-        let keys: Vec<BucketKey> = self.dirty.drain().collect();
-        for k in keys {
-            if let Some(b) = inner.catalog.read().get(&k).cloned() {
-                b.checkpoint()?;
-            }
-        }
-        self.wal.rotate_and_trim(self.next_lsn)?;
-        self.last_checkpoint = Instant::now();
-        Ok(())
-    }
 }
 
 /// Keep at most `budget` column files mapped: unmap the least recently used partitions (down to 80% of the
@@ -1394,22 +1233,6 @@ fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64) {
         if s.tx.try_send(ev.clone()).is_err() {
             s.dropped.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-fn reply_failed(cmd: Cmd) {
-    let e = || EngineError::Unavailable("a disk write failed; the engine is read-only".into());
-    match cmd {
-        Cmd::Write { reply, .. } => drop(reply.send(Err(e()))),
-        Cmd::Create { reply, .. } => drop(reply.send(Err(e()))),
-        Cmd::Destroy { reply, .. } => drop(reply.send(Err(e()))),
-        Cmd::DeleteRange { reply, .. } => drop(reply.send(Err(e()))),
-        Cmd::Checkpoint { reply } => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(e()));
-            }
-        }
-        Cmd::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }
 

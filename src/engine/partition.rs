@@ -165,6 +165,35 @@ fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new().read(true).write(true).open(path).map_err(|e| EngineError::io(path, e))
 }
 
+/// A new generation's files, written and fsync'd, not yet in use ([`Partition::prepare_merge`]).
+pub struct Generation {
+    number: u64,
+    rows: usize,
+    capacity: usize,
+    files: Vec<ColumnFile>,
+}
+
+/// Grow `file` to `len` bytes with its blocks allocated, so later writes into it cannot fail for lack of
+/// space (plain `set_len` only makes a sparse file). Falls back to `set_len` where `fallocate` is not
+/// supported.
+fn allocate(file: &File, path: &Path, len: usize) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let current = file.metadata().map_err(|e| EngineError::io(path, e))?.len() as usize;
+    if len <= current {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, current as libc::off_t, (len - current) as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => file.set_len(len as u64).map_err(|e| EngineError::io(path, e)),
+        _ => Err(EngineError::io(path, err)),
+    }
+}
+
 /// Writer-side state of one partition.
 pub struct Partition {
     pub year: i32,
@@ -172,6 +201,8 @@ pub struct Partition {
     kind: RecordKind,
     types: Vec<ColumnType>,
     manifest: Manifest,
+    /// The generation in use; newer than the manifest's between a merge and the next checkpoint.
+    generation: u64,
     capacity: usize,
     files: Vec<ColumnFile>,
     /// Rows applied (visible), possibly more than the manifest's durable count.
@@ -182,6 +213,9 @@ pub struct Partition {
     pub dirty: bool,
     /// Views carry heap copies of the last [`TAIL_ROWS`] rows, so those may be overwritten in place.
     hot: bool,
+    /// A bulk append's commit record re-validates its bytes at replay until a checkpoint covers it, so
+    /// until then nothing may change rows in place (a later in-place overwrite would fail that check).
+    direct_unchecked: bool,
     /// `(Epoch, Nanoseconds)` of the first and last row, kept without mapping.
     first_key: Option<(i64, i32)>,
     last_key: Option<(i64, i32)>,
@@ -292,6 +326,7 @@ impl Partition {
             dir: dir.to_path_buf(),
             kind,
             types,
+            generation: manifest.generation,
             manifest,
             capacity: if capacity == usize::MAX { 0 } else { capacity },
             files,
@@ -299,6 +334,7 @@ impl Partition {
             applied_lsn,
             dirty: false,
             hot: false,
+            direct_unchecked: false,
             first_key,
             last_key,
             last_used: Arc::new(AtomicU64::new(now_millis())),
@@ -377,6 +413,11 @@ impl Partition {
         self.files.iter().map(|f| f.width).collect()
     }
 
+    /// The generation in use.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn gen_dir(&self, g: u64) -> PathBuf {
         self.dir.join(format!("g{g}"))
     }
@@ -387,7 +428,10 @@ impl Partition {
 
     /// Apply sorted rows (fixed: unique truncated epochs, last write already chosen). Appends when every new
     /// row sorts after the stored ones; otherwise merges copy-on-write. Returns rows added.
-    pub fn apply_rows(&mut self, rows: &Rows, lsn: u64) -> Result<()> {
+    ///
+    /// `prepared` is the new generation built by [`Partition::prepare_merge`] before the write was logged,
+    /// when the write needs one (built here otherwise, e.g. at replay).
+    pub fn apply_rows(&mut self, rows: &Rows, lsn: u64, mut prepared: Option<Generation>) -> Result<()> {
         if rows.len == 0 {
             self.applied_lsn = lsn;
             return Ok(());
@@ -408,7 +452,11 @@ impl Partition {
             // The first overwrite near the end copies the partition once and makes it hot, so the next
             // ones (a live feed re-sending its newest bar) are written in place.
             let near_end = self.kind == RecordKind::Fixed && first.0 >= self.file_view().epochs()[self.rows.saturating_sub(TAIL_ROWS)];
-            self.merge(rows, lsn)?;
+            let next_gen = match prepared.take() {
+                Some(g) => g,
+                None => self.prepare_merge(rows)?,
+            };
+            self.commit_generation(next_gen);
             self.hot |= near_end;
         }
         self.refresh_bounds();
@@ -417,11 +465,10 @@ impl Partition {
     }
 
     /// Fixed buckets, hot partitions: when every new row either replaces one of the last [`TAIL_ROWS`] rows
-    /// or sorts after all of them, write the replacements in place and append the rest. False (nothing
-    /// written) otherwise.
-    fn overwrite_tail_in_place(&mut self, rows: &Rows) -> Result<bool> {
-        if !self.hot || self.kind != RecordKind::Fixed || self.rows == 0 {
-            return Ok(false);
+    /// or sorts after all of them, the rows to overwrite and where the appended rows start. `None` otherwise.
+    fn tail_plan(&self, rows: &Rows) -> Option<(Vec<usize>, usize)> {
+        if !self.hot || self.direct_unchecked || self.kind != RecordKind::Fixed || self.rows == 0 || !self.is_mapped() {
+            return None;
         }
         let view = self.file_view();
         let stored = view.epochs();
@@ -437,9 +484,16 @@ impl Partition {
             }
             match stored[floor..].binary_search(&e) {
                 Ok(k) => targets.push(floor + k),
-                Err(_) => return Ok(false), // an insertion between stored rows, or before the tail
+                Err(_) => return None, // an insertion between stored rows, or before the tail
             }
         }
+        Some((targets, appended_from))
+    }
+
+    /// Write the replacements of a hot partition's tail in place and append the rest. False (nothing
+    /// written) when the rows do not fit [`Partition::tail_plan`].
+    fn overwrite_tail_in_place(&mut self, rows: &Rows) -> Result<bool> {
+        let Some((targets, appended_from)) = self.tail_plan(rows) else { return Ok(false) };
         for (i, f) in self.files.iter().enumerate() {
             let file = open_rw(&f.path)?;
             let src = rows.cols[i].as_slice();
@@ -456,23 +510,43 @@ impl Partition {
     }
 
     fn append(&mut self, rows: &Rows) -> Result<()> {
-        let need = self.rows + rows.len;
-        let grow = need > self.capacity;
-        let new_cap = if grow { need.max(self.capacity * 2).max(MIN_CAPACITY_ROWS) } else { self.capacity };
-        for (i, f) in self.files.iter_mut().enumerate() {
+        self.reserve(rows.len)?;
+        for (i, f) in self.files.iter().enumerate() {
             let file = open_rw(&f.path)?;
-            if grow {
-                file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
-            }
             file.write_all_at(rows.cols[i].as_slice(), (self.rows * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
-            if grow && f.buffer.is_some() {
+        }
+        self.rows += rows.len;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Make room for `extra` more rows past the visible ones, with the disk blocks allocated
+    /// (`fallocate`), so that writing them cannot fail for lack of space. The engine calls this before a
+    /// write is logged: a full disk then fails the write cleanly, with nothing logged.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        let need = self.rows.checked_add(extra).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
+        if need <= self.capacity {
+            return Ok(());
+        }
+        let new_cap = need.max(self.capacity.saturating_mul(2)).max(MIN_CAPACITY_ROWS);
+        for f in self.files.iter_mut() {
+            let file = open_rw(&f.path)?;
+            allocate(&file, &f.path, new_cap * f.width)?;
+            if f.buffer.is_some() {
                 f.buffer = Some(map_file(&file, &f.path)?);
             }
         }
         self.capacity = new_cap;
-        self.rows += rows.len;
-        self.dirty = true;
         Ok(())
+    }
+
+    /// How [`Partition::apply_rows`] would apply `rows`: true when it needs a new generation (a merge), so
+    /// the engine prepares that before logging.
+    pub fn needs_merge(&self, rows: &Rows) -> bool {
+        if rows.len == 0 || self.is_append(rows) {
+            return false;
+        }
+        !self.tail_plan(rows).is_some()
     }
 
     /// True when `rows` would be a pure append (every row sorts after the stored ones).
@@ -494,37 +568,34 @@ impl Partition {
     /// publishing them. Returns what the log record must carry to re-validate the data at replay:
     /// `(generation, start_row, crc32c over the written column bytes)`.
     pub fn stage_direct_append(&mut self, rows: &Rows) -> Result<(u64, usize, u32)> {
+        // The staged rows live in the current generation's files, so those must be the ones a restart
+        // opens: a generation newer than the manifest (a merge since the last checkpoint) is made durable
+        // first.
+        if self.generation != self.manifest.generation {
+            self.checkpoint()?;
+        }
         let start = self.rows;
-        let need = start + rows.len;
-        let grow = need > self.capacity;
-        let new_cap = if grow { need.max(self.capacity * 2).max(MIN_CAPACITY_ROWS) } else { self.capacity };
+        self.reserve(rows.len)?;
         let mut crc = 0u32;
-        for (i, f) in self.files.iter_mut().enumerate() {
+        for (i, f) in self.files.iter().enumerate() {
             let file = open_rw(&f.path)?;
-            if grow {
-                file.set_len((new_cap * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
-            }
             let bytes = rows.cols[i].as_slice();
             crc = crc32c::crc32c_append(crc, bytes);
             file.write_all_at(bytes, (start * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
             file.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
-            if grow && f.buffer.is_some() {
-                f.buffer = Some(map_file(&file, &f.path)?);
-            }
         }
-        self.capacity = new_cap;
-        Ok((self.manifest.generation, start, crc))
+        Ok((self.generation, start, crc))
     }
 
     /// Bulk path, step 2 (after the commit record is durable), and replay: make rows `start..start+n`
     /// visible, after checking that they are the bytes the record describes.
     pub fn commit_direct_append(&mut self, generation: u64, start: usize, n: usize, crc: u32, lsn: u64) -> Result<()> {
-        if generation != self.manifest.generation || start != self.rows {
+        if generation != self.generation || start != self.rows {
             return Err(EngineError::Corrupt {
                 path: self.dir.display().to_string(),
                 reason: format!(
                     "bulk append record (lsn {lsn}) expects generation {generation} at row {start}, partition is generation {} with {} rows",
-                    self.manifest.generation, self.rows
+                    self.generation, self.rows
                 ),
             });
         }
@@ -542,49 +613,92 @@ impl Partition {
         self.rows = start + n;
         self.applied_lsn = lsn;
         self.dirty = true;
+        self.direct_unchecked = true;
         self.refresh_bounds();
         Ok(())
     }
 
-    /// Replace the partition's content with `cols` (already merged) as a new durable generation.
-    fn rewrite(&mut self, n: usize, cols: Vec<Vec<u8>>, lsn: u64) -> Result<()> {
-        let g = self.manifest.generation + 1;
+    /// Write `cols` (already merged) as the next generation's files, fsync'd, without switching to it: the
+    /// engine builds it before logging the write (so a full disk fails the write cleanly) and switches with
+    /// [`Partition::commit_generation`] once the record is durable. The manifest moves to it at the next
+    /// checkpoint; until then a crash restarts from the previous generation and replays the log.
+    fn prepare_generation(&self, n: usize, cols: Vec<Vec<u8>>) -> Result<Generation> {
+        let g = self.generation + 1;
         let gdir = self.gen_dir(g);
         let _ = fs::remove_dir_all(&gdir);
-        fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
-        let cap = n.max(MIN_CAPACITY_ROWS);
-        let mut files = Vec::with_capacity(cols.len());
-        for (i, bytes) in cols.iter().enumerate() {
-            let ty = self.types[i];
-            let p = gdir.join(col_file_name(i, ty));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&p)
-                .map_err(|e| EngineError::io(&p, e))?;
-            file.set_len((cap * ty.width()) as u64).map_err(|e| EngineError::io(&p, e))?;
-            file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&p, e))?;
-            file.sync_data().map_err(|e| EngineError::io(&p, e))?;
-            let buffer = map_file(&file, &p)?;
-            files.push(ColumnFile { path: p, width: ty.width(), buffer: Some(buffer) });
+        let built = (|| {
+            fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
+            let cap = n.max(MIN_CAPACITY_ROWS);
+            let mut files = Vec::with_capacity(cols.len());
+            for (i, bytes) in cols.iter().enumerate() {
+                let ty = self.types[i];
+                let p = gdir.join(col_file_name(i, ty));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&p)
+                    .map_err(|e| EngineError::io(&p, e))?;
+                allocate(&file, &p, cap * ty.width())?;
+                file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&p, e))?;
+                file.sync_data().map_err(|e| EngineError::io(&p, e))?;
+                let buffer = map_file(&file, &p)?;
+                files.push(ColumnFile { path: p, width: ty.width(), buffer: Some(buffer) });
+            }
+            sync_dir(&gdir)?;
+            Ok(Generation { number: g, rows: n, capacity: cap, files })
+        })();
+        if built.is_err() {
+            let _ = fs::remove_dir_all(&gdir);
         }
-        sync_dir(&gdir)?;
-        let m = Manifest { generation: g, rows: n, applied_lsn: lsn };
-        write_manifest(&self.dir, &m)?;
-        let old = self.gen_dir(self.manifest.generation);
-        self.manifest = m;
-        self.files = files;
-        self.capacity = cap;
-        self.rows = n;
-        self.dirty = false;
-        // Unlinking is safe while readers map the old files; the pages live until the last mapping goes.
-        let _ = fs::remove_dir_all(old);
-        Ok(())
+        built
     }
 
-    fn merge(&mut self, rows: &Rows, lsn: u64) -> Result<()> {
+    /// The new generation a merge of `rows` produces (see [`Partition::prepare_generation`]).
+    pub fn prepare_merge(&mut self, rows: &Rows) -> Result<Generation> {
+        self.ensure_mapped()?;
+        let (n, cols) = self.merged(rows);
+        self.prepare_generation(n, cols)
+    }
+
+    /// The new generation without the rows of `start..=end`, or `None` when no row is in that range.
+    pub fn prepare_delete(&mut self, start: (i64, i32), end: (i64, i32)) -> Result<Option<Generation>> {
+        self.ensure_mapped()?;
+        let view = self.file_view();
+        let e = view.epochs();
+        let n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
+        let key = |i: usize| (e[i], if n.is_empty() { 0 } else { n[i] });
+        let picks: Vec<(bool, u32)> =
+            (0..self.rows).filter(|&i| !(key(i) >= start && key(i) <= end)).map(|i| (false, i as u32)).collect();
+        if picks.len() == self.rows {
+            return Ok(None);
+        }
+        let empty = Rows { len: 0, cols: vec![Buffer::from_vec(Vec::<u8>::new()); self.types.len()] };
+        let cols = self.gather(&view, &empty, &picks);
+        self.prepare_generation(picks.len(), cols).map(Some)
+    }
+
+    /// Switch to a prepared generation (after its log record is durable). The previous generation's files
+    /// are unlinked unless the manifest still names them (then at the next checkpoint); mappings held by
+    /// readers stay valid either way.
+    pub fn commit_generation(&mut self, g: Generation) {
+        let old = self.generation;
+        self.generation = g.number;
+        self.files = g.files;
+        self.capacity = g.capacity;
+        self.rows = g.rows;
+        self.dirty = true;
+        // The new files were written whole: nothing a bulk append record checks lives in them.
+        self.direct_unchecked = false;
+        if old != self.manifest.generation {
+            let _ = fs::remove_dir_all(self.gen_dir(old));
+        }
+        self.refresh_bounds();
+    }
+
+    /// Rows `rows` merged into the stored ones: `(row count, column bytes)`.
+    fn merged(&self, rows: &Rows) -> (usize, Vec<Vec<u8>>) {
         let view = self.file_view();
         let old_e = view.epochs();
         let old_n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
@@ -631,7 +745,7 @@ impl Partition {
             }
         }
         let cols = self.gather(&view, rows, &picks);
-        self.rewrite(picks.len(), cols, lsn)
+        (picks.len(), cols)
     }
 
     fn gather(&self, view: &PartView, rows: &Rows, picks: &[(bool, u32)]) -> Vec<Vec<u8>> {
@@ -653,38 +767,33 @@ impl Partition {
             .collect()
     }
 
-    /// Delete stored rows with `start <= (Epoch, Nanoseconds) <= end`. Returns rows removed.
+    /// Delete stored rows with `start <= (Epoch, Nanoseconds) <= end` (at replay; the engine prepares the
+    /// generation before logging at run time). Returns rows removed.
     pub fn delete_range(&mut self, start: (i64, i32), end: (i64, i32), lsn: u64) -> Result<usize> {
-        self.ensure_mapped()?;
-        let view = self.file_view();
-        let e = view.epochs();
-        let n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
-        let key = |i: usize| (e[i], if n.is_empty() { 0 } else { n[i] });
-        let picks: Vec<(bool, u32)> =
-            (0..self.rows).filter(|&i| !(key(i) >= start && key(i) <= end)).map(|i| (false, i as u32)).collect();
-        let removed = self.rows - picks.len();
-        if removed > 0 {
-            let empty = Rows { len: 0, cols: vec![Buffer::from_vec(Vec::<u8>::new()); self.types.len()] };
-            let cols = self.gather(&view, &empty, &picks);
-            self.rewrite(picks.len(), cols, lsn)?;
-            self.refresh_bounds();
+        let before = self.rows;
+        if let Some(g) = self.prepare_delete(start, end)? {
+            self.commit_generation(g);
         }
         self.applied_lsn = lsn;
-        Ok(removed)
+        Ok(before - self.rows)
     }
 
     /// Make appended rows durable and record the applied LSN (checkpoint).
     pub fn checkpoint(&mut self) -> Result<()> {
-        if !self.dirty && self.manifest.applied_lsn == self.applied_lsn && self.manifest.rows == self.rows {
+        if !self.dirty && self.manifest.applied_lsn == self.applied_lsn && self.manifest.rows == self.rows && self.manifest.generation == self.generation {
             return Ok(());
         }
         for f in &self.files {
             open_rw(&f.path)?.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
         }
-        let m = Manifest { generation: self.manifest.generation, rows: self.rows, applied_lsn: self.applied_lsn };
+        let m = Manifest { generation: self.generation, rows: self.rows, applied_lsn: self.applied_lsn };
         write_manifest(&self.dir, &m)?;
-        self.manifest = m;
+        let old = std::mem::replace(&mut self.manifest, m).generation;
+        if old != self.generation {
+            let _ = fs::remove_dir_all(self.gen_dir(old));
+        }
         self.dirty = false;
+        self.direct_unchecked = false;
         Ok(())
     }
 

@@ -14,6 +14,9 @@ use super::error::{EngineError, Result};
 pub const EPOCH: &str = "Epoch";
 /// Name of the sub-second column of variable-length (tick) buckets.
 pub const NANOSECONDS: &str = "Nanoseconds";
+/// Most data columns a bucket may have. Checked before anything is logged: a log record stores the column
+/// count in 16 bits, and every column is one mapped file per partition.
+pub const MAX_COLUMNS: usize = 1024;
 /// Byte width of MarketStore's `U16` strings: 16 UTF-32LE code points.
 pub const STRING16_WIDTH: usize = 64;
 
@@ -211,6 +214,12 @@ impl BucketSchema {
     pub fn validate(&self) -> Result<()> {
         if self.columns.is_empty() {
             return Err(EngineError::InvalidInput("a bucket needs at least one data column besides Epoch".into()));
+        }
+        if self.columns.len() > MAX_COLUMNS {
+            return Err(EngineError::InvalidInput(format!(
+                "a bucket holds at most {MAX_COLUMNS} data columns, this one has {}",
+                self.columns.len()
+            )));
         }
         let mut seen = std::collections::HashSet::new();
         for c in &self.columns {

@@ -1,8 +1,9 @@
 //! The write-ahead log: checksummed records in numbered segment files, fsync'd once per group.
 //!
 //! Record framing: `[u32 body_len][u32 crc32c(body)][body]`, body = `[u64 lsn][u8 op][u16 key_len][key][payload]`.
-//! A short or mismatching record ends the log (a torn tail after a crash): the segment is cut there with a
-//! warning and everything before it is kept. Segments are named by the first LSN they may hold, so they sort
+//! Unreadable bytes at the very end of the log are a torn tail (a crash mid-append) and are cut with a
+//! warning; unreadable bytes followed by valid records are damage, and the engine refuses to start on them
+//! rather than drop acknowledged writes ([`LogScan`]). Segments are named by the first LSN they may hold, so they sort
 //! in log order, and a checkpoint deletes every segment older than the current one.
 
 use std::fs::{self, File, OpenOptions};
@@ -22,6 +23,9 @@ pub enum Op {
     DeleteRange = 4,
     /// A bulk append whose rows were written to the column files (and fsync'd) before this record.
     AppendDirect = 5,
+    /// Cancels the record whose LSN is the payload: a write that was logged but could not be applied, and
+    /// was reported to its client as failed, must not reappear at replay.
+    Abort = 6,
 }
 
 impl Op {
@@ -32,6 +36,7 @@ impl Op {
             3 => Op::Destroy,
             4 => Op::DeleteRange,
             5 => Op::AppendDirect,
+            6 => Op::Abort,
             _ => return None,
         })
     }
@@ -148,63 +153,305 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Read every valid record of every segment, calling `f` for each in order. A corrupt or torn record cuts
-/// its segment at that point (the file is truncated, later segments are removed) and ends the scan.
-/// Returns the highest LSN seen.
-pub fn replay(dir: &Path, mut f: impl FnMut(Record<'_>) -> Result<()>) -> Result<u64> {
-    let segs = list_segments(dir)?;
-    let mut max_lsn = 0;
-    for (i, (_, path)) in segs.iter().enumerate() {
-        let mut data = Vec::new();
-        File::open(path).and_then(|mut fh| fh.read_to_end(&mut data)).map_err(|e| EngineError::io(path, e))?;
-        let mut pos = 0usize;
-        let mut cut = None;
-        while pos < data.len() {
-            match decode_at(&data, pos) {
-                Some((rec, next)) => {
-                    if rec.lsn <= max_lsn {
-                        cut = Some((pos, format!("LSN {} not after {}", rec.lsn, max_lsn)));
-                        break;
-                    }
-                    max_lsn = rec.lsn;
-                    f(rec)?;
-                    pos = next;
-                }
-                None => {
-                    cut = Some((pos, "torn or corrupt record".to_string()));
-                    break;
-                }
-            }
-        }
-        if let Some((at, why)) = cut {
-            tracing::warn!(segment = %path.display(), offset = at, bytes_dropped = data.len() - at, "write-ahead log: {why}; cutting the log here (everything before is kept)");
-            let fh = OpenOptions::new().write(true).open(path).map_err(|e| EngineError::io(path, e))?;
-            fh.set_len(at as u64).map_err(|e| EngineError::io(path, e))?;
-            fh.sync_all().map_err(|e| EngineError::io(path, e))?;
-            for (_, later) in &segs[i + 1..] {
-                tracing::warn!(segment = %later.display(), "write-ahead log: removing segment after the cut");
-                fs::remove_file(later).map_err(|e| EngineError::io(later, e))?;
-            }
-            break;
+/// File holding the log records of damaged buckets, carried over from checkpoint to checkpoint so that
+/// trimming the log never drops them (replayed first, before the segments).
+pub const HELD_FILE: &str = "held.log";
+/// Directory damaged segments are copied to by recovery before they are rewritten.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Where a scan found bytes that are not a valid record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadSpan {
+    pub path: PathBuf,
+    pub offset: usize,
+    pub len: usize,
+    /// LSN of the last valid record before the span (0 if none).
+    pub after_lsn: u64,
+    /// LSN of the first valid record after the span, when one follows (then this is damage, not a torn tail).
+    pub before_lsn: Option<u64>,
+}
+
+impl std::fmt::Display for BadSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes {}..{} (after LSN {}", self.path.display(), self.offset, self.offset + self.len, self.after_lsn)?;
+        match self.before_lsn {
+            Some(b) => write!(f, ", before LSN {b})"),
+            None => write!(f, ", up to the end of the log)"),
         }
     }
-    Ok(max_lsn)
+}
+
+struct SegmentScan {
+    path: PathBuf,
+    data: Vec<u8>,
+    /// `(start, end)` byte ranges of the valid records, in log order.
+    records: Vec<(usize, usize)>,
+    bad: Vec<BadSpan>,
+}
+
+/// Every segment of a log directory read and checked: valid records, a torn tail, damage in the middle.
+///
+/// A crash can only tear the last record written, so unreadable bytes with no valid record anywhere after
+/// them are a torn tail and may be cut. Unreadable bytes followed by valid records are damage (a flipped
+/// bit, a bad sector): cutting there would drop acknowledged writes, so the engine refuses to start until
+/// [`LogScan::recover`] (the `mkts tool recover-wal` command) quarantines the segment.
+pub struct LogScan {
+    dir: PathBuf,
+    /// The held file (if any) first, then the segments in log order.
+    segments: Vec<SegmentScan>,
+    /// Index into `segments` of the torn tail's segment and its offset.
+    torn: Option<(usize, usize)>,
+}
+
+/// What [`LogScan::recover`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Unreadable spans dropped (each was copied to the quarantine directory first).
+    pub dropped: Vec<BadSpan>,
+    /// Copies of the damaged segments as they were.
+    pub quarantined: Vec<PathBuf>,
+}
+
+impl LogScan {
+    /// Read and check the held file and every segment of `dir`. Changes nothing on disk.
+    pub fn read(dir: &Path) -> Result<LogScan> {
+        let mut files: Vec<PathBuf> = Vec::new();
+        let held = dir.join(HELD_FILE);
+        if held.exists() {
+            files.push(held);
+        }
+        files.extend(list_segments(dir)?.into_iter().map(|(_, p)| p));
+        let mut segments = Vec::with_capacity(files.len());
+        let mut max_lsn = 0u64;
+        for path in files {
+            let mut data = Vec::new();
+            File::open(&path).and_then(|mut fh| fh.read_to_end(&mut data)).map_err(|e| EngineError::io(&path, e))?;
+            let mut records = Vec::new();
+            let mut bad = Vec::new();
+            let mut pos = 0usize;
+            while pos < data.len() {
+                if let Some((rec, next)) = decode_at(&data, pos).filter(|(r, _)| r.lsn > max_lsn) {
+                    max_lsn = rec.lsn;
+                    records.push((pos, next));
+                    pos = next;
+                    continue;
+                }
+                // Unreadable here: look for the next valid record (resynchronise on the framing).
+                match resync(&data, pos + 1, max_lsn) {
+                    Some(q) => {
+                        let before = decode_at(&data, q).map(|(r, _)| r.lsn);
+                        bad.push(BadSpan { path: path.clone(), offset: pos, len: q - pos, after_lsn: max_lsn, before_lsn: before });
+                        pos = q;
+                    }
+                    None => {
+                        bad.push(BadSpan { path: path.clone(), offset: pos, len: data.len() - pos, after_lsn: max_lsn, before_lsn: None });
+                        pos = data.len();
+                    }
+                }
+            }
+            segments.push(SegmentScan { path, data, records, bad });
+        }
+        // The last unreadable span is a torn tail when nothing valid follows it in any later file.
+        let mut torn = None;
+        for (i, s) in segments.iter().enumerate().rev() {
+            if let Some(last) = s.bad.last() {
+                let valid_after = s.records.last().is_some_and(|r| r.0 > last.offset);
+                if last.before_lsn.is_none() && !valid_after && s.path.file_name().is_some_and(|n| n != HELD_FILE) {
+                    torn = Some((i, last.offset));
+                }
+                break;
+            }
+            if !s.records.is_empty() {
+                break;
+            }
+        }
+        let mut scan = LogScan { dir: dir.to_path_buf(), segments, torn };
+        // A later valid record makes every span before it damage; fix up `before_lsn` across files.
+        let mut next_valid: Option<u64> = None;
+        for s in scan.segments.iter_mut().rev() {
+            let mut recs = s.records.iter().rev().peekable();
+            for b in s.bad.iter_mut().rev() {
+                while let Some(r) = recs.peek() {
+                    if r.0 > b.offset {
+                        next_valid = decode_at(&s.data, r.0).map(|(r, _)| r.lsn);
+                        recs.next();
+                    } else {
+                        break;
+                    }
+                }
+                if b.before_lsn.is_none() {
+                    b.before_lsn = next_valid;
+                }
+            }
+            if let Some(r) = s.records.first() {
+                next_valid = decode_at(&s.data, r.0).map(|(r, _)| r.lsn);
+            }
+        }
+        if let Some((i, off)) = scan.torn {
+            if scan.segments[i].bad.last().is_some_and(|b| b.offset == off && b.before_lsn.is_some()) {
+                scan.torn = None;
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Unreadable spans that are not the torn tail: acknowledged writes may be in them.
+    pub fn damage(&self) -> Vec<BadSpan> {
+        let mut out = Vec::new();
+        for (i, s) in self.segments.iter().enumerate() {
+            for b in &s.bad {
+                if self.torn != Some((i, b.offset)) {
+                    out.push(b.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The torn tail, if the log ends in one.
+    pub fn torn_tail(&self) -> Option<BadSpan> {
+        self.torn.and_then(|(i, off)| self.segments[i].bad.iter().find(|b| b.offset == off).cloned())
+    }
+
+    /// Cut the torn tail (the only unreadable bytes that may be dropped silently: a crash mid-append).
+    pub fn cut_torn_tail(&mut self) -> Result<()> {
+        let Some((i, at)) = self.torn.take() else { return Ok(()) };
+        let s = &mut self.segments[i];
+        tracing::warn!(segment = %s.path.display(), offset = at, bytes_dropped = s.data.len() - at, "write-ahead log: torn tail (a record cut short by a crash); cutting it, everything before is kept");
+        let fh = OpenOptions::new().write(true).open(&s.path).map_err(|e| EngineError::io(&s.path, e))?;
+        fh.set_len(at as u64).map_err(|e| EngineError::io(&s.path, e))?;
+        fh.sync_all().map_err(|e| EngineError::io(&s.path, e))?;
+        s.data.truncate(at);
+        s.bad.retain(|b| b.offset != at);
+        Ok(())
+    }
+
+    /// Recovery from damage: copy every damaged file to `quarantine/`, then rewrite it with only its valid
+    /// records. Acknowledged writes inside the unreadable spans are lost; the spans are returned so the
+    /// operator knows which LSNs they sat between.
+    pub fn recover(&mut self) -> Result<Recovery> {
+        let mut out = Recovery::default();
+        let qdir = self.dir.join(QUARANTINE_DIR);
+        for s in &mut self.segments {
+            if s.bad.is_empty() {
+                continue;
+            }
+            fs::create_dir_all(&qdir).map_err(|e| EngineError::io(&qdir, e))?;
+            let name = s.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let q = qdir.join(format!("{name}.{stamp}.damaged"));
+            fs::write(&q, &s.data).map_err(|e| EngineError::io(&q, e))?;
+            File::open(&q).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(&q, e))?;
+            sync_dir(&qdir)?;
+            let mut clean = Vec::with_capacity(s.data.len());
+            let mut records = Vec::with_capacity(s.records.len());
+            for &(a, b) in &s.records {
+                let at = clean.len();
+                clean.extend_from_slice(&s.data[a..b]);
+                records.push((at, clean.len()));
+            }
+            let tmp = s.path.with_extension("log.recovering");
+            fs::write(&tmp, &clean).map_err(|e| EngineError::io(&tmp, e))?;
+            File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(&tmp, e))?;
+            fs::rename(&tmp, &s.path).map_err(|e| EngineError::io(&s.path, e))?;
+            sync_dir(&self.dir)?;
+            for b in s.bad.drain(..) {
+                tracing::warn!(span = %b, quarantined = %q.display(), "write-ahead log recovery: dropped unreadable bytes");
+                out.dropped.push(b);
+            }
+            s.data = clean;
+            s.records = records;
+            out.quarantined.push(q);
+        }
+        self.torn = None;
+        Ok(out)
+    }
+
+    /// Every valid record in log order (held file first).
+    pub fn records(&self) -> impl Iterator<Item = Record<'_>> + '_ {
+        self.segments.iter().flat_map(|s| s.records.iter().filter_map(move |&(a, _)| decode_at(&s.data, a).map(|(r, _)| r)))
+    }
+
+    /// Every valid record with its encoded bytes (for carrying records into the held file).
+    pub fn records_raw(&self) -> impl Iterator<Item = (Record<'_>, &[u8])> + '_ {
+        self.segments
+            .iter()
+            .flat_map(|s| s.records.iter().filter_map(move |&(a, b)| decode_at(&s.data, a).map(|(r, _)| (r, &s.data[a..b]))))
+    }
+
+    /// LSNs cancelled by `Abort` records (writes that failed after being logged).
+    pub fn aborted(&self) -> std::collections::HashSet<u64> {
+        self.records()
+            .filter(|r| r.op == Op::Abort)
+            .filter_map(|r| r.payload.get(0..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes))
+            .collect()
+    }
+
+    /// Highest LSN of any valid record.
+    pub fn max_lsn(&self) -> u64 {
+        self.records().map(|r| r.lsn).max().unwrap_or(0)
+    }
+}
+
+/// Replace the held file with `records` (already-encoded records, in LSN order), or remove it when empty.
+pub fn write_held(dir: &Path, records: &[Vec<u8>]) -> Result<()> {
+    let path = dir.join(HELD_FILE);
+    if records.is_empty() {
+        if path.exists() {
+            fs::remove_file(&path).map_err(|e| EngineError::io(&path, e))?;
+            sync_dir(dir)?;
+        }
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let tmp = dir.join("held.log.tmp");
+    let mut f = File::create(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    for r in records {
+        f.write_all(r).map_err(|e| EngineError::io(&tmp, e))?;
+    }
+    f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| EngineError::io(&path, e))?;
+    sync_dir(dir)
+}
+
+/// The next offset at or after `from` where a valid record with an LSN after `after_lsn` starts.
+fn resync(data: &[u8], from: usize, after_lsn: u64) -> Option<usize> {
+    (from..data.len().saturating_sub(HEADER + 10)).find(|&q| decode_at(data, q).is_some_and(|(r, _)| r.lsn > after_lsn))
+}
+
+/// Read every valid record of every segment, calling `f` for each in order (for tools and tests; the
+/// engine uses [`LogScan`]). A torn tail is cut; damage is an error and changes nothing.
+pub fn replay(dir: &Path, mut f: impl FnMut(Record<'_>) -> Result<()>) -> Result<u64> {
+    let mut scan = LogScan::read(dir)?;
+    let damage = scan.damage();
+    if let Some(d) = damage.first() {
+        return Err(EngineError::Corrupt { path: d.path.display().to_string(), reason: format!("write-ahead log damaged: {d}") });
+    }
+    scan.cut_torn_tail()?;
+    for r in scan.records() {
+        f(r)?;
+    }
+    Ok(scan.max_lsn())
 }
 
 fn decode_at(data: &[u8], pos: usize) -> Option<(Record<'_>, usize)> {
-    let hdr = data.get(pos..pos + HEADER)?;
+    let hdr = data.get(pos..pos.checked_add(HEADER)?)?;
     let len = u32::from_le_bytes(hdr[0..4].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(hdr[4..8].try_into().ok()?);
     if len < 11 {
         return None;
     }
-    let body = data.get(pos + HEADER..pos + HEADER + len)?;
+    let body = data.get(pos + HEADER..(pos + HEADER).checked_add(len)?)?;
+    // Cheap plausibility checks first: resynchronisation calls this at every offset of a damaged span.
+    let op = Op::from_u8(body[8])?;
+    let klen = u16::from_le_bytes(body[9..11].try_into().ok()?) as usize;
+    if 11 + klen > len {
+        return None;
+    }
     if crc32c::crc32c(body) != crc {
         return None;
     }
     let lsn = u64::from_le_bytes(body[0..8].try_into().ok()?);
-    let op = Op::from_u8(body[8])?;
-    let klen = u16::from_le_bytes(body[9..11].try_into().ok()?) as usize;
     let key = std::str::from_utf8(body.get(11..11 + klen)?).ok()?;
     let payload = body.get(11 + klen..)?;
     Some((Record { lsn, op, key, payload }, pos + HEADER + len))
@@ -226,7 +473,31 @@ impl WalWriter {
     }
 
     /// Append a group of records and make them durable (one fdatasync for the whole group).
+    ///
+    /// On failure nothing of the group stays in the log: a failed or short write (a full disk) is cut back
+    /// to the previous end, so a write reported as failed never reappears at replay. Only when even that
+    /// cannot be made durable does this return [`EngineError::Unavailable`], meaning the log can no longer
+    /// be trusted and the engine must stop writing.
     pub fn append_durable(&mut self, group: &Group) -> Result<()> {
+        match self.write_group(group) {
+            Ok(()) => {
+                self.size += group.bytes as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let undo = self.file.set_len(self.size).and_then(|_| self.file.sync_data());
+                match undo {
+                    Ok(()) => Err(e),
+                    Err(u) => Err(EngineError::Unavailable(format!(
+                        "write-ahead log {} failed ({e}) and could not be cut back ({u}); writes are stopped",
+                        self.path.display()
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn write_group(&mut self, group: &Group) -> Result<()> {
         let mut slices: Vec<&[u8]> = group.pieces.iter().map(|p| p.as_slice()).collect();
         let mut idx = 0;
         while idx < slices.len() {
@@ -248,9 +519,7 @@ impl WalWriter {
                 }
             }
         }
-        self.file.sync_data().map_err(|e| EngineError::io(&self.path, e))?;
-        self.size += group.bytes as u64;
-        Ok(())
+        self.file.sync_data().map_err(|e| EngineError::io(&self.path, e))
     }
 
     /// Bytes in the active segment.

@@ -1,0 +1,513 @@
+//! The single writer thread: owns the log, assigns LSNs, prepares, logs and applies every change, runs
+//! checkpoints.
+//!
+//! Every change is split so that whatever can fail for lack of space or bad state fails *before* its log
+//! record is written, with nothing stored:
+//! 1. prepare: reserve the disk blocks an append needs (`fallocate`), or build and fsync the new generation
+//!    a merge or range delete produces, or write a new bucket's `bucket.json`;
+//! 2. log: append the group's records and fsync once (a failed append is cut back, see [`WalWriter`]);
+//! 3. apply: write into the reserved space or switch to the prepared generation, publish, acknowledge.
+//!
+//! A failure in step 3 (an I/O error on reserved space) is cancelled in the log with an `Abort` record, so
+//! the write its client was told failed never reappears, and the bucket is marked damaged until restart.
+//! When even that cannot be logged, or the writer panics, the engine stops writing (`halted`) and says so on
+//! every health report; reads go on.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use super::partition::{Generation, Rows};
+use super::wal::{self, Op, WalWriter};
+use super::{
+    create_bucket_files, encode_direct, encode_range, publish_event, remove_bucket_files, Bucket, BucketKey,
+    BucketSchema, EngineConfig, EngineError, Inner, Result, TimePoint, WriteAck, DIRECT_APPEND_ROWS,
+};
+
+/// Commands to the writer.
+pub(super) enum Cmd {
+    Write {
+        key: BucketKey,
+        created_lsn: Option<u64>,
+        create: Option<BucketSchema>,
+        rows: Rows,
+        /// Holds this write's share of the queue's byte budget until the writer is done with it.
+        permit: Option<OwnedSemaphorePermit>,
+        reply: oneshot::Sender<Result<WriteAck>>,
+    },
+    Create { key: BucketKey, schema: BucketSchema, reply: oneshot::Sender<Result<()>> },
+    Destroy { key: BucketKey, reply: oneshot::Sender<Result<()>> },
+    DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint, reply: oneshot::Sender<Result<usize>> },
+    Checkpoint { reply: Option<oneshot::Sender<Result<()>>> },
+    Shutdown { reply: oneshot::Sender<Result<()>> },
+}
+
+struct PendingWrite {
+    lsn: u64,
+    bucket: Arc<Bucket>,
+    rows: Rows,
+    /// Per year slice: the merged generation built before logging, when the slice needs one.
+    prepared: Vec<Option<Generation>>,
+    reply: oneshot::Sender<Result<WriteAck>>,
+}
+
+/// The writer's state; lives on its own thread.
+pub(super) struct Writer {
+    pub inner: std::sync::Weak<Inner>,
+    /// `None` while start-up could not finish (e.g. a full disk): writes are refused until a checkpoint
+    /// tick manages to finish it.
+    pub wal: Option<WalWriter>,
+    pub next_lsn: u64,
+    pub dirty: HashSet<BucketKey>,
+    pub cfg: EngineConfig,
+    pub last_checkpoint: Instant,
+}
+
+const GROUP_BYTES: usize = 64 << 20;
+
+impl Writer {
+    pub fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        while let Some(first) = rx.blocking_recv() {
+            let Some(inner) = self.inner.upgrade() else { break };
+            let mut group = vec![first];
+            let mut bytes = 0usize;
+            while bytes < GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        if let Cmd::Write { rows, .. } = &c {
+                            bytes += rows.cols.iter().map(|c| c.len()).sum::<usize>();
+                        }
+                        group.push(c)
+                    }
+                    Err(_) => break,
+                }
+            }
+            // A panic must not end the thread silently: every later write would hang or vanish. Stop
+            // writing, say why everywhere, and keep answering (with errors) until shutdown.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(&inner, group)));
+            match outcome {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    inner.halt(format!("the writer thread panicked ({msg}); writes are stopped until restart"));
+                }
+            }
+            let oversized = self.wal.as_ref().is_some_and(|w| w.size() > self.cfg.wal_segment_bytes);
+            if oversized && self.last_checkpoint.elapsed() >= Duration::from_secs(1) {
+                let _ = self.checkpoint(&inner);
+            }
+        }
+    }
+
+    fn take_lsn(&mut self) -> u64 {
+        let l = self.next_lsn;
+        self.next_lsn += 1;
+        l
+    }
+
+    /// Why writes are refused right now, if they are.
+    fn refusal(&self, inner: &Inner) -> Option<EngineError> {
+        if let Some(why) = inner.halted.read().clone() {
+            return Some(EngineError::Unavailable(why));
+        }
+        if self.wal.is_none() {
+            return Some(EngineError::Unavailable("start-up could not finish; the engine is read-only".into()));
+        }
+        None
+    }
+
+    /// Returns true on shutdown.
+    fn process(&mut self, inner: &Arc<Inner>, group: Vec<Cmd>) -> bool {
+        let mut buf = wal::Group::default();
+        let mut pending: Vec<PendingWrite> = Vec::new();
+        for cmd in group {
+            match cmd {
+                Cmd::Checkpoint { reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    self.checkpoint_cmd(inner, reply);
+                    continue;
+                }
+                Cmd::Shutdown { reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let r = match self.refusal(inner) {
+                        Some(e) => Err(EngineError::Unavailable(format!("no final checkpoint: {e}"))),
+                        None => self.checkpoint(inner),
+                    };
+                    let _ = reply.send(r);
+                    return true;
+                }
+                _ => {}
+            }
+            if let Some(e) = self.refusal(inner) {
+                reply_err(cmd, e);
+                continue;
+            }
+            match cmd {
+                Cmd::Write { key, created_lsn, create, rows, permit, reply } => {
+                    self.write_cmd(inner, &mut buf, &mut pending, key, created_lsn, create, rows, reply);
+                    drop(permit);
+                }
+                Cmd::Create { key, schema, reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let _ = reply.send(self.create_cmd(inner, &key, &schema));
+                }
+                Cmd::Destroy { key, reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let _ = reply.send(self.destroy_cmd(inner, &key));
+                }
+                Cmd::DeleteRange { key, start, end, reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let _ = reply.send(self.delete_range_cmd(inner, &key, start, end));
+                }
+                Cmd::Checkpoint { .. } | Cmd::Shutdown { .. } => {}
+            }
+        }
+        self.flush(inner, &mut buf, &mut pending);
+        false
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_cmd(
+        &mut self,
+        inner: &Arc<Inner>,
+        buf: &mut wal::Group,
+        pending: &mut Vec<PendingWrite>,
+        key: BucketKey,
+        created_lsn: Option<u64>,
+        create: Option<BucketSchema>,
+        rows: Rows,
+        reply: oneshot::Sender<Result<WriteAck>>,
+    ) {
+        if let Some(d) = inner.damage_of(&key) {
+            let _ = reply.send(Err(d));
+            return;
+        }
+        let existing = inner.catalog.read().get(&key).cloned();
+        let bucket = match (existing, created_lsn, create) {
+            (Some(b), Some(c), _) if b.created_lsn == c => b,
+            (Some(b), None, Some(schema)) if b.schema == schema => b,
+            (None, None, Some(schema)) => {
+                // Auto-create: the bucket's files are written before anything is logged (a crash in
+                // between leaves an empty bucket nobody was told about), then create + write share a group.
+                self.flush(inner, buf, pending);
+                let clsn = self.take_lsn();
+                let b = match create_bucket_files(&inner.root, &key, &schema, clsn) {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        let _ = remove_bucket_files(&inner.root, &key);
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                wal::encode_record(buf, clsn, Op::Create, &key.to_string(), |p| {
+                    p.extend_from_slice(&serde_json::to_vec(&schema).unwrap_or_default())
+                });
+                if let Err(e) = self.log(inner, buf) {
+                    let _ = remove_bucket_files(&inner.root, &key);
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                inner.catalog.write().insert(key.clone(), b.clone());
+                b
+            }
+            _ => {
+                let _ = reply.send(Err(EngineError::Aborted(format!(
+                    "bucket {key} was created, destroyed or recreated concurrently with this write; retry"
+                ))));
+                return;
+            }
+        };
+        // One pending write per bucket: each write is prepared against the state the previous one left.
+        if pending.iter().any(|p| Arc::ptr_eq(&p.bucket, &bucket)) {
+            self.flush(inner, buf, pending);
+        }
+        if rows.len >= DIRECT_APPEND_ROWS {
+            self.flush(inner, buf, pending);
+            if let Some(r) = self.direct_write(inner, &bucket, &rows) {
+                let _ = reply.send(r);
+                return;
+            }
+        }
+        let prepared = match bucket.prepare_write(&rows) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let lsn = self.take_lsn();
+        super::encode_write(buf, lsn, &key.to_string(), &rows);
+        pending.push(PendingWrite { lsn, bucket, rows, prepared, reply });
+    }
+
+    fn create_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, schema: &BucketSchema) -> Result<()> {
+        if inner.catalog.read().contains_key(key) {
+            return Err(EngineError::AlreadyExists(key.to_string()));
+        }
+        if let Some(d) = inner.damage_of(key) {
+            return Err(d);
+        }
+        let lsn = self.take_lsn();
+        let b = match create_bucket_files(&inner.root, key, schema, lsn) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = remove_bucket_files(&inner.root, key);
+                return Err(e);
+            }
+        };
+        let mut g = wal::Group::default();
+        wal::encode_record(&mut g, lsn, Op::Create, &key.to_string(), |p| {
+            p.extend_from_slice(&serde_json::to_vec(schema).unwrap_or_default())
+        });
+        if let Err(e) = self.log(inner, &mut g) {
+            let _ = remove_bucket_files(&inner.root, key);
+            return Err(e);
+        }
+        inner.catalog.write().insert(key.clone(), Arc::new(b));
+        Ok(())
+    }
+
+    fn destroy_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey) -> Result<()> {
+        let damaged = inner.damaged.read().contains_key(&key.to_string());
+        if !inner.catalog.read().contains_key(key) && !damaged {
+            return Err(EngineError::NotFound(key.to_string()));
+        }
+        let lsn = self.take_lsn();
+        let mut g = wal::Group::default();
+        wal::encode_record(&mut g, lsn, Op::Destroy, &key.to_string(), |_| {});
+        self.log(inner, &mut g)?;
+        inner.catalog.write().remove(key);
+        inner.damaged.write().remove(&key.to_string());
+        self.dirty.remove(key);
+        // Logged: a failure to remove the files now is finished by replay at the next start.
+        if let Err(e) = remove_bucket_files(&inner.root, key) {
+            tracing::warn!(key = %key, "destroy is logged but removing the files failed (replay finishes it): {e}");
+        }
+        Ok(())
+    }
+
+    fn delete_range_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, start: TimePoint, end: TimePoint) -> Result<usize> {
+        if let Some(d) = inner.damage_of(key) {
+            return Err(d);
+        }
+        let Some(b) = inner.catalog.read().get(key).cloned() else {
+            return Err(EngineError::NotFound(key.to_string()));
+        };
+        let prepared = b.prepare_delete(start, end)?;
+        let lsn = self.take_lsn();
+        let mut g = wal::Group::default();
+        wal::encode_record(&mut g, lsn, Op::DeleteRange, &key.to_string(), |p| encode_range(p, start, end));
+        self.log(inner, &mut g)?;
+        let removed = b.commit_delete(prepared, lsn);
+        self.dirty.insert(key.clone());
+        Ok(removed)
+    }
+
+    fn checkpoint_cmd(&mut self, inner: &Arc<Inner>, reply: Option<oneshot::Sender<Result<()>>>) {
+        if self.wal.is_none() {
+            self.finish_startup(inner);
+        }
+        let due = reply.is_some() || (!self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval);
+        let r = if self.wal.is_none() {
+            Err(EngineError::Unavailable("start-up could not finish; the engine is read-only".into()))
+        } else if due {
+            self.checkpoint(inner)
+        } else {
+            Ok(())
+        };
+        super::unmap_coldest(inner, self.cfg.max_mapped_files);
+        if let Some(reply) = reply {
+            let _ = reply.send(r);
+        }
+    }
+
+    /// Append `group` to the log, durably. A failure leaves nothing of it in the log (the engine halts
+    /// only when that cannot be guaranteed).
+    fn log(&mut self, inner: &Inner, group: &mut wal::Group) -> Result<()> {
+        let Some(w) = self.wal.as_mut() else {
+            group.clear();
+            return Err(EngineError::Unavailable("start-up could not finish; the engine is read-only".into()));
+        };
+        let r = w.append_durable(group);
+        group.clear();
+        match r {
+            Ok(()) => Ok(()),
+            Err(e @ EngineError::Unavailable(_)) => {
+                inner.halt(e.to_string());
+                Err(e)
+            }
+            Err(e) => {
+                tracing::warn!("write-ahead log append failed, nothing was logged: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Make the buffered records durable (one fdatasync), then apply and acknowledge them.
+    fn flush(&mut self, inner: &Arc<Inner>, buf: &mut wal::Group, pending: &mut Vec<PendingWrite>) {
+        if pending.is_empty() {
+            buf.clear();
+            return;
+        }
+        inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        inner.records_logged.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.log(inner, buf) {
+            for p in pending.drain(..) {
+                let _ = p.reply.send(Err(copy_err(&e)));
+            }
+            return;
+        }
+        for p in pending.drain(..) {
+            self.apply_one(inner, p);
+        }
+    }
+
+    /// Bulk append without copying the rows into the log: stage the rows in the column files (fsync'd),
+    /// log a commit record, make them visible. `None` (nothing done) when the rows are not a pure append,
+    /// so the caller takes the log path.
+    fn direct_write(&mut self, inner: &Arc<Inner>, bucket: &Arc<Bucket>, rows: &Rows) -> Option<Result<WriteAck>> {
+        // A staging failure leaves nothing visible or logged: staged bytes sit past the visible rows.
+        let staged = match bucket.stage_direct(rows) {
+            Ok(Some(s)) => s,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let lsn = self.take_lsn();
+        let mut group = wal::Group::default();
+        wal::encode_record(&mut group, lsn, Op::AppendDirect, &bucket.key.to_string(), |p| encode_direct(p, &staged));
+        inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        inner.records_logged.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.log(inner, &mut group) {
+            return Some(Err(e));
+        }
+        Some(match bucket.commit_direct(&staged, lsn, false) {
+            Ok(()) => {
+                self.dirty.insert(bucket.key.clone());
+                inner.rows_written.fetch_add(rows.len as u64, Ordering::Relaxed);
+                publish_event(inner, bucket, rows, lsn);
+                Ok(WriteAck { rows: rows.len, lsn })
+            }
+            Err(e) => Err(self.cancel(inner, bucket, lsn, e)),
+        })
+    }
+
+    fn apply_one(&mut self, inner: &Arc<Inner>, p: PendingWrite) {
+        match p.bucket.apply_write(&p.rows, p.lsn, false, p.prepared) {
+            Ok(()) => {
+                self.dirty.insert(p.bucket.key.clone());
+                inner.rows_written.fetch_add(p.rows.len as u64, Ordering::Relaxed);
+                publish_event(inner, &p.bucket, &p.rows, p.lsn);
+                let _ = p.reply.send(Ok(WriteAck { rows: p.rows.len, lsn: p.lsn }));
+            }
+            Err(e) => {
+                let e = self.cancel(inner, &p.bucket, p.lsn, e);
+                let _ = p.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// A logged change could not be applied: cancel it in the log (so it never reappears) and take the
+    /// bucket offline for writes until restart (its files may be half-changed; restart rebuilds it from
+    /// the last checkpoint and the log). Returns the error for the client.
+    fn cancel(&mut self, inner: &Arc<Inner>, bucket: &Bucket, lsn: u64, e: EngineError) -> EngineError {
+        let mut g = wal::Group::default();
+        wal::encode_record(&mut g, lsn, Op::Abort, &bucket.key.to_string(), |p| p.extend_from_slice(&lsn.to_le_bytes()));
+        let reason = format!("applying a write failed: {e}");
+        tracing::error!(key = %bucket.key, lsn, "{reason}; the write is cancelled and the bucket refuses writes until restart");
+        inner.mark_damaged(&bucket.key.to_string(), &reason, false);
+        if let Err(a) = self.log(inner, &mut g) {
+            inner.halt(format!("a logged write (lsn {lsn}) failed ({e}) and could not be cancelled ({a}); writes are stopped"));
+        }
+        EngineError::Unavailable(format!("write to {} failed, nothing was stored: {e}", bucket.key))
+    }
+
+    /// Flush dirty partitions, record their applied LSNs and trim the log. A failure (a full disk) is
+    /// reported and retried at the next tick; it never stops the engine.
+    pub fn checkpoint(&mut self, inner: &Arc<Inner>) -> Result<()> {
+        let r = self.checkpoint_inner(inner);
+        self.last_checkpoint = Instant::now();
+        match &r {
+            Ok(()) => *inner.checkpoint_error.write() = None,
+            Err(e) => {
+                tracing::warn!("checkpoint failed, retrying at the next tick (the log keeps everything): {e}");
+                *inner.checkpoint_error.write() = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    fn checkpoint_inner(&mut self, inner: &Arc<Inner>) -> Result<()> {
+        let keys: Vec<BucketKey> = self.dirty.iter().cloned().collect();
+        for k in keys {
+            if let Some(b) = inner.catalog.read().get(&k).cloned() {
+                if inner.damaged.read().contains_key(&k.to_string()) {
+                    continue;
+                }
+                b.checkpoint()?;
+            }
+            self.dirty.remove(&k);
+        }
+        // A bucket damaged at run time still needs its records: keep the log until restart rebuilds it.
+        if inner.damaged.read().values().any(|d| !d.at_load) {
+            return Ok(());
+        }
+        if let Some(w) = self.wal.as_mut() {
+            w.rotate_and_trim(self.next_lsn)?;
+        }
+        Ok(())
+    }
+
+    /// Start-up could not checkpoint the replayed state or open a log segment (e.g. the disk was full):
+    /// try again, and accept writes once it works.
+    fn finish_startup(&mut self, inner: &Arc<Inner>) {
+        let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
+        let r = (|| -> Result<()> {
+            for b in &buckets {
+                b.checkpoint()?;
+            }
+            let mut w = WalWriter::create(&inner.root.join(".wal"), self.next_lsn)?;
+            w.rotate_and_trim(self.next_lsn)?;
+            self.wal = Some(w);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                tracing::info!("start-up finished: writes are accepted again");
+                inner.clear_halt_if(super::STARTUP_HALT);
+            }
+            Err(e) => tracing::debug!("start-up still cannot finish: {e}"),
+        }
+    }
+}
+
+/// A copy of an error for each of several clients (errors are not `Clone`: sources are io errors).
+fn copy_err(e: &EngineError) -> EngineError {
+    match e {
+        EngineError::Io { path, source } => EngineError::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) },
+        EngineError::Unavailable(m) => EngineError::Unavailable(m.clone()),
+        other => EngineError::Unavailable(other.to_string()),
+    }
+}
+
+fn reply_err(cmd: Cmd, e: EngineError) {
+    match cmd {
+        Cmd::Write { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Create { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Destroy { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::DeleteRange { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Checkpoint { reply } => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(e));
+            }
+        }
+        Cmd::Shutdown { reply } => drop(reply.send(Err(e))),
+    }
+}
