@@ -48,6 +48,12 @@ pub struct Manifest {
     pub generation: u64,
     pub rows: usize,
     pub applied_lsn: u64,
+    /// `(Epoch, Nanoseconds)` of the first and last durable row, so opening a catalog of many thousands of
+    /// buckets reads one small file per partition and touches no column file (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<(i64, i32)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<(i64, i32)>,
 }
 
 /// Rows to add to a partition, already validated, normalized and sorted (column bytes little-endian,
@@ -205,6 +211,9 @@ pub struct Partition {
     generation: u64,
     capacity: usize,
     files: Vec<ColumnFile>,
+    /// The column files were checked and sized ([`Partition::open_files`]); until then only the manifest
+    /// was read.
+    opened: bool,
     /// Rows applied (visible), possibly more than the manifest's durable count.
     pub rows: usize,
     /// LSN of the last record applied (persisted at checkpoint).
@@ -263,82 +272,119 @@ fn map_file(file: &File, path: &Path) -> Result<Buffer> {
 impl Partition {
     /// Open an existing partition directory or create an empty one.
     pub fn open(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType]) -> Result<Self> {
+        Self::open_with(dir, year, kind, data_types, true)
+    }
+
+    /// Open an existing partition at start-up: a missing manifest is damage, not a new partition.
+    pub fn load(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType]) -> Result<Self> {
+        Self::open_with(dir, year, kind, data_types, false)
+    }
+
+    fn open_with(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType], create: bool) -> Result<Self> {
         let types = physical_types(kind, data_types);
         let mpath = dir.join("manifest.json");
-        let manifest = if mpath.exists() {
-            let text = fs::read_to_string(&mpath).map_err(|e| EngineError::io(&mpath, e))?;
+        let existing = match fs::read_to_string(&mpath) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EngineError::Corrupt { path: mpath.display().to_string(), reason: "year partition without manifest.json".into() });
+            }
+            Err(e) => return Err(EngineError::io(&mpath, e)),
+        };
+        let manifest = if let Some(text) = existing {
             serde_json::from_str::<Manifest>(&text)
                 .map_err(|e| EngineError::Corrupt { path: mpath.display().to_string(), reason: e.to_string() })?
         } else {
             fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-            let m = Manifest { generation: 0, rows: 0, applied_lsn: 0 };
+            let m = Manifest { generation: 0, rows: 0, applied_lsn: 0, first: None, last: None };
             write_manifest(dir, &m)?;
             m
         };
-        // Remove generations left behind by a crash in the middle of a merge.
-        if let Ok(rd) = fs::read_dir(dir) {
-            for ent in rd.flatten() {
-                let name = ent.file_name().to_string_lossy().to_string();
-                if let Some(g) = name.strip_prefix('g').and_then(|g| g.parse::<u64>().ok()) {
-                    if g != manifest.generation {
-                        let _ = fs::remove_dir_all(ent.path());
-                    }
-                }
-            }
-        }
         let gdir = dir.join(format!("g{}", manifest.generation));
-        fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
-        let mut files = Vec::with_capacity(types.len());
-        let mut capacity = usize::MAX;
-        for (i, ty) in types.iter().enumerate() {
-            let p = gdir.join(col_file_name(i, *ty));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)
-                .map_err(|e| EngineError::io(&p, e))?;
-            let len = file.metadata().map_err(|e| EngineError::io(&p, e))?.len() as usize;
-            if len < manifest.rows * ty.width() {
-                return Err(EngineError::Corrupt {
-                    path: p.display().to_string(),
-                    reason: format!("file holds {} bytes, manifest says {} rows", len, manifest.rows),
-                });
-            }
-            capacity = capacity.min(len / ty.width());
-            files.push(ColumnFile { path: p, width: ty.width(), buffer: None });
-        }
-        let rows = manifest.rows;
-        let applied_lsn = manifest.applied_lsn;
-        let key_at = |i: usize| -> Result<(i64, i32)> {
-            let mut e = [0u8; 8];
-            read_at(&files[0].path, &mut e, i * 8)?;
-            let mut n = [0u8; 4];
-            if kind == RecordKind::Variable {
-                read_at(&files[1].path, &mut n, i * 4)?;
-            }
-            Ok((i64::from_le_bytes(e), i32::from_le_bytes(n)))
-        };
-        let (first_key, last_key) = if rows > 0 { (Some(key_at(0)?), Some(key_at(rows - 1)?)) } else { (None, None) };
-        Ok(Partition {
+        let files = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| ColumnFile { path: gdir.join(col_file_name(i, *ty)), width: ty.width(), buffer: None })
+            .collect();
+        let (first_key, last_key) = (manifest.first, manifest.last);
+        let mut p = Partition {
             year,
             dir: dir.to_path_buf(),
             kind,
             types,
             generation: manifest.generation,
+            rows: manifest.rows,
+            applied_lsn: manifest.applied_lsn,
             manifest,
-            capacity: if capacity == usize::MAX { 0 } else { capacity },
+            capacity: 0,
             files,
-            rows,
-            applied_lsn,
+            opened: false,
             dirty: false,
             hot: false,
             direct_unchecked: false,
             first_key,
             last_key,
             last_used: Arc::new(AtomicU64::new(now_millis())),
-        })
+        };
+        // Older manifests do not carry the bounds: read them from the column files now.
+        if p.rows > 0 && (p.first_key.is_none() || p.last_key.is_none()) {
+            p.open_files()?;
+        }
+        Ok(p)
+    }
+
+    /// Check and size the column files (first use after opening): remove generations a crash left behind,
+    /// create missing files of an empty partition, refuse files shorter than the manifest's rows.
+    fn open_files(&mut self) -> Result<()> {
+        if self.opened {
+            return Ok(());
+        }
+        if let Ok(rd) = fs::read_dir(&self.dir) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().to_string();
+                if let Some(g) = name.strip_prefix('g').and_then(|g| g.parse::<u64>().ok()) {
+                    if g != self.manifest.generation && g != self.generation {
+                        let _ = fs::remove_dir_all(ent.path());
+                    }
+                }
+            }
+        }
+        let gdir = self.gen_dir(self.generation);
+        fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
+        let mut capacity = usize::MAX;
+        for f in &self.files {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(self.rows == 0)
+                .truncate(false)
+                .open(&f.path)
+                .map_err(|e| EngineError::io(&f.path, e))?;
+            let len = file.metadata().map_err(|e| EngineError::io(&f.path, e))?.len() as usize;
+            if len < self.rows * f.width {
+                return Err(EngineError::Corrupt {
+                    path: f.path.display().to_string(),
+                    reason: format!("file holds {} bytes, manifest says {} rows", len, self.rows),
+                });
+            }
+            capacity = capacity.min(len / f.width);
+        }
+        self.capacity = if capacity == usize::MAX { 0 } else { capacity };
+        if self.rows > 0 && (self.first_key.is_none() || self.last_key.is_none()) {
+            let key_at = |i: usize| -> Result<(i64, i32)> {
+                let mut e = [0u8; 8];
+                read_at(&self.files[0].path, &mut e, i * 8)?;
+                let mut n = [0u8; 4];
+                if self.kind == RecordKind::Variable {
+                    read_at(&self.files[1].path, &mut n, i * 4)?;
+                }
+                Ok((i64::from_le_bytes(e), i32::from_le_bytes(n)))
+            };
+            self.first_key = Some(key_at(0)?);
+            self.last_key = Some(key_at(self.rows - 1)?);
+        }
+        self.opened = true;
+        Ok(())
     }
 
     /// Drop this partition's mappings (readers holding batches keep theirs until they drop them); the next
@@ -359,6 +405,7 @@ impl Partition {
     /// Map the column files (no-op when mapped). The writer maps before every change; readers through
     /// the engine before reading a partition the first time.
     pub fn ensure_mapped(&mut self) -> Result<()> {
+        self.open_files()?;
         for f in &mut self.files {
             if f.buffer.is_none() {
                 let file = open_rw(&f.path)?;
@@ -524,6 +571,7 @@ impl Partition {
     /// (`fallocate`), so that writing them cannot fail for lack of space. The engine calls this before a
     /// write is logged: a full disk then fails the write cleanly, with nothing logged.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        self.open_files()?;
         let need = self.rows.checked_add(extra).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
         if need <= self.capacity {
             return Ok(());
@@ -599,6 +647,7 @@ impl Partition {
                 ),
             });
         }
+        self.open_files()?;
         if start + n > self.capacity {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}) beyond the column files") });
         }
@@ -686,6 +735,7 @@ impl Partition {
         let old = self.generation;
         self.generation = g.number;
         self.files = g.files;
+        self.opened = true;
         self.capacity = g.capacity;
         self.rows = g.rows;
         self.dirty = true;
@@ -783,10 +833,13 @@ impl Partition {
         if !self.dirty && self.manifest.applied_lsn == self.applied_lsn && self.manifest.rows == self.rows && self.manifest.generation == self.generation {
             return Ok(());
         }
-        for f in &self.files {
-            open_rw(&f.path)?.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
+        // Files never checked were never written: nothing of theirs to make durable.
+        if self.opened {
+            for f in &self.files {
+                open_rw(&f.path)?.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
+            }
         }
-        let m = Manifest { generation: self.generation, rows: self.rows, applied_lsn: self.applied_lsn };
+        let m = Manifest { generation: self.generation, rows: self.rows, applied_lsn: self.applied_lsn, first: self.first_key, last: self.last_key };
         write_manifest(&self.dir, &m)?;
         let old = std::mem::replace(&mut self.manifest, m).generation;
         if old != self.generation {

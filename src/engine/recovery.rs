@@ -33,51 +33,87 @@ fn subdirs(p: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// True when `dir` holds anything a bucket leaves behind (year partitions or its metadata file).
-fn looks_like_bucket(dir: &Path) -> bool {
-    fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                let n = e.file_name().to_string_lossy().to_string();
-                n.starts_with("bucket.json") || n.parse::<i32>().is_ok()
-            })
-        })
-        .unwrap_or(false)
-}
-
 /// The key a bucket directory stands for, from its path (`<root>/SYM/TF/GROUP`).
 fn key_of_dir(root: &Path, dir: &Path) -> String {
     dir.strip_prefix(root).map(|p| p.to_string_lossy().to_string()).unwrap_or_else(|_| dir.display().to_string())
 }
 
+/// What loading one bucket directory found.
+enum Found {
+    Bucket(Bucket),
+    Damaged(DamagedBucket),
+    Nothing,
+}
+
 /// Load every bucket under `root`; buckets that fail to load are returned as damaged, with the reason.
+/// Symbols are loaded on several threads: a root with 100,000 buckets is mostly directory reads and one
+/// small file per partition, and those overlap well.
 pub(super) fn load_catalog(root: &Path) -> Result<(BTreeMap<BucketKey, Arc<Bucket>>, Vec<DamagedBucket>)> {
+    let symbols = subdirs(root);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    let chunk = symbols.len().div_ceil(threads).max(1);
+    let found: Vec<Found> = std::thread::scope(|sc| {
+        let handles: Vec<_> = symbols
+            .chunks(chunk)
+            .map(|part| {
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    for s in part {
+                        for t in subdirs(s) {
+                            for g in subdirs(&t) {
+                                out.push(load_dir(root, &g));
+                            }
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
     let mut cat = BTreeMap::new();
     let mut damaged = Vec::new();
-    for s in subdirs(root) {
-        for t in subdirs(&s) {
-            for g in subdirs(&t) {
-                if !looks_like_bucket(&g) {
-                    continue;
-                }
-                let key = key_of_dir(root, &g);
-                if !g.join("bucket.json").exists() {
-                    damaged.push(DamagedBucket { key, reason: "bucket.json is missing".into(), at_load: true });
-                    continue;
-                }
-                match load_bucket(&g) {
-                    Ok(b) => {
-                        cat.insert(b.key.clone(), Arc::new(b));
-                    }
-                    Err(e) => damaged.push(DamagedBucket { key, reason: e.to_string(), at_load: true }),
-                }
+    for f in found {
+        match f {
+            Found::Bucket(b) => {
+                cat.insert(b.key.clone(), Arc::new(b));
             }
+            Found::Damaged(d) => damaged.push(d),
+            Found::Nothing => {}
         }
     }
     Ok((cat, damaged))
 }
 
-fn load_bucket(dir: &Path) -> Result<Bucket> {
+/// One directory listing decides: a bucket (bucket.json), a damaged one (years without bucket.json, or a
+/// load error), or not a bucket at all.
+fn load_dir(root: &Path, dir: &Path) -> Found {
+    let Ok(rd) = fs::read_dir(dir) else { return Found::Nothing };
+    let mut has_meta = false;
+    let mut years = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name == "bucket.json" {
+            has_meta = true;
+        } else if let Ok(y) = name.parse::<i32>() {
+            years.push((y, e.path()));
+        }
+    }
+    if !has_meta && years.is_empty() {
+        return Found::Nothing;
+    }
+    let key = key_of_dir(root, dir);
+    if !has_meta {
+        return Found::Damaged(DamagedBucket { key, reason: "bucket.json is missing".into(), at_load: true });
+    }
+    match load_bucket(dir, years) {
+        Ok(b) => Found::Bucket(b),
+        Err(e) => Found::Damaged(DamagedBucket { key, reason: e.to_string(), at_load: true }),
+    }
+}
+
+fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
     let bf = dir.join("bucket.json");
     let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
     let meta: BucketFile =
@@ -85,17 +121,8 @@ fn load_bucket(dir: &Path) -> Result<Bucket> {
     let key = BucketKey::parse(&meta.key)?;
     let types: Vec<ColumnType> = meta.schema.columns.iter().map(|c| c.ty).collect();
     let mut parts = BTreeMap::new();
-    for ent in fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?.flatten() {
-        let name = ent.file_name().to_string_lossy().to_string();
-        if let Ok(year) = name.parse::<i32>() {
-            if !ent.path().join("manifest.json").exists() {
-                return Err(EngineError::Corrupt {
-                    path: ent.path().display().to_string(),
-                    reason: "year partition without manifest.json".into(),
-                });
-            }
-            parts.insert(year, Partition::open(&ent.path(), year, meta.schema.kind, &types)?);
-        }
+    for (year, path) in years {
+        parts.insert(year, Partition::load(&path, year, meta.schema.kind, &types)?);
     }
     let b = Bucket {
         key,
