@@ -46,6 +46,7 @@ async fn refused_statements_do_nothing() {
     let out = tmp.path().join("out.csv");
     let cases = [
         (format!("COPY (SELECT 1 AS a) TO '{}' STORED AS CSV", out.display()), "COPY TO is not allowed: SQL runs inside the store"),
+        (format!("COPY (SELECT * FROM \"AAPL/1Min/OHLCV\") TO '{}/' STORED AS PARQUET", tmp.path().display()), "COPY TO is not allowed"),
         (format!("EXPLAIN ANALYZE COPY (SELECT 1) TO '{}' STORED AS CSV", out.display()), "COPY TO is not allowed"),
         (format!("CREATE EXTERNAL TABLE s (a INT, b INT) STORED AS CSV LOCATION '{}'", csv.display()), "CREATE EXTERNAL TABLE is not allowed"),
         ("CREATE TABLE t AS SELECT 1 AS a".into(), "CREATE TABLE is not allowed"),

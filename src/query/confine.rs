@@ -11,20 +11,38 @@
 
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan, Statement};
+use datafusion::sql::parser::Statement as DfStatement;
 
 use super::QueryError;
 
 /// Why SQL refuses file access.
 const INSIDE: &str = "SQL runs inside the store";
 
+fn copy_to() -> String {
+    format!("COPY TO is not allowed: {INSIDE} (read results over Flight or with `mkts export`)")
+}
+
+fn external_table() -> String {
+    format!("CREATE EXTERNAL TABLE is not allowed: {INSIDE} (load files with `mkts import` or `\\load`)")
+}
+
+/// Refuse `COPY` and `CREATE EXTERNAL TABLE` as parsed, before planning (which already looks up file formats
+/// and may fail with a less clear message); [`check`] then covers every other statement.
+pub fn check_statement(st: &DfStatement) -> Result<(), QueryError> {
+    match st {
+        DfStatement::CopyTo(_) => Err(QueryError::NotAllowed(copy_to())),
+        DfStatement::CreateExternalTable(_) => Err(QueryError::NotAllowed(external_table())),
+        DfStatement::Explain(e) => check_statement(&e.statement),
+        DfStatement::Statement(_) | DfStatement::Reset(_) => Ok(()),
+    }
+}
+
 /// The refusal for one plan node, if any.
 fn refusal(node: &LogicalPlan) -> Option<String> {
     let m = match node {
-        LogicalPlan::Copy(_) => format!("COPY TO is not allowed: {INSIDE} (read results over Flight or with `mkts export`)"),
+        LogicalPlan::Copy(_) => copy_to(),
         LogicalPlan::Ddl(ddl) => match ddl {
-            DdlStatement::CreateExternalTable(_) => {
-                format!("CREATE EXTERNAL TABLE is not allowed: {INSIDE} (load files with `mkts import` or `\\load`)")
-            }
+            DdlStatement::CreateExternalTable(_) => external_table(),
             DdlStatement::CreateMemoryTable(_) => format!(
                 "CREATE TABLE is not allowed: {INSIDE}; tables are buckets (create one with the `create` action or `\\create`, then INSERT INTO)"
             ),

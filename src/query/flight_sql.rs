@@ -266,7 +266,7 @@ impl FlightSqlHandler {
     /// Result schema of a statement, without running it.
     async fn plan_schema(&self, sql: &str) -> Result<Schema, Status> {
         let plan = self.query().logical_plan(sql).await.map_err(query_status)?;
-        Ok(plan.schema().as_arrow().clone())
+        Ok(result_schema(&plan))
     }
 
     fn info_for(&self, schema: &Schema, ticket: Vec<u8>, desc: FlightDescriptor) -> Result<Response<FlightInfo>, Status> {
@@ -365,6 +365,16 @@ fn has_side_effects(plan: &datafusion::logical_expr::LogicalPlan) -> bool {
     matches!(plan, P::Dml(_) | P::Ddl(_) | P::Copy(_) | P::Statement(_))
 }
 
+/// The schema a statement's result will have: empty for DDL and statements (a DDL plan's own schema is its
+/// input's, e.g. the columns of the view being created), the plan's otherwise (DML: `count`).
+fn result_schema(plan: &datafusion::logical_expr::LogicalPlan) -> Schema {
+    use datafusion::logical_expr::LogicalPlan as P;
+    match plan {
+        P::Ddl(_) | P::Statement(_) => Schema::empty(),
+        other => other.schema().as_arrow().clone(),
+    }
+}
+
 /// Table types listed by GetTableTypes / GetTables.
 const TABLE_TYPES: [&str; 2] = ["TABLE", "VIEW"];
 
@@ -378,14 +388,16 @@ impl FlightSqlService for FlightSqlHandler {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let plan = self.query().logical_plan(&query.query).await.map_err(query_status)?;
-        let schema = plan.schema().as_arrow().clone();
+        let mut schema = plan.schema().as_arrow().clone();
         let handle = if has_side_effects(&plan) {
             // Clients such as ADBC's DBAPI never DoGet the result of an INSERT or CREATE: run it now and put
-            // its (tiny) result into the ticket.
-            let (schema, batches) = self.query().sql(&query.query).await.map_err(query_status)?;
+            // its (tiny) result into the ticket. The FlightInfo then carries that result's schema (a DDL plan's
+            // schema is its input's, e.g. the columns of a view, not what CREATE VIEW returns).
+            let (result, batches) = self.query().sql(&query.query).await.map_err(query_status)?;
+            schema = result.as_ref().clone();
             let mut buf = RESULT_PREFIX.to_vec();
             {
-                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &schema).map_err(internal)?;
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &result).map_err(internal)?;
                 for b in &batches {
                     w.write(b).map_err(internal)?;
                 }
@@ -439,7 +451,7 @@ impl FlightSqlService for FlightSqlHandler {
         _request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let plan = self.query().logical_plan(&query.query).await.map_err(query_status)?;
-        let dataset = plan.schema().as_arrow().clone();
+        let dataset = result_schema(&plan);
         let types = plan.get_parameter_types().map_err(|e| query_status(e.into()))?;
         let mut names: Vec<(usize, String, DataType)> = types
             .into_iter()

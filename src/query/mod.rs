@@ -197,15 +197,23 @@ impl QueryEngine {
     /// VIEW`, ...) runs here; queries and DML run when the DataFrame is executed.
     pub async fn dataframe(&self, text: &str) -> Result<DataFrame, QueryError> {
         let state = self.base.clone();
-        let plan = state.create_logical_plan(&normalize_sql(text)).await?;
-        confine::check(&plan)?;
+        let plan = Self::plan(&state, text).await?;
         Ok(SessionContext::new_with_state(state).execute_logical_plan(plan).await?)
     }
 
     /// The logical plan of a statement without running anything (not even DDL): for result schemas and
     /// parameter types of prepared statements. Refused statements are refused here too.
     pub async fn logical_plan(&self, text: &str) -> Result<LogicalPlan, QueryError> {
-        let plan = self.base.create_logical_plan(&normalize_sql(text)).await?;
+        Self::plan(&self.base, text).await
+    }
+
+    /// Parse and plan one statement, refusing what [`confine`] refuses (on the parsed statement, then on the
+    /// plan).
+    async fn plan(state: &SessionState, text: &str) -> Result<LogicalPlan, QueryError> {
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(&normalize_sql(text), &dialect)?;
+        confine::check_statement(&statement)?;
+        let plan = state.statement_to_plan(statement).await?;
         confine::check(&plan)?;
         Ok(plan)
     }

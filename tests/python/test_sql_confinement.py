@@ -114,7 +114,9 @@ def test_copy_to_is_refused_and_writes_nothing(sql, tmp_path):
 
 
 def test_external_tables_and_file_urls_are_refused(sql, tmp_path):
-    secret = tmp_path / "secret.csv"
+    files = tmp_path / "files"
+    files.mkdir()
+    secret = files / "secret.csv"
     secret.write_text("a,b\n1,2\n")
     refused(sql, f"CREATE EXTERNAL TABLE secret (a INT, b INT) STORED AS CSV LOCATION '{secret}' OPTIONS ('format.has_header' 'true')",
             "CREATE EXTERNAL TABLE is not allowed: SQL runs inside the store")
@@ -124,7 +126,7 @@ def test_external_tables_and_file_urls_are_refused(sql, tmp_path):
     # In-memory tables live outside the store and outside the memory pool.
     refused(sql, "CREATE TABLE t AS SELECT 1 AS a", "CREATE TABLE is not allowed")
     refused(sql, 'DROP TABLE "AAPL/1Min/OHLCV"', "DROP TABLE is not allowed")
-    assert list(tmp_path.iterdir()) == [secret]
+    assert list(files.iterdir()) == [secret]
 
 
 def test_set_does_not_outlive_its_statement(sql, srv):
