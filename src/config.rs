@@ -98,6 +98,9 @@ pub struct Config {
     pub enable_last_known: bool,
     pub queryable: bool,
     pub stale_threshold: Option<String>,
+    /// Memory all SQL statements together may hold, in MB (mkts extension; default a quarter of physical
+    /// memory). A statement needing more fails with a clear error; the server stays up.
+    pub sql_memory_limit_mb: Option<usize>,
     /// Where plugin modules named by a relative path are looked up (default: `plugins/` beside the config).
     pub plugin_dir: PathBuf,
     pub replication: ReplicationConfig,
@@ -133,6 +136,7 @@ impl Default for Config {
             enable_last_known: false,
             queryable: true,
             stale_threshold: None,
+            sql_memory_limit_mb: None,
             plugin_dir: PathBuf::from("plugins"),
             replication: ReplicationConfig::default(),
             triggers: Vec::new(),
@@ -249,6 +253,10 @@ impl Config {
                 "enable_last_known" => c.enable_last_known = parse_bool(k, &sc(k, v)?)?,
                 "queryable" => c.queryable = parse_bool(k, &sc(k, v)?)?,
                 "stale_threshold" => c.stale_threshold = Some(sc(k, v)?.as_string()),
+                "sql_memory_limit_mb" => match parse_int::<usize>(k, &sc(k, v)?)? {
+                    0 => return Err(ConfigError::Invalid { key: k.clone(), msg: "must be at least 1 (MB)".into() }),
+                    mb => c.sql_memory_limit_mb = Some(mb),
+                },
                 "plugin_dir" => c.plugin_dir = PathBuf::from(sc(k, v)?.as_string()),
                 "replication" => c.replication = parse_replication(v, &mut c.warnings)?,
                 "triggers" => c.triggers = parse_triggers(v, &mut c.warnings)?,
@@ -437,6 +445,16 @@ bgworkers:
     fn bad_bool_is_clear() {
         let e = Config::parse("listen_port: 1\nqueryable: maybe\n", Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("queryable"), "{e}");
+    }
+
+    #[test]
+    fn sql_memory_limit_key() {
+        assert_eq!(Config::parse("listen_port: 1\n", Path::new(".")).unwrap().sql_memory_limit_mb, None);
+        assert_eq!(Config::parse("listen_port: 1\nsql_memory_limit_mb: 32\n", Path::new(".")).unwrap().sql_memory_limit_mb, Some(32));
+        for bad in ["0", "-5", "lots"] {
+            let e = Config::parse(&format!("listen_port: 1\nsql_memory_limit_mb: {bad}\n"), Path::new(".")).unwrap_err();
+            assert!(e.to_string().contains("sql_memory_limit_mb"), "{e}");
+        }
     }
 
     #[test]

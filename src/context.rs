@@ -29,7 +29,7 @@ pub struct ServerContext {
 
 impl ServerContext {
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
-        let query = QueryEngine::new(engine.clone(), config.tz());
+        let query = QueryEngine::with_memory_limit(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20)));
         Arc::new(ServerContext { engine, config, query, metrics: Arc::new(Metrics::new()), stream: Arc::default(), trigger_streams: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
     }
 

@@ -45,6 +45,8 @@ pub fn engine_status(e: EngineError) -> BackendError {
 fn query_status(e: QueryError) -> BackendError {
     match e {
         QueryError::Engine(e) => engine_status(e),
+        QueryError::NotAllowed(m) => BackendError::new(Code::PermissionDenied, m),
+        QueryError::ResourcesExhausted(m) => BackendError::new(Code::ResourceExhausted, m),
         other => BackendError::invalid(other.to_string()),
     }
 }

@@ -6,8 +6,10 @@
 //! - `"*/1Min/OHLCV"` (also `"1Min/OHLCV"`) — every symbol of that timeframe and group, plus a `Symbol` column;
 //! - `"AAPL,TSLA/1Min/OHLCV"` — those symbols, plus `Symbol`.
 //!
-//! Tables are resolved on each lookup, so buckets created or destroyed by writers show up at once. Tables made
-//! with `CREATE TABLE`/`CREATE VIEW` live in memory next to the buckets until the server stops.
+//! Tables are resolved on each lookup, so buckets created or destroyed by writers show up at once. Views made
+//! with `CREATE VIEW` live in memory next to the buckets until the server stops (at most [`MAX_VIEWS`]); no
+//! other kind of table can be registered (no in-memory tables, no files: SQL runs inside the store). When the
+//! server is not `queryable`, bucket names are not listed (reads are refused by the engine).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::common::{DataFusionError, Result as DfResult};
+use datafusion::logical_expr::TableType;
 use parking_lot::RwLock;
 
 use super::scan::BucketTable;
@@ -24,6 +27,8 @@ use crate::engine::{BucketKey, Engine};
 pub const CATALOG: &str = "mkts";
 /// Name of the schema holding the buckets.
 pub const SCHEMA: &str = "public";
+/// Views SQL may create (each holds a plan in memory until the server stops).
+pub const MAX_VIEWS: usize = 1024;
 
 /// The catalog: one schema of buckets.
 #[derive(Debug)]
@@ -72,7 +77,7 @@ pub fn bucket_table_names(engine: &Engine) -> Vec<String> {
 #[async_trait]
 impl SchemaProvider for BucketSchemaProvider {
     fn table_names(&self) -> Vec<String> {
-        let mut names = bucket_table_names(&self.engine);
+        let mut names = if self.engine.policy().queryable { bucket_table_names(&self.engine) } else { Vec::new() };
         names.extend(self.extra.read().keys().cloned());
         names
     }
@@ -90,7 +95,16 @@ impl SchemaProvider for BucketSchemaProvider {
                 "{name:?} looks like a bucket key; create buckets with \\create, the create action or a first write, then INSERT INTO"
             )));
         }
-        Ok(self.extra.write().insert(name, table))
+        if table.table_type() != TableType::View {
+            return Err(DataFusionError::Plan(format!(
+                "{name:?}: only views can be created in SQL (SQL runs inside the store; tables are buckets)"
+            )));
+        }
+        let mut extra = self.extra.write();
+        if extra.len() >= MAX_VIEWS && !extra.contains_key(&name) {
+            return Err(DataFusionError::Plan(format!("too many views ({MAX_VIEWS}); DROP VIEW some first")));
+        }
+        Ok(extra.insert(name, table))
     }
 
     fn deregister_table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {

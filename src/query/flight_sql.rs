@@ -3,7 +3,9 @@
 //! GetDbSchemas, GetTables, GetTableTypes, GetSqlInfo) that ADBC and JDBC drivers need.
 //!
 //! The handler is stateless for statements (the ticket carries the SQL text, re-planned on DoGet) and keeps
-//! prepared statements in memory until closed. It implements [`FlightSqlService`], so it is itself a Flight
+//! prepared statements in memory until closed, at most [`MAX_PREPARED`] of them holding at most
+//! [`MAX_PREPARED_PARAM_BYTES`] of bound parameters: past either bound the least recently used statements
+//! are closed (a client that later uses one gets a clear "unknown prepared statement handle"). It implements [`FlightSqlService`], so it is itself a Flight
 //! service (the blanket impl); the server's Flight service hands every Flight SQL request to it.
 //!
 //! ```ignore
@@ -37,7 +39,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::catalog::{bucket_table_names, CATALOG, SCHEMA};
+use super::catalog::{CATALOG, SCHEMA};
 use super::{QueryEngine, QueryError};
 use crate::context::{ServerContext, VERSION};
 use crate::engine::{BucketKey, EngineError, WriteOptions};
@@ -51,10 +53,107 @@ struct Prepared {
     params: Option<RecordBatch>,
 }
 
+/// Open prepared statements kept per server; creating one more closes the least recently used.
+pub const MAX_PREPARED: usize = 1024;
+/// Bytes of bound parameters kept over all open prepared statements (least recently used closed beyond).
+pub const MAX_PREPARED_PARAM_BYTES: usize = 256 << 20;
+
+const UNKNOWN_HANDLE: &str = "unknown prepared statement handle (closed, closed as least recently used past the server's limit of open statements, or the server restarted)";
+
+/// Open prepared statements, bounded by count and by bound-parameter bytes; least recently used go first.
+#[derive(Debug)]
+struct PreparedCache {
+    map: HashMap<Vec<u8>, PreparedEntry>,
+    tick: u64,
+    param_bytes: usize,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+struct PreparedEntry {
+    p: Prepared,
+    used: u64,
+    bytes: usize,
+}
+
+impl PreparedCache {
+    fn new(max_count: usize, max_bytes: usize) -> Self {
+        PreparedCache { map: HashMap::new(), tick: 0, param_bytes: 0, max_count: max_count.max(1), max_bytes, }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn touch(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Close the least recently used statement other than `keep`; false when there is none.
+    fn evict_one(&mut self, keep: Option<&[u8]>) -> bool {
+        let victim = self.map.iter().filter(|(h, _)| Some(h.as_slice()) != keep).min_by_key(|(_, e)| e.used).map(|(h, _)| h.clone());
+        match victim {
+            Some(h) => {
+                self.remove(&h);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, handle: Vec<u8>, p: Prepared) {
+        while self.map.len() >= self.max_count && self.evict_one(None) {}
+        let used = self.touch();
+        if let Some(old) = self.map.insert(handle, PreparedEntry { p, used, bytes: 0 }) {
+            self.param_bytes -= old.bytes;
+        }
+    }
+
+    fn get(&mut self, handle: &[u8]) -> Option<Prepared> {
+        let used = self.touch();
+        let e = self.map.get_mut(handle)?;
+        e.used = used;
+        Some(e.p.clone())
+    }
+
+    /// Replace the bound parameters of a statement, closing other statements if the byte budget needs it.
+    fn bind(&mut self, handle: &[u8], params: Option<RecordBatch>) -> Result<(), Status> {
+        let bytes = params.as_ref().map_or(0, |b| b.get_array_memory_size());
+        if bytes > self.max_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "bound parameters of {bytes} bytes exceed the server's limit of {} bytes for prepared statements",
+                self.max_bytes
+            )));
+        }
+        let old = self.map.get(handle).map(|e| e.bytes).ok_or_else(|| Status::not_found(UNKNOWN_HANDLE))?;
+        self.param_bytes -= old;
+        if let Some(e) = self.map.get_mut(handle) {
+            e.bytes = 0;
+        }
+        while self.param_bytes + bytes > self.max_bytes && self.evict_one(Some(handle)) {}
+        let used = self.touch();
+        if let Some(e) = self.map.get_mut(handle) {
+            e.p.params = params;
+            e.bytes = bytes;
+            e.used = used;
+            self.param_bytes += bytes;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, handle: &[u8]) {
+        if let Some(e) = self.map.remove(handle) {
+            self.param_bytes -= e.bytes;
+        }
+    }
+}
+
 /// The Flight SQL service of the server.
 pub struct FlightSqlHandler {
     ctx: Arc<ServerContext>,
-    prepared: Mutex<HashMap<Vec<u8>, Prepared>>,
+    prepared: Mutex<PreparedCache>,
     next_id: AtomicU64,
     info: SqlInfoData,
 }
@@ -70,6 +169,8 @@ pub fn query_status(e: QueryError) -> Status {
     match e {
         QueryError::Engine(e) => engine_status(e),
         QueryError::Sql(m) | QueryError::Function(m) => Status::invalid_argument(m),
+        QueryError::NotAllowed(m) => Status::permission_denied(m),
+        QueryError::ResourcesExhausted(m) => Status::resource_exhausted(m),
     }
 }
 
@@ -151,7 +252,7 @@ impl FlightSqlHandler {
         b.append(SqlInfo::SqlIdentifierCase, 3i32); // SQL_CASE_SENSITIVITY_CASE_SENSITIVE... (see SqlSupportedCaseSensitivity)
         b.append(SqlInfo::SqlQuotedIdentifierCase, 3i32);
         let info = b.build().unwrap_or_else(|_| SqlInfoDataBuilder::new().build().expect("empty SqlInfo builds"));
-        FlightSqlHandler { ctx, prepared: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), info }
+        FlightSqlHandler { ctx, prepared: Mutex::new(PreparedCache::new(MAX_PREPARED, MAX_PREPARED_PARAM_BYTES)), next_id: AtomicU64::new(1), info }
     }
 
     fn query(&self) -> &QueryEngine {
@@ -159,17 +260,13 @@ impl FlightSqlHandler {
     }
 
     fn lookup(&self, handle: &[u8]) -> Result<Prepared, Status> {
-        self.prepared
-            .lock()
-            .get(handle)
-            .cloned()
-            .ok_or_else(|| Status::not_found("unknown prepared statement handle (closed, or the server restarted)"))
+        self.prepared.lock().get(handle).ok_or_else(|| Status::not_found(UNKNOWN_HANDLE))
     }
 
     /// Result schema of a statement, without running it.
     async fn plan_schema(&self, sql: &str) -> Result<Schema, Status> {
         let plan = self.query().logical_plan(sql).await.map_err(query_status)?;
-        Ok(plan.schema().as_arrow().clone())
+        Ok(result_schema(&plan))
     }
 
     fn info_for(&self, schema: &Schema, ticket: Vec<u8>, desc: FlightDescriptor) -> Result<Response<FlightInfo>, Status> {
@@ -205,7 +302,7 @@ impl FlightSqlHandler {
             if let Some(p) = p {
                 df = df.with_param_values(p).map_err(|e| query_status(e.into()))?;
             }
-            let batches = df.collect().await.map_err(|e| query_status(e.into()))?;
+            let batches = self.query().collect(df).await.map_err(query_status)?;
             total += affected_rows(&batches);
         }
         Ok(total)
@@ -215,13 +312,11 @@ impl FlightSqlHandler {
     /// returns the handle to use from now on. Public so a Flight front end that has already consumed the
     /// DoPut stream can call it with the decoded batches.
     pub fn bind_parameters(&self, handle: &[u8], batches: Vec<RecordBatch>) -> Result<Vec<u8>, Status> {
-        let mut map = self.prepared.lock();
-        let p = map.get_mut(handle).ok_or_else(|| Status::not_found("unknown prepared statement handle"))?;
         let params = match batches.first() {
             None => None,
             Some(first) => Some(arrow::compute::concat_batches(&first.schema(), &batches).map_err(internal)?),
         };
-        p.params = params;
+        self.prepared.lock().bind(handle, params)?;
         Ok(handle.to_vec())
     }
 
@@ -270,6 +365,16 @@ fn has_side_effects(plan: &datafusion::logical_expr::LogicalPlan) -> bool {
     matches!(plan, P::Dml(_) | P::Ddl(_) | P::Copy(_) | P::Statement(_))
 }
 
+/// The schema a statement's result will have: empty for DDL and statements (a DDL plan's own schema is its
+/// input's, e.g. the columns of the view being created), the plan's otherwise (DML: `count`).
+fn result_schema(plan: &datafusion::logical_expr::LogicalPlan) -> Schema {
+    use datafusion::logical_expr::LogicalPlan as P;
+    match plan {
+        P::Ddl(_) | P::Statement(_) => Schema::empty(),
+        other => other.schema().as_arrow().clone(),
+    }
+}
+
 /// Table types listed by GetTableTypes / GetTables.
 const TABLE_TYPES: [&str; 2] = ["TABLE", "VIEW"];
 
@@ -283,14 +388,16 @@ impl FlightSqlService for FlightSqlHandler {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let plan = self.query().logical_plan(&query.query).await.map_err(query_status)?;
-        let schema = plan.schema().as_arrow().clone();
+        let mut schema = plan.schema().as_arrow().clone();
         let handle = if has_side_effects(&plan) {
             // Clients such as ADBC's DBAPI never DoGet the result of an INSERT or CREATE: run it now and put
-            // its (tiny) result into the ticket.
-            let (schema, batches) = self.query().sql(&query.query).await.map_err(query_status)?;
+            // its (tiny) result into the ticket. The FlightInfo then carries that result's schema (a DDL plan's
+            // schema is its input's, e.g. the columns of a view, not what CREATE VIEW returns).
+            let (result, batches) = self.query().sql(&query.query).await.map_err(query_status)?;
+            schema = result.as_ref().clone();
             let mut buf = RESULT_PREFIX.to_vec();
             {
-                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &schema).map_err(internal)?;
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &result).map_err(internal)?;
                 for b in &batches {
                     w.write(b).map_err(internal)?;
                 }
@@ -344,7 +451,7 @@ impl FlightSqlService for FlightSqlHandler {
         _request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let plan = self.query().logical_plan(&query.query).await.map_err(query_status)?;
-        let dataset = plan.schema().as_arrow().clone();
+        let dataset = result_schema(&plan);
         let types = plan.get_parameter_types().map_err(|e| query_status(e.into()))?;
         let mut names: Vec<(usize, String, DataType)> = types
             .into_iter()
@@ -431,16 +538,9 @@ impl FlightSqlService for FlightSqlHandler {
     async fn do_get_tables(&self, query: CommandGetTables, _request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         let include_schema = query.include_schema;
         let mut b = query.into_builder();
-        let engine = &self.ctx.engine;
-        let cat = self.query().context().catalog(CATALOG).and_then(|c| c.schema(SCHEMA));
-        let mut names = bucket_table_names(engine);
-        if let Some(s) = &cat {
-            for n in s.table_names() {
-                if !names.contains(&n) {
-                    names.push(n);
-                }
-            }
-        }
+        // Buckets and views (bucket names only when the server is queryable).
+        let cat = self.query().schema_provider();
+        let names = cat.as_ref().map(|s| s.table_names()).unwrap_or_default();
         for name in names {
             let (ty, schema) = match &cat {
                 Some(s) if include_schema => match s.table(&name).await {
@@ -481,4 +581,68 @@ impl FlightSqlService for FlightSqlHandler {
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stmt(i: usize) -> (Vec<u8>, Prepared) {
+        (format!("h{i}").into_bytes(), Prepared { sql: format!("SELECT {i}"), params: None })
+    }
+
+    fn params(rows: usize) -> RecordBatch {
+        let a = arrow::array::Int64Array::from((0..rows as i64).collect::<Vec<_>>());
+        RecordBatch::try_new(Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, false)])), vec![Arc::new(a)]).unwrap()
+    }
+
+    #[test]
+    fn prepared_statements_are_capped_least_recently_used_first() {
+        let mut c = PreparedCache::new(MAX_PREPARED, MAX_PREPARED_PARAM_BYTES);
+        for i in 0..MAX_PREPARED {
+            let (h, p) = stmt(i);
+            c.insert(h, p);
+        }
+        // Using the oldest keeps it; the next ones out are the least recently used.
+        assert_eq!(c.get(b"h0").unwrap().sql, "SELECT 0");
+        for i in MAX_PREPARED..MAX_PREPARED + 10 {
+            let (h, p) = stmt(i);
+            c.insert(h, p);
+        }
+        assert_eq!(c.len(), MAX_PREPARED);
+        assert!(c.get(b"h0").is_some());
+        assert!((1..=10).all(|i| c.get(format!("h{i}").as_bytes()).is_none()));
+        assert!(c.get(b"h11").is_some() && c.get(format!("h{}", MAX_PREPARED + 9).as_bytes()).is_some());
+        c.remove(b"h0");
+        assert_eq!(c.len(), MAX_PREPARED - 1);
+    }
+
+    #[test]
+    fn bound_parameters_are_capped_by_bytes() {
+        let one = params(1000).get_array_memory_size();
+        let mut c = PreparedCache::new(16, one * 3);
+        for i in 0..4 {
+            let (h, p) = stmt(i);
+            c.insert(h, p);
+        }
+        for i in 0..3 {
+            c.bind(format!("h{i}").as_bytes(), Some(params(1000))).unwrap();
+        }
+        assert_eq!(c.param_bytes, one * 3);
+        // A fourth binding closes the least recently used statement (h0) to stay within the budget.
+        c.bind(b"h3", Some(params(1000))).unwrap();
+        assert!(c.get(b"h0").is_none());
+        assert_eq!((c.len(), c.param_bytes), (3, one * 3));
+        // Rebinding replaces, it does not add.
+        c.bind(b"h3", Some(params(10))).unwrap();
+        assert_eq!(c.param_bytes, one * 2 + params(10).get_array_memory_size());
+        // More than the whole budget for one statement is refused, and unknown handles are clear errors.
+        let e = c.bind(b"h1", Some(params(4000))).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(c.bind(b"nope", None).unwrap_err().code(), tonic::Code::NotFound);
+        c.remove(b"h1");
+        c.remove(b"h2");
+        c.remove(b"h3");
+        assert_eq!((c.len(), c.param_bytes), (0, 0));
+    }
 }
