@@ -302,6 +302,10 @@ impl FlightBackend for EngineFlightBackend {
         self.ctx.trigger_streams.exchange(token, acks).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))
     }
 
+    fn check_readable(&self) -> Result<(), BackendError> {
+        self.ctx.check_queryable().map_err(engine_status)
+    }
+
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {
         self.ctx.check_queryable().map_err(engine_status)?;
         let mut out = Vec::new();

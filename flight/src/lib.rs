@@ -106,6 +106,11 @@ pub trait FlightBackend: Send + Sync + 'static {
         let _ = (token, acks);
         Err(BackendError::new(tonic::Code::Unimplemented, "trigger streams are not supported"))
     }
+    /// Whether reads are allowed at all (a server configured `queryable: false` says no). Checked before
+    /// a Flight SQL read is handed to the SQL service; the backend's own read methods check it themselves.
+    fn check_readable(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Every bucket with schema and row count.
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError>;
     /// Run a plain action (`create`, `destroy`, ...); returns the JSON result body.
@@ -398,6 +403,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            self.backend.check_readable()?;
             return FlightService::get_flight_info(self.sql.as_ref(), request).await;
         }
         let info = self.flight_info(request.into_inner()).await?;
@@ -406,6 +412,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            self.backend.check_readable()?;
             return FlightService::poll_flight_info(self.sql.as_ref(), request).await;
         }
         let info = self.flight_info(request.into_inner()).await?;
@@ -414,6 +421,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            self.backend.check_readable()?;
             return FlightService::get_schema(self.sql.as_ref(), request).await;
         }
         let q = descriptor_ticket(request.get_ref())?;
@@ -427,6 +435,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         if as_sql_any(&request.get_ref().ticket).is_some() {
+            self.backend.check_readable()?;
             return FlightService::do_get(self.sql.as_ref(), request).await;
         }
         let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
