@@ -80,6 +80,7 @@ pub struct Config {
     pub listen_port: u16,
     /// gRPC port: Arrow Flight, Flight SQL and MarketStore's gRPC service. `None` disables it.
     pub grpc_listen_port: Option<u16>,
+    /// Largest gRPC message sent / accepted, MiB (MarketStore's keys; see [`Config::grpc_limits`]).
     pub grpc_max_send_msg_size_mb: usize,
     pub grpc_max_recv_msg_size_mb: usize,
     pub utilities_url: String,
@@ -106,6 +107,11 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub triggers: Vec<TriggerConfig>,
     pub bgworkers: Vec<BgWorkerConfig>,
+    /// Largest `/rpc` request body, MiB (mkts key `max_request_mb`). Checked before anything is decoded.
+    pub max_request_mb: usize,
+    /// What one stream subscriber (Flight `{"subscribe"}` ticket, `/ws` client) may have waiting, MiB
+    /// (mkts key `subscriber_queue_mb`); past it the subscriber is dropped, logged and counted.
+    pub subscriber_queue_mb: usize,
     /// Where the file was read from (for resolving relative paths).
     pub base_dir: PathBuf,
     /// Problems that do not stop the server (unknown keys), logged once logging is up.
@@ -119,8 +125,8 @@ impl Default for Config {
             listen_host: String::new(),
             listen_port: 5993,
             grpc_listen_port: Some(5995),
-            grpc_max_send_msg_size_mb: 1024,
-            grpc_max_recv_msg_size_mb: 1024,
+            grpc_max_send_msg_size_mb: DEFAULT_GRPC_MSG_MB,
+            grpc_max_recv_msg_size_mb: DEFAULT_GRPC_MSG_MB,
             utilities_url: String::new(),
             timezone: "UTC".into(),
             log_level: "info".into(),
@@ -141,11 +147,23 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             triggers: Vec::new(),
             bgworkers: Vec::new(),
+            max_request_mb: DEFAULT_MAX_REQUEST_MB,
+            subscriber_queue_mb: DEFAULT_SUBSCRIBER_QUEUE_MB,
             base_dir: PathBuf::from("."),
             warnings: Vec::new(),
         }
     }
 }
+
+/// Default `grpc_max_{send,recv}_msg_size` (MiB). MarketStore's 1024 let one message hold a GiB of memory;
+/// 256 MiB still carries a symbol-decade of 1Min bars.
+pub const DEFAULT_GRPC_MSG_MB: usize = 256;
+/// Largest gRPC message size honoured (MiB), whatever the file says.
+pub const MAX_GRPC_MSG_MB: usize = 1024;
+/// Default `max_request_mb`: a pymarketstore bulk write of ~10 symbol-years of 1Min bars.
+pub const DEFAULT_MAX_REQUEST_MB: usize = 256;
+/// Default `subscriber_queue_mb`.
+pub const DEFAULT_SUBSCRIBER_QUEUE_MB: usize = 64;
 
 /// The commented default file written by `mkts init`.
 pub const DEFAULT_YAML: &str = include_str!("../mkts.yml");
@@ -190,6 +208,13 @@ fn parse_int<T: std::str::FromStr>(key: &str, v: &Scalar) -> Result<T, ConfigErr
         .trim()
         .parse::<T>()
         .map_err(|_| ConfigError::Invalid { key: key.into(), msg: format!("expected a number, got {:?}", v.as_string()) })
+}
+
+fn parse_positive(key: &str, v: &Scalar) -> Result<usize, ConfigError> {
+    match parse_int::<usize>(key, v)? {
+        0 => Err(ConfigError::Invalid { key: key.into(), msg: "must be at least 1".into() }),
+        n => Ok(n),
+    }
 }
 
 /// YAML → JSON for plugin `config` maps (plugins receive JSON).
@@ -261,7 +286,16 @@ impl Config {
                 "replication" => c.replication = parse_replication(v, &mut c.warnings)?,
                 "triggers" => c.triggers = parse_triggers(v, &mut c.warnings)?,
                 "bgworkers" => c.bgworkers = parse_bgworkers(v)?,
+                "max_request_mb" => c.max_request_mb = parse_positive(k, &sc(k, v)?)?,
+                "subscriber_queue_mb" => c.subscriber_queue_mb = parse_positive(k, &sc(k, v)?)?,
                 other => c.warnings.push(format!("unknown configuration key {other:?} is ignored")),
+            }
+        }
+        for (key, v) in [("grpc_max_send_msg_size", &mut c.grpc_max_send_msg_size_mb), ("grpc_max_recv_msg_size", &mut c.grpc_max_recv_msg_size_mb)] {
+            if *v == 0 || *v > MAX_GRPC_MSG_MB {
+                let to = (*v).clamp(1, MAX_GRPC_MSG_MB);
+                c.warnings.push(format!("{key}: {v} MB is outside 1..={MAX_GRPC_MSG_MB}; using {to} MB"));
+                *v = to;
             }
         }
         if c.listen_port == 0 && !raw.contains_key("listen_port") {
@@ -285,6 +319,22 @@ impl Config {
     /// The parsed `timezone`.
     pub fn tz(&self) -> chrono_tz::Tz {
         self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+
+    /// `(recv, send)` gRPC message limits in bytes.
+    pub fn grpc_limits(&self) -> (usize, usize) {
+        let b = |mb: usize| mb.clamp(1, MAX_GRPC_MSG_MB) << 20;
+        (b(self.grpc_max_recv_msg_size_mb), b(self.grpc_max_send_msg_size_mb))
+    }
+
+    /// `max_request_mb` in bytes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_mb.max(1) << 20
+    }
+
+    /// `subscriber_queue_mb` in bytes.
+    pub fn subscriber_queue_bytes(&self) -> usize {
+        self.subscriber_queue_mb.max(1) << 20
     }
 
     /// `host:port` to bind for HTTP.
@@ -439,6 +489,20 @@ bgworkers:
         let c = Config::parse(DEFAULT_YAML, Path::new("/srv")).unwrap();
         assert_eq!(c.root_directory, PathBuf::from("/srv/data"));
         assert_eq!(c.listen_port, 5993);
+    }
+
+    #[test]
+    fn size_limits() {
+        let c = Config::parse("listen_port: 1\n", Path::new(".")).unwrap();
+        assert_eq!(c.grpc_limits(), (256 << 20, 256 << 20));
+        assert_eq!((c.max_request_bytes(), c.subscriber_queue_bytes()), (256 << 20, 64 << 20));
+        let y = "listen_port: 1\ngrpc_max_recv_msg_size: 4096\ngrpc_max_send_msg_size: 2\nmax_request_mb: 3\nsubscriber_queue_mb: 5\n";
+        let c = Config::parse(y, Path::new(".")).unwrap();
+        assert_eq!(c.grpc_limits(), (1024 << 20, 2 << 20));
+        assert!(c.warnings.iter().any(|w| w.contains("grpc_max_recv_msg_size")), "{:?}", c.warnings);
+        assert_eq!((c.max_request_bytes(), c.subscriber_queue_bytes()), (3 << 20, 5 << 20));
+        let e = Config::parse("listen_port: 1\nmax_request_mb: 0\n", Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("max_request_mb"), "{e}");
     }
 
     #[test]

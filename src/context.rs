@@ -5,12 +5,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
 
 /// Server version reported to clients (MarketStore's `version` fields and the `Marketstore-Version` header).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The message of a read refused by `queryable: false` (the engine's own wording).
+pub const NOT_QUERYABLE: &str = "server is not queryable";
 
 /// Shared state of a running server, handed to every interface.
 pub struct ServerContext {
@@ -37,6 +40,16 @@ impl ServerContext {
     /// filtered) instead of every append.
     pub fn streams_gated(&self) -> bool {
         self.config.triggers.iter().any(|t| crate::contrib::module_name(&t.module) == "stream")
+    }
+
+    /// `Ok` when reads are allowed; the one refusal every read, listing and subscription path gives
+    /// under `queryable: false` (writes are governed by `enable_add` / `enable_remove` only).
+    pub fn check_queryable(&self) -> Result<(), EngineError> {
+        if self.engine.policy().queryable {
+            Ok(())
+        } else {
+            Err(EngineError::NotAllowed(NOT_QUERYABLE.into()))
+        }
     }
 
     /// True once start-up (replay, listeners, plugins) is complete and until shutdown begins.

@@ -1,12 +1,13 @@
 //! The server side of the Flight contract: [`mkts_flight::FlightBackend`] over the engine and SQL.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use futures::stream::StreamExt;
 use mkts_flight::ticket::{key_body, CreateAction, DeleteRangeAction, ListSymbolsAction};
-use mkts_flight::{BackendError, BatchStream, BucketListing, FlightBackend, KeyedBatchStream, QueryTicket};
+use mkts_flight::{BackendError, BatchStream, BucketListing, FlightBackend, KeyedBatchStream, QueryTicket, SubscriptionStream};
 use serde_json::json;
 use tonic::Code;
 
@@ -142,6 +143,110 @@ impl EngineFlightBackend {
     }
 }
 
+/// Appended batches the engine queues for one subscription before the forwarder below takes them (it
+/// takes them at once; the byte bound applies after it).
+const SUBSCRIPTION_EVENTS: usize = 4096;
+
+struct SubQueue {
+    items: VecDeque<((String, RecordBatch), usize)>,
+    bytes: usize,
+    /// Set when the subscriber was dropped: the error to send, once.
+    dropped: Option<String>,
+    /// The source ended, or the consumer is gone.
+    closed: bool,
+}
+
+struct SubShared {
+    q: parking_lot::Mutex<SubQueue>,
+    wake: tokio::sync::Notify,
+}
+
+/// Ends the forwarder when the client's stream is dropped.
+struct ConsumerGone(Arc<SubShared>, Arc<crate::metrics::Metrics>);
+
+impl Drop for ConsumerGone {
+    fn drop(&mut self) {
+        self.1.flight_subscribers_add(-1);
+        let mut q = self.0.q.lock();
+        q.closed = true;
+        q.items.clear();
+        q.bytes = 0;
+    }
+}
+
+/// A subscription whose unread batches are bounded by bytes. A task takes every batch from `source` at
+/// once (so the engine never queues or drops for this subscriber) into a queue the client's stream reads.
+/// When the queue would pass `limit` bytes the subscriber is dropped: the queue is freed, the stream ends
+/// with `RESOURCE_EXHAUSTED`, a warning names `who`, and `mkts_flight_dropped_subscribers_total` counts it.
+/// A single batch larger than `limit` still passes when nothing else is waiting.
+pub fn bounded_subscription(
+    mut source: KeyedBatchStream,
+    limit: usize,
+    who: String,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> SubscriptionStream {
+    let shared = Arc::new(SubShared {
+        q: parking_lot::Mutex::new(SubQueue { items: VecDeque::new(), bytes: 0, dropped: None, closed: false }),
+        wake: tokio::sync::Notify::new(),
+    });
+    let fwd = shared.clone();
+    metrics.flight_subscribers_add(1);
+    let guard = ConsumerGone(shared, metrics.clone());
+    tokio::spawn(async move {
+        while let Some(item) = source.next().await {
+            let size = item.1.get_array_memory_size();
+            let mut q = fwd.q.lock();
+            if q.closed {
+                return;
+            }
+            if q.bytes > 0 && q.bytes.saturating_add(size) > limit {
+                let waiting = q.bytes;
+                q.items.clear();
+                q.bytes = 0;
+                q.closed = true;
+                q.dropped = Some(format!(
+                    "subscription dropped: {waiting} bytes were waiting unread, past subscriber_queue_mb ({limit} bytes)"
+                ));
+                drop(q);
+                tracing::warn!(subscriber = %who, waiting, limit, "dropping Flight subscriber: it does not keep up");
+                metrics.flight_subscriber_dropped();
+                fwd.wake.notify_one();
+                return;
+            }
+            q.bytes += size;
+            q.items.push_back((item, size));
+            drop(q);
+            fwd.wake.notify_one();
+        }
+        fwd.q.lock().closed = true;
+        fwd.wake.notify_one();
+    });
+    futures::stream::unfold(guard, |g| async move {
+        loop {
+            // `Some(None)`: the end; `None`: nothing yet (the forwarder's notify_one leaves a permit).
+            let next = {
+                let mut q = g.0.q.lock();
+                if let Some((item, size)) = q.items.pop_front() {
+                    q.bytes -= size;
+                    Some(Some(Ok(item)))
+                } else if let Some(msg) = q.dropped.take() {
+                    Some(Some(Err(BackendError::new(Code::ResourceExhausted, msg))))
+                } else if q.closed {
+                    Some(None)
+                } else {
+                    None
+                }
+            };
+            match next {
+                Some(Some(r)) => return Some((r, g)),
+                Some(None) => return None,
+                None => g.0.wake.notified().await,
+            }
+        }
+    })
+    .boxed()
+}
+
 /// Rows per batch when a `Symbol` column has to be materialised.
 pub const SYMBOL_SLICE_ROWS: usize = 65_536;
 
@@ -156,6 +261,7 @@ fn parse_key(k: &str) -> Result<BucketKey, BackendError> {
 #[async_trait::async_trait]
 impl FlightBackend for EngineFlightBackend {
     async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError> {
+        self.ctx.check_queryable().map_err(engine_status)?;
         if let Some(sql) = &q.sql {
             let (schema, stream) = self.ctx.query.sql_stream(sql).await.map_err(query_status)?;
             return Ok((schema, stream.map(|r| r.map_err(query_status)).boxed()));
@@ -165,6 +271,7 @@ impl FlightBackend for EngineFlightBackend {
     }
 
     async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
+        self.ctx.check_queryable().map_err(engine_status)?;
         if let Some(sql) = &q.sql {
             let (schema, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
             return Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())));
@@ -181,22 +288,30 @@ impl FlightBackend for EngineFlightBackend {
         Ok(ack.rows)
     }
 
-    async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError> {
+    async fn subscribe(&self, pattern: &str, peer: &str) -> Result<SubscriptionStream, BackendError> {
+        self.ctx.check_queryable().map_err(engine_status)?;
         let pat = KeyPattern::parse(pattern).map_err(engine_status)?;
-        if self.ctx.streams_gated() {
+        let source: KeyedBatchStream = if self.ctx.streams_gated() {
             // A `stream` trigger is configured: subscribers get the rows it pushes (contrib::stream).
-            return Ok(self.ctx.stream.matching(pat));
-        }
-        let sub = self.ctx.engine.subscribe_matching(Some(pat), 4096);
-        let s = tokio_stream::wrappers::ReceiverStream::new(sub.rx).map(|ev| (ev.key.to_string(), ev.batch.clone()));
-        Ok(s.boxed())
+            self.ctx.stream.matching(pat)
+        } else {
+            let sub = self.ctx.engine.subscribe_matching(Some(pat), SUBSCRIPTION_EVENTS);
+            tokio_stream::wrappers::ReceiverStream::new(sub.rx).map(|ev| (ev.key.to_string(), ev.batch.clone())).boxed()
+        };
+        let who = format!("peer {peer}, pattern {pattern:?}");
+        Ok(bounded_subscription(source, self.ctx.config.subscriber_queue_bytes(), who, self.ctx.metrics.clone()))
     }
 
     async fn trigger_exchange(&self, token: &str, acks: mkts_flight::AckStream) -> Result<KeyedBatchStream, BackendError> {
         self.ctx.trigger_streams.exchange(token, acks).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))
     }
 
+    fn check_readable(&self) -> Result<(), BackendError> {
+        self.ctx.check_queryable().map_err(engine_status)
+    }
+
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {
+        self.ctx.check_queryable().map_err(engine_status)?;
         let mut out = Vec::new();
         for k in self.ctx.engine.keys() {
             if let Ok(info) = self.ctx.engine.info(&k) {
@@ -233,6 +348,7 @@ impl FlightBackend for EngineFlightBackend {
                 Ok(json!({ "destroyed": key.to_string() }))
             }
             "get_info" => {
+                self.ctx.check_queryable().map_err(engine_status)?;
                 let key = parse_key(&key_body(body).map_err(BackendError::invalid)?)?;
                 let info = engine.info(&key).map_err(engine_status)?;
                 let cols: Vec<_> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
@@ -262,9 +378,7 @@ impl FlightBackend for EngineFlightBackend {
                 } else {
                     serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("list_symbols: {e}")))?
                 };
-                if !engine.policy().queryable {
-                    return Err(BackendError::new(Code::PermissionDenied, "server is not queryable"));
-                }
+                self.ctx.check_queryable().map_err(engine_status)?;
                 let keys = engine.keys();
                 let list: Vec<String> = if a.format.as_deref() == Some("tbk") {
                     keys.iter().map(|k| k.to_string()).collect()

@@ -83,6 +83,8 @@ pub struct Metrics {
     ws_connections: AtomicI64,
     ws_messages: AtomicU64,
     ws_dropped_clients: AtomicU64,
+    flight_dropped_subscribers: AtomicU64,
+    flight_subscribers: std::sync::atomic::AtomicI64,
     /// Cached disk usage: `(measured at, bytes)`.
     pub disk_usage: Mutex<Option<(std::time::Instant, u64)>>,
     /// One entry per configured trigger and worker (registered by the plugin host).
@@ -202,6 +204,16 @@ impl Metrics {
         self.ws_dropped_clients.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A Flight `{"subscribe"}` subscriber was dropped because its unread batches passed the bound.
+    pub fn flight_subscriber_dropped(&self) {
+        self.flight_dropped_subscribers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A Flight subscription opened (`+1`) or ended (`-1`).
+    pub fn flight_subscribers_add(&self, d: i64) {
+        self.flight_subscribers.fetch_add(d, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, e: &EngineSample) -> String {
         let mut out = String::with_capacity(8192);
@@ -238,6 +250,8 @@ impl Metrics {
         gauge(&mut out, "alpaca_marketstore_ws_connections", "gauge", "Open /ws connections.", self.ws_connections().to_string());
         gauge(&mut out, "mkts_ws_messages_sent_total", "counter", "Stream messages sent to /ws clients.", self.ws_messages.load(Ordering::Relaxed).to_string());
         gauge(&mut out, "mkts_ws_dropped_clients_total", "counter", "/ws clients disconnected for falling behind.", self.ws_dropped_clients.load(Ordering::Relaxed).to_string());
+        gauge(&mut out, "mkts_flight_dropped_subscribers_total", "counter", "Flight subscriptions ended for leaving more than subscriber_queue_mb unread.", self.flight_dropped_subscribers.load(Ordering::Relaxed).to_string());
+        gauge(&mut out, "mkts_flight_subscribers", "gauge", "Open Flight {\"subscribe\"} streams.", self.flight_subscribers.load(Ordering::Relaxed).to_string());
         gauge(&mut out, "mkts_rows_written_total", "counter", "Rows acknowledged by the engine since start.", e.rows_written.to_string());
         gauge(&mut out, "mkts_wal_syncs_total", "counter", "Durable log appends (fdatasync) since start.", e.wal_syncs.to_string());
         gauge(&mut out, "mkts_wal_records_total", "counter", "Write records carried by those appends (group commit).", e.wal_records.to_string());

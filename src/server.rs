@@ -76,8 +76,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     if let Some(listener) = grpc_listener {
         let sql = Arc::new(crate::query::flight_sql::FlightSqlHandler::new(ctx.clone()));
         let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone(), sql: sql.clone() });
-        let max = config.grpc_max_recv_msg_size_mb.max(config.grpc_max_send_msg_size_mb).max(64) << 20;
-        let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(max);
+        let (recv, send) = config.grpc_limits();
+        let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(recv, send);
         let marketstore = crate::compat::grpc::service(ctx.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -89,6 +89,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 .initial_stream_window_size(16u32 << 20)
                 .initial_connection_window_size(64u32 << 20)
                 .max_frame_size(1u32 << 20)
+                .layer(tower::util::MapResponseLayer::new(oversize_is_resource_exhausted))
                 .add_service(flight)
                 .add_service(marketstore)
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -134,6 +135,18 @@ impl RunningServer {
         tracing::info!("mkts stopped cleanly");
         Ok(())
     }
+}
+
+/// tonic refuses a message over the size limit with `OUT_OF_RANGE` before any handler runs; gRPC-Go (and
+/// so MarketStore and its clients) say `RESOURCE_EXHAUSTED`. Rewrite that trailers-only status.
+fn oversize_is_resource_exhausted<B>(mut r: axum::http::Response<B>) -> axum::http::Response<B> {
+    let h = r.headers();
+    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains("message%20length%20too%20large"));
+    if oversize {
+        r.headers_mut().insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    r
 }
 
 /// Wait for SIGINT or SIGTERM.

@@ -13,7 +13,7 @@
 //!
 //! ```ignore
 //! let svc = mkts_flight::MktsFlightService::new(my_backend, my_flight_sql);
-//! tonic::transport::Server::builder().add_service(svc.into_server()).serve(addr).await?;
+//! tonic::transport::Server::builder().add_service(svc.into_server(256 << 20, 256 << 20)).serve(addr).await?;
 //! ```
 
 pub mod ticket;
@@ -70,6 +70,10 @@ pub type BatchStream = BoxStream<'static, Result<RecordBatch, BackendError>>;
 /// One appended batch delivered to a subscription, with the key it was written to.
 pub type KeyedBatchStream = BoxStream<'static, (String, RecordBatch)>;
 
+/// A subscription's batches; an error ends it (e.g. `RESOURCE_EXHAUSTED` for a subscriber that fell too
+/// far behind and was dropped).
+pub type SubscriptionStream = BoxStream<'static, Result<(String, RecordBatch), BackendError>>;
+
 /// Acknowledgements of a trigger exchange: each item is a number of batches handled by the client.
 pub type AckStream = BoxStream<'static, u64>;
 
@@ -90,8 +94,9 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError>;
     /// Durably write one batch to `key`; returns rows stored once they are durable.
     async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
-    /// Appended batches of keys matching `pattern` (`*` per segment), until dropped.
-    async fn subscribe(&self, pattern: &str) -> Result<KeyedBatchStream, BackendError>;
+    /// Appended batches of keys matching `pattern` (`*` per segment), until dropped. `peer` names the
+    /// client (its address) for logs.
+    async fn subscribe(&self, pattern: &str, peer: &str) -> Result<SubscriptionStream, BackendError>;
     /// The queued appends of an out-of-process trigger identified by its secret `token` (DoExchange).
     /// `acks` yields, for each client message, how many delivered batches the client has handled; a batch
     /// not acknowledged when the exchange ends is delivered again on the next one. Every batch of one
@@ -100,6 +105,11 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn trigger_exchange(&self, token: &str, acks: AckStream) -> Result<KeyedBatchStream, BackendError> {
         let _ = (token, acks);
         Err(BackendError::new(tonic::Code::Unimplemented, "trigger streams are not supported"))
+    }
+    /// Whether reads are allowed at all (a server configured `queryable: false` says no). Checked before
+    /// a Flight SQL read is handed to the SQL service; the backend's own read methods check it themselves.
+    fn check_readable(&self) -> Result<(), BackendError> {
+        Ok(())
     }
     /// Every bucket with schema and row count.
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError>;
@@ -152,11 +162,30 @@ impl FlightSqlService for NoSql {
 pub struct MktsFlightService<B: FlightBackend, S: FlightSqlService> {
     backend: Arc<B>,
     sql: Arc<S>,
+    /// Target size of one emitted FlightData message (below the send limit).
+    max_flight_data: usize,
 }
 
 impl<B: FlightBackend, S: FlightSqlService> Clone for MktsFlightService<B, S> {
     fn clone(&self) -> Self {
-        MktsFlightService { backend: self.backend.clone(), sql: self.sql.clone() }
+        MktsFlightService { backend: self.backend.clone(), sql: self.sql.clone(), max_flight_data: self.max_flight_data }
+    }
+}
+
+/// tonic refuses an oversize message with `OUT_OF_RANGE`; gRPC-Go and its clients say
+/// `RESOURCE_EXHAUSTED` for the same condition. Every other status is kept.
+pub fn oversize_status(s: Status) -> Status {
+    if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
+        Status::resource_exhausted(s.message().to_string())
+    } else {
+        s
+    }
+}
+
+fn decode_error(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(s) if s.code() == tonic::Code::OutOfRange => oversize_status(*s),
+        other => Status::invalid_argument(format!("DoPut: cannot decode the stream: {other}")),
     }
 }
 
@@ -189,18 +218,20 @@ fn descriptor_key(d: &FlightDescriptor) -> Result<String, Status> {
 
 impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService<B, S> {
     pub fn new(backend: Arc<B>, sql: Arc<S>) -> Self {
-        MktsFlightService { backend, sql }
+        MktsFlightService { backend, sql, max_flight_data: MAX_FLIGHT_DATA }
     }
 
-    /// The tonic server for this service, with large message limits (market data results are big).
-    pub fn into_server(self, max_msg_bytes: usize) -> FlightServiceServer<Self> {
-        FlightServiceServer::new(self).max_decoding_message_size(max_msg_bytes).max_encoding_message_size(max_msg_bytes)
+    /// The tonic server for this service with these message limits (bytes): a larger incoming message
+    /// is refused, outgoing batches are split to stay within half of `send_bytes`.
+    pub fn into_server(mut self, recv_bytes: usize, send_bytes: usize) -> FlightServiceServer<Self> {
+        self.max_flight_data = MAX_FLIGHT_DATA.min(send_bytes / 2).max(1);
+        FlightServiceServer::new(self).max_decoding_message_size(recv_bytes).max_encoding_message_size(send_bytes)
     }
 
-    fn encode(schema: SchemaRef, batches: BatchStream) -> Bs<FlightData> {
+    fn encode(&self, schema: SchemaRef, batches: BatchStream) -> Bs<FlightData> {
         let s = FlightDataEncoderBuilder::new()
             .with_schema(schema)
-            .with_max_flight_data_size(MAX_FLIGHT_DATA)
+            .with_max_flight_data_size(self.max_flight_data)
             .build(batches.map_err(|e| FlightError::Tonic(Box::new(Status::from(e)))))
             .map_err(Status::from);
         Box::pin(s)
@@ -223,10 +254,24 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Ok(info)
     }
 
-    fn subscription_stream(stream: KeyedBatchStream) -> Bs<FlightData> {
+    fn subscription_stream(stream: SubscriptionStream) -> Bs<FlightData> {
         let mut schema: Option<SchemaRef> = None;
-        let s = stream.flat_map(move |(key, batch)| {
+        let mut failed = false;
+        // An error item is sent and ends the stream.
+        let stream = stream.take_while(move |r| {
+            let go = !failed;
+            failed |= r.is_err();
+            futures::future::ready(go)
+        });
+        let s = stream.flat_map(move |item| {
             let mut out: Vec<Result<FlightData, Status>> = Vec::new();
+            let (key, batch) = match item {
+                Ok(kb) => kb,
+                Err(e) => {
+                    out.push(Err(Status::from(e)));
+                    return futures::stream::iter(out);
+                }
+            };
             match &schema {
                 None => {
                     let opts = arrow::ipc::writer::IpcWriteOptions::default();
@@ -270,7 +315,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
                         .await
                         .map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) })
                         .map_err(Status::from),
-                    Err(e) => Err(Status::invalid_argument(format!("DoPut: cannot decode the stream: {e}"))),
+                    Err(e) => Err(decode_error(e)),
                 };
                 let stop = r.is_err();
                 if tx.send(r).await.is_err() || stop {
@@ -358,6 +403,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            self.backend.check_readable()?;
             return FlightService::get_flight_info(self.sql.as_ref(), request).await;
         }
         let info = self.flight_info(request.into_inner()).await?;
@@ -366,6 +412,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            self.backend.check_readable()?;
             return FlightService::poll_flight_info(self.sql.as_ref(), request).await;
         }
         let info = self.flight_info(request.into_inner()).await?;
@@ -374,6 +421,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            self.backend.check_readable()?;
             return FlightService::get_schema(self.sql.as_ref(), request).await;
         }
         let q = descriptor_ticket(request.get_ref())?;
@@ -387,23 +435,25 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         if as_sql_any(&request.get_ref().ticket).is_some() {
+            self.backend.check_readable()?;
             return FlightService::do_get(self.sql.as_ref(), request).await;
         }
         let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
         if let Some(pattern) = &q.subscribe {
-            let s = self.backend.subscribe(pattern).await?;
+            let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+            let s = self.backend.subscribe(pattern, &peer).await?;
             return Ok(Response::new(Self::subscription_stream(s)));
         }
         if q.trigger.is_some() {
             return Err(Status::invalid_argument("a trigger ticket is opened with DoExchange, acknowledging each batch (docs/plugins.md)"));
         }
         let (schema, batches) = self.backend.query(q).await?;
-        Ok(Response::new(Self::encode(schema, batches)))
+        Ok(Response::new(self.encode(schema, batches)))
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
         let mut stream = request.into_inner();
-        let first = match stream.message().await? {
+        let first = match stream.message().await.map_err(oversize_status)? {
             Some(f) => f,
             None => return Err(Status::invalid_argument("DoPut: empty stream")),
         };
@@ -443,7 +493,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         let rest = stream.take_while(|m| futures::future::ready(m.is_ok())).filter_map(|m| futures::future::ready(m.ok().and_then(|m| parse_ack(&m.app_metadata))));
         let acks = futures::stream::iter(first_ack).chain(rest).boxed();
         let s = self.backend.trigger_exchange(&token, acks).await?;
-        Ok(Response::new(Self::subscription_stream(s)))
+        Ok(Response::new(Self::subscription_stream(s.map(Ok).boxed())))
     }
 
     async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
@@ -477,7 +527,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
                 let key = ingest.table.clone();
                 let mut total = 0i64;
                 while let Some(b) = batches.next().await {
-                    let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    let b = b.map_err(decode_error)?;
                     if b.num_rows() == 0 {
                         continue;
                     }

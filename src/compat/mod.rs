@@ -7,8 +7,10 @@
 //!
 //! Both protocols decode into the transport-neutral operations of [`service`]; results are packed into
 //! MarketStore's NumpyMultiDataset straight from the engine's zero-copy Arrow batches ([`numpy`]).
-//! `enable_add` / `enable_remove` / `queryable` are enforced by the engine, and its refusals surface as a
-//! JSON-RPC error (queries), a per-request error (writes, creates, destroys) or a gRPC status.
+//! `enable_add` / `enable_remove` are enforced by the engine, and its refusals surface as a JSON-RPC error
+//! (queries), a per-request error (writes, creates, destroys) or a gRPC status. `queryable: false` refuses
+//! every read and listing (Query, GetInfo, ListSymbols, `/ws` subscribes) with one error,
+//! `server is not queryable`.
 
 pub mod grpc;
 pub mod numpy;
@@ -32,9 +34,6 @@ use crate::metrics::{disk_usage, EngineSample};
 /// How long a measured disk usage is reused before `/metrics` measures again.
 pub const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
 
-/// Largest accepted `/rpc` request body (writes of large numpy datasets).
-pub const MAX_RPC_BODY: usize = 1 << 30;
-
 /// The HTTP routes of `listen_port`: `/rpc`, `/ws`, `/heartbeat`, `/metrics`.
 pub fn http_router(ctx: Arc<ServerContext>) -> Router {
     let hub = ws::WsHub::new(ctx.clone());
@@ -42,7 +41,6 @@ pub fn http_router(ctx: Arc<ServerContext>) -> Router {
         .route("/rpc", any(rpc::handle))
         .route("/heartbeat", any(heartbeat))
         .route("/metrics", get(metrics))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_RPC_BODY))
         .with_state(ctx);
     let ws = Router::new().route("/ws", any(ws::handle)).with_state(hub);
     rpc.merge(ws)

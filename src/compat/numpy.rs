@@ -289,7 +289,7 @@ fn parse_type(t: &str) -> Option<(DataType, usize)> {
     let s = t.trim_start_matches(['<', '|', '=']);
     if let Some(n) = s.strip_prefix('U') {
         let n: usize = n.parse().ok()?;
-        return (n > 0).then_some((DataType::Utf8, n * 4));
+        return (n > 0).then_some(()).and(n.checked_mul(4)).map(|w| (DataType::Utf8, w));
     }
     let ct = ColumnType::from_wire(s).ok()?;
     if ct == ColumnType::String16 {
@@ -303,6 +303,9 @@ fn parse_type(t: &str) -> Option<(DataType, usize)> {
 }
 
 /// Split a write dataset into one Arrow batch per bucket key (columns in request order, `Epoch` Int64).
+///
+/// Every length and offset comes from the client: each is checked (no overflow, inside the column
+/// bytes) before any slice is taken, so a crafted dataset gets an error naming the field, never a panic.
 pub fn unpack(ds: &NumpyIn<'_>) -> Result<Vec<(String, RecordBatch)>, String> {
     let ncol = ds.names.len();
     if ds.types.len() != ncol || ds.data.len() != ncol {
@@ -331,9 +334,13 @@ pub fn unpack(ds: &NumpyIn<'_>) -> Result<Vec<(String, RecordBatch)>, String> {
     if !ds.names.iter().any(|n| n == EPOCH) {
         return Err("unable to match data columns: the dataset has no Epoch column".into());
     }
-    let total = if ds.length > 0 { ds.length as usize } else { ds.data[0].len() / cols[0].2 };
+    if ds.length < 0 {
+        return Err(format!("length {} must not be negative", ds.length));
+    }
+    let total = if ds.length > 0 { usize::try_from(ds.length).unwrap_or(usize::MAX) } else { ds.data[0].len() / cols[0].2 };
     for (i, (name, _, w)) in cols.iter().enumerate() {
-        if ds.data[i].len() < total * w {
+        let need = total.checked_mul(*w).ok_or_else(|| format!("length {total} is too large for column {name} of {w}-byte values"))?;
+        if ds.data[i].len() < need {
             return Err(format!("column {name}: {} bytes for {total} rows of {w} bytes", ds.data[i].len()));
         }
     }
@@ -348,10 +355,12 @@ pub fn unpack(ds: &NumpyIn<'_>) -> Result<Vec<(String, RecordBatch)>, String> {
     let mut out = Vec::with_capacity(starts.len());
     for (key, start) in starts {
         let n = *lengths.get(key.as_str()).ok_or_else(|| format!("dataset has no lengths entry for {key}"))?;
-        if start < 0 || n < 0 || (start + n) as usize > total {
-            return Err(format!("rows {start}..{} of {key} are outside the dataset's {total} rows", start + n));
+        let outside = || format!("rows {start} (+{n}) of {key} are outside the dataset's {total} rows");
+        let end = start.checked_add(n).filter(|_| start >= 0 && n >= 0).ok_or_else(outside)?;
+        let (lo, hi) = (usize::try_from(start).map_err(|_| outside())?, usize::try_from(end).map_err(|_| outside())?);
+        if hi > total {
+            return Err(outside());
         }
-        let (lo, hi) = (start as usize, (start + n) as usize);
         let arrays: Vec<ArrayRef> = cols
             .iter()
             .enumerate()
@@ -438,5 +447,45 @@ mod tests {
         assert_eq!(out[1].1.column(1).as_string::<i32>().value(0), "😀x");
         let bad = NumpyIn { types: vec!["i4".into(), "U16".into()], ..ds };
         assert!(unpack(&bad).unwrap_err().starts_with("unexpected data type for Epoch column"));
+    }
+
+    /// Crafted lengths, offsets and type widths: a clear error each, never a panic or a huge allocation.
+    #[test]
+    fn crafted_lengths_are_errors() {
+        let epoch: Vec<u8> = [10i64, 20, 30].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let close: Vec<u8> = [1f64, 2., 3.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let base = || NumpyIn {
+            types: vec!["i8".into(), "f8".into()],
+            names: vec!["Epoch".into(), "Close".into()],
+            data: vec![&epoch[..], &close[..]],
+            length: 3,
+            start_index: vec![("A/1Min/X".into(), 0)],
+            lengths: vec![("A/1Min/X".into(), 3)],
+        };
+        assert_eq!(unpack(&base()).unwrap()[0].1.num_rows(), 3);
+        let err = |ds: NumpyIn<'_>| unpack(&ds).unwrap_err();
+        // length * width overflows usize.
+        let e = err(NumpyIn { length: i64::MAX, ..base() });
+        assert!(e.contains("is too large"), "{e}");
+        let e = err(NumpyIn { length: (1i64 << 61) + 1, ..base() });
+        assert!(e.contains("is too large") || e.contains("bytes for"), "{e}");
+        let e = err(NumpyIn { length: 4, ..base() });
+        assert_eq!(e, "column Epoch: 24 bytes for 4 rows of 8 bytes");
+        let e = err(NumpyIn { length: -1, ..base() });
+        assert_eq!(e, "length -1 must not be negative");
+        // start + n overflows i64, a negative start, a range past the rows.
+        for (start, n) in [(i64::MAX, 1), (1, i64::MAX), (-1, 2), (0, -1), (2, 2), (i64::MIN, i64::MIN)] {
+            let e = err(NumpyIn { start_index: vec![("A/1Min/X".into(), start)], lengths: vec![("A/1Min/X".into(), n)], ..base() });
+            assert!(e.contains("are outside the dataset's 3 rows"), "{start} {n}: {e}");
+        }
+        // A string width whose byte size overflows.
+        let e = err(NumpyIn { types: vec!["i8".into(), format!("U{}", usize::MAX / 2)], ..base() });
+        assert!(e.starts_with("unsupported type string U"), "{e}");
+        let e = err(NumpyIn { types: vec!["i8".into(), "U1000000000".into()], ..base() });
+        assert!(e.contains("bytes for 3 rows"), "{e}");
+        let e = err(NumpyIn { start_index: vec![], lengths: vec![], ..base() });
+        assert!(e.contains("no startindex"), "{e}");
+        let e = err(NumpyIn { lengths: vec![("B/1Min/X".into(), 1)], ..base() });
+        assert_eq!(e, "dataset has no lengths entry for A/1Min/X");
     }
 }

@@ -6,11 +6,17 @@
 //! - unknown content type: `415 text/plain`;
 //! - JSON-RPC errors travel as HTTP 200 with `{code, message, data}`; the request `id` is echoed with its
 //!   msgpack type; a request without `id` (a notification) gets no body.
+//!
+//! Memory is bounded before anything is decoded: a body larger than `max_request_mb` is read to its end
+//! and discarded (so the client sees the reply, not a reset) and answered with a JSON-RPC error; a body
+//! that would decode into more than [`MAX_REQUEST_VALUES`] values, nest too deep or claim lengths past
+//! its end is refused likewise.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
+use futures::StreamExt;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
@@ -21,7 +27,10 @@ use crate::engine::TimePoint;
 
 use super::numpy::NumpyIn;
 use super::service::{self, CreateError, QuerySpec};
-use super::value::{base64_decode, json_to_msgpack, to_json, to_msgpack, Codec, Fields, ParamError, Val};
+use super::value::{
+    base64_decode, check_json, check_msgpack, json_to_msgpack, to_json, to_msgpack, Codec, Fields, ParamError, Val,
+    MAX_REQUEST_DEPTH, MAX_REQUEST_VALUES,
+};
 
 /// Header carrying the server version on every `/rpc` response.
 pub const VERSION_HEADER: &str = "marketstore-version";
@@ -61,14 +70,52 @@ fn text(status: StatusCode, body: String) -> Response {
 }
 
 /// The `/rpc` handler (any method; non-POST answers 405).
-pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, headers: HeaderMap, body: Body) -> Response {
     let t0 = Instant::now();
     let resp = handle_inner(&ctx, method, &headers, body).await;
     ctx.metrics.observe_rpc_request(t0.elapsed());
     resp
 }
 
-async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Bytes) -> Response {
+/// Past this many bytes an oversize body is no longer drained: the connection is closed instead.
+const MAX_DRAIN: u64 = 1 << 30;
+
+/// Why a body was not read.
+enum BodyError {
+    /// Larger than the limit (bytes seen, at least).
+    TooLarge(u64),
+    /// The client's stream failed.
+    Broken(String),
+}
+
+/// Read at most `limit` bytes of `body`; a longer body is drained without being kept.
+async fn read_body(body: Body, limit: usize, hint: Option<u64>) -> Result<Bytes, BodyError> {
+    let mut over = hint.is_some_and(|n| n > limit as u64);
+    let mut buf = bytes::BytesMut::with_capacity(if over { 0 } else { hint.unwrap_or(0).min(limit as u64) as usize });
+    let mut seen = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| BodyError::Broken(e.to_string()))?;
+        seen += chunk.len() as u64;
+        if !over && buf.len() + chunk.len() > limit {
+            over = true;
+            buf = bytes::BytesMut::new();
+        }
+        if over {
+            if seen > MAX_DRAIN {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if over {
+        return Err(BodyError::TooLarge(seen.max(hint.unwrap_or(0))));
+    }
+    Ok(buf.freeze())
+}
+
+async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Body) -> Response {
     if method != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, format!("rpc: POST method required, received {method}"));
     }
@@ -79,6 +126,27 @@ async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, 
         "application/json" => Codec::Json,
         _ => return text(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("rpc: unrecognized Content-Type: {ct_raw}")),
     };
+    let limit = ctx.config.max_request_bytes();
+    let hint = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let body = match read_body(body, limit, hint).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(n)) => {
+            tracing::warn!(bytes = n, limit, "refused an /rpc request larger than max_request_mb");
+            let message = format!(
+                "rpc: request body of {n} bytes is larger than max_request_mb ({} MiB); split the write",
+                ctx.config.max_request_mb
+            );
+            return reply(codec, &Value::Nil, Err(RpcError { code: INVALID_REQUEST, message }), true);
+        }
+        Err(BodyError::Broken(e)) => return text(StatusCode::BAD_REQUEST, format!("rpc: cannot read the request body: {e}")),
+    };
+    let checked = match codec {
+        Codec::Msgpack => check_msgpack(&body, MAX_REQUEST_VALUES, MAX_REQUEST_DEPTH),
+        Codec::Json => check_json(&body, MAX_REQUEST_VALUES, MAX_REQUEST_DEPTH),
+    };
+    if let Err(message) = checked {
+        return reply(codec, &Value::Nil, Err(RpcError { code: INVALID_REQUEST, message }), true);
+    }
     let req: Result<Value, String> = match codec {
         Codec::Msgpack => rmpv::decode::read_value(&mut &body[..]).map_err(|e| e.to_string()),
         Codec::Json => serde_json::from_slice::<serde_json::Value>(&body).map(json_to_msgpack).map_err(|e| e.to_string()),
@@ -167,6 +235,9 @@ async fn dispatch(ctx: &ServerContext, codec: Codec, m: &str, params: Option<&Va
     }
     let p = params_of(params)?;
     let f = Fields::of(&p, codec, "params")?;
+    if matches!(parts[1], "Query" | "GetInfo" | "ListSymbols") {
+        ctx.check_queryable().map_err(|e| RpcError::server(e.to_string()))?;
+    }
     match parts[1] {
         "Query" => query(ctx, f).await,
         "Write" => write(ctx, f).await,

@@ -58,6 +58,7 @@ pub fn normalize_sql(text: &str) -> String {
 
 /// Run one query and pack its result. Errors carry MarketStore's wording.
 pub async fn query(ctx: &ServerContext, q: QuerySpec) -> Result<NumpyOut, String> {
+    ctx.check_queryable().map_err(engine_msg)?;
     if let Some(sql) = &q.sql {
         let (schema, batches) = ctx.query.sql(&normalize_sql(sql)).await.map_err(query_msg)?;
         return pack(vec![Part { key: format!("{sql}:SQL"), schema, batches }]);
@@ -166,8 +167,8 @@ pub async fn destroy(ctx: &ServerContext, key: &str) -> Result<(), String> {
 
 /// Symbols (`tbk == false`) or `SYM/TF/GROUP` keys, sorted.
 pub fn list_symbols(ctx: &ServerContext, tbk: bool) -> Result<Vec<String>, String> {
-    if !ctx.engine.policy().queryable || !ctx.is_ready() {
-        return Err("server is not queryable".into());
+    if ctx.check_queryable().is_err() || !ctx.is_ready() {
+        return Err(crate::context::NOT_QUERYABLE.into());
     }
     let keys = ctx.engine.keys();
     Ok(if tbk {

@@ -348,8 +348,8 @@ async fn ws_hub_drops_a_client_that_falls_behind_without_blocking() {
     let hub = WsHub::new(ctx.clone());
     let all = Arc::new(parking_lot::RwLock::new(vec![KeyPattern::parse("*/*/*").unwrap()]));
     let other = Arc::new(parking_lot::RwLock::new(vec![KeyPattern::parse("MSFT/*/*").unwrap()]));
-    let (_slow_id, mut slow_rx) = hub.register(all);
-    let (_other_id, mut other_rx) = hub.register(other);
+    let mut slow_rx = hub.register(all, "slow".into()).rx;
+    let mut other_rx = hub.register(other, "other".into()).rx;
     let schema = Arc::new(Schema::new(vec![
         Field::new("Epoch", DataType::Timestamp(TimeUnit::Second, Some("UTC".into())), false),
         Field::new("Close", DataType::Float32, false),

@@ -266,6 +266,121 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+// ------------------------------------------------------------------------------------------------ budgets
+
+/// Most values one `/rpc` request may decode into. Decoded trees cost ~50 bytes a value whatever their
+/// size on the wire (a 1-byte msgpack int, a 2-byte JSON `1,`), so a body of tiny values would expand 25-60x;
+/// real requests carry a few dozen values (column data travels as a handful of binary blobs).
+pub const MAX_REQUEST_VALUES: usize = 1_000_000;
+/// Deepest nesting accepted (requests are four levels deep).
+pub const MAX_REQUEST_DEPTH: usize = 64;
+
+fn budget_error(values: usize) -> String {
+    format!("rpc: request has more than {values} values (limit {MAX_REQUEST_VALUES}; column data goes in binary blobs)")
+}
+
+/// Check a msgpack body before decoding it: at most `max_values` values, nesting at most `max_depth`, and
+/// every length it claims within the body. Scans without allocating per value.
+pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(), String> {
+    let short = || "msgpack: a length runs past the end of the body".to_string();
+    let mut pos = 0usize;
+    // Values still to read at each open container level (the outermost is the one top-level value).
+    let mut stack: Vec<u64> = vec![1];
+    let mut count = 0usize;
+    let be = |b: &[u8]| b.iter().fold(0u64, |a, &x| (a << 8) | x as u64);
+    while let Some(top) = stack.last_mut() {
+        if *top == 0 {
+            stack.pop();
+            continue;
+        }
+        *top -= 1;
+        count += 1;
+        if count > max_values {
+            return Err(budget_error(max_values));
+        }
+        let b = *buf.get(pos).ok_or_else(short)?;
+        pos += 1;
+        let take = |n: usize, pos: &mut usize| -> Result<u64, String> {
+            let v = buf.get(*pos..*pos + n).map(be).ok_or_else(short)?;
+            *pos += n;
+            Ok(v)
+        };
+        // (payload bytes to skip, elements of a container)
+        let (skip, elems): (u64, u64) = match b {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * (b & 0x0f) as u64),
+            0x90..=0x9f => (0, (b & 0x0f) as u64),
+            0xa0..=0xbf => ((b & 0x1f) as u64, 0),
+            0xc1 => return Err("msgpack: invalid marker 0xc1".into()),
+            0xc4 | 0xd9 => (take(1, &mut pos)?, 0),
+            0xc5 | 0xda => (take(2, &mut pos)?, 0),
+            0xc6 | 0xdb => (take(4, &mut pos)?, 0),
+            0xc7 => (take(1, &mut pos)? + 1, 0),
+            0xc8 => (take(2, &mut pos)? + 1, 0),
+            0xc9 => (take(4, &mut pos)? + 1, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, take(2, &mut pos)?),
+            0xdd => (0, take(4, &mut pos)?),
+            0xde => (0, 2 * take(2, &mut pos)?),
+            0xdf => (0, 2 * take(4, &mut pos)?),
+        };
+        let rest_now = buf.len() - pos;
+        if skip > rest_now as u64 || elems > rest_now as u64 {
+            return Err(short());
+        }
+        pos += skip as usize;
+        if elems > 0 {
+            if stack.len() >= max_depth {
+                return Err(format!("msgpack: nesting deeper than {max_depth}"));
+            }
+            stack.push(elems);
+        }
+    }
+    Ok(())
+}
+
+/// Check a JSON body before decoding it: at most `max_values` values (counted from the separators and
+/// brackets outside strings) and nesting at most `max_depth`.
+pub fn check_json(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(), String> {
+    let (mut in_str, mut esc, mut depth, mut count) = (false, false, 0usize, 1usize);
+    for &c in buf {
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                count += 1;
+                if depth > max_depth {
+                    return Err(format!("json: nesting deeper than {max_depth}"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' | b':' => count += 1,
+            _ => {}
+        }
+        if count > max_values {
+            return Err(budget_error(max_values));
+        }
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------ requests
 
 /// Bad request parameters (mapped to JSON-RPC -32600 / per-request errors).
@@ -436,6 +551,39 @@ mod tests {
             out.extend(std::iter::repeat_n(0xc0u8, n));
             assert_eq!(rmpv::decode::read_value(&mut &out[..]).unwrap(), Value::Array(vec![Value::Nil; n]));
         }
+    }
+
+    #[test]
+    fn budgets_refuse_many_tiny_values_and_lying_lengths() {
+        let enc = |v: &Value| {
+            let mut o = Vec::new();
+            rmpv::encode::write_value(&mut o, v).unwrap();
+            o
+        };
+        let req = Value::Map(vec![
+            (Value::from("jsonrpc"), Value::from("2.0")),
+            (Value::from("params"), Value::Array(vec![Value::Map(vec![(Value::from("data"), Value::Binary(vec![1; 300]))])])),
+            (Value::from("x"), Value::Array(vec![Value::from(-1), Value::F64(1.5), Value::from(70000), Value::from("s")])),
+        ]);
+        let ok = enc(&req);
+        assert_eq!(check_msgpack(&ok, 100, 8), Ok(()));
+        // 13 values: map, 3 keys, "2.0", array, map, key, bin, array, 4 elements.
+        assert_eq!(check_msgpack(&ok, 14, 8), Ok(()));
+        assert!(check_msgpack(&ok, 12, 8).unwrap_err().contains("more than 12 values"));
+        assert!(check_msgpack(&ok, 100, 2).unwrap_err().contains("nesting"));
+        for cut in 0..ok.len() {
+            assert!(check_msgpack(&ok[..cut], 100, 8).is_err(), "cut at {cut}");
+        }
+        // An array claiming 4 billion elements, a bin claiming 4 GB: refused without allocating.
+        assert!(check_msgpack(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 40, 8).unwrap_err().contains("past the end"));
+        assert!(check_msgpack(&[0xc6, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 40, 8).unwrap_err().contains("past the end"));
+        let tiny = enc(&Value::Array(vec![Value::from(1); 5000]));
+        assert!(check_msgpack(&tiny, 1000, 8).unwrap_err().contains("more than 1000 values"));
+        assert_eq!(check_msgpack(&tiny, 5001, 8), Ok(()));
+
+        assert_eq!(check_json(br#"{"a": [1, 2, "x,y:[{"], "b": {"c": "\"]"}}"#, 10, 8), Ok(()));
+        assert!(check_json(br#"{"a": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}"#, 10, 8).is_err());
+        assert!(check_json(b"[[[[1]]]]", 100, 3).unwrap_err().contains("nesting"));
     }
 
     #[test]

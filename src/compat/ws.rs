@@ -7,25 +7,31 @@
 //! stays float32).
 //!
 //! Back-pressure: one hub task reads the engine's appended batches (its own bounded subscription, so
-//! writers never wait on it) and hands each frame to every matching client's bounded queue with
-//! `try_send`. A client whose queue is full — slow or dead — is disconnected instead of stalling anyone;
-//! a socket send that does not complete within [`SEND_TIMEOUT`] ends the session too. The server pings
-//! every [`PING_INTERVAL`] and drops a client that has sent nothing (not even a pong) for two intervals.
+//! writers never wait on it) and hands each frame to every matching client's queue with `try_send`. The
+//! queue is bounded by frames ([`CLIENT_QUEUE`]) and by bytes (`subscriber_queue_mb`). A client whose
+//! queue is full — slow or dead — is disconnected instead of stalling anyone, and so is one whose socket
+//! send does not complete within [`SEND_TIMEOUT`]; either drop is logged with the client's address and
+//! patterns and counted in `mkts_ws_dropped_clients_total`. The server pings every [`PING_INTERVAL`] and
+//! drops a client that has sent nothing (not even a pong) for two intervals.
+//!
+//! Under `queryable: false` a subscribe is answered `{"error": "server is not queryable"}` and nothing is
+//! pushed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{self as adt, DataType, TimeUnit};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use rmpv::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::context::ServerContext;
 use crate::engine::{AppendEvent, KeyPattern};
@@ -40,11 +46,35 @@ pub const HUB_QUEUE: usize = 8192;
 pub const PING_INTERVAL: Duration = Duration::from_secs(54);
 /// Longest a single socket send may take.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest client message (a subscribe is a few hundred bytes).
+pub const MAX_CLIENT_MESSAGE: usize = 1 << 20;
 
 struct Client {
     id: u64,
+    peer: String,
     patterns: Arc<RwLock<Vec<KeyPattern>>>,
     tx: mpsc::Sender<Bytes>,
+    /// Bytes queued for this client and not yet sent.
+    queued: Arc<AtomicUsize>,
+    /// Ends the session at once when the hub drops the client.
+    kill: Arc<Notify>,
+}
+
+impl Client {
+    fn drop_slow(&self, ctx: &ServerContext, why: &str) {
+        let patterns: Vec<String> = self.patterns.read().iter().map(|p| p.to_string()).collect();
+        tracing::warn!(client = self.id, peer = %self.peer, ?patterns, "dropping /ws client: {why}");
+        ctx.metrics.ws_client_dropped();
+        self.kill.notify_one();
+    }
+}
+
+/// What a session needs from its registration.
+pub(crate) struct Registration {
+    pub id: u64,
+    pub rx: mpsc::Receiver<Bytes>,
+    pub queued: Arc<AtomicUsize>,
+    pub kill: Arc<Notify>,
 }
 
 /// Routes appended rows to WebSocket subscribers.
@@ -98,16 +128,22 @@ impl WsHub {
             return;
         }
         let mut frame: Option<Bytes> = None;
+        let limit = self.ctx.config.subscriber_queue_bytes();
         clients.retain(|c| {
             if !c.patterns.read().iter().any(|p| p.matches(&ev.key)) {
                 return true;
             }
             let f = frame.get_or_insert_with(|| Bytes::from(push_frame(&ev.key.to_string(), &ev.batch))).clone();
+            let (len, waiting) = (f.len(), c.queued.load(Ordering::Acquire));
+            if waiting > 0 && waiting.saturating_add(len) > limit {
+                c.drop_slow(&self.ctx, &format!("{waiting} bytes wait unsent, past subscriber_queue_mb ({limit} bytes)"));
+                return false;
+            }
+            c.queued.fetch_add(len, Ordering::AcqRel);
             match c.tx.try_send(f) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(client = c.id, "dropping /ws client: its queue of {CLIENT_QUEUE} frames is full");
-                    self.ctx.metrics.ws_client_dropped();
+                    c.drop_slow(&self.ctx, &format!("its queue of {CLIENT_QUEUE} frames is full"));
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -115,15 +151,25 @@ impl WsHub {
         });
     }
 
-    pub(crate) fn register(&self, patterns: Arc<RwLock<Vec<KeyPattern>>>) -> (u64, mpsc::Receiver<Bytes>) {
+    pub(crate) fn register(&self, patterns: Arc<RwLock<Vec<KeyPattern>>>, peer: String) -> Registration {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.clients.lock().push(Client { id, patterns, tx });
-        (id, rx)
+        let (queued, kill) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        self.clients.lock().push(Client { id, peer, patterns, tx, queued: queued.clone(), kill: kill.clone() });
+        Registration { id, rx, queued, kill }
     }
 
     fn unregister(&self, id: u64) {
         self.clients.lock().retain(|c| c.id != id);
+    }
+
+    /// Drop a client whose socket send timed out (logged and counted like a full queue).
+    fn drop_stalled(&self, id: u64) {
+        let mut clients = self.clients.lock();
+        if let Some(i) = clients.iter().position(|c| c.id == id) {
+            let c = clients.remove(i);
+            c.drop_slow(&self.ctx, &format!("a send did not complete within {}s", SEND_TIMEOUT.as_secs()));
+        }
     }
 
     /// Connected clients.
@@ -211,37 +257,41 @@ fn parse_subscribe(frame: &[u8]) -> Subscribe {
 }
 
 /// `GET /ws` upgrade handler.
-pub async fn handle(State(hub): State<Arc<WsHub>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| session(hub, socket))
+pub async fn handle(State(hub): State<Arc<WsHub>>, ext: axum::http::Extensions, ws: WebSocketUpgrade) -> Response {
+    let peer = ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_else(|| "unknown".into());
+    ws.max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| session(hub, socket, peer))
 }
 
-async fn session(hub: Arc<WsHub>, socket: WebSocket) {
+async fn session(hub: Arc<WsHub>, socket: WebSocket, peer: String) {
     hub.ensure_started();
     let metrics = hub.ctx.metrics.clone();
     metrics.ws_connected();
     let patterns = Arc::new(RwLock::new(Vec::new()));
-    let (id, mut rx) = hub.register(patterns.clone());
+    let Registration { id, mut rx, queued, kill } = hub.register(patterns.clone(), peer);
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
     let mut last_seen = Instant::now();
     loop {
+        let mut from_queue = 0;
         let out: Option<Message> = tokio::select! {
             msg = stream.next() => {
                 last_seen = Instant::now();
                 match msg {
-                    Some(Ok(Message::Binary(b))) => subscribe_reply(&patterns, b),
-                    Some(Ok(Message::Text(t))) => subscribe_reply(&patterns, Bytes::copy_from_slice(t.as_str().as_bytes())),
+                    Some(Ok(Message::Binary(b))) => subscribe_reply(&hub.ctx, &patterns, b),
+                    Some(Ok(Message::Text(t))) => subscribe_reply(&hub.ctx, &patterns, Bytes::copy_from_slice(t.as_str().as_bytes())),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 }
             }
             frame = rx.recv() => match frame {
                 Some(f) => {
+                    from_queue = f.len();
                     metrics.ws_message_sent();
                     Some(Message::Binary(f))
                 }
                 None => break, // dropped by the hub (too slow)
             },
+            _ = kill.notified() => break, // dropped by the hub (too slow)
             _ = ping.tick() => {
                 if last_seen.elapsed() > 2 * PING_INTERVAL {
                     break;
@@ -250,9 +300,19 @@ async fn session(hub: Arc<WsHub>, socket: WebSocket) {
             }
         };
         if let Some(m) = out {
-            match tokio::time::timeout(SEND_TIMEOUT, sink.send(m)).await {
-                Ok(Ok(())) => {}
-                _ => break,
+            tokio::select! {
+                r = tokio::time::timeout(SEND_TIMEOUT, sink.send(m)) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        hub.drop_stalled(id);
+                        break;
+                    }
+                },
+                _ = kill.notified() => break,
+            }
+            if from_queue > 0 {
+                queued.fetch_sub(from_queue, Ordering::AcqRel);
             }
         }
     }
@@ -261,17 +321,20 @@ async fn session(hub: Arc<WsHub>, socket: WebSocket) {
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
-fn subscribe_reply(patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
+fn error_frame(e: String) -> Message {
+    let mut out = Vec::new();
+    to_msgpack(&Val::Map(vec![("error".into(), Val::Str(e))]), &mut out);
+    Message::Binary(Bytes::from(out))
+}
+
+fn subscribe_reply(ctx: &ServerContext, patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
     match parse_subscribe(&frame) {
+        Subscribe::Set(_) if ctx.check_queryable().is_err() => Some(error_frame(crate::context::NOT_QUERYABLE.into())),
         Subscribe::Set(p) => {
             *patterns.write() = p;
             Some(Message::Binary(frame))
         }
-        Subscribe::Invalid(e) => {
-            let mut out = Vec::new();
-            to_msgpack(&Val::Map(vec![("error".into(), Val::Str(e))]), &mut out);
-            Some(Message::Binary(Bytes::from(out)))
-        }
+        Subscribe::Invalid(e) => Some(error_frame(e)),
         Subscribe::Ignore => None,
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Proto3 has no field presence, so (§3.3): `epoch_start == 0` is "from the beginning", `epoch_end == 0` is
 //! "no end", nanos fields always apply, `limit_record_count == 0` is "no limit". Query errors are gRPC
-//! `Unknown` statuses with MarketStore's message text; write/create/destroy errors are per-request
+//! `Unknown` statuses with MarketStore's message text (`PermissionDenied` under `queryable: false`); write/create/destroy errors are per-request
 //! `ServerResponse`s like over JSON-RPC.
 //!
 //! The message and service code in [`pb`] is generated from `proto/marketstore.proto` and committed
@@ -31,10 +31,11 @@ pub struct MarketstoreGrpc {
 }
 
 /// The tonic service value to add to the gRPC server (`Server::builder().add_service(service(ctx))`).
-/// Message size limits come from `grpc_max_recv_msg_size` / `grpc_max_send_msg_size` (MiB, at least 64).
+/// Message size limits come from `grpc_max_recv_msg_size` / `grpc_max_send_msg_size` ([`Config::grpc_limits`]).
+///
+/// [`Config::grpc_limits`]: crate::config::Config::grpc_limits
 pub fn service(ctx: Arc<ServerContext>) -> MarketstoreServer<MarketstoreGrpc> {
-    let recv = ctx.config.grpc_max_recv_msg_size_mb.max(64) << 20;
-    let send = ctx.config.grpc_max_send_msg_size_mb.max(64) << 20;
+    let (recv, send) = ctx.config.grpc_limits();
     MarketstoreServer::new(MarketstoreGrpc { ctx }).max_decoding_message_size(recv).max_encoding_message_size(send)
 }
 
@@ -80,6 +81,7 @@ impl MarketstoreGrpc {
     }
 
     async fn do_query(&self, req: pb::MultiQueryRequest) -> Result<pb::MultiQueryResponse, Status> {
+        self.ctx.check_queryable().map_err(|e| Status::permission_denied(e.to_string()))?;
         let mut responses = Vec::with_capacity(req.requests.len());
         for r in &req.requests {
             let out = service::query(&self.ctx, query_spec(r)?).await.map_err(Status::unknown)?;
@@ -193,6 +195,11 @@ impl Marketstore for MarketstoreGrpc {
         let t0 = Instant::now();
         // Default/0 = SYMBOL, any other value = TIME_BUCKET_KEY (MarketStore).
         let tbk = request.get_ref().format != 0;
+        if let Err(e) = self.ctx.check_queryable() {
+            let r: Result<pb::ListSymbolsResponse, Status> = Err(Status::permission_denied(e.to_string()));
+            self.observe("ListSymbols", t0, &r);
+            return r.map(Response::new);
+        }
         let r = service::list_symbols(&self.ctx, tbk).map(|results| pb::ListSymbolsResponse { results }).map_err(Status::unknown);
         self.observe("ListSymbols", t0, &r);
         r.map(Response::new)
