@@ -616,12 +616,11 @@ impl Partition {
     /// publishing them. Returns what the log record must carry to re-validate the data at replay:
     /// `(generation, start_row, crc32c over the written column bytes)`.
     pub fn stage_direct_append(&mut self, rows: &Rows) -> Result<(u64, usize, u32)> {
-        // The staged rows live in the current generation's files, so those must be the ones a restart
-        // opens: a generation newer than the manifest (a merge since the last checkpoint) is made durable
-        // first.
-        if self.generation != self.manifest.generation {
-            self.checkpoint()?;
-        }
+        // A bulk append starts from a checkpointed partition, so that replay finds exactly the state it was
+        // staged on: the staged rows sit in the files a restart opens, and no earlier record is replayed
+        // onto them (replay may take another path than run time did, e.g. a merge for an overwrite that
+        // was in place, which would leave the staged rows behind in the old generation).
+        self.checkpoint()?;
         let start = self.rows;
         self.reserve(rows.len)?;
         let mut crc = 0u32;
