@@ -73,6 +73,14 @@ pub struct EngineSample {
     pub disk_usage_bytes: Option<u64>,
     pub uptime: Duration,
     pub ready: bool,
+    /// The engine accepts writes (not halted by a log failure or an unfinished start-up).
+    pub writable: bool,
+    /// Buckets offline for damage.
+    pub damaged_buckets: u64,
+    /// The last checkpoint failed (e.g. a full disk) and none has succeeded since.
+    pub checkpoint_failing: bool,
+    /// Bytes of writes waiting for the writer thread.
+    pub writer_queue_bytes: u64,
 }
 
 /// Server metrics registry.
@@ -261,6 +269,10 @@ impl Metrics {
         }
         gauge(&mut out, "mkts_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", e.uptime.as_secs_f64()));
         gauge(&mut out, "mkts_ready", "gauge", "1 when the server is queryable.", (e.ready as u8).to_string());
+        gauge(&mut out, "mkts_engine_writable", "gauge", "1 when the engine accepts writes (0: halted or start-up unfinished; see /heartbeat).", (e.writable as u8).to_string());
+        gauge(&mut out, "mkts_damaged_buckets", "gauge", "Buckets offline because their files or log records could not be used (see /heartbeat).", e.damaged_buckets.to_string());
+        gauge(&mut out, "mkts_checkpoint_failing", "gauge", "1 while checkpoints fail (the log keeps everything and grows).", (e.checkpoint_failing as u8).to_string());
+        gauge(&mut out, "mkts_writer_queue_bytes", "gauge", "Bytes of writes waiting for the writer thread (writers wait past 256 MiB).", e.writer_queue_bytes.to_string());
         self.render_plugins(&mut out);
         out
     }

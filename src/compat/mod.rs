@@ -84,6 +84,7 @@ async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
         }
     };
     let (wal_syncs, wal_records) = ctx.engine.wal_stats();
+    let health = ctx.engine.health();
     let sample = EngineSample {
         rows_written: ctx.engine.rows_written(),
         wal_syncs,
@@ -92,6 +93,10 @@ async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
         disk_usage_bytes: disk,
         uptime: ctx.started.elapsed(),
         ready: ctx.is_ready(),
+        writable: health.writable,
+        damaged_buckets: health.damaged.len() as u64,
+        checkpoint_failing: health.checkpoint_error.is_some(),
+        writer_queue_bytes: health.queued_bytes,
     };
     let mut r = ctx.metrics.render(&sample).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
