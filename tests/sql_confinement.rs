@@ -139,3 +139,19 @@ async fn memory_pool_fails_the_statement_and_frees_it() {
     let (_, b) = q.sql("SELECT count(*) FROM (SELECT value % 1000 AS k FROM range(100000) GROUP BY 1)").await.unwrap();
     assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 1000);
 }
+
+#[tokio::test]
+async fn not_queryable_lists_no_buckets() {
+    let (d, engine, q) = setup(None).await;
+    drop(q);
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    let mut cfg = EngineConfig::new(d.path().join("data"));
+    cfg.policy = mkts::engine::Policy { enable_add: true, enable_remove: true, queryable: false };
+    let engine = Engine::open(cfg).unwrap();
+    let q = QueryEngine::new(engine.clone(), chrono_tz::UTC);
+    let (_, b) = q.sql("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 0);
+    let err = q.sql(r#"SELECT * FROM "AAPL/1Min/OHLCV""#).await.unwrap_err().to_string();
+    assert!(err.contains("not queryable"), "{err}");
+}

@@ -120,7 +120,7 @@ pub fn default_memory_limit() -> usize {
     // SAFETY: sysconf has no preconditions; it returns -1 for unknown names.
     let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
     if pages > 0 && page > 0 {
-        (pages as u64).saturating_mul(page as u64).checked_div(4).map_or(1 << 30, |b| usize::try_from(b).unwrap_or(usize::MAX))
+        usize::try_from((pages as u64).saturating_mul(page as u64) / 4).unwrap_or(usize::MAX)
     } else {
         1 << 30
     }
@@ -152,14 +152,17 @@ impl QueryEngine {
     pub fn with_memory_limit(engine: Engine, tz: chrono_tz::Tz, memory_limit: Option<usize>) -> Self {
         let limit = memory_limit.filter(|b| *b > 0).unwrap_or_else(default_memory_limit);
         // Building the runtime only fails on a bad disk manager configuration, which this one is not.
-        let runtime = runtime(limit).unwrap_or_else(|_| Arc::new(RuntimeEnv::default()));
+        let runtime = runtime(limit).unwrap_or_else(|e| {
+            tracing::error!("cannot build the bounded SQL runtime ({e}); SQL memory is unbounded");
+            Arc::new(RuntimeEnv::default())
+        });
         let mut config = SessionConfig::new()
             .with_information_schema(true)
             .with_create_default_catalog_and_schema(false)
             .with_default_catalog_and_schema(catalog::CATALOG, catalog::SCHEMA);
         config.options_mut().sql_parser.enable_ident_normalization = false;
-        // No table factories: CREATE EXTERNAL TABLE is refused by `confine`, and could not run anyway. (File
-        // formats stay: planning COPY needs them to get as far as `confine`, whose refusal is the clear one.)
+        // No table factories: CREATE EXTERNAL TABLE is refused by `confine`, and could not run anyway. (A COPY
+        // that got past `confine` would find no object store to write to.)
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime.clone())
@@ -183,7 +186,7 @@ impl QueryEngine {
         self.base.catalog_list().catalog(catalog::CATALOG).and_then(|c| c.schema(catalog::SCHEMA))
     }
 
-    /// Bytes the SQL memory pool holds and its limit, if bounded (for metrics and tests).
+    /// Bytes the SQL memory pool holds now and its limit, if bounded (for diagnostics and tests).
     pub fn memory(&self) -> (usize, Option<usize>) {
         let pool = &self.runtime.memory_pool;
         let limit = match pool.memory_limit() {
