@@ -336,6 +336,9 @@ pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<
         if skip > rest_now as u64 || elems > rest_now as u64 {
             return Err(short());
         }
+        if elems > (max_values - count) as u64 {
+            return Err(budget_error(max_values));
+        }
         pos += skip as usize;
         if elems > 0 {
             if stack.len() >= max_depth {
