@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use futures::StreamExt;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
+use futures::StreamExt;
 use rmpv::Value;
 
 use crate::context::{ServerContext, VERSION};
@@ -28,7 +28,7 @@ use crate::engine::TimePoint;
 use super::numpy::NumpyIn;
 use super::service::{self, CreateError, QuerySpec};
 use super::value::{
-    base64_decode, check_json, check_msgpack, json_to_msgpack, to_json, to_msgpack, Codec, Fields, ParamError, Val,
+    base64_decode, check_json, check_msgpack, BodyCheck, json_to_msgpack, to_json, to_msgpack, Codec, Fields, ParamError, Val,
     MAX_REQUEST_DEPTH, MAX_REQUEST_VALUES,
 };
 
@@ -144,8 +144,9 @@ async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, 
         Codec::Msgpack => check_msgpack(&body, MAX_REQUEST_VALUES, MAX_REQUEST_DEPTH),
         Codec::Json => check_json(&body, MAX_REQUEST_VALUES, MAX_REQUEST_DEPTH),
     };
-    if let Err(message) = checked {
-        return reply(codec, &Value::Nil, Err(RpcError { code: INVALID_REQUEST, message }), true);
+    if let Err(e) = checked {
+        let code = if matches!(e, BodyCheck::Malformed(_)) { PARSE_ERROR } else { INVALID_REQUEST };
+        return reply(codec, &Value::Nil, Err(RpcError { code, message: e.to_string() }), true);
     }
     let req: Result<Value, String> = match codec {
         Codec::Msgpack => rmpv::decode::read_value(&mut &body[..]).map_err(|e| e.to_string()),

@@ -275,14 +275,27 @@ pub const MAX_REQUEST_VALUES: usize = 1_000_000;
 /// Deepest nesting accepted (requests are four levels deep).
 pub const MAX_REQUEST_DEPTH: usize = 64;
 
-fn budget_error(values: usize) -> String {
-    format!("rpc: request has more than {values} values (limit {MAX_REQUEST_VALUES}; column data goes in binary blobs)")
+/// Why a request body is refused before decoding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyCheck {
+    /// Not well-formed (a length past the end, an invalid marker): a parse error.
+    #[error("{0}")]
+    Malformed(String),
+    /// Well-formed so far but over the value or depth budget.
+    #[error("{0}")]
+    OverBudget(String),
+}
+
+fn budget_error(values: usize) -> BodyCheck {
+    BodyCheck::OverBudget(format!(
+        "rpc: request has more than {values} values (limit {MAX_REQUEST_VALUES}; column data goes in binary blobs)"
+    ))
 }
 
 /// Check a msgpack body before decoding it: at most `max_values` values, nesting at most `max_depth`, and
 /// every length it claims within the body. Scans without allocating per value.
-pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(), String> {
-    let short = || "msgpack: a length runs past the end of the body".to_string();
+pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(), BodyCheck> {
+    let short = || BodyCheck::Malformed("msgpack: a length runs past the end of the body".to_string());
     let mut pos = 0usize;
     // Values still to read at each open container level (the outermost is the one top-level value).
     let mut stack: Vec<u64> = vec![1];
@@ -300,7 +313,7 @@ pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<
         }
         let b = *buf.get(pos).ok_or_else(short)?;
         pos += 1;
-        let take = |n: usize, pos: &mut usize| -> Result<u64, String> {
+        let take = |n: usize, pos: &mut usize| -> Result<u64, BodyCheck> {
             let v = buf.get(*pos..*pos + n).map(be).ok_or_else(short)?;
             *pos += n;
             Ok(v)
@@ -311,7 +324,7 @@ pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<
             0x80..=0x8f => (0, 2 * (b & 0x0f) as u64),
             0x90..=0x9f => (0, (b & 0x0f) as u64),
             0xa0..=0xbf => ((b & 0x1f) as u64, 0),
-            0xc1 => return Err("msgpack: invalid marker 0xc1".into()),
+            0xc1 => return Err(BodyCheck::Malformed("msgpack: invalid marker 0xc1".into())),
             0xc4 | 0xd9 => (take(1, &mut pos)?, 0),
             0xc5 | 0xda => (take(2, &mut pos)?, 0),
             0xc6 | 0xdb => (take(4, &mut pos)?, 0),
@@ -336,10 +349,13 @@ pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<
         if skip > rest_now as u64 || elems > rest_now as u64 {
             return Err(short());
         }
+        if elems > (max_values - count) as u64 {
+            return Err(budget_error(max_values));
+        }
         pos += skip as usize;
         if elems > 0 {
             if stack.len() >= max_depth {
-                return Err(format!("msgpack: nesting deeper than {max_depth}"));
+                return Err(BodyCheck::OverBudget(format!("msgpack: nesting deeper than {max_depth}")));
             }
             stack.push(elems);
         }
@@ -349,7 +365,7 @@ pub fn check_msgpack(buf: &[u8], max_values: usize, max_depth: usize) -> Result<
 
 /// Check a JSON body before decoding it: at most `max_values` values (counted from the separators and
 /// brackets outside strings) and nesting at most `max_depth`.
-pub fn check_json(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(), String> {
+pub fn check_json(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(), BodyCheck> {
     let (mut in_str, mut esc, mut depth, mut count) = (false, false, 0usize, 1usize);
     for &c in buf {
         if in_str {
@@ -367,7 +383,7 @@ pub fn check_json(buf: &[u8], max_values: usize, max_depth: usize) -> Result<(),
                 depth += 1;
                 count += 1;
                 if depth > max_depth {
-                    return Err(format!("json: nesting deeper than {max_depth}"));
+                    return Err(BodyCheck::OverBudget(format!("json: nesting deeper than {max_depth}")));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
@@ -569,21 +585,21 @@ mod tests {
         assert_eq!(check_msgpack(&ok, 100, 8), Ok(()));
         // 13 values: map, 3 keys, "2.0", array, map, key, bin, array, 4 elements.
         assert_eq!(check_msgpack(&ok, 14, 8), Ok(()));
-        assert!(check_msgpack(&ok, 12, 8).unwrap_err().contains("more than 12 values"));
-        assert!(check_msgpack(&ok, 100, 2).unwrap_err().contains("nesting"));
+        assert!(check_msgpack(&ok, 12, 8).unwrap_err().to_string().contains("more than 12 values"));
+        assert!(check_msgpack(&ok, 100, 2).unwrap_err().to_string().contains("nesting"));
         for cut in 0..ok.len() {
             assert!(check_msgpack(&ok[..cut], 100, 8).is_err(), "cut at {cut}");
         }
         // An array claiming 4 billion elements, a bin claiming 4 GB: refused without allocating.
-        assert!(check_msgpack(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 40, 8).unwrap_err().contains("past the end"));
-        assert!(check_msgpack(&[0xc6, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 40, 8).unwrap_err().contains("past the end"));
+        assert!(check_msgpack(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 40, 8).unwrap_err().to_string().contains("past the end"));
+        assert!(check_msgpack(&[0xc6, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 40, 8).unwrap_err().to_string().contains("past the end"));
         let tiny = enc(&Value::Array(vec![Value::from(1); 5000]));
-        assert!(check_msgpack(&tiny, 1000, 8).unwrap_err().contains("more than 1000 values"));
+        assert!(check_msgpack(&tiny, 1000, 8).unwrap_err().to_string().contains("more than 1000 values"));
         assert_eq!(check_msgpack(&tiny, 5001, 8), Ok(()));
 
         assert_eq!(check_json(br#"{"a": [1, 2, "x,y:[{"], "b": {"c": "\"]"}}"#, 10, 8), Ok(()));
         assert!(check_json(br#"{"a": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}"#, 10, 8).is_err());
-        assert!(check_json(b"[[[[1]]]]", 100, 3).unwrap_err().contains("nesting"));
+        assert!(check_json(b"[[[[1]]]]", 100, 3).unwrap_err().to_string().contains("nesting"));
     }
 
     #[test]

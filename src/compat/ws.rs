@@ -104,7 +104,10 @@ impl WsHub {
                                 let Some(hub) = hub.upgrade() else { break };
                                 hub.publish(&AppendEvent { key: m.key.clone(), lsn: 0, batch: m.row.clone() });
                             }
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                tracing::warn!(missed = n, "/ws hub fell behind the stream hub");
+                                continue;
+                            }
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                         }
                     }

@@ -93,7 +93,11 @@ impl StreamHub {
             .filter_map(move |m| {
                 let out = match m {
                     Ok(m) if pattern.matches(&m.key) => Some((m.key.to_string(), m.row.clone())),
-                    _ => None,
+                    Ok(_) => None,
+                    Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                        tracing::warn!(pattern = %pattern, missed = n, "stream subscriber fell behind the stream hub");
+                        None
+                    }
                 };
                 futures::future::ready(out)
             })

@@ -105,7 +105,7 @@ def test_body_of_many_tiny_values_is_refused_without_expanding(server):
     assert r.status_code == 200 and "more than 1000000 values" in r.json()["error"]["message"]
     # An array claiming 4 billion elements in 6 bytes.
     reply = rpc(server, None, None, raw=head + b"\xdd\xff\xff\xff\xff\x01")
-    assert "past the end of the body" in reply["error"]["message"]
+    assert reply["error"]["code"] == -32700 and "past the end of the body" in reply["error"]["message"]
     alive(server)
     # The bodies were held once (20 MB + 10 MB), never decoded: peak memory grew by far less than 1 GB.
     assert peak_rss_kb(server) - before < 200_000, (before, peak_rss_kb(server))
@@ -308,13 +308,16 @@ def test_ws_client_that_never_reads_is_dropped_logged_counted(server_factory):
             r.read()
             i += 1
     w.close()
+    print(f"idle /ws client dropped after {i - 1} pushed rows")
     wait_for(lambda: len(frames) >= i - 1, what="the reading /ws client to catch up")
     assert frames == [Y2024 + 60 * k for k in range(1, i)]
     assert metric(srv, "mkts_ws_dropped_clients_total") == 1
     wait_for(lambda: metric(srv, "alpaca_marketstore_ws_connections") == 1, what="the idle client to be closed")
     log = srv.log()
-    assert re.search(rf"dropping /ws client: \d+ bytes wait unsent, past subscriber_queue_mb \(1048576 bytes\) "
-                     rf"client=\d+ peer=127\.0\.0\.1:{idle_port} patterns=\[\"WS/1Min/X\"\]", log), log[-3000:]
+    # Whichever comes first on this machine: 1 MiB waiting in its queue, or a socket send blocked for 10 s.
+    assert re.search(r"dropping /ws client: (\d+ bytes wait unsent, past subscriber_queue_mb \(1048576 bytes\)"
+                     rf"|a send did not complete within 10s) client=\d+ peer=127\.0\.0\.1:{idle_port} "
+                     r"patterns=\[\"WS/1Min/X\"\]", log), log[-3000:]
     live.close()
     idle.close()
 
