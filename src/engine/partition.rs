@@ -36,6 +36,10 @@ use super::error::{EngineError, Result};
 use super::types::{ColumnType, RecordKind};
 use super::wal::sync_dir;
 
+/// Most rows a partition can hold (a year of nanosecond ticks would be 3e16; this bounds arithmetic on
+/// row counts read from disk).
+const MAX_ROWS: usize = 1 << 48;
+
 /// Initial capacity of a new column file, in rows.
 const MIN_CAPACITY_ROWS: usize = 1024;
 
@@ -292,8 +296,12 @@ impl Partition {
             Err(e) => return Err(EngineError::io(&mpath, e)),
         };
         let manifest = if let Some(text) = existing {
-            serde_json::from_str::<Manifest>(&text)
-                .map_err(|e| EngineError::Corrupt { path: mpath.display().to_string(), reason: e.to_string() })?
+            let m = serde_json::from_str::<Manifest>(&text)
+                .map_err(|e| EngineError::Corrupt { path: mpath.display().to_string(), reason: e.to_string() })?;
+            if m.rows > MAX_ROWS || m.applied_lsn > super::wal::MAX_LSN {
+                return Err(EngineError::Corrupt { path: mpath.display().to_string(), reason: format!("implausible rows {} or applied_lsn {}", m.rows, m.applied_lsn) });
+            }
+            m
         } else {
             fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
             let m = Manifest { generation: 0, rows: 0, applied_lsn: 0, first: None, last: None };
@@ -361,7 +369,7 @@ impl Partition {
                 .open(&f.path)
                 .map_err(|e| EngineError::io(&f.path, e))?;
             let len = file.metadata().map_err(|e| EngineError::io(&f.path, e))?.len() as usize;
-            if len < self.rows * f.width {
+            if self.rows.checked_mul(f.width).is_none_or(|need| len < need) {
                 return Err(EngineError::Corrupt {
                     path: f.path.display().to_string(),
                     reason: format!("file holds {} bytes, manifest says {} rows", len, self.rows),

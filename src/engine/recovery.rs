@@ -119,6 +119,10 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
     let meta: BucketFile =
         serde_json::from_str(&text).map_err(|e| EngineError::Corrupt { path: bf.display().to_string(), reason: e.to_string() })?;
     let key = BucketKey::parse(&meta.key)?;
+    if meta.created_lsn > wal::MAX_LSN {
+        return Err(EngineError::Corrupt { path: bf.display().to_string(), reason: format!("implausible created_lsn {}", meta.created_lsn) });
+    }
+    meta.schema.validate()?;
     let types: Vec<ColumnType> = meta.schema.columns.iter().map(|c| c.ty).collect();
     let mut parts = BTreeMap::new();
     for (year, path) in years {

@@ -153,6 +153,10 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// Highest LSN a record may carry: far beyond any real log (one record per nanosecond for 146 years), and
+/// leaves room so that "next LSN" arithmetic can never overflow.
+pub const MAX_LSN: u64 = 1 << 62;
+
 /// File holding the log records of damaged buckets, carried over from checkpoint to checkpoint so that
 /// trimming the log never drops them (replayed first, before the segments).
 pub const HELD_FILE: &str = "held.log";
@@ -452,6 +456,9 @@ fn decode_at(data: &[u8], pos: usize) -> Option<(Record<'_>, usize)> {
         return None;
     }
     let lsn = u64::from_le_bytes(body[0..8].try_into().ok()?);
+    if lsn == 0 || lsn > MAX_LSN {
+        return None;
+    }
     let key = std::str::from_utf8(body.get(11..11 + klen)?).ok()?;
     let payload = body.get(11 + klen..)?;
     Some((Record { lsn, op, key, payload }, pos + HEADER + len))
