@@ -397,7 +397,7 @@ fn convert_csv_batch(plan: &CsvPlan, parser: &TimeParser, b: &RecordBatch) -> an
 }
 
 /// A CSV file as a lazy stream of bucket-ready batches.
-fn csv_batches(path: &Path, control: Option<&ControlFile>, target: Option<&BucketSchema>, counter: Arc<AtomicU64>) -> anyhow::Result<Batches> {
+pub(crate) fn csv_batches(path: &Path, control: Option<&ControlFile>, target: Option<&BucketSchema>, counter: Arc<AtomicU64>) -> anyhow::Result<Batches> {
     let has_header = control.map(|c| c.first_row_has_column_names).unwrap_or(true);
     let open = || File::open(path).with_context(|| format!("cannot open {}", path.display()));
     let (inferred, _) = arrow::csv::reader::Format::default()

@@ -68,7 +68,7 @@ pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, heade
     resp
 }
 
-async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Bytes) -> Response {
     if method != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, format!("rpc: POST method required, received {method}"));
     }
@@ -245,7 +245,7 @@ async fn write(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     Ok(Val::Obj(vec![("responses", "Responses", if errors.is_empty() { Val::Nil } else { Val::Arr(errors) })]))
 }
 
-async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(), String> {
+pub(crate) async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(), String> {
     let codec = r.codec();
     let dsv = r.get("dataset", "Data").or_else(|| r.get("dataset", "Dataset")).ok_or("write request has no dataset")?;
     let ds = Fields::of(dsv, codec, "dataset").map_err(|e| e.0)?;

@@ -261,7 +261,7 @@ async fn session(hub: Arc<WsHub>, socket: WebSocket) {
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
-fn subscribe_reply(patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
+pub(crate) fn subscribe_reply(patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
     match parse_subscribe(&frame) {
         Subscribe::Set(p) => {
             *patterns.write() = p;
