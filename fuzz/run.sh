@@ -15,12 +15,12 @@ start=$(date +%s)
 # The first corpus directory receives new inputs; seeds and the committed corpus are read.
 mode=()
 [ "${FORK:-1}" = 1 ] && mode=(-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
-nice -n 15 "$bin" "${mode[@]}" -timeout=10 -rss_limit_mb=2048 \
+nice -n 15 "$bin" "${mode[@]}" -timeout="${TIMEOUT:-10}" -rss_limit_mb=2048 \
   -max_total_time="$secs" -artifact_prefix="$here/artifacts/$t/" -print_final_stats=1 \
   "$here/corpus-work/$t" "$here/seeds/$t" "$here/corpus/$t" >"$log" 2>&1 || true
 end=$(date +%s)
 echo "$t: wall $((end - start)) s"
-grep -E '^#[0-9]+:? .*cov' "$log" | tail -1
+grep -E '^#[0-9]+:?[[:space:]].*cov' "$log" | tail -1
 grep -E '^stat::' "$log" || true
 grep -cE 'CRASH|deadly signal|panicked' "$log" | sed 's/^/crash reports: /'
 ls "$here/artifacts/$t" | wc -l | sed 's/^/artifacts: /'
