@@ -11,6 +11,9 @@ pub mod context;
 pub mod contrib;
 pub mod engine;
 pub mod flight_backend;
+/// Entry points of the fuzz targets (`fuzz/`) and their replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod plugins;
 pub mod query;

@@ -255,7 +255,7 @@ fn unix_nanos(s: &str) -> anyhow::Result<i64> {
     }
     let nanos: i64 = format!("{frac:0<9}").parse()?;
     let sign = if int.starts_with('-') { -1 } else { 1 };
-    Ok(secs * 1_000_000_000 + sign * nanos)
+    secs.checked_mul(1_000_000_000).and_then(|v| v.checked_add(sign * nanos)).ok_or_else(|| anyhow!("time {s} out of range"))
 }
 
 /// Counts bytes read (for the progress bar).
@@ -386,8 +386,12 @@ fn convert_csv_batch(plan: &CsvPlan, parser: &TimeParser, b: &RecordBatch) -> an
         // Explicit nanoseconds replace the fraction of the time column.
         let secs = cols[0].as_primitive::<arrow::datatypes::TimestampNanosecondType>();
         let ns = ns.as_primitive::<arrow::datatypes::Int32Type>();
-        let combined: TimestampNanosecondArray =
-            (0..n).map(|r| Some(secs.value(r).div_euclid(1_000_000_000) * 1_000_000_000 + ns.value(r) as i64)).collect();
+        let combined: TimestampNanosecondArray = (0..n)
+            .map(|r| {
+                let whole = secs.value(r).div_euclid(1_000_000_000) * 1_000_000_000;
+                whole.checked_add(ns.value(r) as i64).map(Some).ok_or_else(|| anyhow!("row {}: time with Nanoseconds {} out of range", r + 1, ns.value(r)))
+            })
+            .collect::<anyhow::Result<_>>()?;
         cols[0] = Arc::new(combined.with_timezone("UTC"));
         // The engine derives Nanoseconds from the timestamp; drop the explicit column.
         let schema = Arc::new(Schema::new(plan.schema.fields().iter().take(plan.schema.fields().len() - 1).cloned().collect::<Vec<_>>()));
@@ -397,7 +401,7 @@ fn convert_csv_batch(plan: &CsvPlan, parser: &TimeParser, b: &RecordBatch) -> an
 }
 
 /// A CSV file as a lazy stream of bucket-ready batches.
-fn csv_batches(path: &Path, control: Option<&ControlFile>, target: Option<&BucketSchema>, counter: Arc<AtomicU64>) -> anyhow::Result<Batches> {
+pub(crate) fn csv_batches(path: &Path, control: Option<&ControlFile>, target: Option<&BucketSchema>, counter: Arc<AtomicU64>) -> anyhow::Result<Batches> {
     let has_header = control.map(|c| c.first_row_has_column_names).unwrap_or(true);
     let open = || File::open(path).with_context(|| format!("cannot open {}", path.display()));
     let (inferred, _) = arrow::csv::reader::Format::default()

@@ -77,6 +77,7 @@ pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, heade
     resp
 }
 
+<<<<<<< HEAD
 /// Past this many bytes an oversize body is no longer drained: the connection is closed instead.
 const MAX_DRAIN: u64 = 1 << 30;
 
@@ -116,6 +117,9 @@ async fn read_body(body: Body, limit: usize, hint: Option<u64>) -> Result<Bytes,
 }
 
 async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Body) -> Response {
+=======
+pub(crate) async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Bytes) -> Response {
+>>>>>>> wip-fuzz
     if method != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, format!("rpc: POST method required, received {method}"));
     }
@@ -317,7 +321,7 @@ async fn write(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     Ok(Val::Obj(vec![("responses", "Responses", if errors.is_empty() { Val::Nil } else { Val::Arr(errors) })]))
 }
 
-async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(), String> {
+pub(crate) async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(), String> {
     let codec = r.codec();
     let dsv = r.get("dataset", "Data").or_else(|| r.get("dataset", "Dataset")).ok_or("write request has no dataset")?;
     let ds = Fields::of(dsv, codec, "dataset").map_err(|e| e.0)?;

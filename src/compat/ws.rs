@@ -330,7 +330,7 @@ fn error_frame(e: String) -> Message {
     Message::Binary(Bytes::from(out))
 }
 
-fn subscribe_reply(ctx: &ServerContext, patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
+pub(crate) fn subscribe_reply(ctx: &ServerContext, patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
     match parse_subscribe(&frame) {
         Subscribe::Set(_) if ctx.check_queryable().is_err() => Some(error_frame(crate::context::NOT_QUERYABLE.into())),
         Subscribe::Set(p) => {
