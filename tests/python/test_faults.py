@@ -307,6 +307,34 @@ def test_damaged_bucket_isolated_reported_and_restored(srv_at):
     assert_no_panic(srv)
 
 
+@pytest.mark.xfail(strict=True, reason="BUGS.md B1: a crash between logging a new bucket's create and renaming "
+                   "its bucket.json.tmp leaves the bucket 'damaged: bucket.json is missing' forever")
+def test_kill_during_bucket_create_is_not_damage(srv_at):
+    """kill -9 while a write creates a bucket (found by the random kill test): the directory holds only
+    `bucket.json.tmp` and the write's records are in the log. A restart must not report a damaged bucket:
+    the unfinished create is either completed from the log or dropped, and the key is writable."""
+    srv = srv_at().start()
+    c = client(srv)
+    assert put(c, "OLD/1Min/OHLCV", bars([Y2024], 1.0, 1)) == [{"rows": 1}]
+    assert put(c, "NEWB/1Min/OHLCV", bars(minutes(Y2024, 3), 2.0, 2)) == [{"rows": 3}]
+    srv.kill()
+    # The state a kill between create_bucket_files' write of bucket.json.tmp and its rename leaves.
+    d = srv.root / "NEWB" / "1Min" / "OHLCV"
+    (d / "bucket.json").rename(d / "bucket.json.tmp")
+    for y in d.iterdir():
+        if y.is_dir():
+            shutil.rmtree(y)
+    srv.start()
+    hb = heartbeat(srv)
+    assert hb["damaged"] == [] and hb["health"] == "ok", hb
+    c = client(srv)
+    ep = read_bucket(c, "NEWB/1Min/OHLCV")[0] if any(
+        f.descriptor.path[0].decode() == "NEWB/1Min/OHLCV" for f in c.list_flights()) else []
+    assert ep in ([], minutes(Y2024, 3).tolist()), ep
+    assert put(c, "NEWB/1Min/OHLCV", bars([Y2024 + 600], 3.0, 3)) == [{"rows": 1}]
+    assert read_bucket(c, "OLD/1Min/OHLCV")[1] == [1.0]
+
+
 # ---- 1e: a real full disk, a read-only root ----
 
 class Tmpfs:
@@ -665,6 +693,13 @@ def test_kill9_at_random_points(srv_at):
                 p.kill()
 
             wl = Workload(rng, model)
+            if point == 0:
+                # Create every bucket before the first kill: a kill during a bucket's creation is BUGS.md B1
+                # (test_kill_during_bucket_create_is_not_damage); drop this once that is fixed.
+                for key in KEYS:
+                    op = ("write", key, [Y2024], [0.0], [0])
+                    wl.run_op(c, op)
+                    model = wl.model = apply_op(model, op)
             # One acknowledged op first, so the kill lands in the workload rather than the connection set-up.
             op = wl.next_op()
             wl.run_op(c, op)
