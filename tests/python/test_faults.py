@@ -563,7 +563,7 @@ def apply_op(model: Model, op) -> Model:
             del b[ep]
     elif kind == "bad":
         pass
-    return out
+    return {k: v for k, v in out.items() if v}  # a bucket with no rows reads like none
 
 
 def snapshot(c) -> Model:
@@ -664,8 +664,19 @@ def test_kill9_at_random_points(srv_at):
     model: Model = {}
     uncertain = None  # the op in flight at the kill: it may or may not have landed
     stats = {"ops": 0, "kills": 0, "bulk": 0, "deletes": 0, "uncertain_landed": 0}
+    journal: list[str] = []  # what each round did, printed on failure
+
+    def note(op, status):
+        if op[0] == "write":
+            what = f"write {op[1]} {len(op[2])} rows {op[2][0]}..{op[2][-1]}"
+        elif op[0] == "delete":
+            what = f"delete_range {op[1]} {op[2]}..{op[3]}"
+        else:
+            what = f"refused write {op[1]}"
+        journal.append(f"  {time.monotonic():.2f} {what}: {status}")
     try:
         for point in range(KILL_POINTS + 1):
+            journal.append(f"round {point}: start")
             srv.start()
             c = client(srv)
             got = snapshot(c)
@@ -674,6 +685,7 @@ def test_kill9_at_random_points(srv_at):
                 if got == after:
                     model = after
                     stats["uncertain_landed"] += 1
+                    journal.append("  the in-flight op landed")
                 else:
                     assert got == model, f"after kill {point}: neither before nor after the in-flight op: " \
                                          f"vs before: {diff(model, got)} | vs after: {diff(after, got)}"
@@ -699,22 +711,28 @@ def test_kill9_at_random_points(srv_at):
                 for key in KEYS:
                     op = ("write", key, [Y2024], [0.0], [0])
                     wl.run_op(c, op)
+                    note(op, "ok")
                     model = wl.model = apply_op(model, op)
             # One acknowledged op first, so the kill lands in the workload rather than the connection set-up.
             op = wl.next_op()
             wl.run_op(c, op)
+            note(op, "ok")
             model = wl.model = apply_op(model, op)
+            journal.append(f"  kill in {delay:.2f} s")
             t = threading.Thread(target=killer, daemon=True)
             t.start()
             while True:
                 op = wl.next_op()
                 try:
                     wl.run_op(c, op)
-                except ERR:
+                except ERR as e:
                     if killed.is_set():
+                        note(op, "in flight at the kill")
                         uncertain = op
                         break
+                    note(op, f"FAILED {e}")
                     raise
+                note(op, "ok")
                 if killed.is_set() and srv.proc.poll() is not None:
                     # It returned before the kill landed: acknowledged.
                     model = apply_op(model, op)
@@ -730,6 +748,7 @@ def test_kill9_at_random_points(srv_at):
             stats["kills"] += 1
     except BaseException:
         print(f"test_kill9_at_random_points: MKTS_KILL_SEED={seed} MKTS_KILL_POINTS={KILL_POINTS} stats={stats}")
+        print("\n".join(journal[-300:]))
         print(srv.log()[-4000:])
         raise
     print(f"kill9: seed={seed} points={KILL_POINTS} stats={stats} rows={sum(len(v) for v in model.values())}")
