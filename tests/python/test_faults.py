@@ -156,6 +156,47 @@ def test_bulk_append_then_live_overwrite_survives_kill(srv_at):
     assert_no_panic(srv)
 
 
+@pytest.mark.xfail(strict=True, reason="BUGS.md B2: after kill -9, replaying a bulk append record fails with "
+                   "'expects generation G at row R, partition is generation G+1 with R rows' and the bucket goes offline")
+def test_overwrite_bulk_then_merge_survives_kill(srv_at):
+    """Found by the random kill test (MKTS_KILL_SEED=690852689), replayed here step by step: bars and a bulk
+    append, kill -9, restart (replay); overwrite the newest bar, a bulk append (direct path: its record names
+    the partition's generation), kill -9: the restart must replay both. It reports 'bulk append record (lsn 8)
+    expects generation 1 at row 42857, partition is generation 2 with 42857 rows' and takes the bucket
+    offline. With a clean stop instead of the first kill, or without the overwrite, it restarts fine."""
+    srv = srv_at().start()
+    c = client(srv)
+    key = "D2/1Min/OHLCV"
+    model: dict[int, tuple[float, int]] = {}
+
+    def w(epochs, o, v):
+        epochs = np.asarray(epochs, dtype=np.int64)
+        assert put(c, key, bars(epochs, o, v)) == [{"rows": len(epochs)}]
+        for e in epochs.tolist():
+            model[e] = (float(o), int(v))
+
+    w([Y2024], 1.0, 1)
+    w(minutes(Y2024 + 60, 42_835), 2.0, 2)       # bulk
+    w(minutes(Y2024 + 60 * 42_836, 3), 3.0, 3)
+    w([Y2024 + 60 * 42_838], 4.0, 4)             # overwrite the newest
+    w(minutes(Y2024 + 60 * 42_839, 18), 5.0, 5)
+    srv.kill()
+    srv.start()
+    c = client(srv)
+    newest = max(model)
+    w([newest], 6.0, 6)                          # overwrite the newest
+    w(minutes(newest + 60, 42_637), 7.0, 7)      # bulk
+    srv.kill()
+    srv.start()
+    hb = heartbeat(srv)
+    assert hb["damaged"] == [], hb
+    ep, op, vol = read_bucket(client(srv), key)
+    expect = sorted(model.items())
+    assert ep == [e for e, _ in expect]
+    assert op == [o for _, (o, _) in expect]
+    assert vol == [v for _, (_, v) in expect]
+
+
 # ---- 1b: a flipped bit in the middle of the log; a torn tail ----
 
 def write_200_then_kill(srv, key) -> Path:
