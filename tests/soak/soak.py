@@ -86,13 +86,16 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError("mkts not ready")
 
-    def stop(self) -> int:
+    def stop(self, timeout=120.0) -> tuple[int, float]:
+        """SIGTERM; (exit code, seconds to exit). Killed (-9) when it has not exited after `timeout`."""
+        t0 = time.perf_counter()
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(120)
+            return self.proc.wait(timeout), time.perf_counter() - t0
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return -9
+            self.proc.wait()
+            return -9, time.perf_counter() - t0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -368,14 +371,15 @@ def main():
         drop_lines = [f"/metrics failed: {e}"]
     rows = verify(srv, acked, stats, "before restart")
     check_ondiskagg(srv, stats)
-    rc = srv.stop()
+    rc, stop_s = srv.stop()
     if rc != 0:
-        stats.error("stop", RuntimeError(f"mkts exited {rc}"))
+        stats.error("stop", RuntimeError(f"mkts exited {rc} {stop_s:.0f} s after SIGTERM (-9: it had not stopped, killed)"))
+    stats.note(f"SIGTERM to exit: {stop_s:.1f} s (exit code {rc})")
     t0 = time.perf_counter()
     srv.start()
     restart_s = time.perf_counter() - t0
     verify(srv, acked, stats, "after restart")
-    srv.stop()
+    srv.stop()  # nothing connected now
     log = srv.log()
     for line in log.splitlines():
         if " ERROR " in line or "panicked" in line:
