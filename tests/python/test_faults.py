@@ -158,7 +158,7 @@ def test_bulk_append_then_live_overwrite_survives_kill(srv_at):
 
 @pytest.mark.xfail(strict=True, reason="BUGS.md B2: after kill -9, replaying a bulk append record fails with "
                    "'expects generation G at row R, partition is generation G+1 with R rows' and the bucket goes offline")
-def test_overwrite_bulk_then_merge_survives_kill(srv_at):
+def test_replayed_then_overwrite_bulk_survives_kill(srv_at):
     """Found by the random kill test (MKTS_KILL_SEED=690852689), replayed here step by step: bars and a bulk
     append, kill -9, restart (replay); overwrite the newest bar, a bulk append (direct path: its record names
     the partition's generation), kill -9: the restart must replay both. It reports 'bulk append record (lsn 8)
@@ -583,7 +583,7 @@ def test_read_only_root_fails_clearly_or_serves_reads(srv_at, tmpfs):
 
 KILL_POINTS = int(os.environ.get("MKTS_KILL_POINTS", "8"))
 # Until BUGS.md B2 is fixed, a round never bulk-appends to a bucket whose newest bar it overwrote (the pattern
-# that takes a bucket offline after a kill; test_overwrite_bulk_then_merge_survives_kill). MKTS_KILL_ALL_PATTERNS=1
+# that takes a bucket offline after a kill; test_replayed_then_overwrite_bulk_survives_kill). MKTS_KILL_ALL_PATTERNS=1
 # lifts that.
 AVOID_B2 = os.environ.get("MKTS_KILL_ALL_PATTERNS") != "1"
 KEYS = ["K1/1Min/OHLCV", "K2/1Min/OHLCV", "K3/1Sec/OHLCV"]
