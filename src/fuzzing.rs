@@ -178,7 +178,7 @@ pub fn rpc(data: &[u8], json: bool) {
     let ct = if json { "application/json" } else { "application/x-msgpack" };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     h.rt.block_on(async {
-        let resp = crate::compat::rpc::handle_inner(&h.ctx, Method::POST, &headers, Bytes::copy_from_slice(data)).await;
+        let resp = crate::compat::rpc::handle_inner(&h.ctx, Method::POST, &headers, Body::from(Bytes::copy_from_slice(data))).await;
         drain_body(resp.into_body()).await;
     });
 }

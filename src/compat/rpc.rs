@@ -77,7 +77,6 @@ pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, heade
     resp
 }
 
-<<<<<<< HEAD
 /// Past this many bytes an oversize body is no longer drained: the connection is closed instead.
 const MAX_DRAIN: u64 = 1 << 30;
 
@@ -116,10 +115,7 @@ async fn read_body(body: Body, limit: usize, hint: Option<u64>) -> Result<Bytes,
     Ok(buf.freeze())
 }
 
-async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Body) -> Response {
-=======
-pub(crate) async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Bytes) -> Response {
->>>>>>> wip-fuzz
+pub(crate) async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Body) -> Response {
     if method != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, format!("rpc: POST method required, received {method}"));
     }
