@@ -156,8 +156,6 @@ def test_bulk_append_then_live_overwrite_survives_kill(srv_at):
     assert_no_panic(srv)
 
 
-@pytest.mark.xfail(strict=True, reason="BUGS.md B2: after kill -9, replaying a bulk append record fails with "
-                   "'expects generation G at row R, partition is generation G+1 with R rows' and the bucket goes offline")
 def test_replayed_then_overwrite_bulk_survives_kill(srv_at):
     """Found by the random kill test (MKTS_KILL_SEED=690852689), replayed here step by step: bars and a bulk
     append, kill -9, restart (replay); overwrite the newest bar, a bulk append (direct path: its record names
@@ -348,8 +346,6 @@ def test_damaged_bucket_isolated_reported_and_restored(srv_at):
     assert_no_panic(srv)
 
 
-@pytest.mark.xfail(strict=True, reason="BUGS.md B1: a crash between logging a new bucket's create and renaming "
-                   "its bucket.json.tmp leaves the bucket 'damaged: bucket.json is missing' forever")
 def test_kill_during_bucket_create_is_not_damage(srv_at):
     """kill -9 while a write creates a bucket (found by the random kill test): the directory holds only
     `bucket.json.tmp` and the write's records are in the log. A restart must not report a damaged bucket:
@@ -582,10 +578,10 @@ def test_read_only_root_fails_clearly_or_serves_reads(srv_at, tmpfs):
 # ---- 1f: kill -9 at random points of a mixed workload ----
 
 KILL_POINTS = int(os.environ.get("MKTS_KILL_POINTS", "8"))
-# Until BUGS.md B2 is fixed, a round never bulk-appends to a bucket whose newest bar it overwrote (the pattern
-# that takes a bucket offline after a kill; test_replayed_then_overwrite_bulk_survives_kill). MKTS_KILL_ALL_PATTERNS=1
-# lifts that.
-AVOID_B2 = os.environ.get("MKTS_KILL_ALL_PATTERNS") != "1"
+# Every pattern runs, including a bulk append to a bucket whose newest bar was overwritten after a replay
+# (it used to take the bucket offline: test_replayed_then_overwrite_bulk_survives_kill). MKTS_KILL_AVOID_B2=1
+# leaves that pattern out.
+AVOID_B2 = os.environ.get("MKTS_KILL_AVOID_B2") == "1"
 KEYS = ["K1/1Min/OHLCV", "K2/1Min/OHLCV", "K3/1Sec/OHLCV"]
 STEP = {"1Min": 60, "1Sec": 1}
 
@@ -755,8 +751,8 @@ def test_kill9_at_random_points(srv_at):
 
             wl = Workload(rng, model)
             if point == 0:
-                # Create every bucket before the first kill: a kill during a bucket's creation is BUGS.md B1
-                # (test_kill_during_bucket_create_is_not_damage); drop this once that is fixed.
+                # Create every bucket before the first kill, so every round has all three to work on (a kill
+                # during a bucket's creation is covered by test_kill_during_bucket_create_is_not_damage).
                 for key in KEYS:
                     op = ("write", key, [Y2024], [0.0], [0])
                     wl.run_op(c, op)

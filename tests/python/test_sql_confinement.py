@@ -148,7 +148,8 @@ def test_show_reads_settings(srv):
 
 def test_query_beyond_the_memory_pool_fails_alone(sql, srv):
     msg = refused(sql, BIG_GROUP_BY, "needs more memory than the SQL memory pool holds (sql_memory_limit_mb)")
-    assert "Resources exhausted" in msg or "Failed to allocate" in msg, msg
+    # DataFusion's own detail depends on which operator runs out first.
+    assert any(t in msg for t in ("Resources exhausted", "Failed to allocate", "Memory Exhausted")), msg
     # The server is up and serves the next request, on every interface.
     with urllib.request.urlopen(f"{srv.http_url}/heartbeat", timeout=10) as r:
         assert r.status == 200
