@@ -468,6 +468,11 @@ impl Writer {
     /// Start-up could not checkpoint the replayed state or open a log segment (e.g. the disk was full):
     /// try again, and accept writes once it works.
     fn finish_startup(&mut self, inner: &Arc<Inner>) {
+        // Only a start-up that replayed everything may finish here: when replay itself stopped (a full disk),
+        // trimming the log would drop the records it did not apply. That case waits for a restart.
+        if !inner.halted.read().as_deref().is_some_and(|w| w.starts_with(super::STARTUP_HALT)) {
+            return;
+        }
         let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
         let r = (|| -> Result<()> {
             for b in &buckets {
