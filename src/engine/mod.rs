@@ -16,15 +16,20 @@
 //! # Ok(()) }
 //! ```
 
+// The rooms, each with one job (docs/design.md):
+mod bucket; // one bucket in memory: partitions, published views, reads
+mod catalog; // bucket directories on disk, loading them, the catalog snapshot
 pub mod error;
+mod events; // appended batches to subscribers
 pub mod key;
-mod normalize;
-pub mod partition;
-mod read;
-mod recovery;
+mod normalize; // client batches to validated, sorted rows
+pub mod partition; // one year of one bucket: mapped column files, generations, manifest
+mod read; // Arrow arrays over partition views
+mod records; // log record payload codecs
+mod recovery; // start-up replay
 pub mod types;
-pub mod wal;
-mod writer;
+pub mod wal; // the write-ahead log: segments, frames, scan, trim
+mod writer; // the single writer thread: prepare, log, apply, checkpoint
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -35,9 +40,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use chrono::{Datelike, TimeZone, Utc};
 use parking_lot::{Mutex, RwLock};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{EngineError, Result};
@@ -47,8 +51,12 @@ pub use partition::PartView;
 pub use read::{decode_string16, TimePoint};
 pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, EPOCH, NANOSECONDS};
 
-use partition::{Generation, Partition, Rows};
-use wal::{Op, WalWriter};
+pub use events::{AppendEvent, Subscription};
+
+use bucket::{read_bucket, Bucket};
+use events::Subscriber;
+use partition::Rows;
+use wal::WalWriter;
 use writer::{Cmd, Writer};
 
 /// Which operations the server allows (MarketStore's `enable_add`, `enable_remove`, `queryable`).
@@ -172,322 +180,6 @@ pub struct BucketInfo {
     pub last_epoch: Option<i64>,
 }
 
-/// Rows appended to a bucket by one durable write, published to subscribers (triggers).
-#[derive(Debug, Clone)]
-pub struct AppendEvent {
-    pub key: BucketKey,
-    pub lsn: u64,
-    /// The rows as stored, in the bucket's read schema.
-    pub batch: RecordBatch,
-}
-
-/// A subscription to appended batches. Bounded: when the subscriber falls behind, events are dropped and
-/// counted instead of slowing writers down.
-pub struct Subscription {
-    pub rx: mpsc::Receiver<Arc<AppendEvent>>,
-    pub dropped: Arc<AtomicU64>,
-    probe: mpsc::WeakSender<Arc<AppendEvent>>,
-}
-
-impl Subscription {
-    /// A function reporting how many events wait in this subscription's queue (for lag metrics); usable
-    /// from any thread while the subscription lives, 0 after.
-    pub fn depth_probe(&self) -> impl Fn() -> usize + Send + Sync + 'static {
-        let probe = self.probe.clone();
-        move || probe.upgrade().map(|tx| tx.max_capacity() - tx.capacity()).unwrap_or(0)
-    }
-}
-
-struct Subscriber {
-    tx: mpsc::Sender<Arc<AppendEvent>>,
-    dropped: Arc<AtomicU64>,
-    /// Only keys matching this pattern are queued (all when `None`), so unrelated writes neither fill the
-    /// queue nor count as drops.
-    filter: Option<KeyPattern>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct BucketFile {
-    key: String,
-    timeframe: String,
-    schema: BucketSchema,
-    created_lsn: u64,
-    created_at: i64,
-}
-
-/// One bucket: writer-side partitions and the reader-visible snapshot.
-struct Bucket {
-    key: BucketKey,
-    schema: BucketSchema,
-    created_lsn: u64,
-    dir: PathBuf,
-    parts: Mutex<BTreeMap<i32, Partition>>,
-    view: RwLock<Arc<Vec<PartView>>>,
-}
-
-impl Bucket {
-    fn data_types(&self) -> Vec<ColumnType> {
-        self.schema.columns.iter().map(|c| c.ty).collect()
-    }
-
-    fn publish(&self, parts: &BTreeMap<i32, Partition>) {
-        let v: Vec<PartView> = parts.values().map(|p| p.view()).collect();
-        *self.view.write() = Arc::new(v);
-    }
-
-    fn snapshot(&self) -> Arc<Vec<PartView>> {
-        self.view.read().clone()
-    }
-
-    /// Map the partitions of `years` that are not mapped yet (first read of them) and publish views that
-    /// include their buffers.
-    fn map_years(&self, years: &[i32]) -> Result<()> {
-        let mut parts = self.parts.lock();
-        for y in years {
-            if let Some(p) = parts.get_mut(y) {
-                p.ensure_mapped()?;
-            }
-        }
-        self.publish(&parts);
-        Ok(())
-    }
-
-    /// Split sorted rows by UTC year (zero-copy slices).
-    fn year_slices(&self, rows: &Rows) -> Vec<(i32, Rows)> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < rows.len {
-            let year = year_of(rows.epoch(start));
-            let next_year_start = year_start(year + 1);
-            // Rows are sorted by epoch: binary search the year's end.
-            let (mut lo, mut hi) = (start, rows.len);
-            while lo < hi {
-                let mid = lo + (hi - lo) / 2;
-                if rows.epoch(mid) < next_year_start {
-                    lo = mid + 1;
-                } else {
-                    hi = mid;
-                }
-            }
-            let end = lo.max(start + 1);
-            let slice = if start == 0 && end == rows.len { rows.clone() } else { slice_rows(rows, &self.widths(), start, end) };
-            out.push((year, slice));
-            start = end;
-        }
-        out
-    }
-
-    fn part<'a>(&self, parts: &'a mut BTreeMap<i32, Partition>, year: i32) -> Result<&'a mut Partition> {
-        Ok(match parts.entry(year) {
-            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(Partition::open(&self.dir.join(year.to_string()), year, self.schema.kind, &self.data_types())?)
-            }
-        })
-    }
-
-    /// Before logging a write: per year slice, reserve the disk space an append needs, or build the new
-    /// generation a merge needs. A failure here (a full disk) fails the write with nothing logged.
-    fn prepare_write(&self, rows: &Rows) -> Result<Vec<Option<Generation>>> {
-        let mut parts = self.parts.lock();
-        let mut out = Vec::new();
-        for (year, slice) in self.year_slices(rows) {
-            let part = self.part(&mut parts, year)?;
-            if !part.is_append(&slice) {
-                part.ensure_mapped()?;
-            }
-            if part.needs_merge(&slice) {
-                out.push(Some(part.prepare_merge(&slice)?));
-            } else {
-                part.reserve(slice.len)?;
-                out.push(None);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Apply sorted rows, splitting them by UTC year; `prepared` comes from [`Bucket::prepare_write`]
-    /// (empty at replay, where merges are built as they come).
-    fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool, prepared: Vec<Option<Generation>>) -> Result<()> {
-        let mut parts = self.parts.lock();
-        let mut prepared = prepared.into_iter();
-        let mut result = Ok(());
-        for (year, slice) in self.year_slices(rows) {
-            let next_gen = prepared.next().flatten();
-            let part = match self.part(&mut parts, year) {
-                Ok(p) => p,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
-            if !(replay && lsn <= part.applied_lsn) {
-                if let Err(e) = part.apply_rows(&slice, lsn, next_gen) {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        self.publish(&parts);
-        result
-    }
-
-    /// Bulk path: if every year slice is a pure append, write the rows straight into the column files
-    /// (fsync'd), and return the commit record entries; `None` when the write must take the log path.
-    fn stage_direct(&self, rows: &Rows) -> Result<Option<Vec<DirectEntry>>> {
-        let mut parts = self.parts.lock();
-        let slices = self.year_slices(rows);
-        for (year, slice) in &slices {
-            if let Some(p) = parts.get(year) {
-                if !p.is_append(slice) {
-                    return Ok(None);
-                }
-            }
-        }
-        let mut entries = Vec::with_capacity(slices.len());
-        for (year, slice) in &slices {
-            let part = self.part(&mut parts, *year)?;
-            let (generation, start, crc) = part.stage_direct_append(slice)?;
-            entries.push(DirectEntry { year: *year, generation, start: start as u64, rows: slice.len as u64, crc });
-        }
-        Ok(Some(entries))
-    }
-
-    /// Make staged (or replayed) bulk appends visible.
-    fn commit_direct(&self, entries: &[DirectEntry], lsn: u64, replay: bool) -> Result<()> {
-        let mut parts = self.parts.lock();
-        let mut result = Ok(());
-        for e in entries {
-            let part = match self.part(&mut parts, e.year) {
-                Ok(p) => p,
-                Err(err) => {
-                    result = Err(err);
-                    break;
-                }
-            };
-            if replay && lsn <= part.applied_lsn {
-                continue;
-            }
-            if let Err(err) = part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn) {
-                result = Err(err);
-                break;
-            }
-        }
-        self.publish(&parts);
-        result
-    }
-
-    fn widths(&self) -> Vec<usize> {
-        partition::physical_types(self.schema.kind, &self.data_types()).iter().map(|t| t.width()).collect()
-    }
-
-    /// Before logging a range delete: the new generation of every partition that loses rows.
-    fn prepare_delete(&self, start: TimePoint, end: TimePoint) -> Result<Vec<(i32, Generation)>> {
-        let mut parts = self.parts.lock();
-        let mut out = Vec::new();
-        for (year, p) in parts.iter_mut() {
-            if let Some(g) = p.prepare_delete((start.secs, start.nanos), (end.secs, end.nanos))? {
-                out.push((*year, g));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Switch to the generations [`Bucket::prepare_delete`] built (the record is durable). Returns rows removed.
-    fn commit_delete(&self, prepared: Vec<(i32, Generation)>, lsn: u64) -> usize {
-        let mut parts = self.parts.lock();
-        let mut removed = 0;
-        for (year, g) in prepared {
-            if let Some(p) = parts.get_mut(&year) {
-                let before = p.rows;
-                p.commit_generation(g);
-                removed += before - p.rows;
-            }
-        }
-        for p in parts.values_mut() {
-            p.applied_lsn = p.applied_lsn.max(lsn);
-        }
-        self.publish(&parts);
-        removed
-    }
-
-    /// Replay of a range delete.
-    fn delete_range(&self, start: TimePoint, end: TimePoint, lsn: u64, replay: bool) -> Result<usize> {
-        let mut parts = self.parts.lock();
-        let mut removed = 0;
-        for p in parts.values_mut() {
-            if replay && lsn <= p.applied_lsn {
-                continue;
-            }
-            removed += p.delete_range((start.secs, start.nanos), (end.secs, end.nanos), lsn)?;
-        }
-        self.publish(&parts);
-        Ok(removed)
-    }
-
-    fn checkpoint(&self) -> Result<()> {
-        let mut parts = self.parts.lock();
-        for p in parts.values_mut() {
-            p.checkpoint()?;
-        }
-        Ok(())
-    }
-}
-
-/// One year partition's part of a bulk append commit record.
-#[derive(Debug, Clone, Copy)]
-struct DirectEntry {
-    year: i32,
-    generation: u64,
-    start: u64,
-    rows: u64,
-    crc: u32,
-}
-
-/// Writes at least this large skip copying their rows into the log when they are pure appends.
-const DIRECT_APPEND_ROWS: usize = 32_768;
-
-fn encode_direct(buf: &mut Vec<u8>, entries: &[DirectEntry]) {
-    buf.extend_from_slice(&(entries.len() as u16).to_le_bytes());
-    for e in entries {
-        buf.extend_from_slice(&e.year.to_le_bytes());
-        buf.extend_from_slice(&e.generation.to_le_bytes());
-        buf.extend_from_slice(&e.start.to_le_bytes());
-        buf.extend_from_slice(&e.rows.to_le_bytes());
-        buf.extend_from_slice(&e.crc.to_le_bytes());
-    }
-}
-
-fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
-    let n = u16::from_le_bytes(p.get(0..2)?.try_into().ok()?) as usize;
-    let mut out = Vec::with_capacity(n);
-    let mut pos = 2;
-    for _ in 0..n {
-        let b = p.get(pos..pos + 32)?;
-        out.push(DirectEntry {
-            year: i32::from_le_bytes(b[0..4].try_into().ok()?),
-            generation: u64::from_le_bytes(b[4..12].try_into().ok()?),
-            start: u64::from_le_bytes(b[12..20].try_into().ok()?),
-            rows: u64::from_le_bytes(b[20..28].try_into().ok()?),
-            crc: u32::from_le_bytes(b[28..32].try_into().ok()?),
-        });
-        pos += 32;
-    }
-    Some(out)
-}
-
-fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
-    rows.slice(widths, lo, hi)
-}
-
-fn year_of(t: i64) -> i32 {
-    Utc.timestamp_opt(t, 0).single().map(|d| d.year()).unwrap_or(if t < 0 { -262143 } else { 262142 })
-}
-
-fn year_start(y: i32) -> i64 {
-    Utc.with_ymd_and_hms(y, 1, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(i64::MAX)
-}
-
 /// A bucket that cannot be used: its files failed to load, or applying a logged write to it failed.
 #[derive(Debug, Clone, Serialize)]
 pub struct DamagedBucket {
@@ -513,6 +205,19 @@ pub struct Health {
     pub queued_bytes: u64,
 }
 
+/// How the last start-up found the catalog (logged, and checked by tests of the catalog snapshot).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StartupReport {
+    /// Buckets taken from the catalog snapshot (their directories unchanged since it was written).
+    pub from_snapshot: usize,
+    /// Buckets loaded from their own files (no snapshot, or changed since).
+    pub from_files: usize,
+    /// Log records replayed.
+    pub replayed: usize,
+    /// Time to load the catalog and replay the log, in milliseconds.
+    pub millis: u64,
+}
+
 /// The halt reason of a start-up that could not finish; cleared by the writer once it can.
 const STARTUP_HALT: &str = "start-up could not finish";
 
@@ -535,6 +240,7 @@ struct Inner {
     /// `records_logged > wal_syncs` under concurrent writers.
     wal_syncs: AtomicU64,
     records_logged: AtomicU64,
+    startup: StartupReport,
     _lock: fs::File,
 }
 
@@ -620,8 +326,18 @@ impl Engine {
             ))
         })?;
         let wal_dir = root.join(".wal");
-        let (mut catalog, found_damaged) = recovery::load_catalog(&root)?;
-        let mut damaged: BTreeMap<String, DamagedBucket> = found_damaged.into_iter().map(|d| (d.key.clone(), d)).collect();
+        let t0 = Instant::now();
+        let loaded = catalog::load_catalog(&root)?;
+        tracing::info!(
+            from_snapshot = loaded.from_snapshot,
+            from_files = loaded.from_files,
+            damaged = loaded.damaged.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "loaded the catalog"
+        );
+        let snapshot_due = !loaded.snapshot || loaded.from_files > 0 || !loaded.damaged.is_empty();
+        let mut catalog = loaded.catalog;
+        let mut damaged: BTreeMap<String, DamagedBucket> = loaded.damaged.into_iter().map(|d| (d.key.clone(), d)).collect();
         let mut max_lsn = 0u64;
         for b in catalog.values() {
             max_lsn = max_lsn.max(b.created_lsn);
@@ -699,15 +415,40 @@ impl Engine {
             rows_written: AtomicU64::new(0),
             wal_syncs: AtomicU64::new(0),
             records_logged: AtomicU64::new(0),
+            startup: StartupReport {
+                from_snapshot: loaded.from_snapshot,
+                from_files: loaded.from_files,
+                replayed: replay.records,
+                millis: t0.elapsed().as_millis() as u64,
+            },
             _lock: lock,
         });
         let weak = Arc::downgrade(&inner);
-        let mut writer =
-            Writer { inner: weak, wal: walw, next_lsn: max_lsn + 1, dirty: HashSet::new(), cfg: cfg.clone(), last_checkpoint: Instant::now() };
+        let snapshot = writer::SnapshotState {
+            stamps: loaded.stamps,
+            due: snapshot_due || !replay.touched.is_empty(),
+            changed: replay.touched,
+            written: Instant::now(),
+        };
+        let snapshot_now = snapshot.due;
+        let mut writer = Writer {
+            inner: weak,
+            wal: walw,
+            next_lsn: max_lsn + 1,
+            dirty: HashSet::new(),
+            cfg: cfg.clone(),
+            last_checkpoint: Instant::now(),
+            snapshot,
+        };
         std::thread::Builder::new()
             .name("mkts-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| EngineError::io(&root, e))?;
+        // Record what this start had to read from files, so the next start need not (off the start path:
+        // the writer does it before the first write it takes).
+        if snapshot_now {
+            let _ = inner.tx.send(Cmd::Snapshot);
+        }
         // Periodic checkpoints.
         let tick_tx = inner.tx.clone();
         let every = cfg.checkpoint_interval;
@@ -733,6 +474,11 @@ impl Engine {
             checkpoint_error: self.inner.checkpoint_error.read().clone(),
             queued_bytes: ((QUEUE_KIB - self.inner.queue.available_permits().min(QUEUE_KIB)) as u64) << 10,
         }
+    }
+
+    /// How this start-up loaded the catalog.
+    pub fn startup_report(&self) -> StartupReport {
+        self.inner.startup
     }
 
     /// Damaged buckets (see [`Engine::health`]).
@@ -1033,207 +779,6 @@ pub fn recover_wal(root: &Path) -> Result<wal::Recovery> {
         rec.dropped.push(t);
     }
     Ok(rec)
-}
-
-fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
-    let mut snap = b.snapshot();
-    let (schema, cols) = read::projection(&b.schema, req.columns.as_deref());
-    let mut start = req.start.unwrap_or(TimePoint::MIN);
-    let end = req.end.unwrap_or(TimePoint::MAX);
-    if b.schema.kind == RecordKind::Fixed && start.secs != i64::MIN {
-        // Fixed buckets filter at interval granularity: a start inside an interval includes its bar.
-        start = TimePoint::secs(b.key.tf().truncate(start.secs));
-    }
-    // Partitions that can hold rows of the range (by their first/last Epoch) must be mapped to be read.
-    let overlaps = |p: &PartView| p.rows > 0 && p.first.is_none_or(|f| f <= end.secs) && p.last.is_none_or(|l| l >= start.secs);
-    let unmapped: Vec<i32> = snap.iter().filter(|p| overlaps(p) && !p.mapped).map(|p| p.year).collect();
-    if !unmapped.is_empty() {
-        b.map_years(&unmapped)?;
-        snap = b.snapshot();
-    }
-    let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
-    for (i, p) in snap.iter().enumerate() {
-        if !overlaps(p) || !p.mapped {
-            continue;
-        }
-        p.touch();
-        let (lo, hi) = read::row_range(p, b.schema.kind, start, end);
-        if hi > lo {
-            ranges.push((i, lo, hi));
-        }
-    }
-    if let Some(limit) = req.limit {
-        let mut left = limit;
-        if req.from_start {
-            let mut kept = Vec::new();
-            for (i, lo, hi) in ranges {
-                if left == 0 {
-                    break;
-                }
-                let n = (hi - lo).min(left);
-                kept.push((i, lo, lo + n));
-                left -= n;
-            }
-            ranges = kept;
-        } else {
-            let mut kept = Vec::new();
-            for (i, lo, hi) in ranges.into_iter().rev() {
-                if left == 0 {
-                    break;
-                }
-                let n = (hi - lo).min(left);
-                kept.push((i, hi - n, hi));
-                left -= n;
-            }
-            kept.reverse();
-            ranges = kept;
-        }
-    }
-    let mut batches = Vec::with_capacity(ranges.len());
-    let mut rows = 0;
-    for (i, lo, hi) in ranges {
-        read::batches_of(&schema, &cols, &snap[i], lo, hi, &mut batches)?;
-        rows += hi - lo;
-    }
-    Ok(BucketRead { key: b.key.clone(), kind: b.schema.kind, schema, batches, rows })
-}
-
-fn bucket_dir(root: &Path, key: &BucketKey) -> PathBuf {
-    root.join(&key.symbol).join(&key.timeframe).join(&key.attr_group)
-}
-
-fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketSchema, lsn: u64) -> Result<Bucket> {
-    let dir = bucket_dir(root, key);
-    fs::create_dir_all(&dir).map_err(|e| EngineError::io(&dir, e))?;
-    let meta = BucketFile {
-        key: key.to_string(),
-        timeframe: key.timeframe.clone(),
-        schema: schema.clone(),
-        created_lsn: lsn,
-        created_at: Utc::now().timestamp(),
-    };
-    let tmp = dir.join("bucket.json.tmp");
-    let text = serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
-    fs::write(&tmp, text).map_err(|e| EngineError::io(&tmp, e))?;
-    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(&tmp, e))?;
-    fs::rename(&tmp, dir.join("bucket.json")).map_err(|e| EngineError::io(&dir, e))?;
-    wal::sync_dir(&dir)?;
-    Ok(Bucket {
-        key: key.clone(),
-        schema: schema.clone(),
-        created_lsn: lsn,
-        dir,
-        parts: Mutex::new(BTreeMap::new()),
-        view: RwLock::new(Arc::new(Vec::new())),
-    })
-}
-
-fn remove_bucket_files(root: &Path, key: &BucketKey) -> Result<()> {
-    let dir = bucket_dir(root, key);
-    // Rename first so a crash mid-delete never leaves a half bucket that loads.
-    let trash = root.join(format!(".trash-{}-{}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or(0)));
-    if dir.exists() {
-        fs::rename(&dir, &trash).map_err(|e| EngineError::io(&dir, e))?;
-        if let Some(p) = dir.parent() {
-            wal::sync_dir(p)?;
-        }
-        let _ = fs::remove_dir_all(&trash);
-    }
-    // Remove now-empty Timeframe and Symbol directories, as MarketStore does.
-    for p in [root.join(&key.symbol).join(&key.timeframe), root.join(&key.symbol)] {
-        let _ = fs::remove_dir(&p);
-    }
-    Ok(())
-}
-
-fn encode_write(group: &mut wal::Group, lsn: u64, key: &str, rows: &Rows) {
-    wal::encode_record_with(
-        group,
-        lsn,
-        Op::Write,
-        key,
-        |b| {
-            b.extend_from_slice(&(rows.len as u32).to_le_bytes());
-            b.extend_from_slice(&(rows.cols.len() as u16).to_le_bytes());
-        },
-        &rows.cols,
-    );
-}
-
-fn encode_range(buf: &mut Vec<u8>, start: TimePoint, end: TimePoint) {
-    buf.extend_from_slice(&start.secs.to_le_bytes());
-    buf.extend_from_slice(&start.nanos.to_le_bytes());
-    buf.extend_from_slice(&end.secs.to_le_bytes());
-    buf.extend_from_slice(&end.nanos.to_le_bytes());
-}
-
-fn decode_range(p: &[u8]) -> Option<(TimePoint, TimePoint)> {
-    Some((
-        TimePoint { secs: i64::from_le_bytes(p.get(0..8)?.try_into().ok()?), nanos: i32::from_le_bytes(p.get(8..12)?.try_into().ok()?) },
-        TimePoint { secs: i64::from_le_bytes(p.get(12..20)?.try_into().ok()?), nanos: i32::from_le_bytes(p.get(20..24)?.try_into().ok()?) },
-    ))
-}
-
-/// Keep at most `budget` column files mapped: unmap the least recently used partitions (down to 80% of the
-/// budget, so this does not run at every tick). Readers holding batches keep their own mappings alive.
-fn unmap_coldest(inner: &Inner, budget: usize) {
-    let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
-    let mut mapped: Vec<(u64, usize, usize, i32)> = Vec::new(); // (last used, files, bucket index, year)
-    for (bi, b) in buckets.iter().enumerate() {
-        for (year, p) in b.parts.lock().iter() {
-            let (files, used) = p.mapping_state();
-            if files > 0 {
-                mapped.push((used, files, bi, *year));
-            }
-        }
-    }
-    let mut total: usize = mapped.iter().map(|m| m.1).sum();
-    if total <= budget {
-        return;
-    }
-    mapped.sort_unstable();
-    let target = budget - budget / 5;
-    let mut touched: BTreeMap<usize, Vec<i32>> = BTreeMap::new();
-    for (_, files, bi, year) in mapped {
-        if total <= target {
-            break;
-        }
-        touched.entry(bi).or_default().push(year);
-        total -= files;
-    }
-    let mut unmapped = 0;
-    for (bi, years) in touched {
-        let b = &buckets[bi];
-        let mut parts = b.parts.lock();
-        for y in years {
-            if let Some(p) = parts.get_mut(&y) {
-                unmapped += p.unmap();
-            }
-        }
-        b.publish(&parts);
-    }
-    tracing::debug!(unmapped, budget, "unmapped the least recently used partitions");
-}
-
-fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64) {
-    let mut subs = inner.subscribers.lock();
-    subs.retain(|s| !s.tx.is_closed());
-    if !subs.iter().any(|s| s.filter.as_ref().is_none_or(|f| f.matches(&bucket.key))) {
-        return;
-    }
-    let batch = match read::rows_batch(&bucket.schema, rows) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!("cannot build the appended batch for triggers: {e}");
-            return;
-        }
-    };
-    let ev = Arc::new(AppendEvent { key: bucket.key.clone(), lsn, batch });
-    for s in subs.iter().filter(|s| s.filter.as_ref().is_none_or(|f| f.matches(&bucket.key))) {
-        if s.tx.try_send(ev.clone()).is_err() {
-            s.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 #[cfg(test)]

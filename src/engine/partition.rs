@@ -298,9 +298,7 @@ impl Partition {
         let manifest = if let Some(text) = existing {
             let m = serde_json::from_str::<Manifest>(&text)
                 .map_err(|e| EngineError::Corrupt { path: mpath.display().to_string(), reason: e.to_string() })?;
-            if m.rows > MAX_ROWS || m.applied_lsn > super::wal::MAX_LSN {
-                return Err(EngineError::Corrupt { path: mpath.display().to_string(), reason: format!("implausible rows {} or applied_lsn {}", m.rows, m.applied_lsn) });
-            }
+            check_manifest(&m, &mpath)?;
             m
         } else {
             fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
@@ -308,6 +306,17 @@ impl Partition {
             write_manifest(dir, &m)?;
             m
         };
+        Self::with_manifest(dir, year, kind, types, manifest)
+    }
+
+    /// A partition whose manifest is already known (the catalog snapshot holds it): nothing is read unless
+    /// the manifest predates first/last keys.
+    pub fn from_manifest(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType], manifest: Manifest) -> Result<Self> {
+        check_manifest(&manifest, &dir.join("manifest.json"))?;
+        Self::with_manifest(dir, year, kind, physical_types(kind, data_types), manifest)
+    }
+
+    fn with_manifest(dir: &Path, year: i32, kind: RecordKind, types: Vec<ColumnType>, manifest: Manifest) -> Result<Self> {
         let gdir = dir.join(format!("g{}", manifest.generation));
         let files = types
             .iter()
@@ -861,6 +870,19 @@ impl Partition {
     pub fn kind(&self) -> RecordKind {
         self.kind
     }
+
+    /// The durable state (what `manifest.json` holds).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+}
+
+/// Refuse manifests whose numbers no partition can have (they bound arithmetic later).
+fn check_manifest(m: &Manifest, path: &Path) -> Result<()> {
+    if m.rows > MAX_ROWS || m.applied_lsn > super::wal::MAX_LSN {
+        return Err(EngineError::Corrupt { path: path.display().to_string(), reason: format!("implausible rows {} or applied_lsn {}", m.rows, m.applied_lsn) });
+    }
+    Ok(())
 }
 
 /// Atomically replace `manifest.json` (write temp, fsync, rename, fsync directory).

@@ -1,149 +1,25 @@
-//! Start-up: load the on-disk catalog and replay the log, isolating damage to the buckets it touches.
+//! Start-up replay: apply the log after what the partitions hold, isolating damage to the buckets it touches.
 //!
-//! A bucket whose `bucket.json`, manifest or column files are missing, unreadable or too short is not
-//! dropped with a log line: it is recorded as damaged (reported by [`super::Engine::health`]), refuses reads
-//! and writes, and every log record for it is carried into the held file so that trimming the log never
+//! Every log record of a damaged bucket is carried into the held file so that trimming the log never
 //! loses them; restoring its files (or destroying it) and restarting brings it back. A record that cannot be
 //! applied during replay damages only its bucket. A full disk during replay stops the replay and starts the
 //! engine read-only (nothing is trimmed), since skipping records would lose them.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
-
-use super::partition::{Partition, Rows};
+use super::bucket::Bucket;
+use super::catalog::{create_bucket_files, remove_bucket_files};
+use super::records::{decode_direct, decode_range, decode_write_payload};
 use super::wal::{self, Op};
-use super::{
-    create_bucket_files, decode_direct, decode_range, remove_bucket_files, Bucket, BucketFile, BucketKey, BucketSchema,
-    ColumnType, DamagedBucket, EngineError, Result,
-};
-
-fn subdirs(p: &Path) -> Vec<PathBuf> {
-    fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The key a bucket directory stands for, from its path (`<root>/SYM/TF/GROUP`).
-fn key_of_dir(root: &Path, dir: &Path) -> String {
-    dir.strip_prefix(root).map(|p| p.to_string_lossy().to_string()).unwrap_or_else(|_| dir.display().to_string())
-}
-
-/// What loading one bucket directory found.
-enum Found {
-    Bucket(Bucket),
-    Damaged(DamagedBucket),
-    Nothing,
-}
-
-/// Load every bucket under `root`; buckets that fail to load are returned as damaged, with the reason.
-/// Symbols are loaded on several threads: a root with 100,000 buckets is mostly directory reads and one
-/// small file per partition, and those overlap well.
-pub(super) fn load_catalog(root: &Path) -> Result<(BTreeMap<BucketKey, Arc<Bucket>>, Vec<DamagedBucket>)> {
-    let symbols = subdirs(root);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
-    let chunk = symbols.len().div_ceil(threads).max(1);
-    let found: Vec<Found> = std::thread::scope(|sc| {
-        let handles: Vec<_> = symbols
-            .chunks(chunk)
-            .map(|part| {
-                sc.spawn(move || {
-                    let mut out = Vec::new();
-                    for s in part {
-                        for t in subdirs(s) {
-                            for g in subdirs(&t) {
-                                out.push(load_dir(root, &g));
-                            }
-                        }
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-    });
-    let mut cat = BTreeMap::new();
-    let mut damaged = Vec::new();
-    for f in found {
-        match f {
-            Found::Bucket(b) => {
-                cat.insert(b.key.clone(), Arc::new(b));
-            }
-            Found::Damaged(d) => damaged.push(d),
-            Found::Nothing => {}
-        }
-    }
-    Ok((cat, damaged))
-}
-
-/// One directory listing decides: a bucket (bucket.json), a damaged one (years without bucket.json, or a
-/// load error), or not a bucket at all.
-fn load_dir(root: &Path, dir: &Path) -> Found {
-    let Ok(rd) = fs::read_dir(dir) else { return Found::Nothing };
-    let mut has_meta = false;
-    let mut years = Vec::new();
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name == "bucket.json" {
-            has_meta = true;
-        } else if let Ok(y) = name.parse::<i32>() {
-            years.push((y, e.path()));
-        }
-    }
-    if !has_meta && years.is_empty() {
-        return Found::Nothing;
-    }
-    let key = key_of_dir(root, dir);
-    if !has_meta {
-        return Found::Damaged(DamagedBucket { key, reason: "bucket.json is missing".into(), at_load: true });
-    }
-    match load_bucket(dir, years) {
-        Ok(b) => Found::Bucket(b),
-        Err(e) => Found::Damaged(DamagedBucket { key, reason: e.to_string(), at_load: true }),
-    }
-}
-
-fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
-    let bf = dir.join("bucket.json");
-    let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
-    let meta: BucketFile =
-        serde_json::from_str(&text).map_err(|e| EngineError::Corrupt { path: bf.display().to_string(), reason: e.to_string() })?;
-    let key = BucketKey::parse(&meta.key)?;
-    if meta.created_lsn > wal::MAX_LSN {
-        return Err(EngineError::Corrupt { path: bf.display().to_string(), reason: format!("implausible created_lsn {}", meta.created_lsn) });
-    }
-    meta.schema.validate()?;
-    let types: Vec<ColumnType> = meta.schema.columns.iter().map(|c| c.ty).collect();
-    let mut parts = BTreeMap::new();
-    for (year, path) in years {
-        parts.insert(year, Partition::load(&path, year, meta.schema.kind, &types)?);
-    }
-    let b = Bucket {
-        key,
-        schema: meta.schema,
-        created_lsn: meta.created_lsn,
-        dir: dir.to_path_buf(),
-        parts: Mutex::new(BTreeMap::new()),
-        view: RwLock::new(Arc::new(Vec::new())),
-    };
-    b.publish(&parts);
-    *b.parts.lock() = parts;
-    Ok(b)
-}
+use super::{BucketKey, BucketSchema, DamagedBucket, EngineError, Result};
 
 /// What replay did.
 pub(super) struct Replayed {
     pub records: usize,
+    /// Keys of the buckets records were applied to (their directories changed).
+    pub touched: std::collections::HashSet<BucketKey>,
     /// Set when replay had to stop (a full disk): the engine starts read-only and trims nothing.
     pub halted: Option<String>,
 }
@@ -157,7 +33,7 @@ pub(super) fn replay(
     scan: &wal::LogScan,
 ) -> Replayed {
     let aborted = scan.aborted();
-    let mut out = Replayed { records: 0, halted: None };
+    let mut out = Replayed { records: 0, touched: Default::default(), halted: None };
     for rec in scan.records() {
         if rec.op == Op::Abort || aborted.contains(&rec.lsn) {
             continue;
@@ -181,6 +57,7 @@ pub(super) fn replay(
             }
             continue;
         }
+        out.touched.insert(key.clone());
         if let Err(e) = replay_record(root, cat, &key, &rec) {
             if e.is_disk_full() {
                 out.halted = Some(format!(
@@ -244,20 +121,3 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &
     Ok(())
 }
 
-/// The rows of a write record (checked against the bucket's column widths, every length bounded).
-pub(crate) fn decode_write_payload(payload: &[u8], widths: &[usize]) -> Option<Rows> {
-    let len = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?) as usize;
-    let ncols = u16::from_le_bytes(payload.get(4..6)?.try_into().ok()?) as usize;
-    if ncols != widths.len() {
-        return None;
-    }
-    let mut pos = 6usize;
-    let mut cols = Vec::with_capacity(ncols);
-    for w in widths {
-        let n = len.checked_mul(*w)?;
-        let end = pos.checked_add(n)?;
-        cols.push(arrow::buffer::Buffer::from(payload.get(pos..end)?));
-        pos = end;
-    }
-    Some(Rows { len, cols })
-}

@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
+use super::bucket::{unmap_coldest, Bucket};
+use super::catalog::{create_bucket_files, remove_bucket_files, write_snapshot, Stamps};
+use super::events::publish_event;
 use super::partition::{Generation, Rows};
+use super::records::{encode_direct, encode_range, encode_write, DIRECT_APPEND_ROWS};
 use super::wal::{self, Op, WalWriter};
-use super::{
-    create_bucket_files, encode_direct, encode_range, publish_event, remove_bucket_files, Bucket, BucketKey,
-    BucketSchema, EngineConfig, EngineError, Inner, Result, TimePoint, WriteAck, DIRECT_APPEND_ROWS,
-};
+use super::{BucketKey, BucketSchema, EngineConfig, EngineError, Inner, Result, TimePoint, WriteAck};
 
 /// Commands to the writer.
 pub(super) enum Cmd {
@@ -42,6 +43,8 @@ pub(super) enum Cmd {
     Destroy { key: BucketKey, reply: oneshot::Sender<Result<()>> },
     DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint, reply: oneshot::Sender<Result<usize>> },
     Checkpoint { reply: Option<oneshot::Sender<Result<()>>> },
+    /// Write the catalog snapshot now (after a start-up that could not use it whole).
+    Snapshot,
     Shutdown { reply: oneshot::Sender<Result<()>> },
 }
 
@@ -64,9 +67,29 @@ pub(super) struct Writer {
     pub dirty: HashSet<BucketKey>,
     pub cfg: EngineConfig,
     pub last_checkpoint: Instant,
+    pub snapshot: SnapshotState,
 }
 
+/// When and what to write into the catalog snapshot ([`super::catalog`]).
+pub(super) struct SnapshotState {
+    pub stamps: Stamps,
+    /// Buckets created, destroyed or checkpointed since the last snapshot.
+    pub changed: HashSet<BucketKey>,
+    /// The snapshot on disk is missing or describes less than the catalog (written at the next chance).
+    pub due: bool,
+    pub written: Instant,
+}
+
+/// Write the snapshot at a checkpoint when this many buckets changed (and a minute passed), or when any
+/// changed and five minutes passed; always at shutdown. A crash costs a start-up reading the changed
+/// buckets' files, nothing else.
+const SNAPSHOT_CHANGED: usize = 1024;
+const SNAPSHOT_MIN_EVERY: Duration = Duration::from_secs(60);
+const SNAPSHOT_MAX_EVERY: Duration = Duration::from_secs(300);
+
 const GROUP_BYTES: usize = 64 << 20;
+
+type ShutdownReply = (oneshot::Sender<Result<()>>, Result<()>);
 
 impl Writer {
     pub fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -89,8 +112,14 @@ impl Writer {
             // writing, say why everywhere, and keep answering (with errors) until shutdown.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(&inner, group)));
             match outcome {
-                Ok(true) => break,
-                Ok(false) => {}
+                Ok(Some((reply, r))) => {
+                    // Let go of the engine before answering: whoever waits for the shutdown may reopen the
+                    // directory at once, and the directory lock lives as long as the engine.
+                    drop(inner);
+                    let _ = reply.send(r);
+                    break;
+                }
+                Ok(None) => {}
                 Err(p) => {
                     let msg = p
                         .downcast_ref::<String>()
@@ -124,8 +153,8 @@ impl Writer {
         None
     }
 
-    /// Returns true on shutdown.
-    fn process(&mut self, inner: &Arc<Inner>, group: Vec<Cmd>) -> bool {
+    /// Returns the shutdown's reply and result on shutdown (sent once the writer let go of the engine).
+    fn process(&mut self, inner: &Arc<Inner>, group: Vec<Cmd>) -> Option<ShutdownReply> {
         let mut buf = wal::Group::default();
         let mut pending: Vec<PendingWrite> = Vec::new();
         for cmd in group {
@@ -135,14 +164,21 @@ impl Writer {
                     self.checkpoint_cmd(inner, reply);
                     continue;
                 }
+                Cmd::Snapshot => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    self.snapshot_now(inner);
+                    continue;
+                }
                 Cmd::Shutdown { reply } => {
                     self.flush(inner, &mut buf, &mut pending);
                     let r = match self.refusal(inner) {
                         Some(e) => Err(EngineError::Unavailable(format!("no final checkpoint: {e}"))),
                         None => self.checkpoint(inner),
                     };
-                    let _ = reply.send(r);
-                    return true;
+                    if r.is_ok() && (self.snapshot.due || !self.snapshot.changed.is_empty()) {
+                        self.snapshot_now(inner);
+                    }
+                    return Some((reply, r));
                 }
                 _ => {}
             }
@@ -167,11 +203,11 @@ impl Writer {
                     self.flush(inner, &mut buf, &mut pending);
                     let _ = reply.send(self.delete_range_cmd(inner, &key, start, end));
                 }
-                Cmd::Checkpoint { .. } | Cmd::Shutdown { .. } => {}
+                Cmd::Checkpoint { .. } | Cmd::Snapshot | Cmd::Shutdown { .. } => {}
             }
         }
         self.flush(inner, &mut buf, &mut pending);
-        false
+        None
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -216,6 +252,7 @@ impl Writer {
                     return;
                 }
                 inner.catalog.write().insert(key.clone(), b.clone());
+                self.snapshot.changed.insert(key.clone());
                 b
             }
             _ => {
@@ -244,7 +281,7 @@ impl Writer {
             }
         };
         let lsn = self.take_lsn();
-        super::encode_write(buf, lsn, &key.to_string(), &rows);
+        encode_write(buf, lsn, &key.to_string(), &rows);
         pending.push(PendingWrite { lsn, bucket, rows, prepared, reply });
     }
 
@@ -272,6 +309,7 @@ impl Writer {
             return Err(e);
         }
         inner.catalog.write().insert(key.clone(), Arc::new(b));
+        self.snapshot.changed.insert(key.clone());
         Ok(())
     }
 
@@ -287,6 +325,7 @@ impl Writer {
         inner.catalog.write().remove(key);
         inner.damaged.write().remove(&key.to_string());
         self.dirty.remove(key);
+        self.snapshot.changed.insert(key.clone());
         // Logged: a failure to remove the files now is finished by replay at the next start.
         if let Err(e) = remove_bucket_files(&inner.root, key) {
             tracing::warn!(key = %key, "destroy is logged but removing the files failed (replay finishes it): {e}");
@@ -323,7 +362,14 @@ impl Writer {
         } else {
             Ok(())
         };
-        super::unmap_coldest(inner, self.cfg.max_mapped_files);
+        if r.is_ok() && self.wal.is_some() {
+            let n = self.snapshot.changed.len();
+            let since = self.snapshot.written.elapsed();
+            if ((self.snapshot.due || n >= SNAPSHOT_CHANGED) && since >= SNAPSHOT_MIN_EVERY) || (n > 0 && since >= SNAPSHOT_MAX_EVERY) {
+                self.snapshot_now(inner);
+            }
+        }
+        unmap_coldest(inner, self.cfg.max_mapped_files);
         if let Some(reply) = reply {
             let _ = reply.send(r);
         }
@@ -454,6 +500,7 @@ impl Writer {
                 b.checkpoint()?;
             }
             self.dirty.remove(&k);
+            self.snapshot.changed.insert(k);
         }
         // A bucket damaged at run time still needs its records: keep the log until restart rebuilds it.
         if inner.damaged.read().values().any(|d| !d.at_load) {
@@ -477,6 +524,7 @@ impl Writer {
         let r = (|| -> Result<()> {
             for b in &buckets {
                 b.checkpoint()?;
+                self.snapshot.changed.insert(b.key.clone());
             }
             let mut w = WalWriter::create(&inner.root.join(".wal"), self.next_lsn)?;
             w.rotate_and_trim(self.next_lsn)?;
@@ -490,6 +538,28 @@ impl Writer {
             }
             Err(e) => tracing::debug!("start-up still cannot finish: {e}"),
         }
+    }
+}
+
+impl Writer {
+    /// Write the catalog snapshot of the current catalog. A failure is logged and retried later; the
+    /// snapshot only speeds up start-up, so nothing else depends on it.
+    fn snapshot_now(&mut self, inner: &Arc<Inner>) {
+        if self.wal.is_none() || inner.halted.read().is_some() {
+            return;
+        }
+        let catalog = inner.catalog.read().clone();
+        let damaged: Vec<String> = inner.damaged.read().keys().cloned().collect();
+        let t0 = Instant::now();
+        match write_snapshot(&inner.root, &catalog, &damaged, &mut self.snapshot.stamps, &self.snapshot.changed) {
+            Ok(()) => {
+                tracing::debug!(buckets = catalog.len(), ms = t0.elapsed().as_millis() as u64, "wrote the catalog snapshot");
+                self.snapshot.changed.clear();
+                self.snapshot.due = false;
+            }
+            Err(e) => tracing::warn!("cannot write the catalog snapshot (start-up will read bucket files instead): {e}"),
+        }
+        self.snapshot.written = Instant::now();
     }
 }
 
@@ -513,6 +583,7 @@ fn reply_err(cmd: Cmd, e: EngineError) {
                 let _ = r.send(Err(e));
             }
         }
+        Cmd::Snapshot => {}
         Cmd::Shutdown { reply } => drop(reply.send(Err(e))),
     }
 }

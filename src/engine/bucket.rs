@@ -1,0 +1,348 @@
+//! One bucket in memory: its year partitions (writer side, behind a lock) and the published views readers
+//! take without blocking the writer; reading a bucket's rows; keeping the number of mapped files bounded.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{Datelike, TimeZone, Utc};
+use parking_lot::{Mutex, RwLock};
+
+use super::partition::{self, Generation, PartView, Partition, Rows};
+use super::records::DirectEntry;
+use super::{read, BucketKey, BucketRead, BucketSchema, ColumnType, Inner, ReadRequest, RecordKind, Result, TimePoint};
+
+/// One bucket: writer-side partitions and the reader-visible snapshot.
+pub(super) struct Bucket {
+    pub(super) key: BucketKey,
+    pub(super) schema: BucketSchema,
+    pub(super) created_lsn: u64,
+    pub(super) dir: PathBuf,
+    pub(super) parts: Mutex<BTreeMap<i32, Partition>>,
+    pub(super) view: RwLock<Arc<Vec<PartView>>>,
+}
+
+impl Bucket {
+    pub(super) fn data_types(&self) -> Vec<ColumnType> {
+        self.schema.columns.iter().map(|c| c.ty).collect()
+    }
+
+    pub(super) fn publish(&self, parts: &BTreeMap<i32, Partition>) {
+        let v: Vec<PartView> = parts.values().map(|p| p.view()).collect();
+        *self.view.write() = Arc::new(v);
+    }
+
+    pub(super) fn snapshot(&self) -> Arc<Vec<PartView>> {
+        self.view.read().clone()
+    }
+
+    /// Map the partitions of `years` that are not mapped yet (first read of them) and publish views that
+    /// include their buffers.
+    pub(super) fn map_years(&self, years: &[i32]) -> Result<()> {
+        let mut parts = self.parts.lock();
+        for y in years {
+            if let Some(p) = parts.get_mut(y) {
+                p.ensure_mapped()?;
+            }
+        }
+        self.publish(&parts);
+        Ok(())
+    }
+
+    /// Split sorted rows by UTC year (zero-copy slices).
+    pub(super) fn year_slices(&self, rows: &Rows) -> Vec<(i32, Rows)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < rows.len {
+            let year = year_of(rows.epoch(start));
+            let next_year_start = year_start(year + 1);
+            // Rows are sorted by epoch: binary search the year's end.
+            let (mut lo, mut hi) = (start, rows.len);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if rows.epoch(mid) < next_year_start {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            let end = lo.max(start + 1);
+            let slice = if start == 0 && end == rows.len { rows.clone() } else { slice_rows(rows, &self.widths(), start, end) };
+            out.push((year, slice));
+            start = end;
+        }
+        out
+    }
+
+    pub(super) fn part<'a>(&self, parts: &'a mut BTreeMap<i32, Partition>, year: i32) -> Result<&'a mut Partition> {
+        Ok(match parts.entry(year) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Partition::open(&self.dir.join(year.to_string()), year, self.schema.kind, &self.data_types())?)
+            }
+        })
+    }
+
+    /// Before logging a write: per year slice, reserve the disk space an append needs, or build the new
+    /// generation a merge needs. A failure here (a full disk) fails the write with nothing logged.
+    pub(super) fn prepare_write(&self, rows: &Rows) -> Result<Vec<Option<Generation>>> {
+        let mut parts = self.parts.lock();
+        let mut out = Vec::new();
+        for (year, slice) in self.year_slices(rows) {
+            let part = self.part(&mut parts, year)?;
+            if !part.is_append(&slice) {
+                part.ensure_mapped()?;
+            }
+            if part.needs_merge(&slice) {
+                out.push(Some(part.prepare_merge(&slice)?));
+            } else {
+                part.reserve(slice.len)?;
+                out.push(None);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Apply sorted rows, splitting them by UTC year; `prepared` comes from [`Bucket::prepare_write`]
+    /// (empty at replay, where merges are built as they come).
+    pub(super) fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool, prepared: Vec<Option<Generation>>) -> Result<()> {
+        let mut parts = self.parts.lock();
+        let mut prepared = prepared.into_iter();
+        let mut result = Ok(());
+        for (year, slice) in self.year_slices(rows) {
+            let next_gen = prepared.next().flatten();
+            let part = match self.part(&mut parts, year) {
+                Ok(p) => p,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if !(replay && lsn <= part.applied_lsn) {
+                if let Err(e) = part.apply_rows(&slice, lsn, next_gen) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.publish(&parts);
+        result
+    }
+
+    /// Bulk path: if every year slice is a pure append, write the rows straight into the column files
+    /// (fsync'd), and return the commit record entries; `None` when the write must take the log path.
+    pub(super) fn stage_direct(&self, rows: &Rows) -> Result<Option<Vec<DirectEntry>>> {
+        let mut parts = self.parts.lock();
+        let slices = self.year_slices(rows);
+        for (year, slice) in &slices {
+            if let Some(p) = parts.get(year) {
+                if !p.is_append(slice) {
+                    return Ok(None);
+                }
+            }
+        }
+        let mut entries = Vec::with_capacity(slices.len());
+        for (year, slice) in &slices {
+            let part = self.part(&mut parts, *year)?;
+            let (generation, start, crc) = part.stage_direct_append(slice)?;
+            entries.push(DirectEntry { year: *year, generation, start: start as u64, rows: slice.len as u64, crc });
+        }
+        Ok(Some(entries))
+    }
+
+    /// Make staged (or replayed) bulk appends visible.
+    pub(super) fn commit_direct(&self, entries: &[DirectEntry], lsn: u64, replay: bool) -> Result<()> {
+        let mut parts = self.parts.lock();
+        let mut result = Ok(());
+        for e in entries {
+            let part = match self.part(&mut parts, e.year) {
+                Ok(p) => p,
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            };
+            if replay && lsn <= part.applied_lsn {
+                continue;
+            }
+            if let Err(err) = part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn) {
+                result = Err(err);
+                break;
+            }
+        }
+        self.publish(&parts);
+        result
+    }
+
+    pub(super) fn widths(&self) -> Vec<usize> {
+        partition::physical_types(self.schema.kind, &self.data_types()).iter().map(|t| t.width()).collect()
+    }
+
+    /// Before logging a range delete: the new generation of every partition that loses rows.
+    pub(super) fn prepare_delete(&self, start: TimePoint, end: TimePoint) -> Result<Vec<(i32, Generation)>> {
+        let mut parts = self.parts.lock();
+        let mut out = Vec::new();
+        for (year, p) in parts.iter_mut() {
+            if let Some(g) = p.prepare_delete((start.secs, start.nanos), (end.secs, end.nanos))? {
+                out.push((*year, g));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Switch to the generations [`Bucket::prepare_delete`] built (the record is durable). Returns rows removed.
+    pub(super) fn commit_delete(&self, prepared: Vec<(i32, Generation)>, lsn: u64) -> usize {
+        let mut parts = self.parts.lock();
+        let mut removed = 0;
+        for (year, g) in prepared {
+            if let Some(p) = parts.get_mut(&year) {
+                let before = p.rows;
+                p.commit_generation(g);
+                removed += before - p.rows;
+            }
+        }
+        for p in parts.values_mut() {
+            p.applied_lsn = p.applied_lsn.max(lsn);
+        }
+        self.publish(&parts);
+        removed
+    }
+
+    /// Replay of a range delete.
+    pub(super) fn delete_range(&self, start: TimePoint, end: TimePoint, lsn: u64, replay: bool) -> Result<usize> {
+        let mut parts = self.parts.lock();
+        let mut removed = 0;
+        for p in parts.values_mut() {
+            if replay && lsn <= p.applied_lsn {
+                continue;
+            }
+            removed += p.delete_range((start.secs, start.nanos), (end.secs, end.nanos), lsn)?;
+        }
+        self.publish(&parts);
+        Ok(removed)
+    }
+
+    pub(super) fn checkpoint(&self) -> Result<()> {
+        let mut parts = self.parts.lock();
+        for p in parts.values_mut() {
+            p.checkpoint()?;
+        }
+        Ok(())
+    }
+}
+
+fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
+    rows.slice(widths, lo, hi)
+}
+
+fn year_of(t: i64) -> i32 {
+    Utc.timestamp_opt(t, 0).single().map(|d| d.year()).unwrap_or(if t < 0 { -262143 } else { 262142 })
+}
+
+fn year_start(y: i32) -> i64 {
+    Utc.with_ymd_and_hms(y, 1, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(i64::MAX)
+}
+
+pub(super) fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
+    let mut snap = b.snapshot();
+    let (schema, cols) = read::projection(&b.schema, req.columns.as_deref());
+    let mut start = req.start.unwrap_or(TimePoint::MIN);
+    let end = req.end.unwrap_or(TimePoint::MAX);
+    if b.schema.kind == RecordKind::Fixed && start.secs != i64::MIN {
+        // Fixed buckets filter at interval granularity: a start inside an interval includes its bar.
+        start = TimePoint::secs(b.key.tf().truncate(start.secs));
+    }
+    // Partitions that can hold rows of the range (by their first/last Epoch) must be mapped to be read.
+    let overlaps = |p: &PartView| p.rows > 0 && p.first.is_none_or(|f| f <= end.secs) && p.last.is_none_or(|l| l >= start.secs);
+    let unmapped: Vec<i32> = snap.iter().filter(|p| overlaps(p) && !p.mapped).map(|p| p.year).collect();
+    if !unmapped.is_empty() {
+        b.map_years(&unmapped)?;
+        snap = b.snapshot();
+    }
+    let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, p) in snap.iter().enumerate() {
+        if !overlaps(p) || !p.mapped {
+            continue;
+        }
+        p.touch();
+        let (lo, hi) = read::row_range(p, b.schema.kind, start, end);
+        if hi > lo {
+            ranges.push((i, lo, hi));
+        }
+    }
+    if let Some(limit) = req.limit {
+        let mut left = limit;
+        if req.from_start {
+            let mut kept = Vec::new();
+            for (i, lo, hi) in ranges {
+                if left == 0 {
+                    break;
+                }
+                let n = (hi - lo).min(left);
+                kept.push((i, lo, lo + n));
+                left -= n;
+            }
+            ranges = kept;
+        } else {
+            let mut kept = Vec::new();
+            for (i, lo, hi) in ranges.into_iter().rev() {
+                if left == 0 {
+                    break;
+                }
+                let n = (hi - lo).min(left);
+                kept.push((i, hi - n, hi));
+                left -= n;
+            }
+            kept.reverse();
+            ranges = kept;
+        }
+    }
+    let mut batches = Vec::with_capacity(ranges.len());
+    let mut rows = 0;
+    for (i, lo, hi) in ranges {
+        read::batches_of(&schema, &cols, &snap[i], lo, hi, &mut batches)?;
+        rows += hi - lo;
+    }
+    Ok(BucketRead { key: b.key.clone(), kind: b.schema.kind, schema, batches, rows })
+}
+
+/// Keep at most `budget` column files mapped: unmap the least recently used partitions (down to 80% of the
+/// budget, so this does not run at every tick). Readers holding batches keep their own mappings alive.
+pub(super) fn unmap_coldest(inner: &Inner, budget: usize) {
+    let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
+    let mut mapped: Vec<(u64, usize, usize, i32)> = Vec::new(); // (last used, files, bucket index, year)
+    for (bi, b) in buckets.iter().enumerate() {
+        for (year, p) in b.parts.lock().iter() {
+            let (files, used) = p.mapping_state();
+            if files > 0 {
+                mapped.push((used, files, bi, *year));
+            }
+        }
+    }
+    let mut total: usize = mapped.iter().map(|m| m.1).sum();
+    if total <= budget {
+        return;
+    }
+    mapped.sort_unstable();
+    let target = budget - budget / 5;
+    let mut touched: BTreeMap<usize, Vec<i32>> = BTreeMap::new();
+    for (_, files, bi, year) in mapped {
+        if total <= target {
+            break;
+        }
+        touched.entry(bi).or_default().push(year);
+        total -= files;
+    }
+    let mut unmapped = 0;
+    for (bi, years) in touched {
+        let b = &buckets[bi];
+        let mut parts = b.parts.lock();
+        for y in years {
+            if let Some(p) = parts.get_mut(&y) {
+                unmapped += p.unmap();
+            }
+        }
+        b.publish(&parts);
+    }
+    tracing::debug!(unmapped, budget, "unmapped the least recently used partitions");
+}
