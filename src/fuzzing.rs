@@ -1,7 +1,8 @@
 //! Entry points of the fuzz targets (`fuzz/`, docs/fuzzing.md) and of their replay test
 //! (`tests/fuzz_replay.rs`). Not an API: each function hands untrusted bytes to the code the server runs on
 //! them (the `/rpc` handler, the Flight and MarketStore gRPC services, the `/ws` frame handler, the
-//! `mkts.yml` parser, the CSV importer, `Engine::open` over a log segment or a bucket directory) and
+//! `mkts.yml` parser, the CSV importer, `Engine::open` over a log segment or a bucket directory,
+//! `Engine::write` over Arrow IPC batches) and
 //! ignores the outcome: an error is a correct answer, only a panic, a hang or a crash is a finding.
 //!
 //! The server-level targets share one engine per process, on a temporary directory (under `/dev/shm` when
@@ -442,6 +443,34 @@ pub fn manifest(data: &[u8]) {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// Arrow record batches written through `Engine::write`, the write path behind every interface (Flight
+/// DoPut, `/rpc`, gRPC, SQL INSERT, plugins): validation, casts, interval truncation, sorting, last-wins
+/// dedupe, bucket creation. `data[0]` picks the key (0 the seeded `AAPL/1Min/OHLCV`, 1 the seeded tick
+/// bucket `TSLA/1Sec/TICK`, 2 a new fixed bucket, 3 a new tick bucket, both destroyed afterwards); the rest
+/// is an Arrow IPC stream (schema message, then batches), as a Flight DoPut carries it.
+pub fn engine_write(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let Ok(reader) = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(rest), None) else { return };
+    let h = harness();
+    let engine = h.ctx.engine.clone();
+    let (key, variable) = match mode % 4 {
+        0 => ("AAPL/1Min/OHLCV", None),
+        1 => ("TSLA/1Sec/TICK", Some(true)),
+        2 => ("FZNEW/1Min/OHLCV", Some(false)),
+        _ => ("FZNEW/1Sec/TICK", Some(true)),
+    };
+    let Ok(key) = BucketKey::parse(key) else { return };
+    h.rt.block_on(async {
+        for batch in reader.take(MAX_STREAM_ITEMS) {
+            let Ok(batch) = batch else { break };
+            let _ = engine.write(&key, &batch, WriteOptions { variable }).await;
+        }
+        if mode % 4 >= 2 {
+            let _ = engine.destroy(&key).await;
+        }
+    });
+}
+
 /// The targets by name, for the replay test: `(name, entry point)`.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("rpc_msgpack", |d| rpc(d, false)),
@@ -454,4 +483,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("csv_control", csv_control),
     ("wal_record", wal_segment),
     ("manifest", manifest),
+    ("engine_write", engine_write),
 ];

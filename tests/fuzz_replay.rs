@@ -108,3 +108,8 @@ fn every_target_is_replayed() {
         assert!(bin.exists(), "fuzz target {n} has no fuzz/fuzz_targets/{n}.rs");
     }
 }
+
+#[test]
+fn engine_write() {
+    replay("engine_write");
+}
