@@ -206,3 +206,45 @@ async fn functions_chain() {
     assert_eq!(vol.as_primitive::<arrow::datatypes::Float64Type>().value(0), (100..160).sum::<i64>() as f64, "{schema:?}");
     assert_eq!(b.column(1).as_primitive::<arrow::datatypes::Float32Type>().value(0), 100.0);
 }
+
+/// A table over several symbols whose buckets have different columns has the union of their columns:
+/// a bucket lacking one reads null there (it used to hide the column from every symbol or fail the scan),
+/// and a column of another type is cast to the first bucket's type.
+#[tokio::test]
+async fn multi_symbol_table_is_the_union_of_bucket_columns() {
+    let (_d, engine, q) = setup().await;
+    let epochs = [T0, T0 + 60];
+    // BTC has only Close, as float64, and a Trades column nobody else has.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("Epoch", DataType::Int64, false),
+        Field::new("Close", DataType::Float64, false),
+        Field::new("Trades", DataType::Int32, false),
+    ]));
+    let b = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(epochs.to_vec())),
+            Arc::new(arrow::array::Float64Array::from(vec![42.5, 43.5])),
+            Arc::new(arrow::array::Int32Array::from(vec![7, 8])),
+        ],
+    )
+    .unwrap();
+    engine.write(&BucketKey::parse("BTC/1Min/OHLCV").unwrap(), &b, WriteOptions::default()).await.unwrap();
+    let (_, out) = q
+        .sql(r#"SELECT "Symbol", "Close", "Volume", "Trades" FROM "*/1Min/OHLCV" WHERE "Epoch" = '2024-01-01T00:01:00Z' ORDER BY "Symbol""#)
+        .await
+        .unwrap();
+    let out = arrow::compute::concat_batches(&out[0].schema(), &out).unwrap();
+    let sym = out.column(0).as_string::<i32>();
+    assert_eq!((0..out.num_rows()).map(|i| sym.value(i)).collect::<Vec<_>>(), ["AAPL", "BTC", "MSFT", "TSLA"]);
+    let close = out.column(1).as_primitive::<arrow::datatypes::Float32Type>();
+    assert_eq!(close.values().to_vec(), vec![101.25, 43.5, 301.25, 201.25]);
+    let vol = out.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+    assert_eq!((0..4).map(|i| vol.is_valid(i).then(|| vol.value(i))).collect::<Vec<_>>(), [Some(101), None, Some(101), Some(101)]);
+    let trades = out.column(3).as_primitive::<arrow::datatypes::Int32Type>();
+    assert_eq!((0..4).map(|i| trades.is_valid(i).then(|| trades.value(i))).collect::<Vec<_>>(), [None, Some(8), None, None]);
+    // Aggregates skip the nulls.
+    let (_, out) = q.sql(r#"SELECT count("Volume"), count(*) FROM "*/1Min/OHLCV""#).await.unwrap();
+    assert_eq!(out[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 360);
+    assert_eq!(out[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0), 362);
+}

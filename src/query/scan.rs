@@ -60,15 +60,13 @@ impl BucketTable {
         let selector = KeySelector::parse(&full).ok()?;
         let keys = engine.resolve(&selector);
         let first = keys.first()?;
-        let bucket_schema = engine.schema(first)?;
         let multi = !selector.is_single() || name.contains(',');
-        let base = bucket_schema.arrow_schema();
         let schema = if multi {
-            let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
+            let mut fields = union_fields(engine, &keys);
             fields.push(Field::new(SYMBOL, DataType::Utf8, false));
             Arc::new(Schema::new(fields))
         } else {
-            base
+            engine.schema(first)?.arrow_schema()
         };
         Some(BucketTable { engine: engine.clone(), name: name.to_string(), selector, multi, schema })
     }
@@ -599,7 +597,55 @@ fn read_bucket(spec: &ScanSpec, key: &BucketKey, chunk: usize) -> Vec<DfResult<R
     out
 }
 
-/// Arrange an engine batch into the work schema (adding `Symbol`).
+/// The columns of a table over several buckets: the union of their columns (`Epoch` first, data columns
+/// in the order first seen going through the buckets in key order, `Nanoseconds` last), so one bucket
+/// lacking a column never hides it from the others. A column that some bucket lacks is nullable and reads
+/// as null there; a column whose type differs between buckets takes the first bucket's type, and the
+/// others' values are cast to it (a value that does not fit reads as null).
+fn union_fields(engine: &Engine, keys: &[BucketKey]) -> Vec<Field> {
+    let mut fields: Vec<Field> = Vec::new();
+    let mut present: Vec<usize> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut buckets = 0usize;
+    let mut last_schema = None;
+    for k in keys {
+        let Some(bs) = engine.schema(k) else { continue };
+        buckets += 1;
+        // Most buckets of a table share one schema: reuse the previous one's Arrow schema.
+        let arrow = match &last_schema {
+            Some((prev, a)) if *prev == bs => Arc::clone(a),
+            _ => {
+                let a = bs.arrow_schema();
+                last_schema = Some((bs, Arc::clone(&a)));
+                a
+            }
+        };
+        for f in arrow.fields() {
+            match index.get(f.name()) {
+                Some(&i) => present[i] += 1,
+                None => {
+                    index.insert(f.name().clone(), fields.len());
+                    fields.push(f.as_ref().clone());
+                    present.push(1);
+                }
+            }
+        }
+    }
+    let mut out: Vec<Field> = fields
+        .into_iter()
+        .zip(present)
+        .map(|(f, n)| if n < buckets { f.with_nullable(true) } else { f })
+        .collect();
+    // Nanoseconds (tick buckets) after the data columns, as in a single tick bucket.
+    if let Some(i) = out.iter().position(|f| f.name() == NANOSECONDS) {
+        let f = out.remove(i);
+        out.push(f);
+    }
+    out
+}
+
+/// Arrange an engine batch into the work schema (adding `Symbol`; null for a column the bucket lacks, a
+/// cast for one whose type differs, see [`union_fields`]).
 fn to_work(spec: &ScanSpec, key: &BucketKey, b: &RecordBatch) -> DfResult<RecordBatch> {
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(spec.work_schema.fields().len());
     for f in spec.work_schema.fields() {
@@ -607,18 +653,18 @@ fn to_work(spec: &ScanSpec, key: &BucketKey, b: &RecordBatch) -> DfResult<Record
             cols.push(Arc::new(StringArray::from(vec![key.symbol.as_str(); b.num_rows()])));
             continue;
         }
-        let c = b.column_by_name(f.name()).ok_or_else(|| {
-            DataFusionError::Execution(format!("bucket {key} has no column {:?}; symbols of one table must share a schema", f.name()))
-        })?;
-        if c.data_type() != f.data_type() {
-            return Err(DataFusionError::Execution(format!(
-                "column {:?} of bucket {key} is {} but the table has {}; symbols of one table must share a schema",
-                f.name(),
-                c.data_type(),
-                f.data_type()
-            )));
+        match b.column_by_name(f.name()) {
+            None => cols.push(arrow::array::new_null_array(f.data_type(), b.num_rows())),
+            Some(c) if c.data_type() == f.data_type() => cols.push(c.clone()),
+            Some(c) => cols.push(arrow::compute::cast(c, f.data_type()).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "column {:?} of bucket {key} is {}, the table's is {} (from the first bucket): {e}",
+                    f.name(),
+                    c.data_type(),
+                    f.data_type()
+                ))
+            })?),
         }
-        cols.push(c.clone());
     }
     let opts = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
     Ok(RecordBatch::try_new_with_options(spec.work_schema.clone(), cols, &opts)?)
