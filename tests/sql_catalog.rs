@@ -248,3 +248,39 @@ async fn multi_symbol_table_is_the_union_of_bucket_columns() {
     assert_eq!(out[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 360);
     assert_eq!(out[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0), 362);
 }
+
+/// MarketStore's functions from SQL give what the `functions` parameter gives.
+#[tokio::test]
+async fn marketstore_functions_as_sql_table_functions() {
+    let (_d, engine, q) = setup().await;
+    let key = BucketKey::parse("AAPL/1Min/OHLCV").unwrap();
+    let chain = vec!["candlecandler('1H',Open,High,Low,Close,Sum::Volume)".to_string()];
+    let read = engine.read(&ReadRequest::key(&key)).unwrap().into_iter().next().unwrap();
+    let (_, want) = q.apply_functions(read, &chain).await.unwrap();
+    let (_, got) = q
+        .sql(r#"SELECT * FROM candlecandler('AAPL/1Min/OHLCV', '1H', 'Open', 'High', 'Low', 'Close', 'Sum::Volume')"#)
+        .await
+        .unwrap();
+    let want = arrow::compute::concat_batches(&want[0].schema(), &want).unwrap();
+    let got = arrow::compute::concat_batches(&got[0].schema(), &got).unwrap();
+    assert_eq!(got.num_rows(), 2);
+    assert_eq!(got, want);
+    // The general form takes a chain; the result is a table like any other.
+    let (_, b) = q
+        .sql(r#"SELECT "Close", "Volume" FROM functions('AAPL/1Min/OHLCV', 'candlecandler(''1H'',Open,High,Low,Close,Sum::Volume)') WHERE "Epoch" >= '2024-01-01T01:00:00Z'"#)
+        .await
+        .unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Float32Type>().value(0), 219.25);
+    assert_eq!(b[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0), (160..220).sum::<i64>());
+    let (_, b) = q.sql(r#"SELECT * FROM ms_max('AAPL/1Min/OHLCV', 'High')"#).await.unwrap();
+    assert_eq!(b[0].column_by_name("Max").unwrap().as_primitive::<arrow::datatypes::Float32Type>().value(0), 219.5);
+    let (_, b) = q.sql(r#"SELECT count(*) FROM gap('AAPL/1Min/OHLCV', '1Min')"#).await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 0);
+    // Errors: not one bucket, a missing bucket, a bad call.
+    let e = q.sql(r#"SELECT * FROM candlecandler('*/1Min/OHLCV', '1H', 'Open', 'High', 'Low', 'Close')"#).await.unwrap_err().to_string();
+    assert!(e.contains("apply per bucket"), "{e}");
+    let e = q.sql(r#"SELECT * FROM ms_min('NOPE/1Min/OHLCV', 'Close')"#).await.unwrap_err().to_string();
+    assert!(e.contains("NOPE/1Min/OHLCV"), "{e}");
+    let e = q.sql(r#"SELECT * FROM functions('AAPL/1Min/OHLCV', 'nosuch(1)')"#).await.unwrap_err().to_string();
+    assert!(e.contains("nosuch"), "{e}");
+}

@@ -14,11 +14,13 @@
 //!
 //! Dialect notes: identifiers are case-sensitive (MarketStore's columns are `Epoch`, `Open`, …, so
 //! `SELECT Open FROM ...` works unquoted); MarketStore's backquoted table names and a trailing `;` are
-//! accepted. The udf crate's `time_bucket(timeframe, ts [, tz])` and `asof_join(...)` are registered.
+//! accepted. The udf crate's `time_bucket(timeframe, ts [, tz])` and `asof_join(...)` are registered, and
+//! MarketStore's functions as table functions over one bucket ([`functions`]).
 
 pub mod catalog;
 pub mod confine;
 pub mod flight_sql;
+pub mod functions;
 pub mod scan;
 
 use std::collections::HashMap;
@@ -172,6 +174,10 @@ impl QueryEngine {
         let ctx = SessionContext::new_with_state(state);
         ctx.register_catalog(catalog::CATALOG, Arc::new(catalog::MktsCatalog::new(engine.clone())));
         mkts_udf::register_all(&ctx);
+        let fn_tz = (tz != chrono_tz::UTC).then(|| tz.name().to_string());
+        for (name, f) in functions::MarketstoreFunction::all(&engine, fn_tz) {
+            ctx.register_udtf(name, f);
+        }
         QueryEngine { engine, tz, base: ctx.state(), runtime }
     }
 
