@@ -262,6 +262,89 @@ impl Pushdown {
     }
 }
 
+/// A DELETE condition the engine's range delete applies exactly: an Epoch bound, or a Symbol choice.
+fn deletable(e: &Expr) -> bool {
+    let mut p = Pushdown::default();
+    if p.apply(e) {
+        return true;
+    }
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => {
+            (column_name(left) == Some(SYMBOL) && literal(right).and_then(string_of).is_some())
+                || (column_name(right) == Some(SYMBOL) && literal(left).and_then(string_of).is_some())
+        }
+        Expr::BinaryExpr(BinaryExpr { op: Operator::Or, .. }) => symbol_disjunction(e).is_some(),
+        Expr::InList(l) => !l.negated && column_name(&l.expr) == Some(SYMBOL) && l.list.iter().all(|x| literal(x).and_then(string_of).is_some()),
+        _ => false,
+    }
+}
+
+/// The plan of a SQL DELETE: range deletes of its buckets, run when executed; one `count` row (UInt64).
+#[derive(Debug)]
+pub struct BucketDeleteExec {
+    engine: Engine,
+    table: String,
+    keys: Vec<BucketKey>,
+    start: TimePoint,
+    end: TimePoint,
+    props: Arc<PlanProperties>,
+}
+
+impl BucketDeleteExec {
+    fn new(engine: Engine, table: String, keys: Vec<BucketKey>, start: TimePoint, end: TimePoint) -> Self {
+        let schema = Arc::new(Schema::new(vec![Field::new("count", DataType::UInt64, false)]));
+        let props = PlanProperties::new(EquivalenceProperties::new(schema), Partitioning::UnknownPartitioning(1), EmissionType::Final, Boundedness::Bounded);
+        BucketDeleteExec { engine, table, keys, start, end, props: Arc::new(props) }
+    }
+}
+
+impl DisplayAs for BucketDeleteExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "BucketDeleteExec: table={} buckets={} epoch_range=[{}, {}]", self.table, self.keys.len(), fmt_time(self.start), fmt_time(self.end))
+    }
+}
+
+impl ExecutionPlan for BucketDeleteExec {
+    fn name(&self) -> &str {
+        "BucketDeleteExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(&self, _partition: usize, _context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        let schema = self.props.eq_properties.schema().clone();
+        let (engine, keys, start, end) = (self.engine.clone(), self.keys.clone(), self.start, self.end);
+        let out_schema = schema.clone();
+        let run = async move {
+            let mut removed = 0u64;
+            for k in &keys {
+                match engine.delete_range(k, start, end).await {
+                    Ok(n) => removed += n as u64,
+                    // Destroyed since planning: nothing left to delete.
+                    Err(crate::engine::EngineError::NotFound(_)) => {}
+                    Err(e) => return Err(DataFusionError::External(Box::new(e))),
+                }
+            }
+            Ok(RecordBatch::try_new(out_schema, vec![Arc::new(arrow::array::UInt64Array::from(vec![removed]))])?)
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::once(run))))
+    }
+}
+
 fn split_or<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
     match e {
         Expr::BinaryExpr(BinaryExpr { left, op: Operator::Or, right }) => {
@@ -383,6 +466,33 @@ impl TableProvider for BucketTable {
             filter_text,
         });
         Ok(Arc::new(exec))
+    }
+
+    /// `DELETE FROM "KEY" WHERE "Epoch" < '2024-01-01'`: a range delete through the engine (logged, durable,
+    /// policy-checked). The conditions must be Epoch bounds (`<`, `<=`, `>`, `>=`, `=`, `BETWEEN`) and, on a
+    /// table over several symbols, `Symbol =` / `IN` / `OR` of those; anything else is refused rather than
+    /// deleting a superset. No condition deletes every row. The rows go when the statement runs (not when it
+    /// is planned, so `EXPLAIN DELETE` deletes nothing); the result is one `count` row.
+    async fn delete_from(&self, _state: &dyn Session, filters: Vec<Expr>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        for f in &filters {
+            for e in split_conjunction(f) {
+                if !deletable(e) {
+                    return Err(DataFusionError::NotImplemented(format!(
+                        "DELETE on {:?} takes Epoch ranges{}; this condition is not supported: {e}",
+                        self.name,
+                        if self.multi { " and Symbol = / IN" } else { "" }
+                    )));
+                }
+            }
+        }
+        let pd = Pushdown::from_filters(&filters);
+        let mut keys = self.engine.resolve(&self.selector);
+        if let Some(set) = &pd.symbols {
+            keys.retain(|k| set.contains(&k.symbol));
+        }
+        let start = pd.start.unwrap_or(TimePoint::MIN);
+        let end = pd.end.unwrap_or(TimePoint::MAX);
+        Ok(Arc::new(BucketDeleteExec::new(self.engine.clone(), self.name.clone(), keys, start, end)))
     }
 
     async fn insert_into(&self, _state: &dyn Session, input: Arc<dyn ExecutionPlan>, op: InsertOp) -> DfResult<Arc<dyn ExecutionPlan>> {
