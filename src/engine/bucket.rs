@@ -222,6 +222,24 @@ impl Bucket {
         Ok(removed)
     }
 
+    /// Remove year partitions that hold no rows, durably (after a checkpoint recorded that): what range
+    /// deletes and retention leave behind. A crash before the directory is gone replays to the same state.
+    pub(super) fn drop_empty_years(&self) {
+        let mut parts = self.parts.lock();
+        let empty: Vec<i32> = parts.iter().filter(|(_, p)| p.rows == 0 && p.manifest().rows == 0).map(|(y, _)| *y).collect();
+        if empty.is_empty() {
+            return;
+        }
+        for y in empty {
+            parts.remove(&y);
+            let dir = self.dir.join(y.to_string());
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(key = %self.key, year = y, "cannot remove an empty year partition: {e}");
+            }
+        }
+        self.publish(&parts);
+    }
+
     pub(super) fn checkpoint(&self) -> Result<()> {
         let mut parts = self.parts.lock();
         for p in parts.values_mut() {

@@ -27,6 +27,7 @@ pub mod partition; // one year of one bucket: mapped column files, generations, 
 mod read; // Arrow arrays over partition views
 mod records; // log record payload codecs
 mod recovery; // start-up replay
+mod retention; // how long buckets keep rows
 pub mod types;
 pub mod wal; // the write-ahead log: segments, frames, scan, trim
 mod writer; // the single writer thread: prepare, log, apply, checkpoint
@@ -52,6 +53,7 @@ pub use read::{decode_string16, TimePoint};
 pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, EPOCH, NANOSECONDS};
 
 pub use events::{AppendEvent, Subscription};
+pub use retention::RetentionRule;
 
 use bucket::{read_bucket, Bucket};
 use events::Subscriber;
@@ -91,6 +93,8 @@ pub struct EngineConfig {
     /// Start even when the log is damaged in the middle: keep every readable record, quarantine the
     /// damaged segments, drop the unreadable bytes (`mkts tool recover-wal`). Off: refuse to start.
     pub recover_wal: bool,
+    /// Retention rules, first match wins (none: keep everything).
+    pub retention: Vec<RetentionRule>,
 }
 
 impl EngineConfig {
@@ -106,6 +110,7 @@ impl EngineConfig {
                 .map(|n| n / 2)
                 .unwrap_or(32_768),
             recover_wal: false,
+            retention: Vec::new(),
         }
     }
 }
@@ -240,6 +245,9 @@ struct Inner {
     /// `records_logged > wal_syncs` under concurrent writers.
     wal_syncs: AtomicU64,
     records_logged: AtomicU64,
+    /// Rows and bytes removed by retention since start.
+    retention_rows: AtomicU64,
+    retention_bytes: AtomicU64,
     startup: StartupReport,
     _lock: fs::File,
 }
@@ -415,6 +423,8 @@ impl Engine {
             rows_written: AtomicU64::new(0),
             wal_syncs: AtomicU64::new(0),
             records_logged: AtomicU64::new(0),
+            retention_rows: AtomicU64::new(0),
+            retention_bytes: AtomicU64::new(0),
             startup: StartupReport {
                 from_snapshot: loaded.from_snapshot,
                 from_files: loaded.from_files,
@@ -439,6 +449,7 @@ impl Engine {
             cfg: cfg.clone(),
             last_checkpoint: Instant::now(),
             snapshot,
+            last_retention: Instant::now(),
         };
         std::thread::Builder::new()
             .name("mkts-writer".into())
@@ -474,6 +485,11 @@ impl Engine {
             checkpoint_error: self.inner.checkpoint_error.read().clone(),
             queued_bytes: ((QUEUE_KIB - self.inner.queue.available_permits().min(QUEUE_KIB)) as u64) << 10,
         }
+    }
+
+    /// Rows and bytes retention removed since start (for `/metrics`).
+    pub fn retention_stats(&self) -> (u64, u64) {
+        (self.inner.retention_rows.load(Ordering::Relaxed), self.inner.retention_bytes.load(Ordering::Relaxed))
     }
 
     /// How this start-up loaded the catalog.

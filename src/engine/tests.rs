@@ -1022,3 +1022,42 @@ fn damaged_snapshot_falls_back_to_the_files() {
         e.shutdown().await.unwrap();
     });
 }
+
+/// Retention: `keep: 30d` on a bucket holding 3 years of daily bars leaves exactly the last 30 days after
+/// the next checkpoint (whole expired years removed, the oldest partly expired one cut), through a restart;
+/// buckets no rule matches keep everything.
+#[test]
+fn retention_keeps_exactly_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = 86_400i64;
+    let today = chrono::Utc::now().timestamp().div_euclid(day) * day;
+    let epochs: Vec<i64> = (0..3 * 365).rev().map(|k| today - k * day).collect();
+    let daily = BucketKey::parse("AAPL/1D/OHLCV").unwrap();
+    let other = BucketKey::parse("AAPL/1H/OHLCV").unwrap();
+    let mut cfg = EngineConfig::new(dir.path());
+    cfg.retention = vec![RetentionRule::parse("*/1D/*", "30d").unwrap()];
+    let cutoff = chrono::Utc::now().timestamp() - 30 * day;
+    let want: Vec<i64> = epochs.iter().copied().filter(|e| *e >= cutoff).collect();
+    rt().block_on(async {
+        let e = Engine::open(cfg.clone()).unwrap();
+        e.write(&daily, &bars(&epochs, &vec![1.0; epochs.len()]), WriteOptions::default()).await.unwrap();
+        e.write(&other, &bars(&epochs, &vec![2.0; epochs.len()]), WriteOptions::default()).await.unwrap();
+        e.checkpoint().await.unwrap();
+        assert_eq!(read_all(&e, &daily).0, want);
+        assert_eq!(read_all(&e, &other).0.len(), epochs.len(), "no rule matches 1H");
+        let (rows, bytes) = e.retention_stats();
+        assert_eq!(rows as usize, epochs.len() - want.len());
+        assert!(bytes >= rows * 8, "{bytes}");
+        e.checkpoint().await.unwrap(); // removes the emptied years
+        let years = e.info(&daily).unwrap().years;
+        let year_dirs = std::fs::read_dir(dir.path().join("AAPL/1D/OHLCV")).unwrap().flatten().filter(|d| d.path().is_dir()).count();
+        assert_eq!(year_dirs, years.len(), "{years:?}");
+        drop(e); // no clean stop
+    });
+    rt().block_on(async {
+        let e = reopen_with(cfg.clone());
+        assert_eq!(read_all(&e, &daily).0, want);
+        assert_eq!(read_all(&e, &other).0.len(), epochs.len());
+        e.shutdown().await.unwrap();
+    });
+}

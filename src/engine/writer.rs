@@ -68,7 +68,11 @@ pub(super) struct Writer {
     pub cfg: EngineConfig,
     pub last_checkpoint: Instant,
     pub snapshot: SnapshotState,
+    pub last_retention: Instant,
 }
+
+/// Retention runs at checkpoint ticks at most this often (and at every forced checkpoint).
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// When and what to write into the catalog snapshot ([`super::catalog`]).
 pub(super) struct SnapshotState {
@@ -354,6 +358,9 @@ impl Writer {
         if self.wal.is_none() {
             self.finish_startup(inner);
         }
+        if self.wal.is_some() && (reply.is_some() || self.last_retention.elapsed() >= RETENTION_EVERY) {
+            self.retention(inner);
+        }
         let due = reply.is_some() || (!self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval);
         let r = if self.wal.is_none() {
             Err(EngineError::Unavailable("start-up could not finish; the engine is read-only".into()))
@@ -498,6 +505,7 @@ impl Writer {
                     continue;
                 }
                 b.checkpoint()?;
+                b.drop_empty_years();
             }
             self.dirty.remove(&k);
             self.snapshot.changed.insert(k);
@@ -542,6 +550,33 @@ impl Writer {
 }
 
 impl Writer {
+    /// Apply the retention rules: a logged range delete of the rows older than each matching bucket keeps.
+    fn retention(&mut self, inner: &Arc<Inner>) {
+        self.last_retention = Instant::now();
+        if self.cfg.retention.is_empty() {
+            return;
+        }
+        let now = chrono::Utc::now().timestamp();
+        let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
+        for b in buckets {
+            let Some(keep) = self.cfg.retention.iter().find(|r| r.on.matches(&b.key)).map(|r| r.keep.as_secs()) else { continue };
+            let cutoff = now.saturating_sub(keep as i64);
+            let first = b.snapshot().iter().find(|p| p.rows > 0).and_then(|p| p.first);
+            if first.is_none_or(|f| f >= cutoff) || inner.damaged.read().contains_key(&b.key.to_string()) {
+                continue;
+            }
+            let width: u64 = b.widths().iter().map(|w| *w as u64).sum();
+            match self.delete_range_cmd(inner, &b.key, TimePoint::MIN, TimePoint { secs: cutoff - 1, nanos: 999_999_999 }) {
+                Ok(n) => {
+                    inner.retention_rows.fetch_add(n as u64, Ordering::Relaxed);
+                    inner.retention_bytes.fetch_add(n as u64 * width, Ordering::Relaxed);
+                    tracing::info!(key = %b.key, rows = n, keep_secs = keep, "retention removed expired rows");
+                }
+                Err(e) => tracing::warn!(key = %b.key, "retention could not remove expired rows (retried at the next run): {e}"),
+            }
+        }
+    }
+
     /// Write the catalog snapshot of the current catalog. A failure is logged and retried later; the
     /// snapshot only speeds up start-up, so nothing else depends on it.
     fn snapshot_now(&mut self, inner: &Arc<Inner>) {
