@@ -174,24 +174,24 @@ impl Metrics {
         let (flight_dropped_subscribers, flight_subscribers) = (Counter::default(), Gauge::default());
         let sampled = Arc::new(Sampled::default());
         let mut r = Registry::default();
-        r.register("alpaca_marketstore_rpc_total_request_duration_seconds", "Duration of every /rpc request.", rpc_total.clone());
+        r.register("alpaca_marketstore_rpc_total_request_duration_seconds", "Duration of every /rpc request", rpc_total.clone());
         r.register(
             "alpaca_marketstore_rpc_successful_request_duration_seconds",
-            "Duration of JSON-RPC method calls (MarketStore's name: observed on errors too).",
+            "Duration of JSON-RPC method calls (MarketStore's name: observed on errors too)",
             rpc_methods.clone(),
         );
-        r.register("mkts_request_duration_seconds", "Duration of API calls by interface and method.", requests.clone());
-        r.register("mkts_requests", "API calls by interface and method.", calls.clone());
-        r.register("mkts_request_errors", "API calls that returned an error, by interface and method.", errors.clone());
-        r.register("alpaca_marketstore_ws_connections", "Open /ws connections.", ws_connections.clone());
-        r.register("mkts_ws_messages_sent", "Stream messages sent to /ws clients.", ws_messages.clone());
-        r.register("mkts_ws_dropped_clients", "/ws clients disconnected for falling behind.", ws_dropped_clients.clone());
+        r.register("mkts_request_duration_seconds", "Duration of API calls by interface and method", requests.clone());
+        r.register("mkts_requests", "API calls by interface and method", calls.clone());
+        r.register("mkts_request_errors", "API calls that returned an error, by interface and method", errors.clone());
+        r.register("alpaca_marketstore_ws_connections", "Open /ws connections", ws_connections.clone());
+        r.register("mkts_ws_messages_sent", "Stream messages sent to /ws clients", ws_messages.clone());
+        r.register("mkts_ws_dropped_clients", "/ws clients disconnected for falling behind", ws_dropped_clients.clone());
         r.register(
             "mkts_flight_dropped_subscribers",
-            "Flight subscriptions ended for leaving more than subscriber_queue_mb unread.",
+            "Flight subscriptions ended for leaving more than subscriber_queue_mb unread",
             flight_dropped_subscribers.clone(),
         );
-        r.register("mkts_flight_subscribers", "Open Flight {\"subscribe\"} streams.", flight_subscribers.clone());
+        r.register("mkts_flight_subscribers", "Open Flight {\"subscribe\"} streams", flight_subscribers.clone());
         r.register_collector(Box::new(SampledCollector(sampled.clone())));
         Metrics {
             registry: r,

@@ -185,7 +185,10 @@ def test_metrics_count_and_time_every_interface(server):
     for api, method in count:
         assert any(l.startswith(f'mkts_request_duration_seconds_sum{{api="{api}",method="{method}"}} ') for l in lines)
         assert f'mkts_request_duration_seconds_bucket{{le="+Inf",api="{api}",method="{method}"}} {count[(api, method)]}' in lines
+        assert any(l.startswith(f'mkts_request_errors_total{{api="{api}",method="{method}"}} ') for l in lines)
+    for api, method in [("flight", "DoPut"), ("flight", "DoGet"), ("jsonrpc", "Query"), ("grpc", "ListSymbols"), ("ws", "connect")]:
         assert f'mkts_request_errors_total{{api="{api}",method="{method}"}} 0' in lines
+        assert f'mkts_requests_total{{api="{api}",method="{method}"}} {count[(api, method)]}' in lines
     # MarketStore's own series are kept.
     assert 'alpaca_marketstore_rpc_successful_request_duration_seconds_count{method="Query"} 1' in lines
     assert "alpaca_marketstore_rpc_total_request_duration_seconds_count 1" in lines
