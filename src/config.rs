@@ -1,8 +1,12 @@
 //! `mkts.yml`: MarketStore's configuration keys and defaults (reference §8), plus a few of our own.
 //!
-//! Every key MarketStore documents is parsed; keys we do not know are warned about by name (MarketStore
-//! silently ignores them, which cost users afternoons). Booleans accept YAML booleans and MarketStore's
-//! string forms (`"true"`, `"1"`, `"t"`, …).
+//! Every key MarketStore documents is parsed, and each either does what it does in MarketStore or is
+//! warned about at start-up by name as accepted but ignored ([`IGNORED_KEYS`], with the reason); keys we
+//! do not know are warned about by name too (MarketStore silently ignores them, which cost users
+//! afternoons). A `replication:` block that asks for replication is a start-up error: mkts cannot
+//! replicate yet, and starting an independent writable server instead would be silent data divergence.
+//! Booleans accept YAML booleans and MarketStore's string forms (`"true"`, `"1"`, `"t"`, …). The reference
+//! of every key is `docs/configuration.md` (a test keeps it in step with this parser).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,33 +45,26 @@ pub struct BgWorkerConfig {
     pub config: serde_json::Value,
 }
 
-/// Replication settings (reference §9).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReplicationConfig {
-    pub enabled: bool,
-    pub listen_port: u16,
-    pub tls_enabled: bool,
-    pub cert_file: String,
-    pub key_file: String,
-    pub master_host: String,
-    pub retry_interval: String,
-    pub retry_backoff_coeff: u32,
-}
+/// The keys this parser applies (each does what its entry in `docs/configuration.md` says).
+pub const KEYS: &[&str] = &[
+    "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
+    "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
+    "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication",
+];
 
-impl Default for ReplicationConfig {
-    fn default() -> Self {
-        ReplicationConfig {
-            enabled: false,
-            listen_port: 5996,
-            tls_enabled: false,
-            cert_file: String::new(),
-            key_file: String::new(),
-            master_host: String::new(),
-            retry_interval: "10s".into(),
-            retry_backoff_coeff: 2,
-        }
-    }
-}
+/// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
+/// warned about at start-up when a file sets it.
+pub const IGNORED_KEYS: &[(&str, &str)] = &[
+    ("wal_rotate_interval", "mkts checkpoints every 10 s and whenever a log segment passes 256 MiB, then trims the log"),
+    ("background_sync", "every write is fsync'd (group commit) before it is acknowledged; there is no background flusher"),
+    ("wal_bypass", "every write goes through the write-ahead log; it cannot be bypassed"),
+    ("disable_variable_compression", "variable-length buckets are stored uncompressed"),
+    ("init_catalog", "the catalog is always loaded at start-up"),
+    ("init_wal_cache", "the write-ahead log is always replayed and writes are always enabled"),
+    ("enable_last_known", "there is no last-known-value cache; queries read the buckets"),
+    ("stale_threshold", "there is no last-known-value cache to expire"),
+    ("utilities_url", "there is no separate utilities listener; /heartbeat and /metrics are on listen_port"),
+];
 
 /// The whole server configuration with defaults applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,28 +80,18 @@ pub struct Config {
     /// Largest gRPC message sent / accepted, MiB (MarketStore's keys; see [`Config::grpc_limits`]).
     pub grpc_max_send_msg_size_mb: usize,
     pub grpc_max_recv_msg_size_mb: usize,
-    pub utilities_url: String,
     /// IANA zone reported to clients and used for calendar windows; storage is always UTC.
     pub timezone: String,
     pub log_level: String,
     pub stop_grace_period: u64,
-    pub wal_rotate_interval: u64,
-    pub disable_variable_compression: bool,
-    pub init_catalog: bool,
-    pub init_wal_cache: bool,
-    pub background_sync: bool,
-    pub wal_bypass: bool,
     pub enable_add: bool,
     pub enable_remove: bool,
-    pub enable_last_known: bool,
     pub queryable: bool,
-    pub stale_threshold: Option<String>,
     /// Memory all SQL statements together may hold, in MB (mkts extension; default a quarter of physical
     /// memory). A statement needing more fails with a clear error; the server stays up.
     pub sql_memory_limit_mb: Option<usize>,
     /// Where plugin modules named by a relative path are looked up (default: `plugins/` beside the config).
     pub plugin_dir: PathBuf,
-    pub replication: ReplicationConfig,
     pub triggers: Vec<TriggerConfig>,
     pub bgworkers: Vec<BgWorkerConfig>,
     /// Largest `/rpc` request body, MiB (mkts key `max_request_mb`). Checked before anything is decoded.
@@ -127,24 +114,14 @@ impl Default for Config {
             grpc_listen_port: Some(5995),
             grpc_max_send_msg_size_mb: DEFAULT_GRPC_MSG_MB,
             grpc_max_recv_msg_size_mb: DEFAULT_GRPC_MSG_MB,
-            utilities_url: String::new(),
             timezone: "UTC".into(),
             log_level: "info".into(),
             stop_grace_period: 0,
-            wal_rotate_interval: 5,
-            disable_variable_compression: false,
-            init_catalog: true,
-            init_wal_cache: true,
-            background_sync: true,
-            wal_bypass: false,
             enable_add: true,
             enable_remove: true,
-            enable_last_known: false,
             queryable: true,
-            stale_threshold: None,
             sql_memory_limit_mb: None,
             plugin_dir: PathBuf::from("plugins"),
-            replication: ReplicationConfig::default(),
             triggers: Vec::new(),
             bgworkers: Vec::new(),
             max_request_mb: DEFAULT_MAX_REQUEST_MB,
@@ -263,27 +240,23 @@ impl Config {
                 }
                 "grpc_max_send_msg_size" => c.grpc_max_send_msg_size_mb = parse_int(k, &sc(k, v)?)?,
                 "grpc_max_recv_msg_size" => c.grpc_max_recv_msg_size_mb = parse_int(k, &sc(k, v)?)?,
-                "utilities_url" => c.utilities_url = sc(k, v)?.as_string(),
                 "timezone" => c.timezone = sc(k, v)?.as_string(),
                 "log_level" => c.log_level = sc(k, v)?.as_string(),
                 "stop_grace_period" => c.stop_grace_period = parse_int(k, &sc(k, v)?)?,
-                "wal_rotate_interval" => c.wal_rotate_interval = parse_int(k, &sc(k, v)?)?,
-                "disable_variable_compression" => c.disable_variable_compression = parse_bool(k, &sc(k, v)?)?,
-                "init_catalog" => c.init_catalog = parse_bool(k, &sc(k, v)?)?,
-                "init_wal_cache" => c.init_wal_cache = parse_bool(k, &sc(k, v)?)?,
-                "background_sync" => c.background_sync = parse_bool(k, &sc(k, v)?)?,
-                "wal_bypass" => c.wal_bypass = parse_bool(k, &sc(k, v)?)?,
                 "enable_add" => c.enable_add = parse_bool(k, &sc(k, v)?)?,
                 "enable_remove" => c.enable_remove = parse_bool(k, &sc(k, v)?)?,
-                "enable_last_known" => c.enable_last_known = parse_bool(k, &sc(k, v)?)?,
                 "queryable" => c.queryable = parse_bool(k, &sc(k, v)?)?,
-                "stale_threshold" => c.stale_threshold = Some(sc(k, v)?.as_string()),
+                // Accepted (and checked as MarketStore checks them), but without effect: say so.
+                "wal_rotate_interval" => ignored(k, parse_int::<u64>(k, &sc(k, v)?), &mut c.warnings)?,
+                "disable_variable_compression" | "init_catalog" | "init_wal_cache" | "background_sync" | "wal_bypass"
+                | "enable_last_known" => ignored(k, parse_bool(k, &sc(k, v)?), &mut c.warnings)?,
+                "stale_threshold" | "utilities_url" => ignored(k, sc(k, v).map(|s| s.as_string()), &mut c.warnings)?,
                 "sql_memory_limit_mb" => match parse_int::<usize>(k, &sc(k, v)?)? {
                     0 => return Err(ConfigError::Invalid { key: k.clone(), msg: "must be at least 1 (MB)".into() }),
                     mb => c.sql_memory_limit_mb = Some(mb),
                 },
                 "plugin_dir" => c.plugin_dir = PathBuf::from(sc(k, v)?.as_string()),
-                "replication" => c.replication = parse_replication(v, &mut c.warnings)?,
+                "replication" => check_replication(v, &mut c.warnings)?,
                 "triggers" => c.triggers = parse_triggers(v, &mut c.warnings)?,
                 "bgworkers" => c.bgworkers = parse_bgworkers(v)?,
                 "max_request_mb" => c.max_request_mb = parse_positive(k, &sc(k, v)?)?,
@@ -347,6 +320,14 @@ impl Config {
         self.grpc_listen_port
             .map(|p| format!("{}:{}", if self.listen_host.is_empty() { "0.0.0.0" } else { &self.listen_host }, p))
     }
+}
+
+/// Warn that MarketStore key `key` (whose value parsed) has no effect in mkts, and why.
+fn ignored<T>(key: &str, parsed: Result<T, ConfigError>, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+    parsed?;
+    let why = IGNORED_KEYS.iter().find(|(k, _)| *k == key).map(|(_, w)| *w).unwrap_or("it has no effect in mkts");
+    warnings.push(format!("configuration key {key:?} is accepted but ignored: {why}"));
+    Ok(())
 }
 
 /// Quote the value of `on:` keys so `on: */1Min/OHLCV` (a YAML alias otherwise) parses as a string.
@@ -427,26 +408,54 @@ fn parse_bgworkers(v: &serde_json::Value) -> Result<Vec<BgWorkerConfig>, ConfigE
     Ok(out)
 }
 
-fn parse_replication(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<ReplicationConfig, ConfigError> {
+/// MarketStore's `replication:` block. mkts cannot replicate yet: a block that makes this server a
+/// master (`enabled: true`) or a replica (`master_host`) is a start-up error — running instead as an
+/// independent writable server would let the copies diverge without a word. A block that asks for
+/// neither is accepted and warned about.
+fn check_replication(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
     let m = obj("replication", v)?;
-    let mut r = ReplicationConfig::default();
+    let mut enabled = false;
+    let mut master_host = String::new();
     for (k, val) in m {
         let key = format!("replication.{k}");
         let s: Scalar = serde_json::from_value(val.clone())
             .map_err(|_| ConfigError::Invalid { key: key.clone(), msg: "expected a scalar".into() })?;
         match k.as_str() {
-            "enabled" => r.enabled = parse_bool(&key, &s)?,
-            "listen_port" => r.listen_port = parse_int(&key, &s)?,
-            "tls_enabled" => r.tls_enabled = parse_bool(&key, &s)?,
-            "cert_file" => r.cert_file = s.as_string(),
-            "key_file" => r.key_file = s.as_string(),
-            "master_host" => r.master_host = s.as_string(),
-            "retry_interval" => r.retry_interval = s.as_string(),
-            "retry_backoff_coeff" => r.retry_backoff_coeff = parse_int(&key, &s)?,
+            "enabled" => enabled = parse_bool(&key, &s)?,
+            "master_host" => master_host = s.as_string(),
+            "listen_port" => {
+                parse_int::<u16>(&key, &s)?;
+            }
+            "tls_enabled" => {
+                parse_bool(&key, &s)?;
+            }
+            "retry_backoff_coeff" => {
+                parse_int::<u32>(&key, &s)?;
+            }
+            "cert_file" | "key_file" | "retry_interval" => {}
             _ => warnings.push(format!("unknown configuration key {key:?} is ignored")),
         }
     }
-    Ok(r)
+    let role = if enabled {
+        Some("replication.enabled: true (a replication master)")
+    } else if !master_host.trim().is_empty() {
+        Some("replication.master_host (a read-only replica)")
+    } else {
+        None
+    };
+    match role {
+        Some(role) => Err(ConfigError::Invalid {
+            key: "replication".into(),
+            msg: format!(
+                "replication is not supported yet: this file asks for {role}, and mkts would run as an independent writable \
+                 server instead; remove the replication block (or set enabled: false and no master_host) to run without it"
+            ),
+        }),
+        None => {
+            warnings.push("configuration key \"replication\" is accepted but ignored: replication is not supported yet, and this block enables none".into());
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -544,5 +553,55 @@ triggers:
         assert_eq!(c.triggers[0].queue_size, None);
         let e = Config::parse("listen_port: 1\ntriggers:\n  - module: a.so\n    on: \"*/*/*\"\n    queue_size: 0\n", Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("queue_size"), "{e}");
+    }
+
+    #[test]
+    fn ignored_keys_are_warned_by_name() {
+        let y = "listen_port: 1\nwal_rotate_interval: 5\nbackground_sync: true\nwal_bypass: false\ndisable_variable_compression: false\n\
+                 init_catalog: true\ninit_wal_cache: true\nenable_last_known: false\nstale_threshold: 5\nutilities_url: \"localhost:5994\"\n";
+        let c = Config::parse(y, Path::new(".")).unwrap();
+        for (key, why) in IGNORED_KEYS {
+            let w = c.warnings.iter().find(|w| w.contains(&format!("{key:?} is accepted but ignored"))).unwrap_or_else(|| panic!("{key}: {:?}", c.warnings));
+            assert!(w.ends_with(why), "{w}");
+        }
+        // The value is still checked.
+        let e = Config::parse("listen_port: 1\nwal_bypass: perhaps\n", Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("wal_bypass"), "{e}");
+        // Keys mkts applies are not warned about.
+        let c = Config::parse("listen_port: 1\nqueryable: true\nenable_add: false\n", Path::new(".")).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn replication_is_a_start_up_error_not_silence() {
+        for y in ["replication:\n  master_host: \"10.0.0.1:5996\"\n", "replication:\n  enabled: true\n  listen_port: 5996\n"] {
+            let e = Config::parse(&format!("listen_port: 1\n{y}"), Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains("replication is not supported yet"), "{e}");
+        }
+        let c = Config::parse("listen_port: 1\nreplication:\n  enabled: false\n  listen_port: 5996\n", Path::new(".")).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("\"replication\" is accepted but ignored")), "{:?}", c.warnings);
+        assert!(Config::parse("listen_port: 1\nreplication:\n  enabled: maybe\n", Path::new(".")).is_err());
+    }
+
+    /// `docs/configuration.md` names every key this parser applies or ignores, and no other.
+    #[test]
+    fn docs_config_reference_matches_the_parser() {
+        let doc = include_str!("../docs/configuration.md");
+        let documented: std::collections::BTreeSet<&str> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|k| !k.contains('.'))
+            .collect();
+        let known: std::collections::BTreeSet<&str> = KEYS.iter().copied().chain(IGNORED_KEYS.iter().map(|(k, _)| *k)).collect();
+        assert_eq!(documented, known, "docs/configuration.md and src/config.rs disagree");
+        for (k, _) in IGNORED_KEYS {
+            assert!(!KEYS.contains(k), "{k} is both applied and ignored");
+            let line = doc.lines().find(|l| l.starts_with(&format!("| `{k}`"))).unwrap_or_default();
+            assert!(line.contains("ignored"), "docs/configuration.md must say {k} is ignored: {line}");
+        }
+        // A key outside both lists is reported as unknown (so the lists are the parser's whole vocabulary).
+        let c = Config::parse("listen_port: 1\nno_such_key: 1\n", Path::new(".")).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("unknown configuration key \"no_such_key\"")), "{:?}", c.warnings);
     }
 }

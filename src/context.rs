@@ -1,25 +1,26 @@
-//! What every interface shares: the engine, the configuration, SQL, metrics and readiness.
+//! What every interface shares: the operations layer, the engine, the configuration, metrics and readiness.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::query::QueryEngine;
+use crate::service::{Access, Caller, Interface, Service, ServiceError};
 
 /// Server version reported to clients (MarketStore's `version` fields and the `Marketstore-Version` header).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The message of a read refused by `queryable: false` (the engine's own wording).
-pub const NOT_QUERYABLE: &str = "server is not queryable";
+pub use crate::service::NOT_QUERYABLE;
 
 /// Shared state of a running server, handed to every interface.
 pub struct ServerContext {
     pub engine: Engine,
     pub config: Config,
-    pub query: QueryEngine,
+    /// The operations every interface calls (reads, SQL, writes, catalog), policy checked there.
+    pub service: Service,
     pub metrics: Arc<Metrics>,
     /// Rows the `stream` trigger decided to push; `/ws` and Flight stream subscriptions read it when a
     /// `stream` trigger is configured ([`ServerContext::streams_gated`]).
@@ -32,8 +33,8 @@ pub struct ServerContext {
 
 impl ServerContext {
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
-        let query = QueryEngine::with_memory_limit(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20)));
-        Arc::new(ServerContext { engine, config, query, metrics: Arc::new(Metrics::new()), stream: Arc::default(), trigger_streams: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
+        let service = Service::new(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20)));
+        Arc::new(ServerContext { engine, config, service, metrics: Arc::new(Metrics::new()), stream: Arc::default(), trigger_streams: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
     }
 
     /// True when a `stream` trigger is configured: subscribers then receive what it pushes (gated, shelved,
@@ -42,14 +43,10 @@ impl ServerContext {
         self.config.triggers.iter().any(|t| crate::contrib::module_name(&t.module) == "stream")
     }
 
-    /// `Ok` when reads are allowed; the one refusal every read, listing and subscription path gives
-    /// under `queryable: false` (writes are governed by `enable_add` / `enable_remove` only).
-    pub fn check_queryable(&self) -> Result<(), EngineError> {
-        if self.engine.policy().queryable {
-            Ok(())
-        } else {
-            Err(EngineError::NotAllowed(NOT_QUERYABLE.into()))
-        }
+    /// `Ok` when an anonymous `/ws` client may read: the operations layer's refusal under `queryable:
+    /// false` (kept for the `/ws` handler; other interfaces ask [`Service::authorize`] with their caller).
+    pub fn check_queryable(&self) -> Result<(), ServiceError> {
+        self.service.authorize(&Caller::anonymous(Interface::Ws), Access::Read)
     }
 
     /// True once start-up (replay, listeners, plugins) is complete and until shutdown begins.

@@ -1,10 +1,14 @@
-//! The server side of the Flight contract: [`mkts_flight::FlightBackend`] over the engine and SQL.
+//! The server side of the Flight contract: [`mkts_flight::FlightBackend`] over the operations layer.
+//!
+//! Each method decodes its ticket or action body into a request of [`crate::service`], calls the
+//! operation as an anonymous Flight caller, and returns the result; errors map onto gRPC statuses in
+//! [`crate::service::error`], nowhere else.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use futures::stream::StreamExt;
 use mkts_flight::ticket::{key_body, CreateAction, DeleteRangeAction, ListSymbolsAction};
 use mkts_flight::{BackendError, BatchStream, BucketListing, FlightBackend, KeyedBatchStream, QueryTicket, SubscriptionStream};
@@ -12,135 +16,58 @@ use serde_json::json;
 use tonic::Code;
 
 use crate::context::{ServerContext, VERSION};
-use crate::engine::{
-    BucketKey, BucketRead, BucketSchema, ColumnDef, ColumnType, EngineError, KeyPattern, KeySelector, ReadRequest,
-    RecordKind, TimePoint, WriteOptions,
-};
-use crate::query::QueryError;
+use crate::engine::{KeyPattern, RecordKind, TimePoint};
+use crate::flight_sql::FlightSqlHandler;
+use crate::service::request::{nanos, parse_key};
+use crate::service::{Access, Caller, CreateRequest, Interface, QueryRequest, ReadRequest, ServiceError, SymbolFormat, WriteRequest};
 
-/// Name of the column added to multi-symbol results.
-pub const SYMBOL_COLUMN: &str = "Symbol";
+pub use crate::service::read::{with_symbol, SYMBOL_COLUMN, SYMBOL_SLICE_ROWS};
 
 /// Flight backend over a running server's context.
 pub struct EngineFlightBackend {
     pub ctx: Arc<ServerContext>,
     /// The Flight SQL handler, for parameter uploads that the Flight crate decodes itself.
-    pub sql: Arc<crate::query::flight_sql::FlightSqlHandler>,
+    pub sql: Arc<FlightSqlHandler>,
 }
 
-/// Map engine errors onto gRPC codes.
-pub fn engine_status(e: EngineError) -> BackendError {
-    let code = match &e {
-        EngineError::InvalidKey { .. } | EngineError::SchemaMismatch { .. } | EngineError::InvalidInput(_) => Code::InvalidArgument,
-        EngineError::NotFound(_) => Code::NotFound,
-        EngineError::AlreadyExists(_) => Code::AlreadyExists,
-        EngineError::NotAllowed(_) => Code::PermissionDenied,
-        EngineError::Unavailable(_) | EngineError::Damaged { .. } => Code::Unavailable,
-        EngineError::Aborted(_) => Code::Aborted,
-        EngineError::Io { .. } if e.is_disk_full() => Code::ResourceExhausted,
-        EngineError::Io { .. } | EngineError::Corrupt { .. } | EngineError::LogDamaged(_) | EngineError::Arrow(_) => Code::Internal,
-    };
-    BackendError::new(code, e.to_string())
+/// The Flight and Flight SQL service as `mkts start` serves it, over `ctx`.
+pub fn flight_service(ctx: &Arc<ServerContext>) -> mkts_flight::MktsFlightService<EngineFlightBackend, FlightSqlHandler> {
+    let sql = Arc::new(FlightSqlHandler::new(ctx.clone()));
+    let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone(), sql: sql.clone() });
+    mkts_flight::MktsFlightService::new(backend, sql)
 }
 
-fn query_status(e: QueryError) -> BackendError {
-    match e {
-        QueryError::Engine(e) => engine_status(e),
-        QueryError::NotAllowed(m) => BackendError::new(Code::PermissionDenied, m),
-        QueryError::ResourcesExhausted(m) => BackendError::new(Code::ResourceExhausted, m),
-        other => BackendError::invalid(other.to_string()),
+/// Who plain Flight calls run as (authentication will fill it from the call's metadata).
+fn caller() -> Caller {
+    Caller::anonymous(Interface::Flight)
+}
+
+/// Flight SQL calls the Flight crate decodes itself (updates, ingest, parameter uploads).
+fn sql_caller() -> Caller {
+    Caller::anonymous(Interface::FlightSql)
+}
+
+fn err(e: ServiceError) -> BackendError {
+    e.into()
+}
+
+/// The operations-layer query of a MarketStore QueryRequest-shaped ticket.
+pub fn query_request(q: &QueryTicket) -> Result<QueryRequest, ServiceError> {
+    if let Some(sql) = &q.sql {
+        return Ok(QueryRequest::Sql(sql.clone()));
     }
-}
-
-/// Build a [`ReadRequest`] from a MarketStore QueryRequest-shaped ticket.
-pub fn read_request(q: &QueryTicket) -> Result<ReadRequest, EngineError> {
-    let dest = q.destination.as_deref().ok_or_else(|| EngineError::InvalidInput("missing destination".into()))?;
-    let selector = KeySelector::parse(dest)?;
-    let nanos = |n: Option<i64>| -> Result<i32, EngineError> {
-        match n {
-            None => Ok(0),
-            Some(v) if (0..1_000_000_000).contains(&v) => Ok(v as i32),
-            Some(v) => Err(EngineError::InvalidInput(format!("nanoseconds {v} outside 0..1e9"))),
-        }
-    };
-    let start = q.epoch_start.map(|s| Ok::<_, EngineError>(TimePoint { secs: s, nanos: nanos(q.epoch_start_nanos)? })).transpose()?;
-    let end = q
-        .epoch_end
-        .map(|s| {
-            // As MarketStore: an end without nanoseconds is the exact second (`secs.000000000`), inclusive.
-            let ns = nanos(q.epoch_end_nanos)?;
-            Ok::<_, EngineError>(TimePoint { secs: s, nanos: ns })
-        })
-        .transpose()?;
-    let limit = match q.limit_record_count {
-        None | Some(0) => None,
-        Some(n) if n < 0 => return Err(EngineError::InvalidInput("limit_record_count must be positive".into())),
-        Some(n) => Some(n as usize),
-    };
-    Ok(ReadRequest { selector, start, end, limit, from_start: q.limit_from_start.unwrap_or(false), columns: q.columns.clone() })
-}
-
-/// Append a constant `Symbol` column to each batch of a multi-bucket result.
-pub fn with_symbol(batch: &RecordBatch, symbol: &str) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
-    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-    cols.push(Arc::new(StringArray::from(vec![symbol; batch.num_rows()])));
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
-}
-
-impl EngineFlightBackend {
-    async fn run_functions(&self, reads: Vec<BucketRead>, functions: &[String]) -> Result<Vec<(String, SchemaRef, Vec<RecordBatch>)>, BackendError> {
-        let mut out = Vec::new();
-        for r in reads {
-            let sym = r.key.symbol.clone();
-            let (schema, batches) = self.ctx.query.apply_functions(r, functions).await.map_err(query_status)?;
-            out.push((sym, schema, batches));
-        }
-        Ok(out)
+    let dest = q.destination.as_deref().ok_or_else(|| ServiceError::invalid("missing destination"))?;
+    let mut r = ReadRequest::parse(dest)?.check_key_category(q.key_category.as_deref())?;
+    if let Some(s) = q.epoch_start {
+        r = r.starting(s, q.epoch_start_nanos.unwrap_or(0))?;
     }
-
-    /// Read (and optionally transform) the buckets of a ticket: one (symbol, schema, batches) per bucket.
-    async fn read(&self, q: &QueryTicket) -> Result<(bool, Vec<(String, SchemaRef, Vec<RecordBatch>)>), BackendError> {
-        let req = read_request(q).map_err(engine_status)?;
-        let single = req.selector.is_single();
-        let reads = self.ctx.engine.read(&req).map_err(engine_status)?;
-        let parts = match q.functions.as_ref().filter(|f| !f.is_empty()) {
-            Some(f) => self.run_functions(reads, f).await?,
-            None => reads.into_iter().map(|r| (r.key.symbol.clone(), r.schema, r.batches)).collect(),
-        };
-        Ok((single, parts))
+    if let Some(e) = q.epoch_end {
+        r = r.ending(e, q.epoch_end_nanos.unwrap_or(0))?;
     }
-
-    /// One schema and a lazy batch stream over per-bucket results. Multi-bucket results get a `Symbol`
-    /// column, built per slice of at most [`SYMBOL_SLICE_ROWS`] rows as the client consumes the stream, so
-    /// memory stays bounded however many buckets a `*` read spans.
-    fn merge_parts(single: bool, parts: Vec<(String, SchemaRef, Vec<RecordBatch>)>) -> Result<(SchemaRef, BatchStream), BackendError> {
-        if single {
-            let (_, schema, batches) = parts.into_iter().next().ok_or_else(|| BackendError::new(Code::NotFound, "no data"))?;
-            return Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()));
-        }
-        let first_schema = parts.first().map(|p| p.1.clone()).ok_or_else(|| BackendError::new(Code::NotFound, "no data"))?;
-        for (sym, s, _) in &parts {
-            if s.fields() != first_schema.fields() {
-                return Err(BackendError::invalid(format!(
-                    "symbols in a query must have the same data type or be filtered by common columns. symbols=[{sym}]"
-                )));
-            }
-        }
-        let mut fields: Vec<Field> = first_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
-        let schema = Arc::new(Schema::new(fields));
-        let slices = parts.into_iter().flat_map(|(sym, _, batches)| {
-            batches.into_iter().flat_map(move |b| {
-                let sym = sym.clone();
-                (0..b.num_rows()).step_by(SYMBOL_SLICE_ROWS).map(move |off| (sym.clone(), b.slice(off, SYMBOL_SLICE_ROWS.min(b.num_rows() - off))))
-            })
-        });
-        let stream = futures::stream::iter(slices)
-            .map(|(sym, b)| with_symbol(&b, &sym).map_err(|e| BackendError::new(Code::Internal, e.to_string())));
-        Ok((schema, stream.boxed()))
-    }
+    r = r.limited(q.limit_record_count.unwrap_or(0), q.limit_from_start.unwrap_or(false))?;
+    r.columns = q.columns.clone();
+    r.functions = q.functions.clone().unwrap_or_default();
+    Ok(QueryRequest::Read(r))
 }
 
 /// Appended batches the engine queues for one subscription before the forwarder below takes them (it
@@ -247,50 +174,40 @@ pub fn bounded_subscription(
     .boxed()
 }
 
-/// Rows per batch when a `Symbol` column has to be materialised.
-pub const SYMBOL_SLICE_ROWS: usize = 65_536;
-
-fn status_to_backend(s: tonic::Status) -> BackendError {
-    BackendError::new(s.code(), s.message())
-}
-
-fn parse_key(k: &str) -> Result<BucketKey, BackendError> {
-    BucketKey::parse(k).map_err(engine_status)
-}
-
 #[async_trait::async_trait]
 impl FlightBackend for EngineFlightBackend {
     async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError> {
-        self.ctx.check_queryable().map_err(engine_status)?;
-        if let Some(sql) = &q.sql {
-            let (schema, stream) = self.ctx.query.sql_stream(sql).await.map_err(query_status)?;
-            return Ok((schema, stream.map(|r| r.map_err(query_status)).boxed()));
+        let svc = &self.ctx.service;
+        let (schema, stream) = match query_request(&q).map_err(err)? {
+            QueryRequest::Sql(sql) => svc.sql_stream(&caller(), &sql, None).await,
+            QueryRequest::Read(r) => svc.read(&caller(), &r).await.and_then(|res| res.into_stream()),
         }
-        let (single, parts) = self.read(&q).await?;
-        Self::merge_parts(single, parts)
+        .map_err(err)?;
+        Ok((schema, stream.map(|r| r.map_err(err)).boxed()))
     }
 
     async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
-        self.ctx.check_queryable().map_err(engine_status)?;
-        if let Some(sql) = &q.sql {
-            let (schema, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
-            return Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())));
+        let svc = &self.ctx.service;
+        match query_request(&q).map_err(err)? {
+            QueryRequest::Sql(sql) => {
+                let (schema, batches) = svc.sql(&caller(), &sql).await.map_err(err)?;
+                Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())))
+            }
+            QueryRequest::Read(r) => {
+                let res = svc.read(&caller(), &r).await.map_err(err)?;
+                Ok((res.schema().map_err(err)?, Some(res.rows() as i64)))
+            }
         }
-        let (single, parts) = self.read(&q).await?;
-        let rows = parts.iter().flat_map(|p| p.2.iter()).map(|b| b.num_rows() as i64).sum();
-        let (schema, _) = Self::merge_parts(single, parts)?;
-        Ok((schema, Some(rows)))
     }
 
-    async fn write(&self, key: &str, batch: arrow::array::RecordBatch) -> Result<usize, BackendError> {
-        let key = parse_key(key)?;
-        let ack = self.ctx.engine.write(&key, &batch, WriteOptions::default()).await.map_err(engine_status)?;
-        Ok(ack.rows)
+    async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError> {
+        let w = WriteRequest::new(parse_key(key).map_err(err)?, batch);
+        Ok(self.ctx.service.write(&caller(), &w).await.map_err(err)?.rows)
     }
 
     async fn subscribe(&self, pattern: &str, peer: &str) -> Result<SubscriptionStream, BackendError> {
-        self.ctx.check_queryable().map_err(engine_status)?;
-        let pat = KeyPattern::parse(pattern).map_err(engine_status)?;
+        self.ctx.service.authorize(&caller(), Access::Read).map_err(err)?;
+        let pat = KeyPattern::parse(pattern).map_err(|e| err(e.into()))?;
         let source: KeyedBatchStream = if self.ctx.streams_gated() {
             // A `stream` trigger is configured: subscribers get the rows it pushes (contrib::stream).
             self.ctx.stream.matching(pat)
@@ -307,50 +224,58 @@ impl FlightBackend for EngineFlightBackend {
     }
 
     fn check_readable(&self) -> Result<(), BackendError> {
-        self.ctx.check_queryable().map_err(engine_status)
+        self.ctx.service.authorize(&sql_caller(), Access::Read).map_err(err)
     }
 
     async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {
-        self.ctx.check_queryable().map_err(engine_status)?;
-        let mut out = Vec::new();
-        for k in self.ctx.engine.keys() {
-            if let Ok(info) = self.ctx.engine.info(&k) {
-                out.push(BucketListing { key: k.to_string(), schema: info.schema.arrow_schema(), rows: info.rows as i64 });
-            }
-        }
-        Ok(out)
+        let buckets = self.ctx.service.list_buckets(&caller()).map_err(err)?;
+        Ok(buckets
+            .into_iter()
+            .map(|(k, info)| BucketListing { key: k.to_string(), schema: info.schema.arrow_schema(), rows: info.rows as i64 })
+            .collect())
     }
 
     async fn action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError> {
-        let engine = &self.ctx.engine;
+        self.run_action(name, body).await.map_err(err)
+    }
+
+    async fn sql_bind_parameters(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
+        self.sql.bind_parameters(handle, params).map_err(err)
+    }
+
+    async fn sql_prepared_update(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
+        self.sql.execute_prepared_update(&sql_caller(), handle, params).await.map_err(err)
+    }
+
+    async fn sql_update(&self, sql: &str) -> Result<i64, BackendError> {
+        self.ctx.service.sql_update(&sql_caller(), sql, None).await.map_err(err)
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(action: &str, body: &[u8]) -> Result<T, ServiceError> {
+    serde_json::from_slice(body).map_err(|e| ServiceError::invalid(format!("{action}: {e}")))
+}
+
+impl EngineFlightBackend {
+    /// The plain actions (`mkts_flight::ACTIONS`).
+    async fn run_action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, ServiceError> {
+        let svc = &self.ctx.service;
         match name {
             "create" => {
-                let c: CreateAction = serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("create: {e}")))?;
-                let key = parse_key(&c.key)?;
-                if c.column_names.len() != c.column_types.len() {
-                    return Err(BackendError::invalid("create: column_names and column_types differ in length"));
-                }
+                let c: CreateAction = json_body("create", body)?;
                 let variable = c.is_variable_length || c.row_type.as_deref() == Some("variable");
-                let mut columns = Vec::new();
-                for (n, t) in c.column_names.iter().zip(&c.column_types) {
-                    if n == "Epoch" || (variable && n == "Nanoseconds") {
-                        continue;
-                    }
-                    columns.push(ColumnDef { name: n.clone(), ty: ColumnType::from_wire(t).map_err(engine_status)? });
-                }
-                let schema = BucketSchema { kind: if variable { RecordKind::Variable } else { RecordKind::Fixed }, columns };
-                engine.create(&key, schema).await.map_err(engine_status)?;
-                Ok(json!({ "created": key.to_string() }))
+                let req = CreateRequest::parse(&c.key, &c.column_names, &c.column_types, variable)?;
+                svc.create(&caller(), &req).await?;
+                Ok(json!({ "created": req.key.to_string() }))
             }
             "destroy" => {
-                let key = parse_key(&key_body(body).map_err(BackendError::invalid)?)?;
-                engine.destroy(&key).await.map_err(engine_status)?;
+                let key = parse_key(&key_body(body).map_err(ServiceError::invalid)?)?;
+                svc.destroy(&caller(), &key).await?;
                 Ok(json!({ "destroyed": key.to_string() }))
             }
             "get_info" => {
-                self.ctx.check_queryable().map_err(engine_status)?;
-                let key = parse_key(&key_body(body).map_err(BackendError::invalid)?)?;
-                let info = engine.info(&key).map_err(engine_status)?;
+                let key = parse_key(&key_body(body).map_err(ServiceError::invalid)?)?;
+                let info = svc.get_info(&caller(), &key)?;
                 let cols: Vec<_> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
                 Ok(json!({
                     "key": info.key,
@@ -365,29 +290,18 @@ impl FlightBackend for EngineFlightBackend {
                 }))
             }
             "delete_range" => {
-                let d: DeleteRangeAction = serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("delete_range: {e}")))?;
+                let d: DeleteRangeAction = json_body("delete_range", body)?;
                 let key = parse_key(&d.key)?;
-                let start = TimePoint { secs: d.epoch_start, nanos: d.epoch_start_nanos.unwrap_or(0) as i32 };
-                let end = TimePoint { secs: d.epoch_end, nanos: d.epoch_end_nanos.unwrap_or(999_999_999) as i32 };
-                let n = engine.delete_range(&key, start, end).await.map_err(engine_status)?;
+                let start = TimePoint { secs: d.epoch_start, nanos: nanos("epoch_start_nanos", d.epoch_start_nanos.unwrap_or(0))? };
+                let end = TimePoint { secs: d.epoch_end, nanos: nanos("epoch_end_nanos", d.epoch_end_nanos.unwrap_or(999_999_999))? };
+                let n = svc.delete_range(&caller(), &key, start, end).await?;
                 Ok(json!({ "deleted": n }))
             }
             "list_symbols" => {
-                let a: ListSymbolsAction = if body.iter().all(|b| b.is_ascii_whitespace()) {
-                    ListSymbolsAction::default()
-                } else {
-                    serde_json::from_slice(body).map_err(|e| BackendError::invalid(format!("list_symbols: {e}")))?
-                };
-                self.ctx.check_queryable().map_err(engine_status)?;
-                let keys = engine.keys();
-                let list: Vec<String> = if a.format.as_deref() == Some("tbk") {
-                    keys.iter().map(|k| k.to_string()).collect()
-                } else {
-                    let mut s: Vec<String> = keys.iter().map(|k| k.symbol.clone()).collect();
-                    s.dedup();
-                    s
-                };
-                Ok(json!(list))
+                let a: ListSymbolsAction =
+                    if body.iter().all(|b| b.is_ascii_whitespace()) { ListSymbolsAction::default() } else { json_body("list_symbols", body)? };
+                let format = if a.format.as_deref() == Some("tbk") { SymbolFormat::Keys } else { SymbolFormat::Symbols };
+                Ok(json!(svc.list_symbols(&caller(), format)?))
             }
             "server_version" => Ok(json!({ "version": VERSION })),
             "plugins" => {
@@ -407,27 +321,7 @@ impl FlightBackend for EngineFlightBackend {
                     .collect();
                 Ok(json!({ "plugins": list }))
             }
-            other => Err(BackendError::new(Code::Unimplemented, format!("unknown action {other:?}"))),
+            other => Err(ServiceError::new(crate::service::ErrorCode::Unimplemented, format!("unknown action {other:?}"))),
         }
-    }
-
-    async fn sql_bind_parameters(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
-        self.sql.bind_parameters(handle, params).map_err(status_to_backend)
-    }
-
-    async fn sql_prepared_update(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
-        self.sql.execute_prepared_update(handle, params).await.map_err(status_to_backend)
-    }
-
-    async fn sql_update(&self, sql: &str) -> Result<i64, BackendError> {
-        let (_, batches) = self.ctx.query.sql(sql).await.map_err(query_status)?;
-        // DataFusion DML returns one row with a `count` column.
-        let n = batches
-            .first()
-            .and_then(|b| b.column_by_name("count").cloned())
-            .and_then(|c| arrow::compute::cast(&c, &DataType::Int64).ok())
-            .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
-            .unwrap_or(-1);
-        Ok(n)
     }
 }

@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::context::ServerContext;
 use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, Engine, EngineConfig, RecordKind, WriteOptions};
 use crate::flight_backend::EngineFlightBackend;
-use crate::query::flight_sql::FlightSqlHandler;
+use crate::flight_sql::FlightSqlHandler;
 
 type Flight = mkts_flight::MktsFlightService<EngineFlightBackend, FlightSqlHandler>;
 
@@ -138,9 +138,7 @@ impl Harness {
             ServerContext::new(engine, config)
         });
         ctx.set_ready(true);
-        let sql = Arc::new(FlightSqlHandler::new(ctx.clone()));
-        let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone(), sql: sql.clone() });
-        let flight = mkts_flight::MktsFlightService::new(backend, sql);
+        let flight = crate::flight_backend::flight_service(&ctx);
         Harness { rt, ctx, flight, base, next_dir: AtomicU64::new(0) }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! The crate is the server's composition: the storage [`engine`], the configuration, the interfaces
 //! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
-//! Data flows one way: interfaces → engine (log → partitions) → trigger bus → plugins.
+//! Data flows one way: interfaces → operations layer ([`service`]: policy, requests, one error type) →
+//! engine (log → partitions) → trigger bus → plugins.
 
 pub mod compat;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod context;
 pub mod contrib;
 pub mod engine;
 pub mod flight_backend;
+pub mod flight_sql;
 /// Entry points of the fuzz targets (`fuzz/`) and their replay test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
@@ -18,3 +20,4 @@ pub mod metrics;
 pub mod plugins;
 pub mod query;
 pub mod server;
+pub mod service;

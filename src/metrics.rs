@@ -1,66 +1,53 @@
-//! Prometheus metrics (`/metrics` on `listen_port`).
+//! Prometheus metrics (`/metrics` on `listen_port`), exposed with the `prometheus-client` crate.
 //!
-//! A small hand-written registry and text exposition (format 0.0.4) instead of a metrics crate: the server
-//! has a dozen fixed series (request-duration histograms per API and method, a few counters and gauges),
-//! the exposition format is a few lines of text, and this keeps the dependency tree and build time flat.
-//! Series names follow MarketStore where it had one (`alpaca_marketstore_*`, reference §2.9) so existing
-//! dashboards keep working; the rest are `mkts_*`.
-//!
-//! Interfaces record with [`Metrics::observe`] (`api` = `jsonrpc`, `grpc`, `flight`, …); the HTTP layer
-//! renders with [`Metrics::render`], passing the engine-side numbers it samples at scrape time.
+//! Request counts and durations are recorded per interface and method, by thin layers around the
+//! listeners rather than in handlers ([`layer`]): the tonic server's [`GrpcMetricsLayer`] for Arrow
+//! Flight, Flight SQL and `proto.Marketstore` (`api="flight"`, `"flight_sql"`, `"grpc"`, `method` = the
+//! gRPC method), the HTTP router's [`layer::record_http`] for `/ws` (`api="ws"`) and MarketStore's total
+//! `/rpc` histogram, and `/rpc`'s dispatcher for its JSON-RPC methods (`api="jsonrpc"`; the method is in
+//! the body). Series names follow MarketStore where it had one (`alpaca_marketstore_*`, reference §2.9) so
+//! existing dashboards keep working; the rest are `mkts_*`. Values the engine owns (rows written, log
+//! syncs, health) and the plugins' counters are sampled when `/metrics` is scraped.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+pub mod layer;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+pub use layer::GrpcMetricsLayer;
 
 /// Histogram bucket bounds in seconds (MarketStore's write histogram bounds, extended to 10 s).
 pub const BUCKETS: [f64; 12] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// A cumulative histogram of durations.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
+fn duration_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", self.counts[i].load(Ordering::Relaxed));
-        }
-        let n = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {n}");
-        let l = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{l} {}", self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count{l} {n}");
-    }
+/// Labels of the per-interface series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiMethod {
+    api: String,
+    method: String,
 }
 
-#[derive(Debug, Default)]
-struct MethodStats {
-    duration: Histogram,
-    errors: AtomicU64,
+/// Labels of MarketStore's per-method JSON-RPC series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
 }
+
+type DurationFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Values sampled from the engine when `/metrics` is scraped.
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,20 +70,36 @@ pub struct EngineSample {
     pub writer_queue_bytes: u64,
 }
 
-/// Server metrics registry.
+/// What is sampled at scrape time: the engine's numbers (set by [`Metrics::render`]) and the plugins.
 #[derive(Debug, Default)]
+struct Sampled {
+    engine: Mutex<EngineSample>,
+    plugins: Mutex<Vec<Arc<PluginStats>>>,
+}
+
+/// Encodes [`Sampled`] into the exposition.
+#[derive(Debug)]
+struct SampledCollector(Arc<Sampled>);
+
+/// Server metrics registry.
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
+    requests: DurationFamily<ApiMethod>,
+    calls: Family<ApiMethod, Counter>,
+    errors: Family<ApiMethod, Counter>,
+    rpc_methods: DurationFamily<MethodLabel>,
     rpc_total: Histogram,
-    methods: Mutex<BTreeMap<(String, String), std::sync::Arc<MethodStats>>>,
-    ws_connections: AtomicI64,
-    ws_messages: AtomicU64,
-    ws_dropped_clients: AtomicU64,
-    flight_dropped_subscribers: AtomicU64,
-    flight_subscribers: std::sync::atomic::AtomicI64,
+    ws_connections: Gauge,
+    ws_messages: Counter,
+    ws_dropped_clients: Counter,
+    flight_dropped_subscribers: Counter,
+    flight_subscribers: Gauge,
+    sampled: Arc<Sampled>,
+    /// One scrape at a time: the engine sample and the encoding belong together.
+    render_lock: Mutex<()>,
     /// Cached disk usage: `(measured at, bytes)`.
     pub disk_usage: Mutex<Option<(std::time::Instant, u64)>>,
-    /// One entry per configured trigger and worker (registered by the plugin host).
-    plugins: Mutex<Vec<std::sync::Arc<PluginStats>>>,
 }
 
 /// Counters of one plugin instance, shared between the plugin host (which updates them) and `/metrics`.
@@ -149,161 +152,205 @@ impl PluginStats {
         }
     }
 
-    fn labels(&self) -> String {
-        format!("entry=\"{}\",module=\"{}\",kind=\"{}\"", esc(&self.entry), esc(&self.module), self.kind)
+    fn labels(&self) -> [(&'static str, &str); 4] {
+        [("role", self.role), ("entry", &self.entry), ("module", &self.module), ("kind", self.kind)]
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        Metrics::default()
+        let requests: DurationFamily<ApiMethod> = Family::new_with_constructor(duration_histogram);
+        let calls: Family<ApiMethod, Counter> = Family::default();
+        let errors: Family<ApiMethod, Counter> = Family::default();
+        let rpc_methods: DurationFamily<MethodLabel> = Family::new_with_constructor(duration_histogram);
+        let rpc_total = duration_histogram();
+        let (ws_connections, ws_messages, ws_dropped_clients) = (Gauge::default(), Counter::default(), Counter::default());
+        let (flight_dropped_subscribers, flight_subscribers) = (Counter::default(), Gauge::default());
+        let sampled = Arc::new(Sampled::default());
+        let mut r = Registry::default();
+        r.register("alpaca_marketstore_rpc_total_request_duration_seconds", "Duration of every /rpc request", rpc_total.clone());
+        r.register(
+            "alpaca_marketstore_rpc_successful_request_duration_seconds",
+            "Duration of JSON-RPC method calls (MarketStore's name: observed on errors too)",
+            rpc_methods.clone(),
+        );
+        r.register("mkts_request_duration_seconds", "Duration of API calls by interface and method", requests.clone());
+        r.register("mkts_requests", "API calls by interface and method", calls.clone());
+        r.register("mkts_request_errors", "API calls that returned an error, by interface and method", errors.clone());
+        r.register("alpaca_marketstore_ws_connections", "Open /ws connections", ws_connections.clone());
+        r.register("mkts_ws_messages_sent", "Stream messages sent to /ws clients", ws_messages.clone());
+        r.register("mkts_ws_dropped_clients", "/ws clients disconnected for falling behind", ws_dropped_clients.clone());
+        r.register(
+            "mkts_flight_dropped_subscribers",
+            "Flight subscriptions ended for leaving more than subscriber_queue_mb unread",
+            flight_dropped_subscribers.clone(),
+        );
+        r.register("mkts_flight_subscribers", "Open Flight {\"subscribe\"} streams", flight_subscribers.clone());
+        r.register_collector(Box::new(SampledCollector(sampled.clone())));
+        Metrics {
+            registry: r,
+            requests,
+            calls,
+            errors,
+            rpc_methods,
+            rpc_total,
+            ws_connections,
+            ws_messages,
+            ws_dropped_clients,
+            flight_dropped_subscribers,
+            flight_subscribers,
+            sampled,
+            render_lock: Mutex::new(()),
+            disk_usage: Mutex::new(None),
+        }
     }
 
-    /// Record one call of `method` on `api` (`jsonrpc`, `grpc`, `flight`, …) that took `d`.
+    /// Record one call of `method` on `api` (`jsonrpc`, `grpc`, `flight`, `flight_sql`, `ws`) that took
+    /// `d`. JSON-RPC calls also feed MarketStore's per-method histogram.
     pub fn observe(&self, api: &str, method: &str, d: Duration, ok: bool) {
-        let stats = {
-            let mut m = self.methods.lock();
-            m.entry((api.to_string(), method.to_string())).or_default().clone()
-        };
-        stats.duration.observe(d);
+        let labels = ApiMethod { api: api.to_string(), method: method.to_string() };
+        self.requests.get_or_create(&labels).observe(d.as_secs_f64());
+        self.calls.get_or_create(&labels).inc();
+        // Created on every call so a method without errors shows 0, not nothing.
+        let errors = self.errors.get_or_create(&labels);
         if !ok {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
+            errors.inc();
+        }
+        if api == "jsonrpc" {
+            self.rpc_methods.get_or_create(&MethodLabel { method: method.to_string() }).observe(d.as_secs_f64());
         }
     }
 
     /// Add a plugin's counters to the exposition.
-    pub fn register_plugin(&self, stats: std::sync::Arc<PluginStats>) {
-        self.plugins.lock().push(stats);
+    pub fn register_plugin(&self, stats: Arc<PluginStats>) {
+        self.sampled.plugins.lock().push(stats);
     }
 
     /// The registered plugins' counters.
-    pub fn plugins(&self) -> Vec<std::sync::Arc<PluginStats>> {
-        self.plugins.lock().clone()
+    pub fn plugins(&self) -> Vec<Arc<PluginStats>> {
+        self.sampled.plugins.lock().clone()
     }
 
     /// Record one `/rpc` HTTP request (any outcome), MarketStore's total request histogram.
     pub fn observe_rpc_request(&self, d: Duration) {
-        self.rpc_total.observe(d);
+        self.rpc_total.observe(d.as_secs_f64());
     }
 
     /// Calls recorded for `api`/`method` so far.
     pub fn calls(&self, api: &str, method: &str) -> u64 {
-        self.methods.lock().get(&(api.to_string(), method.to_string())).map(|s| s.duration.count()).unwrap_or(0)
+        let labels = ApiMethod { api: api.to_string(), method: method.to_string() };
+        self.calls.get(&labels).map(|c| c.get()).unwrap_or(0)
     }
 
     pub fn ws_connected(&self) {
-        self.ws_connections.fetch_add(1, Ordering::Relaxed);
+        self.ws_connections.inc();
     }
 
     pub fn ws_disconnected(&self) {
-        self.ws_connections.fetch_sub(1, Ordering::Relaxed);
+        self.ws_connections.dec();
     }
 
     pub fn ws_connections(&self) -> i64 {
-        self.ws_connections.load(Ordering::Relaxed)
+        self.ws_connections.get()
     }
 
     pub fn ws_message_sent(&self) {
-        self.ws_messages.fetch_add(1, Ordering::Relaxed);
+        self.ws_messages.inc();
     }
 
     /// A WebSocket client was disconnected because it could not keep up.
     pub fn ws_client_dropped(&self) {
-        self.ws_dropped_clients.fetch_add(1, Ordering::Relaxed);
+        self.ws_dropped_clients.inc();
     }
 
     /// A Flight `{"subscribe"}` subscriber was dropped because its unread batches passed the bound.
     pub fn flight_subscriber_dropped(&self) {
-        self.flight_dropped_subscribers.fetch_add(1, Ordering::Relaxed);
+        self.flight_dropped_subscribers.inc();
     }
 
     /// A Flight subscription opened (`+1`) or ended (`-1`).
     pub fn flight_subscribers_add(&self, d: i64) {
-        self.flight_subscribers.fetch_add(d, Ordering::Relaxed);
+        self.flight_subscribers.inc_by(d);
     }
 
-    /// The Prometheus text exposition.
+    /// The exposition (OpenMetrics text, which Prometheus also reads as its text format), with the
+    /// engine's numbers as sampled now.
     pub fn render(&self, e: &EngineSample) -> String {
+        let _one = self.render_lock.lock();
+        *self.sampled.engine.lock() = *e;
         let mut out = String::with_capacity(8192);
-        let h = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        let name = "alpaca_marketstore_rpc_total_request_duration_seconds";
-        h(&mut out, name, "histogram", "Duration of every /rpc request.");
-        self.rpc_total.render(&mut out, name, "");
-
-        let methods: Vec<((String, String), std::sync::Arc<MethodStats>)> =
-            self.methods.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let name = "alpaca_marketstore_rpc_successful_request_duration_seconds";
-        h(&mut out, name, "histogram", "Duration of JSON-RPC method calls (MarketStore's name: observed on errors too).");
-        for ((api, m), s) in &methods {
-            if api == "jsonrpc" {
-                s.duration.render(&mut out, name, &format!("method=\"{}\"", esc(m)));
-            }
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!("cannot encode /metrics: {e}");
         }
-        let name = "mkts_request_duration_seconds";
-        h(&mut out, name, "histogram", "Duration of API calls by interface and method.");
-        for ((api, m), s) in &methods {
-            s.duration.render(&mut out, name, &format!("api=\"{}\",method=\"{}\"", esc(api), esc(m)));
-        }
-        let name = "mkts_request_errors_total";
-        h(&mut out, name, "counter", "API calls that returned an error, by interface and method.");
-        for ((api, m), s) in &methods {
-            let _ = writeln!(out, "{name}{{api=\"{}\",method=\"{}\"}} {}", esc(api), esc(m), s.errors.load(Ordering::Relaxed));
-        }
-
-        let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        gauge(&mut out, "alpaca_marketstore_ws_connections", "gauge", "Open /ws connections.", self.ws_connections().to_string());
-        gauge(&mut out, "mkts_ws_messages_sent_total", "counter", "Stream messages sent to /ws clients.", self.ws_messages.load(Ordering::Relaxed).to_string());
-        gauge(&mut out, "mkts_ws_dropped_clients_total", "counter", "/ws clients disconnected for falling behind.", self.ws_dropped_clients.load(Ordering::Relaxed).to_string());
-        gauge(&mut out, "mkts_flight_dropped_subscribers_total", "counter", "Flight subscriptions ended for leaving more than subscriber_queue_mb unread.", self.flight_dropped_subscribers.load(Ordering::Relaxed).to_string());
-        gauge(&mut out, "mkts_flight_subscribers", "gauge", "Open Flight {\"subscribe\"} streams.", self.flight_subscribers.load(Ordering::Relaxed).to_string());
-        gauge(&mut out, "mkts_rows_written_total", "counter", "Rows acknowledged by the engine since start.", e.rows_written.to_string());
-        gauge(&mut out, "mkts_wal_syncs_total", "counter", "Durable log appends (fdatasync) since start.", e.wal_syncs.to_string());
-        gauge(&mut out, "mkts_wal_records_total", "counter", "Write records carried by those appends (group commit).", e.wal_records.to_string());
-        gauge(&mut out, "mkts_buckets", "gauge", "Buckets in the catalog.", e.buckets.to_string());
-        if let Some(d) = e.disk_usage_bytes {
-            gauge(&mut out, "alpaca_marketstore_total_disk_usage_bytes", "gauge", "Bytes used under root_directory.", d.to_string());
-        }
-        gauge(&mut out, "mkts_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", e.uptime.as_secs_f64()));
-        gauge(&mut out, "mkts_ready", "gauge", "1 when the server is queryable.", (e.ready as u8).to_string());
-        gauge(&mut out, "mkts_engine_writable", "gauge", "1 when the engine accepts writes (0: halted or start-up unfinished; see /heartbeat).", (e.writable as u8).to_string());
-        gauge(&mut out, "mkts_damaged_buckets", "gauge", "Buckets offline because their files or log records could not be used (see /heartbeat).", e.damaged_buckets.to_string());
-        gauge(&mut out, "mkts_checkpoint_failing", "gauge", "1 while checkpoints fail (the log keeps everything and grows).", (e.checkpoint_failing as u8).to_string());
-        gauge(&mut out, "mkts_writer_queue_bytes", "gauge", "Bytes of writes waiting for the writer thread (writers wait past 256 MiB).", e.writer_queue_bytes.to_string());
-        self.render_plugins(&mut out);
         out
-    }
-
-    fn render_plugins(&self, out: &mut String) {
-        let plugins = self.plugins();
-        if plugins.is_empty() {
-            return;
-        }
-        type Sample = fn(&PluginStats) -> Option<u64>;
-        let series: [(&str, &str, &str, Sample); 6] = [
-            ("mkts_plugin_up", "gauge", "1 while the plugin runs.", |p| Some(p.up.load(Ordering::Relaxed) as u64)),
-            ("mkts_plugin_errors_total", "counter", "Plugin calls that failed, panics and crashes.", |p| Some(p.errors.load(Ordering::Relaxed))),
-            ("mkts_plugin_restarts_total", "counter", "Restarts of out-of-process plugins.", |p| Some(p.restarts.load(Ordering::Relaxed))),
-            ("mkts_trigger_fired_total", "counter", "Appended batches handed to a trigger.", |p| (p.role == "trigger").then(|| p.fired.load(Ordering::Relaxed))),
-            ("mkts_trigger_dropped_total", "counter", "Appends a trigger missed because its queue was full.", |p| (p.role == "trigger").then(|| p.dropped.load(Ordering::Relaxed))),
-            ("mkts_trigger_queue_depth", "gauge", "Appends durable but not yet handed to a trigger: its lag.", |p| p.queued.as_ref().map(|q| q() as u64)),
-        ];
-        for (name, kind, help, f) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for p in &plugins {
-                if let Some(v) = f(p) {
-                    let _ = writeln!(out, "{name}{{role=\"{}\",{}}} {v}", p.role, p.labels());
-                }
-            }
-        }
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// One unlabelled sampled series.
+fn sample<M: EncodeMetric>(enc: &mut DescriptorEncoder, name: &str, help: &str, m: M) -> Result<(), std::fmt::Error> {
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+impl Collector for SampledCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = *self.0.engine.lock();
+        let enc = &mut enc;
+        sample(enc, "mkts_rows_written", "Rows acknowledged by the engine since start.", ConstCounter::new(e.rows_written))?;
+        sample(enc, "mkts_wal_syncs", "Durable log appends (fdatasync) since start.", ConstCounter::new(e.wal_syncs))?;
+        sample(enc, "mkts_wal_records", "Write records carried by those appends (group commit).", ConstCounter::new(e.wal_records))?;
+        sample(enc, "mkts_buckets", "Buckets in the catalog.", ConstGauge::new(e.buckets as i64))?;
+        if let Some(d) = e.disk_usage_bytes {
+            sample(enc, "alpaca_marketstore_total_disk_usage_bytes", "Bytes used under root_directory.", ConstGauge::new(d as i64))?;
+        }
+        sample(enc, "mkts_uptime_seconds", "Seconds since the server started.", ConstGauge::new(e.uptime.as_secs_f64()))?;
+        sample(enc, "mkts_ready", "1 when the server is queryable.", ConstGauge::new(e.ready as i64))?;
+        let writable = "1 when the engine accepts writes (0: halted or start-up unfinished; see /heartbeat).";
+        sample(enc, "mkts_engine_writable", writable, ConstGauge::new(e.writable as i64))?;
+        let damaged = "Buckets offline because their files or log records could not be used (see /heartbeat).";
+        sample(enc, "mkts_damaged_buckets", damaged, ConstGauge::new(e.damaged_buckets as i64))?;
+        let failing = "1 while checkpoints fail (the log keeps everything and grows).";
+        sample(enc, "mkts_checkpoint_failing", failing, ConstGauge::new(e.checkpoint_failing as i64))?;
+        let queue = "Bytes of writes waiting for the writer thread (writers wait past 256 MiB).";
+        sample(enc, "mkts_writer_queue_bytes", queue, ConstGauge::new(e.writer_queue_bytes as i64))?;
+        self.encode_plugins(enc)
+    }
+}
+
+impl SampledCollector {
+    fn encode_plugins(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let plugins = self.0.plugins.lock().clone();
+        if plugins.is_empty() {
+            return Ok(());
+        }
+        type Sample = fn(&PluginStats) -> Option<u64>;
+        let series: [(&str, MetricType, &str, Sample); 6] = [
+            ("mkts_plugin_up", MetricType::Gauge, "1 while the plugin runs.", |p| Some(p.up.load(Ordering::Relaxed) as u64)),
+            ("mkts_plugin_errors", MetricType::Counter, "Plugin calls that failed, panics and crashes.", |p| Some(p.errors.load(Ordering::Relaxed))),
+            ("mkts_plugin_restarts", MetricType::Counter, "Restarts of out-of-process plugins.", |p| Some(p.restarts.load(Ordering::Relaxed))),
+            ("mkts_trigger_fired", MetricType::Counter, "Appended batches handed to a trigger.", |p| (p.role == "trigger").then(|| p.fired.load(Ordering::Relaxed))),
+            ("mkts_trigger_dropped", MetricType::Counter, "Appends a trigger missed because its queue was full.", |p| (p.role == "trigger").then(|| p.dropped.load(Ordering::Relaxed))),
+            ("mkts_trigger_queue_depth", MetricType::Gauge, "Appends durable but not yet handed to a trigger: its lag.", |p| p.queued.as_ref().map(|q| q() as u64)),
+        ];
+        for (name, ty, help, f) in series {
+            let mut family = enc.encode_descriptor(name, help, None, ty.clone())?;
+            for p in &plugins {
+                let Some(v) = f(p) else { continue };
+                let labels = p.labels();
+                let m = family.encode_family(&labels)?;
+                match ty {
+                    MetricType::Counter => ConstCounter::new(v).encode(m)?,
+                    _ => ConstGauge::new(v as i64).encode(m)?,
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Bytes allocated on disk under `root` (sparse and preallocated files count what they use).
@@ -337,18 +384,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_histograms_and_gauges() {
+    fn renders_histograms_counters_and_gauges() {
         let m = Metrics::new();
         m.observe("jsonrpc", "Query", Duration::from_millis(3), true);
         m.observe("jsonrpc", "Query", Duration::from_millis(30), false);
+        m.observe("flight", "DoGet", Duration::from_millis(1), true);
         m.ws_connected();
+        let p = Arc::new(PluginStats::new("trigger", "triggers[0]".into(), "ondiskagg".into(), "builtin"));
+        p.fired.store(4, Ordering::Relaxed);
+        m.register_plugin(p);
         let text = m.render(&EngineSample { rows_written: 42, disk_usage_bytes: Some(4096), ..Default::default() });
-        assert!(text.contains("alpaca_marketstore_rpc_successful_request_duration_seconds_bucket{method=\"Query\",le=\"0.005\"} 1\n"), "{text}");
-        assert!(text.contains("alpaca_marketstore_rpc_successful_request_duration_seconds_count{method=\"Query\"} 2\n"));
-        assert!(text.contains("mkts_request_errors_total{api=\"jsonrpc\",method=\"Query\"} 1\n"));
-        assert!(text.contains("alpaca_marketstore_ws_connections 1\n"));
-        assert!(text.contains("mkts_rows_written_total 42\n"));
-        assert!(text.contains("alpaca_marketstore_total_disk_usage_bytes 4096\n"));
+        let lines: Vec<&str> = text.lines().collect();
+        let has = |l: &str| lines.contains(&l);
+        assert!(has("alpaca_marketstore_rpc_successful_request_duration_seconds_bucket{le=\"0.005\",method=\"Query\"} 1"), "{text}");
+        assert!(has("alpaca_marketstore_rpc_successful_request_duration_seconds_count{method=\"Query\"} 2"));
+        assert!(has("mkts_request_duration_seconds_count{api=\"flight\",method=\"DoGet\"} 1"));
+        assert!(has("mkts_request_errors_total{api=\"jsonrpc\",method=\"Query\"} 1"));
+        assert!(has("mkts_request_errors_total{api=\"flight\",method=\"DoGet\"} 0"));
+        assert!(has("mkts_requests_total{api=\"jsonrpc\",method=\"Query\"} 2"));
+        assert!(has("alpaca_marketstore_ws_connections 1"));
+        assert!(has("mkts_rows_written_total 42"));
+        assert!(has("alpaca_marketstore_total_disk_usage_bytes 4096"));
+        assert!(has("mkts_trigger_fired_total{role=\"trigger\",entry=\"triggers[0]\",module=\"ondiskagg\",kind=\"builtin\"} 4"), "{text}");
+        assert_eq!(lines.last(), Some(&"# EOF"));
         assert_eq!(m.calls("jsonrpc", "Query"), 2);
     }
 }

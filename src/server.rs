@@ -14,7 +14,6 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::context::ServerContext;
 use crate::engine::{Engine, EngineConfig, Policy};
-use crate::flight_backend::EngineFlightBackend;
 
 /// A started server (listeners bound, serving). Used by `mkts start` and by tests.
 pub struct RunningServer {
@@ -74,11 +73,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     // gRPC: Arrow Flight + Flight SQL + MarketStore's proto.Marketstore on one port.
     if let Some(listener) = grpc_listener {
-        let sql = Arc::new(crate::query::flight_sql::FlightSqlHandler::new(ctx.clone()));
-        let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone(), sql: sql.clone() });
         let (recv, send) = config.grpc_limits();
-        let flight = mkts_flight::MktsFlightService::new(backend, sql).into_server(recv, send);
+        let flight = crate::flight_backend::flight_service(&ctx).into_server(recv, send);
         let marketstore = crate::compat::grpc::service(ctx.clone());
+        let recorder = crate::metrics::GrpcMetricsLayer::new(ctx.metrics.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             // TCP_NODELAY: small Flight replies must not wait for delayed ACKs (40 ms per round trip otherwise).
@@ -90,6 +88,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 .initial_connection_window_size(64u32 << 20)
                 .max_frame_size(1u32 << 20)
                 .layer(tower::util::MapResponseLayer::new(oversize_is_resource_exhausted))
+                // Request counts and durations of Flight, Flight SQL and proto.Marketstore, per method.
+                .layer(recorder)
                 .add_service(flight)
                 .add_service(marketstore)
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -1,19 +1,17 @@
-//! The Flight SQL handler served on its own (it is a complete Flight service through arrow-flight's blanket
-//! impl) and driven by arrow-flight's `FlightSqlServiceClient`: statements, prepared statements with bound
-//! parameters, updates, bulk ingest and the metadata calls.
+//! Flight SQL on the server's real service stack — `MktsFlightService` over the Flight backend and the
+//! Flight SQL handler, started by `mkts::server::start` exactly as `mkts start` composes it — driven by
+//! arrow-flight's `FlightSqlServiceClient`: statements, prepared statements with bound parameters,
+//! updates, bulk ingest and the metadata calls.
 
 use std::sync::Arc;
 
 use arrow::array::{AsArray, Float32Array, Int64Array, RecordBatch, TimestampSecondArray};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use arrow_flight::flight_service_server::FlightServiceServer;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables, CommandStatementIngest, SqlInfo, TableDefinitionOptions};
 use arrow_flight::FlightInfo;
 use futures::TryStreamExt;
-use mkts::context::ServerContext;
-use mkts::engine::{Engine, EngineConfig};
-use mkts::query::flight_sql::FlightSqlHandler;
+use mkts::server::RunningServer;
 use tonic::transport::Channel;
 
 const T0: i64 = 1_704_067_200;
@@ -35,26 +33,17 @@ fn bars(n: usize, base: f32) -> RecordBatch {
     .unwrap()
 }
 
-async fn serve() -> (tempfile::TempDir, FlightSqlServiceClient<Channel>, tokio::sync::oneshot::Sender<()>) {
+async fn serve() -> (tempfile::TempDir, FlightSqlServiceClient<Channel>, RunningServer) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::new(dir.path().join("data"))).unwrap();
-    let config = mkts::config::Config::parse(mkts::config::DEFAULT_YAML, dir.path()).unwrap();
-    let ctx = ServerContext::new(engine, config);
-    let handler = FlightSqlHandler::new(ctx);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(FlightServiceServer::new(handler))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let yaml = format!(
+        "root_directory: {}\nlisten_host: 127.0.0.1\nlisten_port: 0\ngrpc_listen_port: 0\n",
+        dir.path().join("data").display()
+    );
+    let config = mkts::config::Config::parse(&yaml, dir.path()).unwrap();
+    let server = mkts::server::start(config).await.unwrap();
+    let addr = server.grpc_addr.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    (dir, FlightSqlServiceClient::new(channel), tx)
+    (dir, FlightSqlServiceClient::new(channel), server)
 }
 
 async fn fetch(client: &mut FlightSqlServiceClient<Channel>, info: FlightInfo) -> Vec<RecordBatch> {
@@ -68,7 +57,7 @@ async fn fetch(client: &mut FlightSqlServiceClient<Channel>, info: FlightInfo) -
 
 #[tokio::test(flavor = "multi_thread")]
 async fn flight_sql_end_to_end() {
-    let (_dir, mut client, _stop) = serve().await;
+    let (_dir, mut client, server) = serve().await;
     // Bulk ingest creates the buckets.
     for (sym, base) in [("AAPL", 100.0), ("TSLA", 200.0)] {
         let cmd = CommandStatementIngest {
@@ -127,6 +116,16 @@ async fn flight_sql_end_to_end() {
     let b = fetch(&mut client, info).await;
     assert_eq!(b[0].num_rows(), 1);
     // Errors carry the statement's problem.
-    let err = client.execute(r#"SELECT * FROM "NOPE/1Min/OHLCV""#.into(), None).await.unwrap_err().to_string();
+    let e = client.execute(r#"SELECT * FROM "NOPE/1Min/OHLCV""#.into(), None).await.unwrap_err();
+    let err = e.to_string();
     assert!(err.contains("NOPE/1Min/OHLCV"), "{err}");
+    // A missing bucket is NotFound, not a malformed statement.
+    assert!(matches!(&e, arrow_flight::error::FlightError::Tonic(s) if s.code() == tonic::Code::NotFound), "{e:?}");
+    // Every call above was recorded as Flight SQL, per gRPC method.
+    let metrics = server.ctx.metrics.render(&Default::default());
+    for method in ["DoPut", "GetFlightInfo", "DoGet", "DoAction"] {
+        assert!(server.ctx.metrics.calls("flight_sql", method) > 0, "{method}:\n{metrics}");
+    }
+    assert_eq!(server.ctx.metrics.calls("flight", "DoGet"), 0, "{metrics}");
+    server.shutdown().await.unwrap();
 }

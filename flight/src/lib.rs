@@ -19,6 +19,7 @@
 pub mod ticket;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -61,6 +62,27 @@ impl From<BackendError> for Status {
         let mut m = e.message;
         m.truncate(4000);
         Status::new(e.code, m)
+    }
+}
+
+/// Tells a server's request layer that a call was Flight SQL. Plain Flight and Flight SQL share the
+/// gRPC methods (DoGet, GetFlightInfo, DoPut, DoAction …); only the service, once it has decoded the
+/// ticket or command, knows which one a call is. A layer that wants to tell them apart (per-interface
+/// metrics) inserts a `FlightSqlCall` into the request's extensions and reads it when the call ends.
+#[derive(Debug, Clone, Default)]
+pub struct FlightSqlCall(Arc<AtomicBool>);
+
+impl FlightSqlCall {
+    /// True once the service handed the call to Flight SQL.
+    pub fn is_sql(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Mark `request` as Flight SQL for a layer that asked ([`FlightSqlCall`]).
+fn mark_sql<T>(request: &Request<T>) {
+    if let Some(m) = request.extensions().get::<FlightSqlCall>() {
+        m.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -403,6 +425,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            mark_sql(&request);
             self.backend.check_readable()?;
             return FlightService::get_flight_info(self.sql.as_ref(), request).await;
         }
@@ -412,6 +435,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            mark_sql(&request);
             self.backend.check_readable()?;
             return FlightService::poll_flight_info(self.sql.as_ref(), request).await;
         }
@@ -421,6 +445,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
+            mark_sql(&request);
             self.backend.check_readable()?;
             return FlightService::get_schema(self.sql.as_ref(), request).await;
         }
@@ -435,6 +460,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         if as_sql_any(&request.get_ref().ticket).is_some() {
+            mark_sql(&request);
             self.backend.check_readable()?;
             return FlightService::do_get(self.sql.as_ref(), request).await;
         }
@@ -452,6 +478,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        let marker = request.extensions().get::<FlightSqlCall>().cloned();
         let mut stream = request.into_inner();
         let first = match stream.message().await.map_err(oversize_status)? {
             Some(f) => f,
@@ -460,6 +487,9 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         let sql_cmd = first.flight_descriptor.as_ref().and_then(|d| as_sql_any(&d.cmd));
         match sql_cmd {
             Some(any) => {
+                if let Some(m) = marker {
+                    m.0.store(true, Ordering::Relaxed);
+                }
                 let cmd = Command::try_from(any).map_err(|e| Status::invalid_argument(e.to_string()))?;
                 // The first message of an update carries only the descriptor; of an ingest or a parameter
                 // upload, also the schema.
@@ -499,6 +529,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
     async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
         let name = request.get_ref().r#type.clone();
         if !ACTIONS.iter().any(|(n, _)| *n == name) {
+            mark_sql(&request);
             return FlightService::do_action(self.sql.as_ref(), request).await;
         }
         let v = self.backend.action(&name, &request.get_ref().body).await?;

@@ -21,8 +21,8 @@ use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, Engine, EngineConfig, RecordKind, WriteOptions};
-use crate::query::QueryEngine;
+use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, Engine, EngineConfig, RecordKind};
+use crate::service::{Caller, CreateRequest, ErrorCode, Interface, Service, ServiceError, WriteRequest};
 
 /// Arguments of `mkts connect`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,11 +41,30 @@ pub struct ConnectArgs {
 /// Largest message the CLI accepts from a server.
 const MAX_MSG: usize = 256 << 20;
 
-/// Where commands go: a server over Flight (SQL) or an engine opened in this process.
+/// Where commands go: a server over Flight (SQL) or the operations layer over a data directory opened in
+/// this process.
 #[allow(clippy::large_enum_variant)]
 pub enum Client {
     Remote { sql: FlightSqlServiceClient<Channel>, flight: FlightClient },
-    Local { engine: Engine, query: Box<QueryEngine> },
+    Local { service: Box<Service> },
+}
+
+/// Who embedded-mode commands run as.
+fn caller() -> Caller {
+    Caller::anonymous(Interface::Cli)
+}
+
+/// The CLI's message of a failed operation: its class, then the message (`not found: …`).
+fn local(e: ServiceError) -> anyhow::Error {
+    anyhow!(e.describe())
+}
+
+/// The same message for an operation a server refused over Flight.
+pub fn remote(e: &arrow_flight::error::FlightError) -> anyhow::Error {
+    match e {
+        arrow_flight::error::FlightError::Tonic(s) => local(ServiceError::new(ErrorCode::from_grpc(s.code()), s.message())),
+        other => anyhow!("{other}"),
+    }
 }
 
 /// A lazy stream of result batches.
@@ -68,8 +87,7 @@ impl Client {
     /// Open a data directory in-process.
     pub fn open(dir: &Path) -> anyhow::Result<Client> {
         let engine = Engine::open(EngineConfig::new(dir)).map_err(|e| anyhow!("cannot open {}: {e}", dir.display()))?;
-        let query = Box::new(QueryEngine::new(engine.clone(), chrono_tz::UTC));
-        Ok(Client::Local { engine, query })
+        Ok(Client::Local { service: Box::new(Service::new(engine, chrono_tz::UTC, None)) })
     }
 
     /// From `--url`/`--dir`.
@@ -83,8 +101,8 @@ impl Client {
 
     /// Close cleanly (the embedded engine checkpoints).
     pub async fn close(self) -> anyhow::Result<()> {
-        if let Client::Local { engine, .. } = self {
-            engine.shutdown().await.map_err(|e| anyhow!("checkpoint on close failed: {e}"))?;
+        if let Client::Local { service } = self {
+            service.engine().shutdown().await.map_err(|e| anyhow!("checkpoint on close failed: {e}"))?;
         }
         Ok(())
     }
@@ -92,18 +110,18 @@ impl Client {
     /// Run SQL and stream the result.
     pub async fn sql_stream(&mut self, text: &str) -> anyhow::Result<(SchemaRef, Batches)> {
         match self {
-            Client::Local { query, .. } => {
-                let (schema, s) = query.sql_stream(text).await?;
-                Ok((schema, s.map_err(anyhow::Error::from).boxed()))
+            Client::Local { service } => {
+                let (schema, s) = service.sql_stream(&caller(), text, None).await.map_err(local)?;
+                Ok((schema, s.map_err(local).boxed()))
             }
             Client::Remote { sql, .. } => {
-                let info = sql.execute(text.to_string(), None).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                let info = sql.execute(text.to_string(), None).await.map_err(|e| remote(&e))?;
                 let schema: SchemaRef = Arc::new(info.clone().try_decode_schema().map_err(|e| anyhow!("bad schema from server: {e}"))?);
                 let mut streams = Vec::new();
                 for ep in info.endpoint {
                     let ticket = ep.ticket.ok_or_else(|| anyhow!("server returned an endpoint without a ticket"))?;
-                    let s = sql.do_get(ticket).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
-                    streams.push(s.map_err(|e| anyhow!("{}", flight_message(&e))));
+                    let s = sql.do_get(ticket).await.map_err(|e| remote(&e))?;
+                    streams.push(s.map_err(|e| remote(&e)));
                 }
                 Ok((schema, futures::stream::iter(streams).flatten().boxed()))
             }
@@ -119,15 +137,15 @@ impl Client {
 
     async fn action(&mut self, name: &str, body: Value) -> anyhow::Result<Value> {
         let Client::Remote { flight, .. } = self else { bail!("not connected to a server") };
-        let mut s = flight.do_action(Action::new(name, body.to_string())).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
-        let first = s.next().await.ok_or_else(|| anyhow!("{name}: empty reply"))?.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+        let mut s = flight.do_action(Action::new(name, body.to_string())).await.map_err(|e| remote(&e))?;
+        let first = s.next().await.ok_or_else(|| anyhow!("{name}: empty reply"))?.map_err(|e| remote(&e))?;
         Ok(serde_json::from_slice(&first).unwrap_or(Value::Null))
     }
 
     /// Create a bucket.
     pub async fn create(&mut self, key: &BucketKey, schema: BucketSchema) -> anyhow::Result<()> {
         match self {
-            Client::Local { engine, .. } => Ok(engine.create(key, schema).await?),
+            Client::Local { service } => service.create(&caller(), &CreateRequest { key: key.clone(), schema }).await.map_err(local),
             Client::Remote { .. } => {
                 let names: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
                 let types: Vec<&str> = schema.columns.iter().map(|c| c.ty.wire_name()).collect();
@@ -141,7 +159,7 @@ impl Client {
     /// Destroy a bucket.
     pub async fn destroy(&mut self, key: &BucketKey) -> anyhow::Result<()> {
         match self {
-            Client::Local { engine, .. } => Ok(engine.destroy(key).await?),
+            Client::Local { service } => service.destroy(&caller(), key).await.map_err(local),
             Client::Remote { .. } => self.action("destroy", json!({"key": key.to_string()})).await.map(|_| ()),
         }
     }
@@ -149,8 +167,8 @@ impl Client {
     /// Bucket description: `{key, timeframe, is_variable_length, columns: [{name, type}], rows, years, first_epoch, last_epoch}`.
     pub async fn info(&mut self, key: &BucketKey) -> anyhow::Result<Value> {
         match self {
-            Client::Local { engine, .. } => {
-                let info = engine.info(key)?;
+            Client::Local { service } => {
+                let info = service.get_info(&caller(), key).map_err(local)?;
                 let cols: Vec<Value> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
                 Ok(json!({"key": info.key, "timeframe": key.timeframe, "timeframe_ns": key.tf().nominal_nanos(),
                           "is_variable_length": info.schema.kind == RecordKind::Variable, "columns": cols,
@@ -163,25 +181,36 @@ impl Client {
     /// The bucket's schema, or `None` when it does not exist.
     pub async fn bucket_schema(&mut self, key: &BucketKey) -> anyhow::Result<Option<BucketSchema>> {
         match self {
-            Client::Local { engine, .. } => Ok(engine.schema(key)),
-            Client::Remote { .. } => match self.info(key).await {
-                Ok(v) => Ok(Some(schema_from_info(&v)?)),
-                Err(e) if e.to_string().to_lowercase().contains("not found") || e.to_string().contains("does not exist") => Ok(None),
-                Err(e) => Err(e),
+            Client::Local { service } => match service.get_info(&caller(), key) {
+                Ok(info) => Ok(Some(info.schema)),
+                Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+                Err(e) => Err(local(e)),
             },
+            Client::Remote { flight, .. } => {
+                let action = Action::new("get_info", json!({"key": key.to_string()}).to_string());
+                let reply = match flight.do_action(action).await {
+                    Ok(mut s) => s.next().await.ok_or_else(|| anyhow!("get_info: empty reply"))?,
+                    Err(e) => Err(e),
+                };
+                match reply {
+                    Ok(body) => Ok(Some(schema_from_info(&serde_json::from_slice(&body).unwrap_or(Value::Null))?)),
+                    Err(arrow_flight::error::FlightError::Tonic(s)) if s.code() == tonic::Code::NotFound => Ok(None),
+                    Err(e) => Err(remote(&e)),
+                }
+            }
         }
     }
 
     /// Write batches to a bucket (durably); returns rows stored. Remote writes stream over one DoPut.
     pub async fn write_stream(&mut self, key: &BucketKey, batches: Batches) -> anyhow::Result<u64> {
         match self {
-            Client::Local { engine, .. } => {
+            Client::Local { service } => {
                 let mut total = 0u64;
                 let mut batches = batches;
                 while let Some(b) = batches.next().await {
                     let b = b?;
                     if b.num_rows() > 0 {
-                        total += engine.write(key, &b, WriteOptions::default()).await?.rows as u64;
+                        total += service.write(&caller(), &WriteRequest::new(key.clone(), b)).await.map_err(local)?.rows as u64;
                     }
                 }
                 Ok(total)
@@ -204,10 +233,10 @@ impl Client {
                 let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
                     .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![key.to_string()])))
                     .build(input);
-                let mut results = flight.do_put(data).await.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                let mut results = flight.do_put(data).await.map_err(|e| remote(&e))?;
                 let mut total = 0u64;
                 while let Some(r) = results.next().await {
-                    let r = r.map_err(|e| anyhow!("{}", flight_message(&e)))?;
+                    let r = r.map_err(|e| remote(&e))?;
                     let v: Value = serde_json::from_slice(&r.app_metadata).unwrap_or(Value::Null);
                     total += v.get("rows").and_then(Value::as_u64).unwrap_or(0);
                 }
@@ -217,14 +246,6 @@ impl Client {
                 Ok(total)
             }
         }
-    }
-}
-
-/// The server's message of a Flight error (without the Rust error chain noise).
-pub fn flight_message(e: &arrow_flight::error::FlightError) -> String {
-    match e {
-        arrow_flight::error::FlightError::Tonic(s) => s.message().to_string(),
-        other => other.to_string(),
     }
 }
 
@@ -509,10 +530,7 @@ async fn interactive(shell: &mut Shell) -> anyhow::Result<()> {
     }
     let target = match &shell.client {
         Client::Remote { .. } => "server",
-        Client::Local { engine, .. } => {
-            let _ = engine;
-            "local"
-        }
+        Client::Local { .. } => "local",
     };
     println!("mkts {} connected ({target}). \\help for commands, \\q to quit.", crate::context::VERSION);
     loop {

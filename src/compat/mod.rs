@@ -5,17 +5,18 @@
 //!   `/ws` streaming ([`ws`]), `/heartbeat`, Prometheus `/metrics`.
 //! - `grpc_listen_port` ([`grpc::service`]): `proto.Marketstore`, added to the same tonic server as Flight.
 //!
-//! Both protocols decode into the transport-neutral operations of [`service`]; results are packed into
-//! MarketStore's NumpyMultiDataset straight from the engine's zero-copy Arrow batches ([`numpy`]).
-//! `enable_add` / `enable_remove` are enforced by the engine, and its refusals surface as a JSON-RPC error
-//! (queries), a per-request error (writes, creates, destroys) or a gRPC status. `queryable: false` refuses
-//! every read and listing (Query, GetInfo, ListSymbols, `/ws` subscribes) with one error,
-//! `server is not queryable`.
+//! Both protocols decode into the requests of the operations layer ([`crate::service`]) through the
+//! MarketStore-specific adapter [`dataservice`]; results are packed into MarketStore's NumpyMultiDataset
+//! straight from the engine's zero-copy Arrow batches ([`numpy`]). `enable_add` / `enable_remove` /
+//! `queryable` are checked by the operations layer, and its refusals surface as a JSON-RPC error
+//! (queries, listings), a per-request error (writes, creates, destroys) or a gRPC status.
+//! `queryable: false` refuses every read and listing (Query, GetInfo, ListSymbols, `/ws` subscribes) with
+//! one error, `server is not queryable`.
 
+pub mod dataservice;
 pub mod grpc;
 pub mod numpy;
 pub mod rpc;
-pub mod service;
 pub mod value;
 pub mod ws;
 
@@ -37,13 +38,14 @@ pub const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
 /// The HTTP routes of `listen_port`: `/rpc`, `/ws`, `/heartbeat`, `/metrics`.
 pub fn http_router(ctx: Arc<ServerContext>) -> Router {
     let hub = ws::WsHub::new(ctx.clone());
+    let recorder = ctx.metrics.clone();
     let rpc = Router::new()
         .route("/rpc", any(rpc::handle))
         .route("/heartbeat", any(heartbeat))
         .route("/metrics", get(metrics))
         .with_state(ctx);
     let ws = Router::new().route("/ws", any(ws::handle)).with_state(hub);
-    rpc.merge(ws)
+    rpc.merge(ws).layer(axum::middleware::from_fn_with_state(recorder, crate::metrics::layer::record_http))
 }
 
 /// `/heartbeat` (any method): 200 `queryable` once ready, 503 `not queryable` before/while shutting down;

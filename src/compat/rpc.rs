@@ -23,10 +23,10 @@ use futures::StreamExt;
 use rmpv::Value;
 
 use crate::context::{ServerContext, VERSION};
-use crate::engine::TimePoint;
+use crate::service::{Access, Caller, Interface, QueryRequest, ReadRequest, ServiceError};
 
+use super::dataservice::{self, CreateError};
 use super::numpy::NumpyIn;
-use super::service::{self, CreateError, QuerySpec};
 use super::value::{
     base64_decode, check_json, check_msgpack, BodyCheck, json_to_msgpack, to_json, to_msgpack, Codec, Fields, ParamError, Val,
     MAX_REQUEST_DEPTH, MAX_REQUEST_VALUES,
@@ -59,6 +59,19 @@ impl From<ParamError> for RpcError {
     }
 }
 
+/// The JSON-RPC form of an operation's failure: MarketStore's code for method errors and the
+/// operation's message (its clients match on the text).
+impl From<ServiceError> for RpcError {
+    fn from(e: ServiceError) -> Self {
+        RpcError { code: e.code.jsonrpc(), message: e.message }
+    }
+}
+
+/// Who `/rpc` calls run as (authentication will fill it from the request's credentials).
+fn caller() -> Caller {
+    Caller::anonymous(Interface::JsonRpc)
+}
+
 fn text(status: StatusCode, body: String) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
@@ -71,10 +84,7 @@ fn text(status: StatusCode, body: String) -> Response {
 
 /// The `/rpc` handler (any method; non-POST answers 405).
 pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, headers: HeaderMap, body: Body) -> Response {
-    let t0 = Instant::now();
-    let resp = handle_inner(&ctx, method, &headers, body).await;
-    ctx.metrics.observe_rpc_request(t0.elapsed());
-    resp
+    handle_inner(&ctx, method, &headers, body).await
 }
 
 /// Past this many bytes an oversize body is no longer drained: the connection is closed instead.
@@ -237,7 +247,8 @@ async fn dispatch(ctx: &ServerContext, codec: Codec, m: &str, params: Option<&Va
     let p = params_of(params)?;
     let f = Fields::of(&p, codec, "params")?;
     if matches!(parts[1], "Query" | "GetInfo" | "ListSymbols") {
-        ctx.check_queryable().map_err(|e| RpcError::server(e.to_string()))?;
+        // One JSON-RPC error for the whole call, before any request runs (MarketStore's behaviour).
+        ctx.service.authorize(&caller(), Access::Read)?;
     }
     match parts[1] {
         "Query" => query(ctx, f).await,
@@ -258,45 +269,32 @@ fn server_response(error: String) -> Val {
     Val::Obj(vec![("error", "Error", Val::Str(error)), ("version", "Version", Val::str(VERSION))])
 }
 
-/// Parse one msgpack/JSON `QueryRequest`.
-pub fn query_spec(r: &Fields<'_>) -> Result<QuerySpec, ParamError> {
-    let nanos = |v: Option<i64>, what: &str| -> Result<i32, ParamError> {
-        match v {
-            None => Ok(0),
-            Some(n) if (0..1_000_000_000).contains(&n) => Ok(n as i32),
-            Some(n) => Err(ParamError(format!("{what} {n} is outside 0..1e9"))),
-        }
-    };
-    let start_ns = nanos(r.i64("epoch_start_nanos", "EpochStartNanos")?, "epoch_start_nanos")?;
-    let end_ns = nanos(r.i64("epoch_end_nanos", "EpochEndNanos")?, "epoch_end_nanos")?;
-    let limit = match r.i64("limit_record_count", "LimitRecordCount")? {
-        None | Some(0) => None,
-        Some(n) if n < 0 => return Err(ParamError("limit_record_count must not be negative".into())),
-        Some(n) => Some(n as usize),
-    };
-    let sql = if r.bool("is_sqlstatement", "IsSQLStatement")?.unwrap_or(false) {
-        Some(r.str("sql_statement", "SQLStatement")?.unwrap_or("").to_string())
-    } else {
-        None
-    };
-    Ok(QuerySpec {
-        sql,
-        destination: r.str("destination", "Destination")?.unwrap_or("").to_string(),
-        key_category: r.str("key_category", "KeyCategory")?.map(str::to_string),
-        start: r.i64("epoch_start", "EpochStart")?.map(|s| TimePoint { secs: s, nanos: start_ns }),
-        end: r.i64("epoch_end", "EpochEnd")?.map(|s| TimePoint { secs: s, nanos: end_ns }),
-        limit,
-        from_start: r.bool("limit_from_start", "LimitFromStart")?.unwrap_or(false),
-        columns: r.strings("columns", "Columns")?,
-        functions: r.strings("functions", "Functions")?,
-    })
+/// Parse one msgpack/JSON `QueryRequest`: field errors are `INVALID_REQUEST`, what the operations
+/// layer refuses (a bad destination, nanoseconds, limit) its own error.
+pub fn query_spec(r: &Fields<'_>) -> Result<QueryRequest, RpcError> {
+    if r.bool("is_sqlstatement", "IsSQLStatement")?.unwrap_or(false) {
+        return Ok(QueryRequest::Sql(r.str("sql_statement", "SQLStatement")?.unwrap_or("").to_string()));
+    }
+    let mut q = ReadRequest::parse(r.str("destination", "Destination")?.unwrap_or(""))?
+        .check_key_category(r.str("key_category", "KeyCategory")?)?;
+    let (start_ns, end_ns) = (r.i64("epoch_start_nanos", "EpochStartNanos")?, r.i64("epoch_end_nanos", "EpochEndNanos")?);
+    if let Some(s) = r.i64("epoch_start", "EpochStart")? {
+        q = q.starting(s, start_ns.unwrap_or(0))?;
+    }
+    if let Some(e) = r.i64("epoch_end", "EpochEnd")? {
+        q = q.ending(e, end_ns.unwrap_or(0))?;
+    }
+    q = q.limited(r.i64("limit_record_count", "LimitRecordCount")?.unwrap_or(0), r.bool("limit_from_start", "LimitFromStart")?.unwrap_or(false))?;
+    q.columns = r.strings("columns", "Columns")?;
+    q.functions = r.strings("functions", "Functions")?.unwrap_or_default();
+    Ok(QueryRequest::Read(q))
 }
 
 async fn query(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     let specs = requests(&f)?.iter().map(query_spec).collect::<Result<Vec<_>, _>>()?;
     let mut responses = Vec::with_capacity(specs.len());
     for spec in specs {
-        let out = service::query(ctx, spec).await.map_err(RpcError::server)?;
+        let out = dataservice::query(ctx, &caller(), &spec).await?;
         responses.push(Val::Obj(vec![("result", "Result", out.to_val())]));
     }
     Ok(Val::Obj(vec![
@@ -327,7 +325,7 @@ pub(crate) async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(),
     let decoded: Vec<Vec<u8>> = match codec {
         Codec::Json => blobs
             .iter()
-            .map(|b| std::str::from_utf8(b).ok().and_then(base64_decode).ok_or_else(|| "ColumnData must be base64".to_string()))
+            .map(|b| base64_decode(b).ok_or_else(|| "ColumnData must be base64".to_string()))
             .collect::<Result<_, _>>()?,
         Codec::Msgpack => Vec::new(),
     };
@@ -343,7 +341,7 @@ pub(crate) async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(),
         start_index: ds.int_map("startindex", "StartIndex").map_err(|e| e.0)?.unwrap_or_default(),
         lengths: ds.int_map("lengths", "Lengths").map_err(|e| e.0)?.unwrap_or_default(),
     };
-    service::write(ctx, &input, variable).await
+    dataservice::write(ctx, &caller(), &input, variable).await.map_err(|e| e.message)
 }
 
 async fn create(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
@@ -358,12 +356,9 @@ async fn create(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
         // pymarketstore sends `row_type`; MarketStore's Go client `is_variable_length`: accept both.
         let variable = r.bool("is_variable_length", "IsVariableLength")?.unwrap_or(false)
             || r.str("row_type", "RowType")?.is_some_and(|t| t.eq_ignore_ascii_case("variable"));
-        let spec = service::CreateSpec {
-            key: r.str("key", "Key")?.unwrap_or("").to_string(),
-            columns: names.into_iter().zip(types).collect(),
-            variable,
-        };
-        match service::create(ctx, &spec, true).await {
+        let key = r.str("key", "Key")?.unwrap_or("");
+        let columns: Vec<(String, String)> = names.into_iter().zip(types).collect();
+        match dataservice::create(ctx, &caller(), key, &columns, variable, true).await {
             Ok(()) => out.push(server_response(String::new())),
             Err(CreateError::Continue(e)) => out.push(server_response(e)),
             Err(CreateError::Stop(e)) => {
@@ -379,7 +374,7 @@ async fn destroy(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     let mut out = Vec::new();
     for r in requests(&f)? {
         let key = r.str("key", "Key")?.unwrap_or("");
-        out.push(server_response(service::destroy(ctx, key).await.err().unwrap_or_default()));
+        out.push(server_response(dataservice::destroy(ctx, &caller(), key).await.err().unwrap_or_default()));
     }
     Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
 }
@@ -388,7 +383,7 @@ fn get_info(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     let mut out = Vec::new();
     for r in requests(&f)? {
         let key = r.str("key", "Key")?.unwrap_or("");
-        let i = service::get_info(ctx, key);
+        let i = dataservice::get_info(ctx, &caller(), key);
         out.push(Val::Obj(vec![
             ("LatestYear", "LatestYear", Val::Int(i.latest_year)),
             ("TimeFrame", "TimeFrame", Val::Int(i.timeframe_ns)),
@@ -411,6 +406,6 @@ fn get_info(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
 
 fn list_symbols(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     let tbk = f.str("format", "Format")?.is_some_and(|s| s == "tbk");
-    let list = service::list_symbols(ctx, tbk).map_err(RpcError::server)?;
+    let list = dataservice::list_symbols(ctx, &caller(), tbk)?;
     Ok(Val::Obj(vec![("Results", "Results", Val::Arr(list.into_iter().map(Val::Str).collect()))]))
 }

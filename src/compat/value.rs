@@ -44,84 +44,44 @@ pub enum Codec {
 
 // ------------------------------------------------------------------------------------------------ msgpack
 
-/// Minimal msgpack primitives (most compact encodings, as Go's vmihailenco/msgpack writes them).
+/// msgpack primitives in their most compact encodings, as Go's vmihailenco/msgpack writes them (`rmp`
+/// picks the smallest marker). Writes go to a `Vec`, which cannot fail, so the results are dropped.
 pub mod mp {
+    use rmp::encode;
+
     pub fn nil(out: &mut Vec<u8>) {
-        out.push(0xc0);
+        let _ = encode::write_nil(out);
     }
     pub fn bool(out: &mut Vec<u8>, b: bool) {
-        out.push(if b { 0xc3 } else { 0xc2 });
+        let _ = encode::write_bool(out, b);
     }
     pub fn uint(out: &mut Vec<u8>, u: u64) {
-        if u < 128 {
-            out.push(u as u8);
-        } else if u <= u8::MAX as u64 {
-            out.extend_from_slice(&[0xcc, u as u8]);
-        } else if u <= u16::MAX as u64 {
-            out.push(0xcd);
-            out.extend_from_slice(&(u as u16).to_be_bytes());
-        } else if u <= u32::MAX as u64 {
-            out.push(0xce);
-            out.extend_from_slice(&(u as u32).to_be_bytes());
-        } else {
-            out.push(0xcf);
-            out.extend_from_slice(&u.to_be_bytes());
-        }
+        let _ = encode::write_uint(out, u);
     }
     pub fn sint(out: &mut Vec<u8>, i: i64) {
-        if i >= 0 {
-            uint(out, i as u64);
-        } else if i >= -32 {
-            out.push(i as i8 as u8);
-        } else if i >= i8::MIN as i64 {
-            out.extend_from_slice(&[0xd0, i as i8 as u8]);
-        } else if i >= i16::MIN as i64 {
-            out.push(0xd1);
-            out.extend_from_slice(&(i as i16).to_be_bytes());
-        } else if i >= i32::MIN as i64 {
-            out.push(0xd2);
-            out.extend_from_slice(&(i as i32).to_be_bytes());
-        } else {
-            out.push(0xd3);
-            out.extend_from_slice(&i.to_be_bytes());
-        }
+        let _ = encode::write_sint(out, i);
     }
     pub fn f32(out: &mut Vec<u8>, f: f32) {
-        out.push(0xca);
-        out.extend_from_slice(&f.to_be_bytes());
+        let _ = encode::write_f32(out, f);
     }
     pub fn f64(out: &mut Vec<u8>, f: f64) {
-        out.push(0xcb);
-        out.extend_from_slice(&f.to_be_bytes());
-    }
-    fn len_header(out: &mut Vec<u8>, n: usize, fix: Option<(u8, usize)>, m8: Option<u8>, m16: u8, m32: u8) {
-        match fix {
-            Some((base, max)) if n <= max => out.push(base | n as u8),
-            _ => {
-                if let (Some(c), true) = (m8, n <= u8::MAX as usize) {
-                    out.extend_from_slice(&[c, n as u8]);
-                } else if n <= u16::MAX as usize {
-                    out.push(m16);
-                    out.extend_from_slice(&(n as u16).to_be_bytes());
-                } else {
-                    out.push(m32);
-                    out.extend_from_slice(&(n as u32).to_be_bytes());
-                }
-            }
-        }
+        let _ = encode::write_f64(out, f);
     }
     pub fn str(out: &mut Vec<u8>, s: &str) {
-        len_header(out, s.len(), Some((0xa0, 31)), Some(0xd9), 0xda, 0xdb);
-        out.extend_from_slice(s.as_bytes());
+        let _ = encode::write_str(out, s);
     }
     pub fn bin_len(out: &mut Vec<u8>, n: usize) {
-        len_header(out, n, None, Some(0xc4), 0xc5, 0xc6);
+        let _ = encode::write_bin_len(out, len32(n));
     }
     pub fn array_len(out: &mut Vec<u8>, n: usize) {
-        len_header(out, n, Some((0x90, 15)), None, 0xdc, 0xdd);
+        let _ = encode::write_array_len(out, len32(n));
     }
     pub fn map_len(out: &mut Vec<u8>, n: usize) {
-        len_header(out, n, Some((0x80, 15)), None, 0xde, 0xdf);
+        let _ = encode::write_map_len(out, len32(n));
+    }
+    /// msgpack lengths are 32-bit; replies are bounded far below (gRPC/HTTP message limits).
+    fn len32(n: usize) -> u32 {
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 }
 
@@ -223,47 +183,27 @@ pub fn json_to_msgpack(v: serde_json::Value) -> Value {
     }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// Standard base64 with padding (Go's `[]byte` JSON encoding).
 pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        out.push(B64[(n >> 18) as usize & 63] as char);
-        out.push(B64[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { B64[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { B64[n as usize & 63] as char } else { '=' });
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// Decode standard base64 (padding optional); `None` on invalid input.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes() {
-        if c == b'=' {
-            break;
-        }
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'\n' | b'\r' => continue,
-            _ => return None,
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
+/// Decode base64 as clients send it: the standard or URL-safe alphabet, padding optional, line breaks
+/// ignored; `None` on invalid input.
+pub fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::Engine as _;
+    const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent).with_decode_allow_trailing_bits(true);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
+    let clean: std::borrow::Cow<'_, [u8]> = if s.iter().any(|c| *c == b'\n' || *c == b'\r') {
+        s.iter().copied().filter(|c| *c != b'\n' && *c != b'\r').collect::<Vec<u8>>().into()
+    } else {
+        s.into()
+    };
+    STANDARD.decode(&clean).or_else(|_| URL_SAFE.decode(&clean)).ok()
 }
 
 // ------------------------------------------------------------------------------------------------ budgets
@@ -537,10 +477,14 @@ mod tests {
     fn base64_round_trip() {
         for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar", &[0u8, 255, 128, 7]] {
             let e = base64_encode(data);
-            assert_eq!(base64_decode(&e).unwrap(), data);
+            assert_eq!(base64_decode(e.as_bytes()).unwrap(), data);
+            assert_eq!(base64_decode(e.trim_end_matches('=').as_bytes()).unwrap(), data);
         }
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_decode(b"Zm9v\nYmFy").unwrap(), b"foobar");
+        assert_eq!(base64_decode(b"_-8").unwrap(), base64_decode(b"/+8").unwrap());
+        assert!(base64_decode(b"not base64!").is_none());
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! called again — not even to free it, since its state may be broken. A crash that is not a panic (a
 //! segfault in C code) cannot be contained in-process: run such plugins out of process instead.
 //!
-//! The host side of the ABI ([`HostState`], the `host_*` callbacks) gives plugins durable writes through the
-//! engine (which fire triggers like any write), SQL and key/range reads, and the server log.
+//! The host side of the ABI ([`HostState`], the `host_*` callbacks) gives plugins durable writes (which fire
+//! triggers like any write), SQL and key/range reads through the operations layer ([`crate::service`], as
+//! a [`Caller`] on the plugin interface, policy checked there), and the server log. Errors cross the ABI
+//! as text with their class first (`permission denied: …`, [`crate::service::ServiceError::describe`]).
 
 use std::ffi::{c_void, CStr};
 use std::mem::ManuallyDrop;
@@ -26,8 +28,10 @@ use mkts_plugin_api::{
 
 use super::{PluginError, TriggerPlugin, WorkerPlugin};
 use crate::context::ServerContext;
-use crate::engine::{AppendEvent, BucketKey, ReadRequest, TimePoint, WriteOptions};
+use crate::engine::{AppendEvent, TimePoint};
 use crate::metrics::PluginStats;
+use crate::service::request::parse_key;
+use crate::service::{Caller, Interface, QueryRequest, ReadRequest, ServiceError, WriteRequest};
 
 struct Loaded {
     /// Never unloaded: a plugin thread that outlived a shutdown deadline may still run its code, and
@@ -334,9 +338,9 @@ unsafe extern "C" fn host_write(
         let batch = unsafe { batch_from_ffi(array, schema) }?;
         let st = unsafe { &*(ctx as *const HostState) };
         let key = unsafe { key.as_str() }?;
-        let key = BucketKey::parse(key).map_err(|e| e.to_string())?;
+        let key = parse_key(key).map_err(|e| e.describe())?;
         off_runtime()?;
-        let ack = st.ctx.engine.write_blocking(&key, &batch, WriteOptions::default()).map_err(|e| e.to_string())?;
+        let ack = st.ctx.service.write_blocking(&caller(), &WriteRequest::new(key, batch)).map_err(|e| e.describe())?;
         if !rows_out.is_null() {
             unsafe { *rows_out = ack.rows as u64 };
         }
@@ -353,31 +357,46 @@ unsafe extern "C" fn host_query(ctx: *const c_void, request: StrRef, out: *mut F
         let text = unsafe { request.as_str() }?;
         let req: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("query request is not JSON: {e}"))?;
         off_runtime()?;
-        let (schema, batches) = run_query(st, &req)?;
+        let (schema, batches) = run_query(st, &req).map_err(|e| e.describe())?;
         let reader = RecordBatchIterator::new(batches.into_iter().map(Ok), schema);
         unsafe { std::ptr::write(out, FFI_ArrowArrayStream::new(Box::new(reader))) };
         Ok(())
     })
 }
 
-/// `{"sql": …}` or `{"key": …, "start", "end", "limit"}` (epoch seconds, inclusive; `limit` keeps the last
-/// rows, MarketStore's default, unless `"limit_from_first": true`).
-fn run_query(st: &HostState, req: &serde_json::Value) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
+/// Who plugin host calls run as: the plugin interface (authentication will give plugins an identity of
+/// their own).
+fn caller() -> Caller {
+    Caller::anonymous(Interface::Plugin)
+}
+
+/// The operations-layer query of a plugin's JSON request: `{"sql": …}` or `{"key": …, "start", "end",
+/// "limit"}` (epoch seconds, inclusive; `limit` keeps the last rows, MarketStore's default, unless
+/// `"limit_from_first": true`).
+pub fn plugin_query(req: &serde_json::Value) -> Result<QueryRequest, ServiceError> {
     if let Some(sql) = req.get("sql").and_then(|v| v.as_str()) {
-        return st.rt.block_on(st.ctx.query.sql(sql)).map_err(|e| e.to_string());
+        return Ok(QueryRequest::Sql(sql.to_string()));
     }
     let Some(key) = req.get("key").and_then(|v| v.as_str()) else {
-        return Err("query request needs \"sql\" or \"key\"".into());
+        return Err(ServiceError::invalid("query request needs \"sql\" or \"key\""));
     };
-    let key = BucketKey::parse(key).map_err(|e| e.to_string())?;
-    let mut r = ReadRequest::key(&key);
+    let mut r = ReadRequest::key(&parse_key(key)?);
     r.start = req.get("start").and_then(|v| v.as_i64()).map(TimePoint::secs);
     r.end = req.get("end").and_then(|v| v.as_i64()).map(TimePoint::secs);
-    r.limit = req.get("limit").and_then(|v| v.as_u64()).map(|n| n as usize);
+    r.limit = req.get("limit").and_then(|v| v.as_u64()).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     r.from_start = req.get("limit_from_first").and_then(|v| v.as_bool()).unwrap_or(false);
-    let mut reads = st.ctx.engine.read(&r).map_err(|e| e.to_string())?;
-    let read = reads.pop().ok_or_else(|| format!("{key} not found"))?;
-    Ok((read.schema, read.batches))
+    Ok(QueryRequest::Read(r))
+}
+
+fn run_query(st: &HostState, req: &serde_json::Value) -> Result<(SchemaRef, Vec<RecordBatch>), ServiceError> {
+    match plugin_query(req)? {
+        QueryRequest::Sql(sql) => st.rt.block_on(st.ctx.service.sql(&caller(), &sql)),
+        QueryRequest::Read(r) => {
+            let part = st.ctx.service.read_blocking(&caller(), &r)?.parts.pop();
+            let part = part.ok_or_else(|| ServiceError::not_found("no data"))?;
+            Ok((part.schema, part.batches))
+        }
+    }
 }
 
 unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, msg: StrRef) {

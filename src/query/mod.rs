@@ -4,8 +4,8 @@
 //! for SQL text and [`QueryEngine::apply_functions`] for MarketStore's `functions` parameter; all return
 //! Arrow batches. The catalog ([`catalog`]) maps bucket keys to tables (`SELECT * FROM "AAPL/1Min/OHLCV"`,
 //! `SELECT * FROM "*/1Min/OHLCV" WHERE "Symbol" IN ('AAPL','TSLA')`); scans ([`scan`]) push the Epoch range,
-//! Symbol sets, projection and LIMIT into the engine's zero-copy reads. [`flight_sql`] serves it all over
-//! Arrow Flight SQL.
+//! Symbol sets, projection and LIMIT into the engine's zero-copy reads. Interfaces reach it through the
+//! operations layer (`crate::service`); `crate::flight_sql` serves it over Arrow Flight SQL.
 //!
 //! Confinement: SQL runs inside the store. Each statement is checked on its logical plan ([`confine`]: no
 //! `COPY`, external tables, `SET`, in-memory tables) and runs in its own session cloned from one prepared
@@ -19,7 +19,6 @@
 
 pub mod catalog;
 pub mod confine;
-pub mod flight_sql;
 pub mod functions;
 pub mod scan;
 
@@ -60,6 +59,18 @@ pub enum QueryError {
     /// The statement needed more memory than the SQL memory pool (`sql_memory_limit_mb`) holds.
     #[error("{0}")]
     ResourcesExhausted(String),
+    /// A table the statement names does not exist (a missing bucket): a client asking for something
+    /// absent, not a malformed statement.
+    #[error("{0}")]
+    NotFound(String),
+    /// DataFusion failed inside (an internal error or I/O), not because of the statement.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// True for DataFusion's planning error of an unknown table (`table 'x' not found`).
+fn is_missing_table(e: &DataFusionError) -> bool {
+    matches!(e, DataFusionError::Plan(m) if m.starts_with("table '") && m.contains("' not found"))
 }
 
 impl From<DataFusionError> for QueryError {
@@ -69,12 +80,19 @@ impl From<DataFusionError> for QueryError {
                 "the statement needs more memory than the SQL memory pool holds (sql_memory_limit_mb): {m}"
             ));
         }
+        if is_missing_table(e.find_root()) {
+            return QueryError::NotFound(e.strip_backtrace());
+        }
         match e {
             DataFusionError::External(b) => match b.downcast::<EngineError>() {
                 Ok(engine) => QueryError::Engine(*engine),
                 Err(other) => QueryError::Sql(other.to_string()),
             },
             DataFusionError::Context(_, inner) => QueryError::from(*inner),
+            DataFusionError::Diagnostic(_, inner) => QueryError::from(*inner),
+            e @ (DataFusionError::Internal(_) | DataFusionError::IoError(_)) => {
+                QueryError::Internal(e.strip_backtrace())
+            }
             other => QueryError::Sql(other.strip_backtrace()),
         }
     }

@@ -2,9 +2,11 @@
 //! `grpc_listen_port`.
 //!
 //! Proto3 has no field presence, so (§3.3): `epoch_start == 0` is "from the beginning", `epoch_end == 0` is
-//! "no end", nanos fields always apply, `limit_record_count == 0` is "no limit". Query errors are gRPC
-//! `Unknown` statuses with MarketStore's message text (`PermissionDenied` under `queryable: false`); write/create/destroy errors are per-request
-//! `ServerResponse`s like over JSON-RPC.
+//! "no end", nanos fields always apply, `limit_record_count == 0` is "no limit". Query and ListSymbols
+//! errors are gRPC statuses with MarketStore's message text, coded as MarketStore codes them
+//! ([`marketstore_status`]: `Unknown`, except policy refusals and exhausted limits); write/create/destroy
+//! errors are per-request `ServerResponse`s like over JSON-RPC. Request counts and durations are recorded for the whole gRPC server by
+//! [`crate::metrics::GrpcMetricsLayer`].
 //!
 //! The message and service code in [`pb`] is generated from `proto/marketstore.proto` and committed
 //! (regenerate with `proto/gen/regen.sh`), so building needs no `protoc`.
@@ -13,15 +15,14 @@
 pub mod pb;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
 use crate::context::{ServerContext, VERSION};
-use crate::engine::TimePoint;
+use crate::service::{Access, Caller, Interface, QueryRequest, ReadRequest, ServiceError};
 
+use super::dataservice::{self, CreateError};
 use super::numpy::NumpyIn;
-use super::service::{self, CreateError, CreateSpec, QuerySpec};
 
 pub use pb::marketstore_server::{Marketstore, MarketstoreServer};
 
@@ -43,31 +44,43 @@ fn server_response(error: String) -> pb::ServerResponse {
     pb::ServerResponse { error, version: VERSION.to_string() }
 }
 
-/// Translate one gRPC `QueryRequest` (proto3 defaults mean "absent").
-pub fn query_spec(r: &pb::QueryRequest) -> Result<QuerySpec, Status> {
-    let nanos = |n: i64, what: &str| -> Result<i32, Status> {
-        if (0..1_000_000_000).contains(&n) {
-            Ok(n as i32)
-        } else {
-            Err(Status::invalid_argument(format!("{what} {n} is outside 0..1e9")))
-        }
+/// Who `proto.Marketstore` calls run as (authentication will fill it from the call's metadata).
+fn caller() -> Caller {
+    Caller::anonymous(Interface::Grpc)
+}
+
+/// The status of a failed Query or ListSymbols. MarketStore answers every query error with `Unknown`
+/// and its message, and its clients rely on that; mkts keeps it except where the class says more than
+/// the text: a refusal by policy is `PermissionDenied`, an exhausted limit `ResourceExhausted`.
+pub fn marketstore_status(e: ServiceError) -> Status {
+    use crate::service::ErrorCode;
+    let code = match e.code {
+        ErrorCode::PermissionDenied | ErrorCode::ResourceExhausted => e.code.grpc(),
+        _ => tonic::Code::Unknown,
     };
-    let start_ns = nanos(r.epoch_start_nanos, "epoch_start_nanos")?;
-    let end_ns = nanos(r.epoch_end_nanos, "epoch_end_nanos")?;
-    if r.limit_record_count < 0 {
-        return Err(Status::invalid_argument("limit_record_count must not be negative"));
+    Status::new(code, e.to_status().message())
+}
+
+/// Translate one gRPC `QueryRequest` (proto3 defaults mean "absent").
+pub fn query_spec(r: &pb::QueryRequest) -> Result<QueryRequest, ServiceError> {
+    if r.is_sql_statement {
+        return Ok(QueryRequest::Sql(r.sql_statement.clone()));
     }
-    Ok(QuerySpec {
-        sql: r.is_sql_statement.then(|| r.sql_statement.clone()),
-        destination: r.destination.clone(),
-        key_category: (!r.key_category.is_empty()).then(|| r.key_category.clone()),
-        start: (r.epoch_start != 0 || start_ns != 0).then_some(TimePoint { secs: r.epoch_start, nanos: start_ns }),
-        end: (r.epoch_end != 0).then_some(TimePoint { secs: r.epoch_end, nanos: end_ns }),
-        limit: (r.limit_record_count > 0).then_some(r.limit_record_count as usize),
-        from_start: r.limit_from_start,
-        columns: (!r.columns.is_empty()).then(|| r.columns.clone()),
-        functions: (!r.functions.is_empty()).then(|| r.functions.clone()),
-    })
+    let mut q = ReadRequest::parse(&r.destination)?.check_key_category(Some(&r.key_category))?;
+    if r.epoch_start != 0 || r.epoch_start_nanos != 0 {
+        q = q.starting(r.epoch_start, r.epoch_start_nanos)?;
+    } else {
+        crate::service::request::nanos("epoch_start_nanos", r.epoch_start_nanos)?;
+    }
+    if r.epoch_end != 0 {
+        q = q.ending(r.epoch_end, r.epoch_end_nanos)?;
+    } else {
+        crate::service::request::nanos("epoch_end_nanos", r.epoch_end_nanos)?;
+    }
+    q = q.limited(r.limit_record_count.into(), r.limit_from_start)?;
+    q.columns = (!r.columns.is_empty()).then(|| r.columns.clone());
+    q.functions = r.functions.clone();
+    Ok(q).map(QueryRequest::Read)
 }
 
 impl MarketstoreGrpc {
@@ -76,15 +89,11 @@ impl MarketstoreGrpc {
         MarketstoreGrpc { ctx }
     }
 
-    fn observe<T>(&self, method: &str, t0: Instant, r: &Result<T, Status>) {
-        self.ctx.metrics.observe("grpc", method, t0.elapsed(), r.is_ok());
-    }
-
-    async fn do_query(&self, req: pb::MultiQueryRequest) -> Result<pb::MultiQueryResponse, Status> {
-        self.ctx.check_queryable().map_err(|e| Status::permission_denied(e.to_string()))?;
+    async fn do_query(&self, req: pb::MultiQueryRequest) -> Result<pb::MultiQueryResponse, ServiceError> {
+        self.ctx.service.authorize(&caller(), Access::Read)?;
         let mut responses = Vec::with_capacity(req.requests.len());
         for r in &req.requests {
-            let out = service::query(&self.ctx, query_spec(r)?).await.map_err(Status::unknown)?;
+            let out = dataservice::query(&self.ctx, &caller(), &query_spec(r)?).await?;
             let mut start_index = std::collections::HashMap::new();
             let mut lengths = std::collections::HashMap::new();
             for (k, s, n) in &out.keys {
@@ -120,8 +129,8 @@ impl MarketstoreGrpc {
                 start_index: ds.start_index.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
                 lengths: ds.lengths.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
             };
-            if let Err(e) = service::write(&self.ctx, &input, r.is_variable_length).await {
-                responses.push(server_response(e));
+            if let Err(e) = dataservice::write(&self.ctx, &caller(), &input, r.is_variable_length).await {
+                responses.push(server_response(e.message));
             }
         }
         pb::MultiServerResponse { responses }
@@ -138,12 +147,8 @@ impl MarketstoreGrpc {
                     continue;
                 }
             };
-            let spec = CreateSpec {
-                key: r.key.clone(),
-                columns: r.data_shapes.iter().map(|s| (s.name.clone(), s.r#type.clone())).collect(),
-                variable,
-            };
-            match service::create(&self.ctx, &spec, false).await {
+            let columns: Vec<(String, String)> = r.data_shapes.iter().map(|s| (s.name.clone(), s.r#type.clone())).collect();
+            match dataservice::create(&self.ctx, &caller(), &r.key, &columns, variable, false).await {
                 Ok(()) => responses.push(server_response(String::new())),
                 Err(CreateError::Continue(e)) => responses.push(server_response(e)),
                 Err(CreateError::Stop(e)) => {
@@ -160,49 +165,31 @@ impl MarketstoreGrpc {
 #[tonic::async_trait]
 impl Marketstore for MarketstoreGrpc {
     async fn query(&self, request: Request<pb::MultiQueryRequest>) -> Result<Response<pb::MultiQueryResponse>, Status> {
-        let t0 = Instant::now();
-        let r = self.do_query(request.into_inner()).await;
-        self.observe("Query", t0, &r);
-        r.map(Response::new)
+        Ok(Response::new(self.do_query(request.into_inner()).await.map_err(marketstore_status)?))
     }
 
     async fn create(&self, request: Request<pb::MultiCreateRequest>) -> Result<Response<pb::MultiServerResponse>, Status> {
-        let t0 = Instant::now();
-        let r = Ok(self.do_create(request.into_inner()).await);
-        self.observe("Create", t0, &r);
-        r.map(Response::new)
+        Ok(Response::new(self.do_create(request.into_inner()).await))
     }
 
     async fn write(&self, request: Request<pb::MultiWriteRequest>) -> Result<Response<pb::MultiServerResponse>, Status> {
-        let t0 = Instant::now();
-        let r = Ok(self.do_write(request.into_inner()).await);
-        self.observe("Write", t0, &r);
-        r.map(Response::new)
+        Ok(Response::new(self.do_write(request.into_inner()).await))
     }
 
     async fn destroy(&self, request: Request<pb::MultiKeyRequest>) -> Result<Response<pb::MultiServerResponse>, Status> {
-        let t0 = Instant::now();
         let mut responses = Vec::new();
         for k in &request.get_ref().requests {
-            responses.push(server_response(service::destroy(&self.ctx, &k.key).await.err().unwrap_or_default()));
+            responses.push(server_response(dataservice::destroy(&self.ctx, &caller(), &k.key).await.err().unwrap_or_default()));
         }
-        let r = Ok(pb::MultiServerResponse { responses });
-        self.observe("Destroy", t0, &r);
-        r.map(Response::new)
+        Ok(Response::new(pb::MultiServerResponse { responses }))
     }
 
     async fn list_symbols(&self, request: Request<pb::ListSymbolsRequest>) -> Result<Response<pb::ListSymbolsResponse>, Status> {
-        let t0 = Instant::now();
         // Default/0 = SYMBOL, any other value = TIME_BUCKET_KEY (MarketStore).
         let tbk = request.get_ref().format != 0;
-        if let Err(e) = self.ctx.check_queryable() {
-            let r: Result<pb::ListSymbolsResponse, Status> = Err(Status::permission_denied(e.to_string()));
-            self.observe("ListSymbols", t0, &r);
-            return r.map(Response::new);
-        }
-        let r = service::list_symbols(&self.ctx, tbk).map(|results| pb::ListSymbolsResponse { results }).map_err(Status::unknown);
-        self.observe("ListSymbols", t0, &r);
-        r.map(Response::new)
+        self.ctx.service.authorize(&caller(), Access::Read).map_err(marketstore_status)?;
+        let results = dataservice::list_symbols(&self.ctx, &caller(), tbk).map_err(marketstore_status)?;
+        Ok(Response::new(pb::ListSymbolsResponse { results }))
     }
 
     async fn server_version(&self, _request: Request<pb::ServerVersionRequest>) -> Result<Response<pb::ServerVersionResponse>, Status> {

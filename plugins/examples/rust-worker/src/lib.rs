@@ -39,8 +39,14 @@ impl Worker for Ticker {
     }
 
     fn run(&self, stop: &Stop) -> Result<(), String> {
-        // Resume after what is already stored.
-        let existing: usize = self.host.read(&self.key, None, None).map(|b| b.iter().map(|b| b.num_rows()).sum()).unwrap_or(0);
+        // Resume after what is already stored (nothing to resume from when the bucket cannot be read).
+        let existing: usize = match self.host.read(&self.key, None, None) {
+            Ok(b) => b.iter().map(|b| b.num_rows()).sum(),
+            Err(e) => {
+                self.host.info(&format!("nothing to resume from in {}: {e}", self.key));
+                0
+            }
+        };
         let mut i = existing as u64;
         self.host.info(&format!("writing to {} from row {i}", self.key));
         let schema = Arc::new(Schema::new(vec![Field::new("Epoch", DataType::Int64, false), Field::new("Value", DataType::Float64, false)]));

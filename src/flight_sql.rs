@@ -1,6 +1,12 @@
-//! Arrow Flight SQL over the SQL engine: statements, prepared statements (with `$1` parameters), updates
-//! (`INSERT INTO "KEY" SELECT ...`), bulk ingest into buckets, and the metadata calls (GetCatalogs,
-//! GetDbSchemas, GetTables, GetTableTypes, GetSqlInfo) that ADBC and JDBC drivers need.
+//! Arrow Flight SQL over the operations layer: statements, prepared statements (with `$1` parameters),
+//! updates (`INSERT INTO "KEY" SELECT ...`), and the metadata calls (GetCatalogs, GetDbSchemas, GetTables,
+//! GetTableTypes, GetSqlInfo) that ADBC and JDBC drivers need. Every statement runs through
+//! [`crate::service::Service`] as an anonymous Flight SQL caller.
+//!
+//! DoPut is not served here: the server's Flight service (`mkts_flight::MktsFlightService`) takes every
+//! DoPut stream itself and hands Flight SQL updates, bulk ingest and parameter uploads to the Flight
+//! backend ([`crate::flight_backend`]), which calls [`FlightSqlHandler::bind_parameters`] and
+//! [`FlightSqlHandler::execute_prepared_update`] here and the operations layer for the rest.
 //!
 //! The handler is stateless for statements (the ticket carries the SQL text, re-planned on DoGet) and keeps
 //! prepared statements in memory until closed, at most [`MAX_PREPARED`] of them holding at most
@@ -9,8 +15,7 @@
 //! service (the blanket impl); the server's Flight service hands every Flight SQL request to it.
 //!
 //! ```ignore
-//! let sql = Arc::new(mkts::query::flight_sql::FlightSqlHandler::new(ctx.clone()));
-//! let flight = mkts_flight::MktsFlightService::new(backend, sql);
+//! let flight = mkts::flight_backend::flight_service(&ctx); // MktsFlightService over the backend and this handler
 //! ```
 
 use std::collections::HashMap;
@@ -18,31 +23,29 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arrow::array::{Array, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
     CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
-    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementIngest, CommandStatementQuery,
-    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandPreparedStatementQuery, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc, Ticket};
 use datafusion::common::ParamValues;
 use datafusion::scalar::ScalarValue;
-use futures::stream::{BoxStream, Stream, StreamExt, TryStreamExt};
+use futures::stream::{Stream, StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::catalog::{CATALOG, SCHEMA};
-use super::{QueryEngine, QueryError};
 use crate::context::{ServerContext, VERSION};
-use crate::engine::{BucketKey, EngineError, WriteOptions};
+use crate::query::catalog::{CATALOG, SCHEMA};
+use crate::service::{Caller, ErrorCode, Interface, ServiceError, SqlStream};
 
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 
@@ -119,15 +122,15 @@ impl PreparedCache {
     }
 
     /// Replace the bound parameters of a statement, closing other statements if the byte budget needs it.
-    fn bind(&mut self, handle: &[u8], params: Option<RecordBatch>) -> Result<(), Status> {
+    fn bind(&mut self, handle: &[u8], params: Option<RecordBatch>) -> Result<(), ServiceError> {
         let bytes = params.as_ref().map_or(0, |b| b.get_array_memory_size());
         if bytes > self.max_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "bound parameters of {bytes} bytes exceed the server's limit of {} bytes for prepared statements",
-                self.max_bytes
-            )));
+            return Err(ServiceError::new(
+                ErrorCode::ResourceExhausted,
+                format!("bound parameters of {bytes} bytes exceed the server's limit of {} bytes for prepared statements", self.max_bytes),
+            ));
         }
-        let old = self.map.get(handle).map(|e| e.bytes).ok_or_else(|| Status::not_found(UNKNOWN_HANDLE))?;
+        let old = self.map.get(handle).map(|e| e.bytes).ok_or_else(|| ServiceError::not_found(UNKNOWN_HANDLE))?;
         self.param_bytes -= old;
         if let Some(e) = self.map.get_mut(handle) {
             e.bytes = 0;
@@ -164,26 +167,13 @@ impl std::fmt::Debug for FlightSqlHandler {
     }
 }
 
-/// Map a query error onto a gRPC status.
-pub fn query_status(e: QueryError) -> Status {
-    match e {
-        QueryError::Engine(e) => engine_status(e),
-        QueryError::Sql(m) | QueryError::Function(m) => Status::invalid_argument(m),
-        QueryError::NotAllowed(m) => Status::permission_denied(m),
-        QueryError::ResourcesExhausted(m) => Status::resource_exhausted(m),
-    }
+/// Who Flight SQL calls run as (authentication will fill it from the call's metadata).
+fn caller() -> Caller {
+    Caller::anonymous(Interface::FlightSql)
 }
 
-fn engine_status(e: EngineError) -> Status {
-    let m = e.to_string();
-    match e {
-        EngineError::NotFound(_) => Status::not_found(m),
-        EngineError::AlreadyExists(_) => Status::already_exists(m),
-        EngineError::NotAllowed(_) => Status::permission_denied(m),
-        EngineError::Unavailable(_) => Status::unavailable(m),
-        EngineError::InvalidKey { .. } | EngineError::SchemaMismatch { .. } | EngineError::InvalidInput(_) => Status::invalid_argument(m),
-        _ => Status::internal(m),
-    }
+fn status(e: ServiceError) -> Status {
+    e.into()
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -196,11 +186,11 @@ fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
 }
 
 /// Encode a schema and a batch stream as Flight data (the schema is sent even for empty results).
-fn encode(schema: SchemaRef, batches: BoxStream<'static, Result<RecordBatch, QueryError>>) -> DoGetStream {
+fn encode(schema: SchemaRef, batches: SqlStream) -> DoGetStream {
     let s = FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .with_max_flight_data_size(4 << 20)
-        .build(batches.map_err(|e| FlightError::Tonic(Box::new(query_status(e)))))
+        .build(batches.map_err(|e| FlightError::Tonic(Box::new(status(e)))))
         .map_err(Status::from);
     Box::pin(s)
 }
@@ -210,21 +200,11 @@ fn one_batch(batch: RecordBatch) -> DoGetStream {
     encode(schema, futures::stream::iter(vec![Ok(batch)]).boxed())
 }
 
-/// Rows affected by a DML result (DataFusion returns one row with a `count` column).
-pub fn affected_rows(batches: &[RecordBatch]) -> i64 {
-    batches
-        .iter()
-        .filter_map(|b| b.column_by_name("count").cloned())
-        .filter_map(|c| arrow::compute::cast(&c, &DataType::Int64).ok())
-        .filter_map(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| (0..a.len()).map(|i| a.value(i)).sum::<i64>()))
-        .sum()
-}
-
 /// The scalars of one parameter row.
-fn param_row(batch: &RecordBatch, row: usize) -> Result<ParamValues, Status> {
+fn param_row(batch: &RecordBatch, row: usize) -> Result<ParamValues, ServiceError> {
     let mut v = Vec::with_capacity(batch.num_columns());
     for c in batch.columns() {
-        v.push(ScalarValue::try_from_array(c, row).map_err(|e| Status::invalid_argument(e.to_string()))?);
+        v.push(ScalarValue::try_from_array(c, row).map_err(|e| ServiceError::invalid(e.to_string()))?);
     }
     Ok(ParamValues::List(v.into_iter().map(Into::into).collect()))
 }
@@ -255,17 +235,13 @@ impl FlightSqlHandler {
         FlightSqlHandler { ctx, prepared: Mutex::new(PreparedCache::new(MAX_PREPARED, MAX_PREPARED_PARAM_BYTES)), next_id: AtomicU64::new(1), info }
     }
 
-    fn query(&self) -> &QueryEngine {
-        &self.ctx.query
-    }
-
-    fn lookup(&self, handle: &[u8]) -> Result<Prepared, Status> {
-        self.prepared.lock().get(handle).ok_or_else(|| Status::not_found(UNKNOWN_HANDLE))
+    fn lookup(&self, handle: &[u8]) -> Result<Prepared, ServiceError> {
+        self.prepared.lock().get(handle).ok_or_else(|| ServiceError::not_found(UNKNOWN_HANDLE))
     }
 
     /// Result schema of a statement, without running it.
     async fn plan_schema(&self, sql: &str) -> Result<Schema, Status> {
-        let plan = self.query().logical_plan(sql).await.map_err(query_status)?;
+        let plan = self.ctx.service.sql_plan(&caller(), sql).await.map_err(status)?;
         Ok(result_schema(&plan))
     }
 
@@ -282,28 +258,19 @@ impl FlightSqlHandler {
 
     /// Run a statement with optional parameters and stream its result.
     async fn run(&self, sql: &str, params: Option<ParamValues>) -> Result<DoGetStream, Status> {
-        let mut df = self.query().dataframe(sql).await.map_err(query_status)?;
-        if let Some(p) = params {
-            df = df.with_param_values(p).map_err(|e| query_status(e.into()))?;
-        }
-        let (schema, stream) = QueryEngine::stream_dataframe(df).await.map_err(query_status)?;
+        let (schema, stream) = self.ctx.service.sql_stream(&caller(), sql, params).await.map_err(status)?;
         Ok(encode(schema, stream))
     }
 
     /// Run a DML statement once per parameter row (or once without parameters); returns rows affected.
-    async fn run_update(&self, sql: &str, params: Option<&RecordBatch>) -> Result<i64, Status> {
+    async fn run_update(&self, caller: &Caller, sql: &str, params: Option<&RecordBatch>) -> Result<i64, ServiceError> {
         let rows: Vec<Option<ParamValues>> = match params {
             Some(b) if b.num_columns() > 0 => (0..b.num_rows()).map(|r| param_row(b, r).map(Some)).collect::<Result<_, _>>()?,
             _ => vec![None],
         };
         let mut total = 0;
         for p in rows {
-            let mut df = self.query().dataframe(sql).await.map_err(query_status)?;
-            if let Some(p) = p {
-                df = df.with_param_values(p).map_err(|e| query_status(e.into()))?;
-            }
-            let batches = self.query().collect(df).await.map_err(query_status)?;
-            total += affected_rows(&batches);
+            total += self.ctx.service.sql_update(caller, sql, p).await?.max(0);
         }
         Ok(total)
     }
@@ -311,10 +278,10 @@ impl FlightSqlHandler {
     /// Bind parameter rows to a prepared statement (Flight SQL DoPut `CommandPreparedStatementQuery`);
     /// returns the handle to use from now on. Public so a Flight front end that has already consumed the
     /// DoPut stream can call it with the decoded batches.
-    pub fn bind_parameters(&self, handle: &[u8], batches: Vec<RecordBatch>) -> Result<Vec<u8>, Status> {
+    pub fn bind_parameters(&self, handle: &[u8], batches: Vec<RecordBatch>) -> Result<Vec<u8>, ServiceError> {
         let params = match batches.first() {
             None => None,
-            Some(first) => Some(arrow::compute::concat_batches(&first.schema(), &batches).map_err(internal)?),
+            Some(first) => Some(arrow::compute::concat_batches(&first.schema(), &batches)?),
         };
         self.prepared.lock().bind(handle, params)?;
         Ok(handle.to_vec())
@@ -323,37 +290,16 @@ impl FlightSqlHandler {
     /// Execute a prepared DML statement once per parameter row (Flight SQL DoPut
     /// `CommandPreparedStatementUpdate`); returns rows affected. Public for the same reason as
     /// [`Self::bind_parameters`].
-    pub async fn execute_prepared_update(&self, handle: &[u8], batches: Vec<RecordBatch>) -> Result<i64, Status> {
+    pub async fn execute_prepared_update(&self, caller: &Caller, handle: &[u8], batches: Vec<RecordBatch>) -> Result<i64, ServiceError> {
         let p = self.lookup(handle)?;
         let params = if batches.iter().any(|b| b.num_rows() > 0) {
             let first = &batches[0];
-            Some(arrow::compute::concat_batches(&first.schema(), &batches).map_err(internal)?)
+            Some(arrow::compute::concat_batches(&first.schema(), &batches)?)
         } else {
             p.params.clone()
         };
-        self.run_update(&p.sql, params.as_ref()).await
+        self.run_update(caller, &p.sql, params.as_ref()).await
     }
-
-    /// Write ingested batches to the bucket named by the command's table (Flight SQL bulk ingest).
-    pub async fn ingest(&self, table: &str, batches: impl Stream<Item = Result<RecordBatch, Status>> + Send) -> Result<i64, Status> {
-        let key = BucketKey::parse(table).map_err(engine_status)?;
-        let mut batches = std::pin::pin!(batches);
-        let mut total = 0i64;
-        while let Some(b) = batches.next().await {
-            let b = b?;
-            if b.num_rows() == 0 {
-                continue;
-            }
-            let ack = self.ctx.engine.write(&key, &b, WriteOptions::default()).await.map_err(engine_status)?;
-            total += ack.rows as i64;
-        }
-        Ok(total)
-    }
-}
-
-fn decode_batches(stream: PeekableFlightDataStream) -> impl Stream<Item = Result<RecordBatch, Status>> + Send {
-    arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream.map_err(FlightError::from))
-        .map_err(|e| Status::invalid_argument(format!("cannot decode the uploaded batches: {e}")))
 }
 
 /// Prefix of statement handles that carry an already computed result (Arrow IPC stream) instead of SQL.
@@ -387,13 +333,13 @@ impl FlightSqlService for FlightSqlHandler {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let plan = self.query().logical_plan(&query.query).await.map_err(query_status)?;
+        let plan = self.ctx.service.sql_plan(&caller(), &query.query).await.map_err(status)?;
         let mut schema = plan.schema().as_arrow().clone();
         let handle = if has_side_effects(&plan) {
             // Clients such as ADBC's DBAPI never DoGet the result of an INSERT or CREATE: run it now and put
             // its (tiny) result into the ticket. The FlightInfo then carries that result's schema (a DDL plan's
             // schema is its input's, e.g. the columns of a view, not what CREATE VIEW returns).
-            let (result, batches) = self.query().sql(&query.query).await.map_err(query_status)?;
+            let (result, batches) = self.ctx.service.sql(&caller(), &query.query).await.map_err(status)?;
             schema = result.as_ref().clone();
             let mut buf = RESULT_PREFIX.to_vec();
             {
@@ -415,7 +361,7 @@ impl FlightSqlService for FlightSqlHandler {
         if let Some(ipc) = ticket.statement_handle.strip_prefix(RESULT_PREFIX) {
             let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc.to_vec()), None).map_err(internal)?;
             let schema = reader.schema();
-            let batches: Vec<Result<RecordBatch, QueryError>> = reader.map(|b| b.map_err(|e| QueryError::Sql(e.to_string()))).collect();
+            let batches: Vec<Result<RecordBatch, ServiceError>> = reader.map(|b| b.map_err(ServiceError::from)).collect();
             return Ok(Response::new(encode(schema, futures::stream::iter(batches).boxed())));
         }
         let sql = String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| Status::invalid_argument("statement handle is not UTF-8"))?;
@@ -427,7 +373,7 @@ impl FlightSqlService for FlightSqlHandler {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let p = self.lookup(&cmd.prepared_statement_handle)?;
+        let p = self.lookup(&cmd.prepared_statement_handle).map_err(status)?;
         let schema = self.plan_schema(&p.sql).await?;
         self.info_for(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
     }
@@ -437,9 +383,9 @@ impl FlightSqlService for FlightSqlHandler {
         cmd: CommandPreparedStatementQuery,
         _request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let p = self.lookup(&cmd.prepared_statement_handle)?;
+        let p = self.lookup(&cmd.prepared_statement_handle).map_err(status)?;
         let params = match &p.params {
-            Some(b) if b.num_rows() > 0 => Some(param_row(b, 0)?),
+            Some(b) if b.num_rows() > 0 => Some(param_row(b, 0).map_err(status)?),
             _ => None,
         };
         Ok(Response::new(self.run(&p.sql, params).await?))
@@ -450,9 +396,9 @@ impl FlightSqlService for FlightSqlHandler {
         query: ActionCreatePreparedStatementRequest,
         _request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let plan = self.query().logical_plan(&query.query).await.map_err(query_status)?;
+        let plan = self.ctx.service.sql_plan(&caller(), &query.query).await.map_err(status)?;
         let dataset = result_schema(&plan);
-        let types = plan.get_parameter_types().map_err(|e| query_status(e.into()))?;
+        let types = plan.get_parameter_types().map_err(|e| status(e.into()))?;
         let mut names: Vec<(usize, String, DataType)> = types
             .into_iter()
             .map(|(name, ty)| {
@@ -479,33 +425,6 @@ impl FlightSqlService for FlightSqlHandler {
     ) -> Result<(), Status> {
         self.prepared.lock().remove(query.prepared_statement_handle.as_ref());
         Ok(())
-    }
-
-    async fn do_put_prepared_statement_query(
-        &self,
-        query: CommandPreparedStatementQuery,
-        request: Request<PeekableFlightDataStream>,
-    ) -> Result<DoPutPreparedStatementResult, Status> {
-        let batches: Vec<RecordBatch> = decode_batches(request.into_inner()).try_collect().await?;
-        let handle = self.bind_parameters(&query.prepared_statement_handle, batches)?;
-        Ok(DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.into()) })
-    }
-
-    async fn do_put_prepared_statement_update(
-        &self,
-        query: CommandPreparedStatementUpdate,
-        request: Request<PeekableFlightDataStream>,
-    ) -> Result<i64, Status> {
-        let batches: Vec<RecordBatch> = decode_batches(request.into_inner()).try_collect().await?;
-        self.execute_prepared_update(&query.prepared_statement_handle, batches).await
-    }
-
-    async fn do_put_statement_update(&self, cmd: CommandStatementUpdate, _request: Request<PeekableFlightDataStream>) -> Result<i64, Status> {
-        self.run_update(&cmd.query, None).await
-    }
-
-    async fn do_put_statement_ingest(&self, cmd: CommandStatementIngest, request: Request<PeekableFlightDataStream>) -> Result<i64, Status> {
-        self.ingest(&cmd.table, decode_batches(request.into_inner())).await
     }
 
     async fn get_flight_info_catalogs(&self, query: CommandGetCatalogs, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
@@ -539,7 +458,7 @@ impl FlightSqlService for FlightSqlHandler {
         let include_schema = query.include_schema;
         let mut b = query.into_builder();
         // Buckets and views (bucket names only when the server is queryable).
-        let cat = self.query().schema_provider();
+        let cat = self.ctx.service.query_engine().schema_provider();
         let names = cat.as_ref().map(|s| s.table_names()).unwrap_or_default();
         for name in names {
             let (ty, schema) = match &cat {
@@ -638,8 +557,8 @@ mod tests {
         assert_eq!(c.param_bytes, one * 2 + params(10).get_array_memory_size());
         // More than the whole budget for one statement is refused, and unknown handles are clear errors.
         let e = c.bind(b"h1", Some(params(4000))).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(c.bind(b"nope", None).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(e.code, ErrorCode::ResourceExhausted);
+        assert_eq!(c.bind(b"nope", None).unwrap_err().code, ErrorCode::NotFound);
         c.remove(b"h1");
         c.remove(b"h2");
         c.remove(b"h3");

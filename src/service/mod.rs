@@ -1,0 +1,77 @@
+//! The operations layer: what the server does, once, for every interface.
+//!
+//! Flight, Flight SQL, MarketStore's `/rpc` and gRPC, `/ws`, the plugin host and the CLI's embedded mode
+//! decode their wire forms into the request types of [`request`], call a [`Service`] method with the
+//! [`Caller`] they serve, and encode what comes back. Policy ([`policy`]) is checked here, once per
+//! operation, against that caller; failures are one [`ServiceError`] type whose class each protocol maps
+//! exactly once ([`error`]).
+//!
+//! Rooms: [`caller`] (who asks), [`policy`] (what they may do), [`request`] (what they ask for),
+//! [`read`] (reads, functions, SQL), [`write`] (durable writes), [`catalog`] (create, destroy, delete a
+//! range, list, describe). The layer uses the engine and the SQL engine and nothing above them: it knows no
+//! protocol, and no interface touches the engine for an operation this layer offers.
+
+pub mod caller;
+pub mod catalog;
+pub mod error;
+pub mod policy;
+pub mod read;
+pub mod request;
+pub mod write;
+
+pub use caller::{Caller, Interface, Principal};
+pub use catalog::SymbolFormat;
+pub use error::{ErrorCode, ServiceError};
+pub use policy::{Access, Policy, NOT_QUERYABLE};
+pub use read::{ReadPart, ReadResult, SqlStream};
+pub use request::{CreateRequest, QueryRequest, ReadRequest, WriteRequest};
+
+use crate::engine::Engine;
+use crate::query::QueryEngine;
+
+/// The operations of a server (or of a data directory opened by the CLI): the engine, the SQL engine over
+/// it, and the policy they run under.
+pub struct Service {
+    engine: Engine,
+    query: QueryEngine,
+    policy: Policy,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("policy", &self.policy).finish()
+    }
+}
+
+impl Service {
+    /// Operations over `engine` under the engine's policy. `tz` aligns MarketStore function bars (daily
+    /// candles) to local time; `sql_memory_limit` bounds what SQL statements hold together (bytes; `None`:
+    /// the default pool).
+    pub fn new(engine: Engine, tz: chrono_tz::Tz, sql_memory_limit: Option<usize>) -> Service {
+        let query = QueryEngine::with_memory_limit(engine.clone(), tz, sql_memory_limit);
+        let policy = engine.policy().into();
+        Service { engine, query, policy }
+    }
+
+    /// The engine, for what is not an operation of a client: health, metrics, subscriptions of the
+    /// event bus, shutdown.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The SQL engine, for Flight SQL's metadata calls (catalog listings, plan schemas).
+    pub fn query_engine(&self) -> &QueryEngine {
+        &self.query
+    }
+
+    /// The rules operations run under.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// `Ok` when `caller` may do `access`: for interfaces that serve something this layer does not
+    /// produce (Flight SQL metadata, subscriptions) and must refuse it the same way.
+    pub fn authorize(&self, caller: &Caller, access: Access<'_>) -> Result<(), ServiceError> {
+        self.policy.check(caller, access)
+    }
+}

@@ -1,0 +1,177 @@
+//! Reads: buckets (with MarketStore's `functions`), the `Symbol` merge of multi-bucket results, and SQL
+//! (queries, DML row counts, plans for Flight SQL).
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::ParamValues;
+use datafusion::logical_expr::LogicalPlan;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+
+use super::error::ServiceError;
+use super::policy::Access;
+use super::request::ReadRequest;
+use super::{Caller, Service};
+use crate::engine::BucketKey;
+use crate::query::QueryEngine;
+
+/// Name of the column added to multi-symbol results.
+pub const SYMBOL_COLUMN: &str = "Symbol";
+
+/// Rows per batch when a `Symbol` column has to be materialised: bounds the memory of a `*` read
+/// however many buckets it spans.
+pub const SYMBOL_SLICE_ROWS: usize = 65_536;
+
+/// A lazily produced result.
+pub type SqlStream = BoxStream<'static, Result<RecordBatch, ServiceError>>;
+
+/// The rows of one bucket (after `functions`, if any).
+#[derive(Debug, Clone)]
+pub struct ReadPart {
+    pub key: BucketKey,
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+/// The result of a [`ReadRequest`]: one part per bucket, in key order.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// The request named exactly one bucket (no `Symbol` column is added when merging).
+    pub single: bool,
+    pub parts: Vec<ReadPart>,
+}
+
+impl ReadResult {
+    /// Rows over all parts.
+    pub fn rows(&self) -> usize {
+        self.parts.iter().flat_map(|p| p.batches.iter()).map(|b| b.num_rows()).sum()
+    }
+
+    /// The schema [`ReadResult::into_stream`] produces.
+    pub fn schema(&self) -> Result<SchemaRef, ServiceError> {
+        let first = self.parts.first().ok_or_else(|| ServiceError::not_found("no data"))?;
+        if self.single {
+            return Ok(first.schema.clone());
+        }
+        for p in &self.parts {
+            if p.schema.fields() != first.schema.fields() {
+                return Err(ServiceError::invalid(format!(
+                    "symbols in a query must have the same data type or be filtered by common columns. symbols=[{}]",
+                    p.key.symbol
+                )));
+            }
+        }
+        let mut fields: Vec<Field> = first.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    /// One schema and a lazy batch stream over all parts. A multi-bucket result gets a `Symbol` column,
+    /// built per slice of at most [`SYMBOL_SLICE_ROWS`] rows as the stream is consumed.
+    pub fn into_stream(self) -> Result<(SchemaRef, SqlStream), ServiceError> {
+        let schema = self.schema()?;
+        if self.single {
+            let batches = self.parts.into_iter().flat_map(|p| p.batches).map(Ok);
+            return Ok((schema, futures::stream::iter(batches).boxed()));
+        }
+        let slices = self.parts.into_iter().flat_map(|p| {
+            let sym = p.key.symbol;
+            p.batches.into_iter().flat_map(move |b| {
+                let sym = sym.clone();
+                (0..b.num_rows()).step_by(SYMBOL_SLICE_ROWS).map(move |off| (sym.clone(), b.slice(off, SYMBOL_SLICE_ROWS.min(b.num_rows() - off))))
+            })
+        });
+        let stream = futures::stream::iter(slices).map(|(sym, b)| with_symbol(&b, &sym).map_err(ServiceError::from));
+        Ok((schema, stream.boxed()))
+    }
+}
+
+/// Append a constant `Symbol` column to a batch of a multi-bucket result.
+pub fn with_symbol(batch: &RecordBatch, symbol: &str) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    cols.push(Arc::new(StringArray::from(vec![symbol; batch.num_rows()])));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+}
+
+/// Rows affected by a DML result (DataFusion returns a `count` column); `-1` when the statement
+/// returned no count (not DML).
+pub fn affected_rows(batches: &[RecordBatch]) -> i64 {
+    let counts: Vec<i64> = batches
+        .iter()
+        .filter_map(|b| b.column_by_name("count").cloned())
+        .filter_map(|c| arrow::compute::cast(&c, &DataType::Int64).ok())
+        .filter_map(|c| c.as_any().downcast_ref::<Int64Array>().map(|a| (0..a.len()).map(|i| a.value(i)).sum::<i64>()))
+        .collect();
+    if counts.is_empty() { -1 } else { counts.iter().sum() }
+}
+
+impl Service {
+    /// Read the buckets of `req` and apply its `functions` to each. `NotFound` when no selected bucket
+    /// exists.
+    pub async fn read(&self, caller: &Caller, req: &ReadRequest) -> Result<ReadResult, ServiceError> {
+        self.authorize(caller, Access::Read)?;
+        let single = req.selector.is_single();
+        let reads = self.engine.read(&req.to_engine())?;
+        let mut parts = Vec::with_capacity(reads.len());
+        for r in reads {
+            let key = r.key.clone();
+            if req.functions.is_empty() {
+                parts.push(ReadPart { key, schema: r.schema, batches: r.batches });
+            } else {
+                let (schema, batches) = self.query.apply_functions(r, &req.functions).await?;
+                parts.push(ReadPart { key, schema, batches });
+            }
+        }
+        Ok(ReadResult { single, parts })
+    }
+
+    /// Blocking form of [`Service::read`] without `functions`, for threads outside the runtime (plugins).
+    pub fn read_blocking(&self, caller: &Caller, req: &ReadRequest) -> Result<ReadResult, ServiceError> {
+        if !req.functions.is_empty() {
+            return Err(ServiceError::invalid("functions need the async read"));
+        }
+        self.authorize(caller, Access::Read)?;
+        let reads = self.engine.read(&req.to_engine())?;
+        let parts = reads.into_iter().map(|r| ReadPart { key: r.key, schema: r.schema, batches: r.batches }).collect();
+        Ok(ReadResult { single: req.selector.is_single(), parts })
+    }
+
+    /// Run one SQL statement and collect its result (bounded by the SQL memory pool).
+    pub async fn sql(&self, caller: &Caller, text: &str) -> Result<(SchemaRef, Vec<RecordBatch>), ServiceError> {
+        self.authorize(caller, Access::Read)?;
+        Ok(self.query.sql(text).await?)
+    }
+
+    /// Run one SQL statement (with `$n` parameters, if given) and stream its result lazily.
+    pub async fn sql_stream(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<(SchemaRef, SqlStream), ServiceError> {
+        self.authorize(caller, Access::Read)?;
+        let mut df = self.query.dataframe(text).await?;
+        if let Some(p) = params {
+            df = df.with_param_values(p)?;
+        }
+        let (schema, stream) = QueryEngine::stream_dataframe(df).await?;
+        Ok((schema, stream.map_err(ServiceError::from).boxed()))
+    }
+
+    /// Run a statement that changes data (`INSERT INTO "KEY" SELECT …`); rows affected (`-1`: the
+    /// statement reports no count).
+    pub async fn sql_update(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<i64, ServiceError> {
+        self.authorize(caller, Access::Read)?;
+        let mut df = self.query.dataframe(text).await?;
+        if let Some(p) = params {
+            df = df.with_param_values(p)?;
+        }
+        let batches = self.query.collect(df).await?;
+        Ok(affected_rows(&batches))
+    }
+
+    /// The logical plan of a statement without running it (result schemas and parameter types of Flight
+    /// SQL statements).
+    pub async fn sql_plan(&self, caller: &Caller, text: &str) -> Result<LogicalPlan, ServiceError> {
+        self.authorize(caller, Access::Read)?;
+        Ok(self.query.logical_plan(text).await?)
+    }
+}
