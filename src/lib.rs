@@ -4,6 +4,8 @@
 //! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
 //! Data flows one way: interfaces → engine (log → partitions) → trigger bus → plugins.
 
+pub mod backoff;
+pub mod bus;
 pub mod compat;
 pub mod cli;
 pub mod config;
@@ -18,3 +20,8 @@ pub mod metrics;
 pub mod plugins;
 pub mod query;
 pub mod server;
+pub mod timestr;
+
+/// Server version reported to clients (MarketStore's `version` fields, the `Marketstore-Version` header,
+/// the plugin environment).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
