@@ -4,13 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::service::{Access, Caller, Interface, Service, ServiceError};
 
-/// Server version reported to clients (MarketStore's `version` fields and the `Marketstore-Version` header).
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::VERSION;
 
 /// The message of a read refused by `queryable: false` (the engine's own wording).
 pub use crate::service::NOT_QUERYABLE;
@@ -22,25 +22,19 @@ pub struct ServerContext {
     /// The operations every interface calls (reads, SQL, writes, catalog), policy checked there.
     pub service: Service,
     pub metrics: Arc<Metrics>,
-    /// Rows the `stream` trigger decided to push; `/ws` and Flight stream subscriptions read it when a
-    /// `stream` trigger is configured ([`ServerContext::streams_gated`]).
-    pub stream: Arc<crate::contrib::stream::StreamHub>,
-    /// Delivery streams of out-of-process triggers, opened by the Flight service for their tickets.
-    pub trigger_streams: Arc<crate::plugins::TriggerStreams>,
+    /// Every subscription to appended data (triggers, `/ws`, Flight streams, trigger exchanges).
+    pub bus: Arc<Bus>,
     ready: AtomicBool,
     pub started: Instant,
 }
 
 impl ServerContext {
+    /// Build the context of a just-opened engine (the event bus starts here, before anything can write,
+    /// so it sees every append of this run).
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
         let service = Service::new(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20)));
-        Arc::new(ServerContext { engine, config, service, metrics: Arc::new(Metrics::new()), stream: Arc::default(), trigger_streams: Arc::default(), ready: AtomicBool::new(false), started: Instant::now() })
-    }
-
-    /// True when a `stream` trigger is configured: subscribers then receive what it pushes (gated, shelved,
-    /// filtered) instead of every append.
-    pub fn streams_gated(&self) -> bool {
-        self.config.triggers.iter().any(|t| crate::contrib::module_name(&t.module) == "stream")
+        let bus = Bus::new(engine.clone());
+        Arc::new(ServerContext { engine, config, service, metrics: Arc::new(Metrics::new()), bus, ready: AtomicBool::new(false), started: Instant::now() })
     }
 
     /// `Ok` when an anonymous `/ws` client may read: the operations layer's refusal under `queryable:

@@ -11,7 +11,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use futures::stream::StreamExt;
 use mkts_flight::ticket::{key_body, CreateAction, DeleteRangeAction, ListSymbolsAction};
-use mkts_flight::{BackendError, BatchStream, BucketListing, FlightBackend, KeyedBatchStream, QueryTicket, SubscriptionStream};
+use mkts_flight::{BackendError, BatchStream, BucketListing, Delivered, FlightBackend, KeyedBatchStream, QueryTicket, SubscribeRequest, SubscriptionStream};
 use serde_json::json;
 use tonic::Code;
 
@@ -70,12 +70,12 @@ pub fn query_request(q: &QueryTicket) -> Result<QueryRequest, ServiceError> {
     Ok(QueryRequest::Read(r))
 }
 
-/// Appended batches the engine queues for one subscription before the forwarder below takes them (it
-/// takes them at once; the byte bound applies after it).
+/// Deliveries the bus queues for one subscription before the forwarder below takes them (it takes them at
+/// once; the byte bound applies after it).
 const SUBSCRIPTION_EVENTS: usize = 4096;
 
 struct SubQueue {
-    items: VecDeque<((String, RecordBatch), usize)>,
+    items: VecDeque<(Delivered, usize)>,
     bytes: usize,
     /// Set when the subscriber was dropped: the error to send, once.
     dropped: Option<String>,
@@ -102,12 +102,13 @@ impl Drop for ConsumerGone {
 }
 
 /// A subscription whose unread batches are bounded by bytes. A task takes every batch from `source` at
-/// once (so the engine never queues or drops for this subscriber) into a queue the client's stream reads.
+/// once (so the bus never queues or drops for this subscriber) into a queue the client's stream reads.
+/// An error from `source` is passed on after what was queued before it, and ends the stream.
 /// When the queue would pass `limit` bytes the subscriber is dropped: the queue is freed, the stream ends
 /// with `RESOURCE_EXHAUSTED`, a warning names `who`, and `mkts_flight_dropped_subscribers_total` counts it.
 /// A single batch larger than `limit` still passes when nothing else is waiting.
 pub fn bounded_subscription(
-    mut source: KeyedBatchStream,
+    mut source: SubscriptionStream,
     limit: usize,
     who: String,
     metrics: Arc<crate::metrics::Metrics>,
@@ -121,7 +122,18 @@ pub fn bounded_subscription(
     let guard = ConsumerGone(shared, metrics.clone());
     tokio::spawn(async move {
         while let Some(item) = source.next().await {
-            let size = item.1.get_array_memory_size();
+            let item = match item {
+                Ok(d) => d,
+                Err(e) => {
+                    let mut q = fwd.q.lock();
+                    q.dropped = Some(e.message);
+                    q.closed = true;
+                    drop(q);
+                    fwd.wake.notify_one();
+                    return;
+                }
+            };
+            let size = item.batch.get_array_memory_size();
             let mut q = fwd.q.lock();
             if q.closed {
                 return;
@@ -205,22 +217,25 @@ impl FlightBackend for EngineFlightBackend {
         Ok(self.ctx.service.write(&caller(), &w).await.map_err(err)?.rows)
     }
 
-    async fn subscribe(&self, pattern: &str, peer: &str) -> Result<SubscriptionStream, BackendError> {
+    async fn subscribe(&self, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError> {
         self.ctx.service.authorize(&caller(), Access::Read).map_err(err)?;
-        let pat = KeyPattern::parse(pattern).map_err(|e| err(e.into()))?;
-        let source: KeyedBatchStream = if self.ctx.streams_gated() {
-            // A `stream` trigger is configured: subscribers get the rows it pushes (contrib::stream).
-            self.ctx.stream.matching(pat)
-        } else {
-            let sub = self.ctx.engine.subscribe_matching(Some(pat), SUBSCRIPTION_EVENTS);
-            tokio_stream::wrappers::ReceiverStream::new(sub.rx).map(|ev| (ev.key.to_string(), ev.batch.clone())).boxed()
-        };
-        let who = format!("peer {peer}, pattern {pattern:?}");
+        let pat = KeyPattern::parse(&req.pattern).map_err(|e| err(e.into()))?;
+        let feed = crate::bus::Feed::parse(req.feed.as_deref()).map_err(|e| BackendError::invalid(e.to_string()))?;
+        let opts = crate::bus::SubscribeOptions { feed, from_lsn: req.from_lsn, capacity: SUBSCRIPTION_EVENTS };
+        let source = self.ctx.bus.subscribe(pat, opts).map_err(|e| BackendError::invalid(e.to_string()))?;
+        let source = source
+            .map(|r| {
+                r.map(|d| Delivered { key: d.key.to_string(), lsn: d.lsn, batch: d.batch, gap: d.gap.map(|g| (g.after_lsn, g.through_lsn)) })
+                    .map_err(|e| BackendError::new(Code::ResourceExhausted, e.to_string()))
+            })
+            .boxed();
+        let who = format!("peer {peer}, pattern {:?}", req.pattern);
         Ok(bounded_subscription(source, self.ctx.config.subscriber_queue_bytes(), who, self.ctx.metrics.clone()))
     }
 
     async fn trigger_exchange(&self, token: &str, acks: mkts_flight::AckStream) -> Result<KeyedBatchStream, BackendError> {
-        self.ctx.trigger_streams.exchange(token, acks).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))
+        let s = self.ctx.bus.trigger_streams().exchange(token, acks).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))?;
+        Ok(s.map(|(key, lsn, batch)| Delivered { key, lsn, batch, gap: None }).boxed())
     }
 
     fn check_readable(&self) -> Result<(), BackendError> {

@@ -5,6 +5,8 @@
 //! Data flows one way: interfaces → operations layer ([`service`]: policy, requests, one error type) →
 //! engine (log → partitions) → trigger bus → plugins.
 
+pub mod backoff;
+pub mod bus;
 pub mod compat;
 pub mod cli;
 pub mod config;
@@ -21,3 +23,8 @@ pub mod plugins;
 pub mod query;
 pub mod server;
 pub mod service;
+pub mod timestr;
+
+/// Server version reported to clients (MarketStore's `version` fields, the `Marketstore-Version` header,
+/// the plugin environment).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

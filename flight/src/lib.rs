@@ -89,12 +89,34 @@ fn mark_sql<T>(request: &Request<T>) {
 /// A stream of result batches.
 pub type BatchStream = BoxStream<'static, Result<RecordBatch, BackendError>>;
 
-/// One appended batch delivered to a subscription, with the key it was written to.
-pub type KeyedBatchStream = BoxStream<'static, (String, RecordBatch)>;
+/// One appended batch delivered to a subscription or a trigger exchange: the key it was written to, its
+/// log position, and, on the first batch of a resume that could not be exact, the span it could not
+/// replay. Sent as the batch's `app_metadata` `{"key": …, "lsn": …[, "gap": {"after_lsn", "through_lsn"}]}`.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub key: String,
+    pub lsn: u64,
+    pub batch: RecordBatch,
+    /// `(after_lsn, through_lsn]`: appends no longer held when the subscription resumed.
+    pub gap: Option<(u64, u64)>,
+}
+
+/// Delivered batches of a trigger exchange.
+pub type KeyedBatchStream = BoxStream<'static, Delivered>;
 
 /// A subscription's batches; an error ends it (e.g. `RESOURCE_EXHAUSTED` for a subscriber that fell too
 /// far behind and was dropped).
-pub type SubscriptionStream = BoxStream<'static, Result<(String, RecordBatch), BackendError>>;
+pub type SubscriptionStream = BoxStream<'static, Result<Delivered, BackendError>>;
+
+/// A `{"subscribe": pattern, "feed": …, "from_lsn": …}` ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeRequest {
+    pub pattern: String,
+    /// `None`/`"appends"`: every append, whole; `"stream"`: the `stream` trigger's pushes.
+    pub feed: Option<String>,
+    /// Resume after this log position.
+    pub from_lsn: Option<u64>,
+}
 
 /// Acknowledgements of a trigger exchange: each item is a number of batches handled by the client.
 pub type AckStream = BoxStream<'static, u64>;
@@ -116,9 +138,9 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError>;
     /// Durably write one batch to `key`; returns rows stored once they are durable.
     async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
-    /// Appended batches of keys matching `pattern` (`*` per segment), until dropped. `peer` names the
+    /// Appended batches of keys matching `req.pattern` (`*` per segment), until dropped. `peer` names the
     /// client (its address) for logs.
-    async fn subscribe(&self, pattern: &str, peer: &str) -> Result<SubscriptionStream, BackendError>;
+    async fn subscribe(&self, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError>;
     /// The queued appends of an out-of-process trigger identified by its secret `token` (DoExchange).
     /// `acks` yields, for each client message, how many delivered batches the client has handled; a batch
     /// not acknowledged when the exchange ends is delivered again on the next one. Every batch of one
@@ -276,49 +298,74 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Ok(info)
     }
 
+    /// A subscription or trigger exchange as Flight data: one schema message, then each batch with
+    /// `{"key", "lsn"[, "gap"]}` in its `app_metadata`. An IPC stream has one schema, so a batch of another
+    /// schema ends the *segment*: a metadata-only message `{"end": "schema_change", "key": …,
+    /// "from_lsn": <last lsn sent>}` is sent and the stream ends without error; the client subscribes again
+    /// with that `from_lsn` and the new segment starts with the batch that did not fit.
     fn subscription_stream(stream: SubscriptionStream) -> Bs<FlightData> {
         let mut schema: Option<SchemaRef> = None;
-        let mut failed = false;
-        // An error item is sent and ends the stream.
-        let stream = stream.take_while(move |r| {
-            let go = !failed;
-            failed |= r.is_err();
-            futures::future::ready(go)
-        });
-        let s = stream.flat_map(move |item| {
+        let mut last_lsn: Option<u64> = None;
+        let mut ended = false;
+        let s = stream.map(move |item| {
             let mut out: Vec<Result<FlightData, Status>> = Vec::new();
-            let (key, batch) = match item {
-                Ok(kb) => kb,
+            if ended {
+                return (true, out);
+            }
+            let d = match item {
+                Ok(d) => d,
                 Err(e) => {
+                    ended = true;
                     out.push(Err(Status::from(e)));
-                    return futures::stream::iter(out);
+                    return (true, out);
                 }
             };
             match &schema {
                 None => {
                     let opts = arrow::ipc::writer::IpcWriteOptions::default();
-                    out.push(Ok(SchemaAsIpc::new(batch.schema().as_ref(), &opts).into()));
-                    schema = Some(batch.schema());
+                    out.push(Ok(SchemaAsIpc::new(d.batch.schema().as_ref(), &opts).into()));
+                    schema = Some(d.batch.schema());
                 }
-                Some(s) if s.fields() != batch.schema().fields() => {
-                    tracing::warn!(key, "subscription: skipping a batch whose schema differs from the stream's");
-                    return futures::stream::iter(out);
+                Some(s) if s.fields() != d.batch.schema().fields() => {
+                    ended = true;
+                    let mut end = serde_json::json!({ "end": "schema_change", "key": d.key });
+                    if let Some(l) = last_lsn {
+                        end["from_lsn"] = l.into();
+                    }
+                    out.push(Ok(FlightData { app_metadata: Bytes::from(end.to_string()), ..Default::default() }));
+                    return (true, out);
                 }
                 Some(_) => {}
             }
-            let meta = Bytes::from(serde_json::json!({ "key": key }).to_string());
-            match arrow_flight::utils::batches_to_flight_data(batch.schema().as_ref(), vec![batch]) {
+            let mut meta = serde_json::json!({ "key": d.key, "lsn": d.lsn });
+            if let Some((after, through)) = d.gap {
+                meta["gap"] = serde_json::json!({ "after_lsn": after, "through_lsn": through });
+            }
+            last_lsn = Some(d.lsn);
+            match arrow_flight::utils::batches_to_flight_data(d.batch.schema().as_ref(), vec![d.batch]) {
                 Ok(mut fds) => {
                     fds.remove(0); // the schema message, sent once above
                     if let Some(last) = fds.last_mut() {
-                        last.app_metadata = meta;
+                        last.app_metadata = Bytes::from(meta.to_string());
                     }
                     out.extend(fds.into_iter().map(Ok));
                 }
-                Err(e) => out.push(Err(Status::internal(e.to_string()))),
+                Err(e) => {
+                    ended = true;
+                    out.push(Err(Status::internal(e.to_string())));
+                }
             }
-            futures::stream::iter(out)
+            (ended, out)
         });
+        // Send each item's messages; stop after the one that ended the stream.
+        let s = futures::stream::unfold((s.boxed(), false), |(mut s, done)| async move {
+            if done {
+                return None;
+            }
+            let (end, out) = s.next().await?;
+            Some((futures::stream::iter(out), (s, end)))
+        })
+        .flatten();
         Box::pin(s)
     }
 
@@ -467,7 +514,8 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
         if let Some(pattern) = &q.subscribe {
             let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
-            let s = self.backend.subscribe(pattern, &peer).await?;
+            let req = SubscribeRequest { pattern: pattern.clone(), feed: q.feed.clone(), from_lsn: q.from_lsn };
+            let s = self.backend.subscribe(req, &peer).await?;
             return Ok(Response::new(Self::subscription_stream(s)));
         }
         if q.trigger.is_some() {

@@ -48,6 +48,14 @@ pub struct QueryTicket {
     /// Stream appended rows of keys matching this glob until the client cancels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<String>,
+    /// With `subscribe`: `"appends"` (the default: every append, whole) or `"stream"` (what the `stream`
+    /// trigger pushes, as `/ws` clients get it: the newest row per write, shelved and filtered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed: Option<String>,
+    /// With `subscribe`: resume after this log position (the `lsn` of the last batch handled): the
+    /// appends after it that the server still holds come first, then live ones (docs/flight.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_lsn: Option<u64>,
     /// The stream of an out-of-process trigger: the secret the plugin host handed the process (in
     /// `MKTS_TRIGGER_TICKET`), opened with DoExchange. Delivers that trigger's queued appends.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -279,26 +279,9 @@ pub fn parse_shape(shape: &str, kind: RecordKind) -> anyhow::Result<BucketSchema
     Ok(s)
 }
 
-/// Parse a `\show` time: `2006-01-02`, `2006-01-02T15:04`, `2006-01-02T15:04:05`, RFC 3339,
-/// `20060102 150405`, or Unix seconds.
+/// Parse a `\show` time (Unix seconds): every spelling of [`crate::timestr`].
 pub fn parse_time_arg(s: &str) -> anyhow::Result<i64> {
-    use chrono::{NaiveDate, NaiveDateTime};
-    let s = s.trim();
-    if let Ok(n) = s.parse::<i64>() {
-        return Ok(n);
-    }
-    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(d.timestamp());
-    }
-    for f in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y%m%d %H%M%S"] {
-        if let Ok(d) = NaiveDateTime::parse_from_str(s, f) {
-            return Ok(d.and_utc().timestamp());
-        }
-    }
-    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).map(|x| x.and_utc().timestamp()).unwrap_or_default());
-    }
-    bail!("cannot parse time {s:?} (use 2024-01-02, 2024-01-02T15:04[:05], RFC 3339 or Unix seconds)")
+    Ok(crate::timestr::parse_time_secs(s)?)
 }
 
 /// Shell state.

@@ -223,39 +223,13 @@ impl TimeParser {
                 let local = tz.from_local_datetime(&naive).earliest().ok_or_else(|| anyhow!("time {s:?} does not exist in {tz}"))?;
                 ns(local.with_timezone(&chrono::Utc))
             }
-            TimeParser::Auto => {
-                if let Ok(n) = unix_nanos(s) {
-                    return Ok(n);
-                }
-                if let Ok(d) = chrono::DateTime::parse_from_rfc3339(s) {
-                    return ns(d.with_timezone(&chrono::Utc));
-                }
-                for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y%m%d %H%M%S"] {
-                    if let Ok(d) = NaiveDateTime::parse_from_str(s, f) {
-                        return ns(d.and_utc());
-                    }
-                }
-                if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-                    return ns(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
-                }
-                bail!("cannot parse time {s:?}")
-            }
+            TimeParser::Auto => Ok(crate::timestr::parse_time_nanos(s)?),
         }
     }
 }
 
 fn unix_nanos(s: &str) -> anyhow::Result<i64> {
-    if let Ok(n) = s.parse::<i64>() {
-        return n.checked_mul(1_000_000_000).ok_or_else(|| anyhow!("time {s} out of range"));
-    }
-    let (int, frac) = s.split_once('.').ok_or_else(|| anyhow!("not a Unix time: {s:?}"))?;
-    let secs: i64 = int.parse().map_err(|_| anyhow!("not a Unix time: {s:?}"))?;
-    if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        bail!("not a Unix time: {s:?}");
-    }
-    let nanos: i64 = format!("{frac:0<9}").parse()?;
-    let sign = if int.starts_with('-') { -1 } else { 1 };
-    secs.checked_mul(1_000_000_000).and_then(|v| v.checked_add(sign * nanos)).ok_or_else(|| anyhow!("time {s} out of range"))
+    crate::timestr::parse_unix_nanos(s).ok_or_else(|| anyhow!("not a Unix time: {s:?}"))?.map_err(Into::into)
 }
 
 /// Counts bytes read (for the progress bar).

@@ -40,8 +40,6 @@ use super::value::{to_msgpack, Val};
 
 /// Frames buffered per client before it is considered too slow and disconnected.
 pub const CLIENT_QUEUE: usize = 1024;
-/// Appended batches buffered between the engine and the hub (overflow is dropped and counted by the engine).
-pub const HUB_QUEUE: usize = 8192;
 /// Keepalive ping period (MarketStore: 54 s).
 pub const PING_INTERVAL: Duration = Duration::from_secs(54);
 /// Longest a single socket send may take.
@@ -90,35 +88,26 @@ impl WsHub {
         Arc::new(WsHub { ctx, clients: Mutex::new(Vec::new()), next_id: AtomicU64::new(1), started: OnceLock::new() })
     }
 
-    /// Start the hub task (first connection): subscribe to the engine and fan out.
+    /// Start the hub task (first connection): subscribe to the bus's gated feed and fan out. That feed is
+    /// the `stream` trigger's pushes when one runs, else every append (see [`crate::bus::gate`]); each
+    /// frame carries the newest row of what arrives.
     fn ensure_started(self: &Arc<Self>) {
         self.started.get_or_init(|| {
             let hub = Arc::downgrade(self);
-            if self.ctx.streams_gated() {
-                // The `stream` trigger decides what is pushed (contrib::stream): forward its rows.
-                let mut rx = self.ctx.stream.subscribe();
-                tokio::spawn(async move {
-                    loop {
-                        match rx.recv().await {
-                            Ok(m) => {
-                                let Some(hub) = hub.upgrade() else { break };
-                                hub.publish(&AppendEvent { key: m.key.clone(), lsn: 0, batch: m.row.clone() });
-                            }
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                                tracing::warn!(missed = n, "/ws hub fell behind the stream hub");
-                                continue;
-                            }
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                        }
-                    }
-                });
-                return;
-            }
-            let mut sub = self.ctx.engine.subscribe(HUB_QUEUE);
+            let mut rx = self.ctx.bus.subscribe_gated();
             tokio::spawn(async move {
-                while let Some(ev) = sub.rx.recv().await {
-                    let Some(hub) = hub.upgrade() else { break };
-                    hub.publish(&ev);
+                loop {
+                    match rx.recv().await {
+                        Ok(m) => {
+                            let Some(hub) = hub.upgrade() else { break };
+                            hub.publish(&AppendEvent { key: m.key.clone(), lsn: m.lsn, batch: m.row.clone() });
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "/ws hub fell behind the event bus");
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
                 }
             });
         });

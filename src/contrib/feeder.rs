@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
-use chrono::{NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use parking_lot::{Condvar, Mutex};
 use serde::Deserialize;
 
@@ -49,15 +49,9 @@ pub struct Bar {
     pub volume: f64,
 }
 
-/// Parse MarketStore's `query_start` layouts as UTC.
+/// Parse MarketStore's `query_start` (any spelling of [`crate::timestr`]) as UTC Unix seconds.
 pub fn parse_time(s: &str) -> Option<i64> {
-    let s = s.trim();
-    for layout in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%SZ"] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(s, layout) {
-            return Some(Utc.from_utc_datetime(&t).timestamp());
-        }
-    }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)).map(|t| Utc.from_utc_datetime(&t).timestamp())
+    crate::timestr::parse_time_secs(s).ok()
 }
 
 /// `250ms`, `2s`, `1m`, or a bare number of seconds.
@@ -203,12 +197,15 @@ impl Stop {
     }
 }
 
-/// Exponential back-off: 1 s doubling to 60 s, or the server's `Retry-After`.
+/// Retry delays of the exchange APIs: 1 s doubling to 60 s.
+const RETRY_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// The wait before retry `attempt`: the server's `Retry-After` (at most 600 s), else [`RETRY_BACKOFF`].
 pub fn backoff_delay(attempt: u32, retry_after: Option<u64>) -> Duration {
-    if let Some(s) = retry_after {
-        return Duration::from_secs(s.min(600));
+    match retry_after {
+        Some(s) => Duration::from_secs(s.min(600)),
+        None => RETRY_BACKOFF.delay(attempt),
     }
-    Duration::from_secs((1u64 << attempt.min(6)).min(60))
 }
 
 /// HTTP GET with pacing and retries on 429/418/5xx/transport errors.
@@ -225,7 +222,7 @@ impl Http {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
-            .user_agent(format!("mkts/{}", crate::context::VERSION))
+            .user_agent(format!("mkts/{}", crate::VERSION))
             .build()
             .into();
         Http { agent, interval, last: Mutex::new(None), requests: AtomicU64::new(0), plugin }

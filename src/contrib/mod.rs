@@ -62,11 +62,10 @@ pub fn module_name(module: &str) -> &str {
     base.strip_suffix(".so").unwrap_or(base)
 }
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::context::ServerContext;
-use crate::engine::AppendEvent;
+use crate::bus::Bus;
+use crate::engine::{AppendEvent, Engine};
 
 /// A built-in trigger instance, ready to be fired with appended batches.
 #[derive(Clone)]
@@ -93,14 +92,15 @@ impl BuiltinTrigger {
 }
 
 /// Construct and start the built-in trigger named by `module`, or `None` when it is not a built-in.
-/// Must run inside the tokio runtime (workers and timers are spawned on it).
-pub fn trigger(module: &str, config: &serde_json::Value, ctx: &Arc<ServerContext>) -> Option<Result<BuiltinTrigger, ContribError>> {
+/// Built-ins get narrow handles: the engine they read and write (`ondiskagg`), the bus they publish on
+/// (`stream`). Must run inside the tokio runtime (workers and timers are spawned on it).
+pub fn trigger(module: &str, config: &serde_json::Value, engine: &Engine, bus: &Bus) -> Option<Result<BuiltinTrigger, ContribError>> {
     Some(match module_name(module) {
         "ondiskagg" => ondiskagg::OnDiskAgg::from_config(config).map(|a| {
-            a.start(ctx.engine.clone());
+            a.start(engine.clone());
             BuiltinTrigger::OnDiskAgg(a)
         }),
-        "stream" => stream::StreamTrigger::from_config(config, ctx.stream.clone()).map(|s| {
+        "stream" => stream::StreamTrigger::from_config(config, bus.gate().clone()).map(|s| {
             s.start();
             BuiltinTrigger::Stream(s)
         }),
@@ -109,10 +109,10 @@ pub fn trigger(module: &str, config: &serde_json::Value, ctx: &Arc<ServerContext
 }
 
 /// Start the built-in background worker named by `module`, or `None` when it is not a built-in.
-pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, ctx: &Arc<ServerContext>) -> Option<Result<feeder::FeederHandle, ContribError>> {
+pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, engine: &Engine) -> Option<Result<feeder::FeederHandle, ContribError>> {
     Some(match module_name(module) {
-        "gdaxfeeder" => gdaxfeeder::start(config, ctx.engine.clone(), name),
-        "binancefeeder" => binancefeeder::start(config, ctx.engine.clone(), name),
+        "gdaxfeeder" => gdaxfeeder::start(config, engine.clone(), name),
+        "binancefeeder" => binancefeeder::start(config, engine.clone(), name),
         _ => return None,
     })
 }

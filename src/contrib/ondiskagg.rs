@@ -46,7 +46,6 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, TimestampSecondType};
-use chrono::{Datelike, TimeZone, Utc};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use parking_lot::Mutex;
@@ -54,7 +53,7 @@ use serde::Deserialize;
 
 use super::calendar::SessionCache;
 use super::ContribError;
-use crate::engine::{AppendEvent, BucketKey, Engine, ReadRequest, TfUnit, Timeframe, TimePoint, WriteOptions, EPOCH, NANOSECONDS};
+use crate::engine::{AppendEvent, BucketKey, Engine, ReadRequest, Timeframe, TimePoint, WriteOptions, EPOCH, NANOSECONDS};
 
 const PLUGIN: &str = "ondiskagg";
 
@@ -167,22 +166,6 @@ impl AggConfig {
             "Volume" => Rule::Sum,
             _ => Rule::Last,
         }
-    }
-}
-
-/// End (exclusive) of the window of `tf` that starts at `ws`.
-pub fn window_end(tf: Timeframe, ws: i64) -> i64 {
-    match tf.unit {
-        TfUnit::Month | TfUnit::Year => {
-            let months = if tf.unit == TfUnit::Year { 12 * tf.n as i32 } else { tf.n as i32 };
-            let Some(dt) = Utc.timestamp_opt(ws, 0).single() else { return i64::MAX };
-            let total = dt.year() * 12 + dt.month0() as i32 + months;
-            Utc.with_ymd_and_hms(total.div_euclid(12), total.rem_euclid(12) as u32 + 1, 1, 0, 0, 0)
-                .single()
-                .map(|d| d.timestamp())
-                .unwrap_or(i64::MAX)
-        }
-        _ => ws.saturating_add(tf.fixed_seconds().unwrap_or(60)),
     }
 }
 
@@ -370,7 +353,7 @@ pub async fn recompute(engine: &Engine, cfg: &AggConfig, key: &BucketKey, head: 
             let mut chunk_last = ws;
             for _ in 0..per {
                 chunk_last = we;
-                we = window_end(*dtf, we);
+                we = dtf.window_end(we);
                 if we > last_w {
                     break;
                 }
@@ -633,10 +616,10 @@ mod tests {
     #[test]
     fn windows() {
         let m = Timeframe::parse("1M").unwrap();
-        assert_eq!(window_end(m, 1_698_796_800), 1_701_388_800); // Nov → Dec 2023
+        assert_eq!(m.window_end(1_698_796_800), 1_701_388_800); // Nov → Dec 2023
         let q = Timeframe::parse("3M").unwrap();
-        assert_eq!(window_end(q, 1_696_118_400), 1_704_067_200); // Oct 2023 → Jan 2024
-        assert_eq!(window_end(Timeframe::parse("5Min").unwrap(), 300), 600);
+        assert_eq!(q.window_end(1_696_118_400), 1_704_067_200); // Oct 2023 → Jan 2024
+        assert_eq!(Timeframe::parse("5Min").unwrap().window_end(300), 600);
         assert_eq!(windows_per_chunk(Timeframe::parse("5Min").unwrap()), 8928);
         assert_eq!(windows_per_chunk(Timeframe::parse("1M").unwrap()), 1);
     }

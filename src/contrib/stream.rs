@@ -10,9 +10,11 @@
 //! ```
 //!
 //! For every matching write the trigger takes the write's newest row (the last row in time order) and
-//! publishes `(key, row)` on the server's [`StreamHub`]; the `/ws` endpoint sends it to WebSocket subscribers
+//! publishes `(key, row)` on the event bus's gate ([`StreamGate`], which it installs itself on at start:
+//! from then on the gated feed carries only its pushes); the `/ws` endpoint sends it to WebSocket subscribers
 //! as MarketStore's msgpack frame `{"key": "SYM/TF/GROUP", "data": {"Epoch": …, "Open": …}}` (see
-//! [`ws_frame`]) and Flight stream subscribers receive it as a one-row batch.
+//! [`ws_frame`]) and Flight subscribers that ask for `"feed": "stream"` receive it as a one-row batch
+//! (a plain Flight subscription carries every append, whole, whether or not this trigger runs).
 //!
 //! **Shelf.** Bars of timeframes above 1Min (`5Min`, `1H`, `1D`, typically written by `ondiskagg`) are held
 //! until their window closes — per bucket only the latest version is kept — and pushed once, complete, when
@@ -24,7 +26,6 @@
 //! the regular session, and daily-or-longer bars only for market days.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,77 +34,14 @@ use arrow::datatypes::{self as adt, DataType};
 use chrono::{TimeZone, Utc};
 use parking_lot::Mutex;
 use serde::Deserialize;
-use tokio::sync::broadcast;
 
 use super::calendar::Nasdaq;
-use super::ondiskagg::{window_end, Filter};
+use super::ondiskagg::Filter;
 use super::ContribError;
-use crate::engine::{AppendEvent, BucketKey, KeyPattern, Timeframe, EPOCH};
+use crate::bus::{StreamGate, StreamMessage};
+use crate::engine::{AppendEvent, BucketKey, Timeframe, EPOCH};
 
 const PLUGIN: &str = "stream";
-
-/// One pushed row: the bucket and a one-row batch in the bucket's read schema.
-#[derive(Debug, Clone)]
-pub struct StreamMessage {
-    pub key: BucketKey,
-    pub row: RecordBatch,
-}
-
-/// The server-wide broadcast of stream pushes. Interfaces subscribe; the `stream` trigger (or any plugin)
-/// pushes. Slow subscribers lose the oldest messages (counted in `lagged`) instead of slowing writers.
-pub struct StreamHub {
-    tx: broadcast::Sender<Arc<StreamMessage>>,
-    pushed: AtomicU64,
-}
-
-impl Default for StreamHub {
-    fn default() -> Self {
-        Self::new(4096)
-    }
-}
-
-impl StreamHub {
-    /// A hub whose subscribers buffer up to `capacity` messages each.
-    pub fn new(capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(16));
-        StreamHub { tx, pushed: AtomicU64::new(0) }
-    }
-
-    /// Publish one row to every current subscriber.
-    pub fn push(&self, key: BucketKey, row: RecordBatch) {
-        self.pushed.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.send(Arc::new(StreamMessage { key, row }));
-    }
-
-    /// Receive every message pushed from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StreamMessage>> {
-        self.tx.subscribe()
-    }
-
-    /// Messages pushed since start.
-    pub fn pushed(&self) -> u64 {
-        self.pushed.load(Ordering::Relaxed)
-    }
-
-    /// A stream of the pushes whose key matches `pattern` (Flight subscriptions), as `(key, one-row batch)`.
-    pub fn matching(&self, pattern: KeyPattern) -> futures::stream::BoxStream<'static, (String, RecordBatch)> {
-        use futures::StreamExt;
-        let rx = self.subscribe();
-        tokio_stream::wrappers::BroadcastStream::new(rx)
-            .filter_map(move |m| {
-                let out = match m {
-                    Ok(m) if pattern.matches(&m.key) => Some((m.key.to_string(), m.row.clone())),
-                    Ok(_) => None,
-                    Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                        tracing::warn!(pattern = %pattern, missed = n, "stream subscriber fell behind the stream hub");
-                        None
-                    }
-                };
-                futures::future::ready(out)
-            })
-            .boxed()
-    }
-}
 
 /// MarketStore's WebSocket data frame for a pushed row: msgpack `{"key": "...", "data": {column: value}}`.
 /// `Epoch` is int64 Unix seconds; other values keep their column type (float32 stays float32).
@@ -204,7 +142,7 @@ pub fn decide(cfg: &StreamConfig, tf: Timeframe, t: i64, now: i64) -> Decision {
         return Decision::Push;
     }
     let ws = tf.truncate(t);
-    let mut deadline = window_end(tf, ws);
+    let mut deadline = tf.window_end(ws);
     if nasdaq && tf == (Timeframe { n: 1, unit: crate::engine::TfUnit::Day }) {
         let date = Utc.timestamp_opt(ws, 0).single().map(|d| d.date_naive());
         if let Some((_, close)) = date.and_then(Nasdaq::session) {
@@ -218,8 +156,9 @@ pub fn decide(cfg: &StreamConfig, tf: Timeframe, t: i64, now: i64) -> Decision {
 #[derive(Clone)]
 pub struct StreamTrigger {
     cfg: StreamConfig,
-    hub: Arc<StreamHub>,
-    shelf: Arc<Mutex<HashMap<BucketKey, (i64, RecordBatch)>>>,
+    hub: Arc<StreamGate>,
+    /// Held bars by bucket: (deadline, LSN of the append, row).
+    shelf: Arc<Mutex<HashMap<BucketKey, (i64, u64, RecordBatch)>>>,
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -228,17 +167,19 @@ fn now_secs() -> i64 {
 }
 
 impl StreamTrigger {
-    /// Build from the plugin `config:` map, publishing on `hub`.
-    pub fn from_config(v: &serde_json::Value, hub: Arc<StreamHub>) -> Result<Self, ContribError> {
+    /// Build from the plugin `config:` map, publishing on `hub` (the bus's gate).
+    pub fn from_config(v: &serde_json::Value, hub: Arc<StreamGate>) -> Result<Self, ContribError> {
         Ok(StreamTrigger { cfg: StreamConfig::from_json(v)?, hub, shelf: Arc::default(), wake: Arc::default() })
     }
 
-    /// Start the shelf timer on the current tokio runtime.
+    /// Install on the gate (the gated feed now carries only this trigger's pushes) and start the shelf
+    /// timer on the current tokio runtime.
     pub fn start(&self) {
+        self.hub.install();
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let next = me.shelf.lock().values().map(|(d, _)| *d).min();
+                let next = me.shelf.lock().values().map(|(d, _, _)| *d).min();
                 let notified = me.wake.notified();
                 match next {
                     None => notified.await,
@@ -250,13 +191,13 @@ impl StreamTrigger {
                     }
                 }
                 let now = now_secs();
-                let due: Vec<(BucketKey, RecordBatch)> = {
+                let due: Vec<(BucketKey, u64, RecordBatch)> = {
                     let mut s = me.shelf.lock();
-                    let keys: Vec<BucketKey> = s.iter().filter(|(_, (d, _))| *d <= now).map(|(k, _)| k.clone()).collect();
-                    keys.into_iter().filter_map(|k| s.remove(&k).map(|(_, r)| (k, r))).collect()
+                    let keys: Vec<BucketKey> = s.iter().filter(|(_, (d, _, _))| *d <= now).map(|(k, _)| k.clone()).collect();
+                    keys.into_iter().filter_map(|k| s.remove(&k).map(|(_, l, r)| (k, l, r))).collect()
                 };
-                for (k, r) in due {
-                    me.hub.push(k, r);
+                for (k, l, r) in due {
+                    me.hub.push(k, l, r);
                 }
             }
         });
@@ -275,19 +216,19 @@ impl StreamTrigger {
             Decision::Push => {
                 // A newer complete version replaces anything held for the same bucket.
                 let held = self.shelf.lock().remove(&ev.key);
-                if let Some((_, old)) = held {
+                if let Some((_, lsn, old)) = held {
                     if row_epoch(&old).is_some_and(|o| o < t) {
-                        self.hub.push(ev.key.clone(), old);
+                        self.hub.push(ev.key.clone(), lsn, old);
                     }
                 }
-                self.hub.push(ev.key.clone(), row);
+                self.hub.push(ev.key.clone(), ev.lsn, row);
             }
             Decision::Hold(deadline) => {
-                let prev = self.shelf.lock().insert(ev.key.clone(), (deadline, row));
+                let prev = self.shelf.lock().insert(ev.key.clone(), (deadline, ev.lsn, row));
                 // A different (older) bar that was still held is complete now: push it.
-                if let Some((d, old)) = prev {
+                if let Some((d, lsn, old)) = prev {
                     if d < deadline {
-                        self.hub.push(ev.key.clone(), old);
+                        self.hub.push(ev.key.clone(), lsn, old);
                     }
                 }
                 self.wake.notify_one();
@@ -331,7 +272,7 @@ mod tests {
     async fn pushes_and_shelves() {
         use arrow::array::{Float64Array, TimestampSecondArray};
         use arrow::datatypes::{Field, Schema};
-        let hub = Arc::new(StreamHub::default());
+        let hub = Arc::new(StreamGate::default());
         let mut rx = hub.subscribe();
         let s = StreamTrigger::from_config(&serde_json::json!({}), hub.clone()).unwrap();
         s.start();
@@ -353,6 +294,6 @@ mod tests {
         s.fire(&AppendEvent { key: hk.clone(), lsn: 2, batch: mk(vec![h0], vec![5.0]) });
         s.fire(&AppendEvent { key: hk.clone(), lsn: 3, batch: mk(vec![h0], vec![6.0]) });
         assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err());
-        assert_eq!(s.shelf.lock().get(&hk).map(|(d, _)| *d), Some(h0 + 3600));
+        assert_eq!(s.shelf.lock().get(&hk).map(|(d, _, _)| *d), Some(h0 + 3600));
     }
 }

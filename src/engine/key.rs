@@ -41,7 +41,11 @@ impl BucketKey {
         for seg in [symbol, timeframe, attr_group] {
             validate_segment(seg).map_err(|r| invalid(&full, &r))?;
         }
-        Timeframe::parse(timeframe).map_err(|_| invalid(&full, &format!("unknown timeframe {timeframe:?}")))?;
+        // A directory name: the timeframe's own spelling, letters and digits only (no quotes or blanks
+        // that the timeframe parser would trim).
+        if !timeframe.chars().all(|c| c.is_ascii_alphanumeric()) || Timeframe::parse(timeframe).is_err() {
+            return Err(invalid(&full, &format!("unknown timeframe {timeframe:?}")));
+        }
         Ok(BucketKey { symbol: symbol.into(), timeframe: timeframe.into(), attr_group: attr_group.into() })
     }
 
@@ -201,118 +205,9 @@ fn glob(pat: &str, s: &str) -> bool {
     pi == p.len()
 }
 
-/// Time units of a timeframe string (`N` + `Sec|Min|H|D|W|M|Y`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TfUnit {
-    Sec,
-    Min,
-    Hour,
-    Day,
-    Week,
-    Month,
-    Year,
-}
-
-/// A parsed timeframe such as `1Min`, `5Min`, `1H`, `1D`, `1W`, `1M`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Timeframe {
-    pub n: u32,
-    pub unit: TfUnit,
-}
-
-impl Timeframe {
-    /// Parse `N` + unit; `N` defaults to 1 (`Min` = `1Min`). Also accepts MarketStore's aliases `S`, `T`.
-    ///
-    /// ```
-    /// use mkts::engine::Timeframe;
-    /// assert_eq!(Timeframe::parse("5Min").unwrap().fixed_seconds(), Some(300));
-    /// assert_eq!(Timeframe::parse("1M").unwrap().fixed_seconds(), None); // calendar month
-    /// ```
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
-        let (num, unit) = s.split_at(digits);
-        let n: u32 = if num.is_empty() { 1 } else { num.parse().map_err(|_| format!("bad timeframe {s:?}"))? };
-        if n == 0 {
-            return Err(format!("bad timeframe {s:?}: zero length"));
-        }
-        let unit = match unit {
-            "Sec" | "S" | "s" => TfUnit::Sec,
-            "Min" | "T" | "m" => TfUnit::Min,
-            "H" | "h" => TfUnit::Hour,
-            "D" | "d" => TfUnit::Day,
-            "W" | "w" => TfUnit::Week,
-            "M" => TfUnit::Month,
-            "Y" | "y" => TfUnit::Year,
-            _ => return Err(format!("bad timeframe {s:?}: unit must be Sec, Min, H, D, W, M or Y")),
-        };
-        Ok(Timeframe { n, unit })
-    }
-
-    /// Length in seconds for fixed-length timeframes; `None` for calendar months and years.
-    pub fn fixed_seconds(&self) -> Option<i64> {
-        let n = self.n as i64;
-        match self.unit {
-            TfUnit::Sec => Some(n),
-            TfUnit::Min => Some(60 * n),
-            TfUnit::Hour => Some(3600 * n),
-            TfUnit::Day => Some(86400 * n),
-            TfUnit::Week => Some(7 * 86400 * n),
-            TfUnit::Month | TfUnit::Year => None,
-        }
-    }
-
-    /// Nominal duration in nanoseconds (months 30 days, years 365), as MarketStore's GetInfo `TimeFrame`.
-    pub fn nominal_nanos(&self) -> i64 {
-        let secs = self.fixed_seconds().unwrap_or(match self.unit {
-            TfUnit::Month => 30 * 86400 * self.n as i64,
-            _ => 365 * 86400 * self.n as i64,
-        });
-        secs.saturating_mul(1_000_000_000)
-    }
-
-    /// Start (UTC seconds) of the interval containing `t`.
-    ///
-    /// Sub-day timeframes align to the Unix epoch; days to UTC midnight; weeks to Monday 00:00 UTC;
-    /// months and years to the calendar (UTC).
-    pub fn truncate(&self, t: i64) -> i64 {
-        use chrono::{Datelike, TimeZone, Utc};
-        match self.unit {
-            TfUnit::Week => {
-                // 1970-01-05 was a Monday.
-                let w = 7 * 86400 * self.n as i64;
-                let monday = 4 * 86400;
-                (t - monday).div_euclid(w) * w + monday
-            }
-            TfUnit::Month | TfUnit::Year => {
-                let Some(dt) = Utc.timestamp_opt(t, 0).single() else { return t };
-                let months_per = if self.unit == TfUnit::Year { 12 * self.n as i32 } else { self.n as i32 };
-                let total = dt.year() * 12 + dt.month0() as i32;
-                let start = total.div_euclid(months_per) * months_per;
-                let (y, m) = (start.div_euclid(12), start.rem_euclid(12) as u32 + 1);
-                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(t)
-            }
-            _ => {
-                let w = self.fixed_seconds().unwrap_or(60);
-                t.div_euclid(w) * w
-            }
-        }
-    }
-}
-
-impl fmt::Display for Timeframe {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let u = match self.unit {
-            TfUnit::Sec => "Sec",
-            TfUnit::Min => "Min",
-            TfUnit::Hour => "H",
-            TfUnit::Day => "D",
-            TfUnit::Week => "W",
-            TfUnit::Month => "M",
-            TfUnit::Year => "Y",
-        };
-        write!(f, "{}{}", self.n, u)
-    }
-}
+/// The one timeframe type, owned by the `mkts-udf` crate (bucket keys, functions and plugins share its
+/// parse rule); re-exported here under the engine's names.
+pub use mkts_udf::{Timeframe, Unit as TfUnit};
 
 #[cfg(test)]
 mod tests {

@@ -3,13 +3,12 @@
 //! They are looked up by short name (`ondiskagg.so` and `ondiskagg` are the same module), so MarketStore
 //! configuration files keep working unchanged.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::{PluginError, TriggerPlugin, WorkerPlugin};
-use crate::context::ServerContext;
+use crate::bus::Bus;
 use crate::contrib::{self, feeder::FeederHandle, BuiltinTrigger};
-use crate::engine::AppendEvent;
+use crate::engine::{AppendEvent, Engine};
 
 /// A built-in trigger with the runtime its background work runs on.
 struct Builtin {
@@ -32,8 +31,8 @@ impl TriggerPlugin for Builtin {
 }
 
 /// Start the built-in trigger `name` with its `config:` map. Must run inside the tokio runtime.
-pub fn trigger(name: &str, config: &serde_json::Value, ctx: &Arc<ServerContext>) -> Result<Box<dyn TriggerPlugin>, PluginError> {
-    match contrib::trigger(name, config, ctx) {
+pub fn trigger(name: &str, config: &serde_json::Value, engine: &Engine, bus: &Bus) -> Result<Box<dyn TriggerPlugin>, PluginError> {
+    match contrib::trigger(name, config, engine, bus) {
         Some(Ok(trigger)) => Ok(Box::new(Builtin { trigger, rt: tokio::runtime::Handle::current() })),
         Some(Err(e)) => Err(PluginError::Start(e.to_string())),
         None => Err(PluginError::NotFound(format!("no built-in trigger {name:?}"))),
@@ -50,8 +49,8 @@ impl WorkerPlugin for BuiltinWorker {
 }
 
 /// Start the built-in background worker `module` as `name`.
-pub fn worker(module: &str, name: &str, config: &serde_json::Value, ctx: &Arc<ServerContext>) -> Result<Box<dyn WorkerPlugin>, PluginError> {
-    match contrib::bgworker(module, name, config, ctx) {
+pub fn worker(module: &str, name: &str, config: &serde_json::Value, engine: &Engine) -> Result<Box<dyn WorkerPlugin>, PluginError> {
+    match contrib::bgworker(module, name, config, engine) {
         Some(Ok(h)) => Ok(Box::new(BuiltinWorker(h))),
         Some(Err(e)) => Err(PluginError::Start(e.to_string())),
         None => Err(PluginError::NotFound(format!("no built-in worker {module:?}"))),

@@ -37,7 +37,7 @@ use crate::context::ServerContext;
 use crate::engine::{AppendEvent, KeyPattern};
 use crate::metrics::PluginStats;
 
-pub use process::{ServerAddrs, TriggerStreams};
+pub use process::ServerAddrs;
 
 /// Appends a trigger may have waiting before further ones are dropped (and counted).
 pub const TRIGGER_QUEUE: usize = 4096;
@@ -260,7 +260,7 @@ impl PluginHost {
         let kind = provider.kind();
         // Subscribe before anything else: appends acknowledged from here on reach this trigger.
         let queue = t.queue_size.unwrap_or(TRIGGER_QUEUE);
-        let sub = ctx.engine.subscribe_matching(Some(pattern.clone()), queue);
+        let sub = ctx.bus.subscribe_trigger(pattern.clone(), queue);
         let mut stats = PluginStats::new("trigger", entry.to_string(), module.to_string(), kind);
         stats.dropped = sub.dropped.clone();
         stats.queued = Some(Box::new(sub.depth_probe()));
@@ -269,7 +269,7 @@ impl PluginHost {
         let mut process = None;
         let plugin: Box<dyn FnOnce() -> Result<Box<dyn TriggerPlugin>, PluginError> + Send> = match provider {
             Provider::Builtin(b) => {
-                let t = builtin::trigger(b, config, ctx)?;
+                let t = builtin::trigger(b, config, &ctx.engine, &ctx.bus)?;
                 Box::new(move || Ok(t))
             }
             Provider::Shared(lib, path) => {
@@ -281,7 +281,7 @@ impl PluginHost {
                 Box::new(move || lib.create_trigger(&config, host).map(|t| Box::new(t) as Box<dyn TriggerPlugin>))
             }
             Provider::Process(path) => {
-                let (t, sup) = process::trigger(ctx, self.addrs, &path, &name, &pattern, config, stop_rx.clone(), stats.clone())?;
+                let (t, sup) = process::trigger(&process_env(ctx), self.addrs, &path, &name, &pattern, config, stop_rx.clone(), stats.clone())?;
                 process = Some(sup);
                 Box::new(move || Ok(Box::new(t) as Box<dyn TriggerPlugin>))
             }
@@ -312,7 +312,7 @@ impl PluginHost {
         let kind = provider.kind();
         let stats = Arc::new(PluginStats::new("worker", entry.to_string(), module.to_string(), kind));
         let worker: Box<dyn WorkerPlugin> = match provider {
-            Provider::Builtin(b) => builtin::worker(b, name, config, ctx)?,
+            Provider::Builtin(b) => builtin::worker(b, name, config, &ctx.engine)?,
             Provider::Shared(lib, path) => {
                 if !lib.has_worker() {
                     return Err(PluginError::Incompatible(format!("{} exports no worker", path.display())));
@@ -320,7 +320,7 @@ impl PluginHost {
                 let host = shared::HostState::new(ctx.clone(), label.clone());
                 Box::new(lib.start_worker(&config.to_string(), host, stats.clone())?)
             }
-            Provider::Process(path) => Box::new(process::worker(ctx, self.addrs, &path, &label, name, config, stats.clone())?),
+            Provider::Process(path) => Box::new(process::worker(&process_env(ctx), self.addrs, &path, &label, name, config, stats.clone())?),
         };
         stats.up.store(true, Ordering::Relaxed);
         ctx.metrics.register_plugin(stats.clone());
@@ -383,6 +383,11 @@ fn builtin_fallback(module: &str, role: Role, load_error: &PluginError) -> Resul
         }
         None => Err(PluginError::Incompatible(load_error.to_string())),
     }
+}
+
+/// The narrow handles out-of-process plugins are started with.
+fn process_env(ctx: &ServerContext) -> process::ProcessEnv {
+    process::ProcessEnv { streams: ctx.bus.trigger_streams().clone(), config_dir: ctx.config.base_dir.clone() }
 }
 
 /// The short name of a module for logs and thread names: the file name.
@@ -448,6 +453,10 @@ fn run_trigger(
             }
             Err(_) => break,
         }
+    }
+    let left = sub.rx.len();
+    if left > 0 {
+        tracing::warn!(trigger = name, undelivered = left, "shutdown deadline passed with appends still queued for the trigger; they are not delivered");
     }
     drop(sub);
     if catch_unwind(AssertUnwindSafe(|| plugin.close(deadline))).is_err() {

@@ -139,7 +139,9 @@ def test_ondiskagg_matches_pandas_and_streams(server_factory):
     flight_sub = []
 
     def subscribe():
-        r = c.do_get(fl.Ticket(json.dumps({"subscribe": "AAPL/1Min/OHLCV"}).encode()))
+        # The stream trigger's rows (newest row per write) are the "stream" feed; a plain subscription
+        # carries whole appends whether or not the trigger runs (test_bus_subscriptions.py).
+        r = c.do_get(fl.Ticket(json.dumps({"subscribe": "AAPL/1Min/OHLCV", "feed": "stream"}).encode()))
         for chunk in r:
             flight_sub.append(chunk.data)
             return

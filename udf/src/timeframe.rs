@@ -31,9 +31,9 @@ use crate::error::{Result, UdfError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
     /// Seconds (`Sec`).
-    Second,
+    Sec,
     /// Minutes (`Min`).
-    Minute,
+    Min,
     /// Hours (`H`).
     Hour,
     /// Calendar days (`D`).
@@ -49,8 +49,8 @@ pub enum Unit {
 impl Unit {
     fn suffix(self) -> &'static str {
         match self {
-            Unit::Second => "Sec",
-            Unit::Minute => "Min",
+            Unit::Sec => "Sec",
+            Unit::Min => "Min",
             Unit::Hour => "H",
             Unit::Day => "D",
             Unit::Week => "W",
@@ -62,9 +62,13 @@ impl Unit {
 
 /// A MarketStore timeframe: a count and a [`Unit`], written `<n><unit>` (e.g. `5Min`).
 ///
-/// Parse with `"5Min".parse::<Timeframe>()`. Accepted unit spellings (case-insensitive unless
-/// noted): `Sec`/`S`, `Min`/`T`, `H`/`Hour`, `D`/`Day`, `W`/`Week`, `M` (upper-case only =
-/// month)/`Mon`/`Month`, `Y`/`Year`. A lone lower-case `m` is rejected as ambiguous.
+/// The one timeframe type of mkts: bucket keys (the engine re-exports it as `mkts::engine::Timeframe`,
+/// with [`Unit`] as `TfUnit`), function arguments, plugin configuration.
+///
+/// Parse with [`Timeframe::parse`] (or `"5Min".parse::<Timeframe>()`): a count of at least 1, then a
+/// unit. Accepted unit spellings (case-insensitive unless noted): `Sec`/`S`, `Min`/`T`, `H`/`Hour`,
+/// `D`/`Day`, `W`/`Week`, `M` (upper-case only = month)/`Mon`/`Month`, `Y`/`Year`. A lone lower-case
+/// `m` is rejected as ambiguous, and the count is required (as MarketStore's `TimeframeFromString`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Timeframe {
     /// Number of units (≥ 1).
@@ -83,6 +87,40 @@ const FIRST_MONDAY: i64 = 4;
 const WHOLE_QUARTER_OFFSETS_SINCE: i64 = 94_694_400;
 
 impl Timeframe {
+    /// Parse a timeframe string (see the type's documentation for the spellings).
+    ///
+    /// ```
+    /// use mkts_udf::Timeframe;
+    /// assert_eq!(Timeframe::parse("5Min").unwrap().fixed_seconds(), Some(300));
+    /// assert_eq!(Timeframe::parse("1M").unwrap().fixed_seconds(), None); // calendar month
+    /// assert!(Timeframe::parse("1m").is_err());
+    /// ```
+    pub fn parse(s: &str) -> Result<Self> {
+        s.parse()
+    }
+
+    /// Nominal duration in nanoseconds (months 30 days, years 365), as MarketStore's GetInfo `TimeFrame`.
+    pub fn nominal_nanos(&self) -> i64 {
+        self.nominal_seconds().saturating_mul(1_000_000_000)
+    }
+
+    /// Start (UTC seconds) of the window containing `t`: sub-day windows align to the Unix epoch, days
+    /// to UTC midnight, weeks to Monday 00:00 UTC, months and years to the UTC calendar. A time outside
+    /// the calendar's range is returned unchanged.
+    pub fn truncate(&self, t: i64) -> i64 {
+        self.floor_wall(t).unwrap_or(t)
+    }
+
+    /// End (exclusive, UTC seconds) of the window that starts at `start`; `i64::MAX` past the calendar.
+    ///
+    /// ```
+    /// use mkts_udf::Timeframe;
+    /// assert_eq!(Timeframe::parse("1M").unwrap().window_end(1_698_796_800), 1_701_388_800); // Nov → Dec 2023
+    /// ```
+    pub fn window_end(&self, start: i64) -> i64 {
+        self.next_wall(start).unwrap_or(i64::MAX)
+    }
+
     /// Build a timeframe; `n` must be ≥ 1.
     pub fn new(n: i64, unit: Unit) -> Result<Self> {
         if !(1..=1_000_000).contains(&n) {
@@ -94,8 +132,8 @@ impl Timeframe {
     /// Fixed length in seconds for `Sec`/`Min`/`H`/`D`/`W`; `None` for months and years.
     pub fn fixed_seconds(&self) -> Option<i64> {
         let unit = match self.unit {
-            Unit::Second => 1,
-            Unit::Minute => 60,
+            Unit::Sec => 1,
+            Unit::Min => 60,
             Unit::Hour => 3_600,
             Unit::Day => SECS_PER_DAY,
             Unit::Week => 7 * SECS_PER_DAY,
@@ -115,14 +153,14 @@ impl Timeframe {
 
     /// True for `Sec`/`Min`/`H` (windows that are pure multiples of a duration).
     fn is_sub_day(&self) -> bool {
-        matches!(self.unit, Unit::Second | Unit::Minute | Unit::Hour)
+        matches!(self.unit, Unit::Sec | Unit::Min | Unit::Hour)
     }
 
     /// Start of the window containing wall-clock second `s` (seconds since 1970-01-01 00:00 of
     /// the wall clock).
     fn floor_wall(&self, s: i64) -> Result<i64> {
         match self.unit {
-            Unit::Second | Unit::Minute | Unit::Hour => {
+            Unit::Sec | Unit::Min | Unit::Hour => {
                 let d = self.fixed_seconds().unwrap_or(1);
                 Ok(s - s.rem_euclid(d))
             }
@@ -202,8 +240,8 @@ impl FromStr for Timeframe {
             Unit::Month
         } else {
             match suffix.to_ascii_lowercase().as_str() {
-                "sec" | "s" | "secs" | "second" | "seconds" => Unit::Second,
-                "min" | "t" | "mins" | "minute" | "minutes" => Unit::Minute,
+                "sec" | "s" | "secs" | "second" | "seconds" => Unit::Sec,
+                "min" | "t" | "mins" | "minute" | "minutes" => Unit::Min,
                 "h" | "hr" | "hour" | "hours" => Unit::Hour,
                 "d" | "day" | "days" => Unit::Day,
                 "w" | "week" | "weeks" => Unit::Week,
@@ -375,7 +413,7 @@ mod tests {
             "5Min".parse::<Timeframe>().ok(),
             Some(Timeframe {
                 n: 5,
-                unit: Unit::Minute
+                unit: Unit::Min
             })
         );
         assert_eq!(
@@ -389,7 +427,7 @@ mod tests {
             "10Sec".parse::<Timeframe>().ok(),
             Some(Timeframe {
                 n: 10,
-                unit: Unit::Second
+                unit: Unit::Sec
             })
         );
         assert!("1m".parse::<Timeframe>().is_err());
@@ -406,7 +444,7 @@ mod tests {
         let b = |tf: &str, t: &str| {
             let tf: Timeframe = tf.parse().unwrap_or(Timeframe {
                 n: 1,
-                unit: Unit::Second,
+                unit: Unit::Sec,
             });
             Bucketer::new(tf, None).bucket(ts(t)).unwrap_or(i64::MIN)
         };

@@ -8,6 +8,7 @@
           destination: "{symbol}_MIRROR/{timeframe}/{attrgroup}"   # the default
           exit_after: 0   # crash (exit 3) after mirroring this many batches in one run, before acknowledging
                           # the last: shows the restart and the redelivery
+          sleep_ms: 0     # take this long over each batch (a slow trigger: shows the shutdown drain)
 
 The server queues the appends matching `on` for this trigger; the process reads them over a DoExchange
 whose descriptor is the ticket in MKTS_TRIGGER_TICKET, and acknowledges each batch once it is handled
@@ -20,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -32,6 +34,7 @@ def main() -> int:
     config = json.loads(os.environ.get("MKTS_PLUGIN_CONFIG") or "null") or {}
     destination = config.get("destination", "{symbol}_MIRROR/{timeframe}/{attrgroup}")
     exit_after = config.get("exit_after", 0)
+    sleep_s = config.get("sleep_ms", 0) / 1000
     mirrored = 0
     client = flight.connect(os.environ["MKTS_FLIGHT_ADDR"])
     descriptor = flight.FlightDescriptor.for_command(os.environ["MKTS_TRIGGER_TICKET"])
@@ -42,6 +45,8 @@ def main() -> int:
         exchange.write_metadata(pa.py_buffer(b'{"ack": 0}'))  # opens the exchange
         for chunk in reader:
             key = json.loads(chunk.app_metadata.to_pybytes())["key"]
+            if sleep_s:
+                time.sleep(sleep_s)
             if key in written:
                 exchange.write_metadata(ACK)
                 continue
