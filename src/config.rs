@@ -49,7 +49,7 @@ pub struct BgWorkerConfig {
 pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
-    "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication",
+    "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention",
 ];
 
 /// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
@@ -99,6 +99,9 @@ pub struct Config {
     /// What one stream subscriber (Flight `{"subscribe"}` ticket, `/ws` client) may have waiting, MiB
     /// (mkts key `subscriber_queue_mb`); past it the subscriber is dropped, logged and counted.
     pub subscriber_queue_mb: usize,
+    /// `retention: [{on: "*/1Min/*", keep: 2y}, ...]` (mkts key): the first matching rule says how long a
+    /// bucket keeps rows; buckets no rule matches keep everything.
+    pub retention: Vec<crate::engine::RetentionRule>,
     /// Where the file was read from (for resolving relative paths).
     pub base_dir: PathBuf,
     /// Problems that do not stop the server (unknown keys), logged once logging is up.
@@ -126,6 +129,7 @@ impl Default for Config {
             bgworkers: Vec::new(),
             max_request_mb: DEFAULT_MAX_REQUEST_MB,
             subscriber_queue_mb: DEFAULT_SUBSCRIBER_QUEUE_MB,
+            retention: Vec::new(),
             base_dir: PathBuf::from("."),
             warnings: Vec::new(),
         }
@@ -137,6 +141,25 @@ impl Default for Config {
 pub const DEFAULT_GRPC_MSG_MB: usize = 256;
 /// Largest gRPC message size honoured (MiB), whatever the file says.
 pub const MAX_GRPC_MSG_MB: usize = 1024;
+/// `retention:` entries: a list of `{on, keep}` maps, each checked (pattern and duration).
+fn parse_retention(v: &serde_json::Value) -> Result<Vec<crate::engine::RetentionRule>, ConfigError> {
+    let bad = |msg: String| ConfigError::Invalid { key: "retention".into(), msg };
+    let list = v.as_array().ok_or_else(|| bad("expected a list of {on, keep} entries".into()))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let field = |name: &str| -> Result<String, ConfigError> {
+                match e.get(name) {
+                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                    _ => Err(bad(format!("entry {i}: `{name}` is required (e.g. {{on: \"*/1Min/*\", keep: 2y}})"))),
+                }
+            };
+            crate::engine::RetentionRule::parse(&field("on")?, &field("keep")?).map_err(|err| bad(format!("entry {i}: {err}")))
+        })
+        .collect()
+}
+
 /// Default `max_request_mb`: a pymarketstore bulk write of ~10 symbol-years of 1Min bars.
 pub const DEFAULT_MAX_REQUEST_MB: usize = 256;
 /// Default `subscriber_queue_mb`.
@@ -261,6 +284,7 @@ impl Config {
                 "bgworkers" => c.bgworkers = parse_bgworkers(v)?,
                 "max_request_mb" => c.max_request_mb = parse_positive(k, &sc(k, v)?)?,
                 "subscriber_queue_mb" => c.subscriber_queue_mb = parse_positive(k, &sc(k, v)?)?,
+                "retention" => c.retention = parse_retention(v)?,
                 other => c.warnings.push(format!("unknown configuration key {other:?} is ignored")),
             }
         }
@@ -603,5 +627,17 @@ triggers:
         // A key outside both lists is reported as unknown (so the lists are the parser's whole vocabulary).
         let c = Config::parse("listen_port: 1\nno_such_key: 1\n", Path::new(".")).unwrap();
         assert!(c.warnings.iter().any(|w| w.contains("unknown configuration key \"no_such_key\"")), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn retention_rules_parse_and_bad_ones_are_refused() {
+        let c = Config::parse("listen_port: 1\nretention:\n  - {on: \"*/1Min/*\", keep: 2y}\n  - {on: \"AAPL/*/*\", keep: 30d}\n", Path::new(".")).unwrap();
+        assert_eq!(c.retention.len(), 2);
+        assert_eq!(c.retention[0].keep.as_secs(), 2 * 365 * 86_400);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        for bad in ["retention: 5\n", "retention:\n  - {on: \"*/1Min/*\"}\n", "retention:\n  - {on: \"*/1Min\", keep: 1d}\n", "retention:\n  - {on: \"*/1Min/*\", keep: 10}\n"] {
+            let e = Config::parse(&format!("listen_port: 1\n{bad}"), Path::new(".")).unwrap_err();
+            assert!(e.to_string().contains("retention"), "{bad}: {e}");
+        }
     }
 }

@@ -68,6 +68,9 @@ pub struct EngineSample {
     pub checkpoint_failing: bool,
     /// Bytes of writes waiting for the writer thread.
     pub writer_queue_bytes: u64,
+    /// Rows and bytes retention removed since start.
+    pub retention_rows: u64,
+    pub retention_bytes: u64,
 }
 
 /// What is sampled at scrape time: the engine's numbers (set by [`Metrics::render`]) and the plugins.
@@ -318,6 +321,8 @@ impl Collector for SampledCollector {
         sample(enc, "mkts_checkpoint_failing", failing, ConstGauge::new(e.checkpoint_failing as i64))?;
         let queue = "Bytes of writes waiting for the writer thread (writers wait past 256 MiB).";
         sample(enc, "mkts_writer_queue_bytes", queue, ConstGauge::new(e.writer_queue_bytes as i64))?;
+        sample(enc, "mkts_retention_rows", "Rows retention removed since start.", ConstCounter::new(e.retention_rows))?;
+        sample(enc, "mkts_retention_bytes", "Bytes of rows retention removed since start.", ConstCounter::new(e.retention_bytes))?;
         self.encode_plugins(enc)
     }
 }

@@ -34,6 +34,7 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mut ecfg = EngineConfig::new(&config.root_directory);
     ecfg.policy = Policy { enable_add: config.enable_add, enable_remove: config.enable_remove, queryable: config.queryable };
+    ecfg.retention = config.retention.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(ecfg))
         .await
         .context("engine start-up panicked")?

@@ -99,6 +99,8 @@ async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
         damaged_buckets: health.damaged.len() as u64,
         checkpoint_failing: health.checkpoint_error.is_some(),
         writer_queue_bytes: health.queued_bytes,
+        retention_rows: ctx.engine.retention_stats().0,
+        retention_bytes: ctx.engine.retention_stats().1,
     };
     let mut r = ctx.metrics.render(&sample).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

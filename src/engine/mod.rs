@@ -449,7 +449,8 @@ impl Engine {
             cfg: cfg.clone(),
             last_checkpoint: Instant::now(),
             snapshot,
-            last_retention: Instant::now(),
+            // The first checkpoint tick applies retention.
+            last_retention: Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now),
         };
         std::thread::Builder::new()
             .name("mkts-writer".into())

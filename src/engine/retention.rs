@@ -2,7 +2,8 @@
 //!
 //! Rules are `(pattern, keep)` pairs in order; a bucket follows the first rule whose pattern matches its key
 //! (anchored globs, as for triggers) and no rule keeps everything. The writer applies them at checkpoints
-//! (at least once a minute, and at every forced checkpoint): rows older than `now - keep` are removed by an
+//! (at the first tick after start-up, then at least once a minute, at every forced checkpoint and at
+//! shutdown): rows older than `now - keep` are removed by an
 //! ordinary logged range delete, so a crash at any point replays or finishes it; year partitions left empty
 //! are removed at the checkpoint after.
 

@@ -71,7 +71,8 @@ pub(super) struct Writer {
     pub last_retention: Instant,
 }
 
-/// Retention runs at checkpoint ticks at most this often (and at every forced checkpoint).
+/// Retention runs at checkpoint ticks at most this often (the first tick after start-up included), at every
+/// forced checkpoint and at shutdown.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// When and what to write into the catalog snapshot ([`super::catalog`]).
@@ -177,7 +178,10 @@ impl Writer {
                     self.flush(inner, &mut buf, &mut pending);
                     let r = match self.refusal(inner) {
                         Some(e) => Err(EngineError::Unavailable(format!("no final checkpoint: {e}"))),
-                        None => self.checkpoint(inner),
+                        None => {
+                            self.retention(inner);
+                            self.checkpoint(inner)
+                        }
                     };
                     if r.is_ok() && (self.snapshot.due || !self.snapshot.changed.is_empty()) {
                         self.snapshot_now(inner);
