@@ -101,7 +101,7 @@ fn every_target_is_replayed() {
     let names: Vec<&str> = mkts::fuzzing::TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["rpc_msgpack", "rpc_json", "numpy_multidataset", "flight_ticket", "flight_sql_command", "ws_message", "config_yaml", "csv_control", "wal_record", "manifest"]
+        ["rpc_msgpack", "rpc_json", "numpy_multidataset", "flight_ticket", "flight_sql_command", "ws_message", "config_yaml", "csv_control", "wal_record", "manifest", "engine_write"]
     );
     for n in names {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("fuzz_targets").join(format!("{n}.rs"));

@@ -374,6 +374,12 @@ impl Engine {
         scan.cut_torn_tail()?;
         let replay = recovery::replay(&root, &mut catalog, &mut damaged, &scan);
         max_lsn = max_lsn.max(scan.max_lsn());
+        // A segment is named by the first LSN it was opened for: everything below it was handed out before,
+        // even when no record of it survives (a destroy, then a clean stop that trimmed the log). LSNs are
+        // never reused, so subscribers can resume by them.
+        for (first, _) in wal::list_segments(&wal_dir)? {
+            max_lsn = max_lsn.max(first.saturating_sub(1));
+        }
         if replay.records > 0 {
             tracing::info!(records = replay.records, last_lsn = scan.max_lsn(), "replayed the write-ahead log");
         }

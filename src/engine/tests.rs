@@ -1061,3 +1061,26 @@ fn retention_keeps_exactly_the_window() {
         e.shutdown().await.unwrap();
     });
 }
+
+/// LSNs are never handed out twice across restarts, even when the newest change left no record or
+/// partition behind (a destroy, then a clean stop that trimmed the log).
+#[test]
+fn lsns_are_not_reused_after_a_destroy_and_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = BucketKey::parse("A/1Min/OHLCV").unwrap();
+    let b = BucketKey::parse("B/1Min/OHLCV").unwrap();
+    let last = rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        e.write(&a, &minute_bars(0, 2, 1.0), WriteOptions::default()).await.unwrap();
+        let w = e.write(&b, &minute_bars(0, 2, 1.0), WriteOptions::default()).await.unwrap();
+        e.destroy(&b).await.unwrap();
+        e.shutdown().await.unwrap();
+        w.lsn + 1 // the destroy's
+    });
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        let w = e.write(&a, &minute_bars(600, 1, 2.0), WriteOptions::default()).await.unwrap();
+        assert!(w.lsn > last, "lsn {} handed out again (destroy was {last})", w.lsn);
+        e.shutdown().await.unwrap();
+    });
+}
