@@ -557,7 +557,8 @@ impl Writer {
     /// Apply the retention rules: a logged range delete of the rows older than each matching bucket keeps.
     fn retention(&mut self, inner: &Arc<Inner>) {
         self.last_retention = Instant::now();
-        if self.cfg.retention.is_empty() {
+        // Checkpoint ticks reach here whatever the state: a halted engine logs nothing more.
+        if self.cfg.retention.is_empty() || self.refusal(inner).is_some() {
             return;
         }
         let now = chrono::Utc::now().timestamp();

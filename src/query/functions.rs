@@ -45,7 +45,7 @@ pub const SQL_FUNCTIONS: &[(&str, Option<&str>)] = &[
 ];
 
 /// One of [`SQL_FUNCTIONS`], bound to the engine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MarketstoreFunction {
     sql_name: &'static str,
     function: Option<&'static str>,
@@ -123,15 +123,11 @@ impl TableFunctionImpl for MarketstoreFunction {
         let planned = futures::executor::block_on(mkts_udf::apply_functions_with(&ctx, empty, &calls, &opts))
             .map_err(|e| DataFusionError::Plan(format!("{}: {e}", self.sql_name)))?;
         let schema: SchemaRef = Arc::new(planned.schema().as_arrow().clone());
-        Ok(Arc::new(FunctionTable { sql_name: self.sql_name, input, calls, actions, schema, function: self.clone_config() }))
+        Ok(Arc::new(FunctionTable { sql_name: self.sql_name, input, calls, actions, schema, function: Arc::new(self.clone()) }))
     }
 }
 
 impl MarketstoreFunction {
-    fn clone_config(&self) -> Arc<MarketstoreFunction> {
-        Arc::new(MarketstoreFunction { sql_name: self.sql_name, function: self.function, engine: self.engine.clone(), timezone: self.timezone.clone() })
-    }
-
     fn options(&self, ctx: &SessionContext, actions: Option<(SchemaRef, Vec<arrow::array::RecordBatch>)>) -> DfResult<mkts_udf::ApplyOptions> {
         let mut opts = mkts_udf::ApplyOptions::default();
         if let Some(tz) = &self.timezone {
