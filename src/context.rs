@@ -20,7 +20,7 @@ pub struct ServerContext {
     pub engine: Engine,
     pub config: Config,
     /// The operations every interface calls (reads, SQL, writes, catalog), policy checked there.
-    pub service: Service,
+    pub service: Arc<Service>,
     pub metrics: Arc<Metrics>,
     /// Every subscription to appended data (triggers, `/ws`, Flight streams, trigger exchanges).
     pub bus: Arc<Bus>,
@@ -32,7 +32,7 @@ impl ServerContext {
     /// Build the context of a just-opened engine (the event bus starts here, before anything can write,
     /// so it sees every append of this run).
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
-        let service = Service::new(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20)));
+        let service = Arc::new(Service::new(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20))));
         let bus = Bus::new(engine.clone());
         Arc::new(ServerContext { engine, config, service, metrics: Arc::new(Metrics::new()), bus, ready: AtomicBool::new(false), started: Instant::now() })
     }

@@ -201,9 +201,11 @@ impl FlightBackend for EngineFlightBackend {
     async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
         let svc = &self.ctx.service;
         match query_request(&q).map_err(err)? {
+            // Planned, never run: describing a statement must neither execute it (a DELETE, an INSERT) nor
+            // compute a result only to count it. The row count is unknown (-1 on the wire).
             QueryRequest::Sql(sql) => {
-                let (schema, batches) = svc.sql(&caller(), &sql).await.map_err(err)?;
-                Ok((schema, Some(batches.iter().map(|b| b.num_rows() as i64).sum())))
+                let plan = svc.sql_plan(&caller(), &sql).await.map_err(err)?;
+                Ok((Arc::new(plan.schema().as_arrow().clone()), None))
             }
             QueryRequest::Read(r) => {
                 let res = svc.read(&caller(), &r).await.map_err(err)?;

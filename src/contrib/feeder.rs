@@ -36,7 +36,8 @@ use parking_lot::{Condvar, Mutex};
 use serde::Deserialize;
 
 use super::ContribError;
-use crate::engine::{BucketKey, Engine, Timeframe, WriteOptions};
+use crate::engine::{BucketKey, Timeframe};
+use crate::service::{Client, WriteRequest};
 
 /// One OHLCV bar as the exchanges give it (open time in Unix seconds).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -328,9 +329,9 @@ fn fmt_time(t: i64) -> String {
 }
 
 /// Where a symbol's feed continues: after the last stored bar, else `query_start`, else now − 1h.
-pub fn resume_point(engine: &Engine, key: &BucketKey, cfg: &FeederConfig, now: i64) -> i64 {
+pub fn resume_point(client: &Client, key: &BucketKey, cfg: &FeederConfig, now: i64) -> i64 {
     let tf = cfg.tf_secs();
-    if let Ok(info) = engine.info(key) {
+    if let Ok(info) = client.info(key) {
         if let Some(last) = info.last_epoch {
             return last + tf;
         }
@@ -370,13 +371,13 @@ impl Drop for FeederHandle {
     }
 }
 
-/// Start feeding on a dedicated thread (HTTP is blocking; writes use [`Engine::write_blocking`]).
-pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, engine: Engine, name: String) -> FeederHandle {
+/// Start feeding on a dedicated thread (HTTP is blocking; writes use [`Client::write_blocking`]).
+pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, client: Client, name: String) -> FeederHandle {
     let stop = Arc::new(Stop::default());
     let s2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("{}-{}", exchange.plugin(), name))
-        .spawn(move || run(&exchange, &cfg, &engine, &s2))
+        .spawn(move || run(&exchange, &cfg, &client, &s2))
         .ok();
     if thread.is_none() {
         tracing::error!("cannot start feeder thread {name}");
@@ -385,7 +386,7 @@ pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, engine: Engine, name: 
 }
 
 /// The feeder loop: resolve symbols, backfill every symbol window by window, then follow closed bars.
-pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, engine: &Engine, stop: &Stop) {
+pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop) {
     let plugin = ex.plugin();
     let http = Http::new(plugin, cfg.timeout, cfg.request_interval);
     let tf = cfg.tf_secs();
@@ -404,7 +405,7 @@ pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, engine: &Engine, stop: &Stop
     for s in symbols {
         match ex.bucket(&s, cfg) {
             Ok(k) => {
-                let cursor = resume_point(engine, &k, cfg, now_secs());
+                let cursor = resume_point(client, &k, cfg, now_secs());
                 tracing::info!(plugin, symbol = %s, bucket = %k, "starting at {}", fmt_time(cursor));
                 feeds.push((s, k, cursor, 0));
             }
@@ -440,7 +441,7 @@ pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, engine: &Engine, stop: &Stop
                                 continue;
                             }
                         };
-                        if let Err(e) = engine.write_blocking(key, &batch, WriteOptions { variable: Some(false) }) {
+                        if let Err(e) = client.write_blocking(&WriteRequest { key: key.clone(), batch, variable: Some(false) }) {
                             tracing::error!(plugin, bucket = %key, "write failed: {e}");
                             if !stop.sleep(Duration::from_secs(1)) {
                                 return;
@@ -543,12 +544,14 @@ mod tests {
     #[test]
     fn resume_after_last_stored_bar() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(crate::engine::EngineConfig::new(dir.path())).unwrap();
+        let engine = crate::engine::Engine::open(crate::engine::EngineConfig::new(dir.path())).unwrap();
+        let service = Arc::new(crate::service::Service::new(engine, chrono_tz::UTC, None));
+        let client = Client::new(service, crate::service::Caller::anonymous(crate::service::Interface::Plugin));
         let cfg = FeederConfig::from_json("t", &serde_json::json!({"query_start": "2024-01-02 00:00:30"}), "https://x").unwrap();
         let key = BucketKey::parse("gdax_BTC-USD/1Min/OHLCV").unwrap();
-        assert_eq!(resume_point(&engine, &key, &cfg, 0), 1_704_153_660);
+        assert_eq!(resume_point(&client, &key, &cfg, 0), 1_704_153_660);
         let b = bars_batch(&[Bar { t: 1_704_200_000 - 1_704_200_000 % 60, open: 1.0, high: 1.0, low: 1.0, close: 1.0, volume: 1.0 }]).unwrap();
-        engine.write_blocking(&key, &b, WriteOptions::default()).unwrap();
-        assert_eq!(resume_point(&engine, &key, &cfg, 0), 1_704_199_980 + 60);
+        client.write_blocking(&WriteRequest::new(key.clone(), b)).unwrap();
+        assert_eq!(resume_point(&client, &key, &cfg, 0), 1_704_199_980 + 60);
     }
 }

@@ -21,7 +21,8 @@ use chrono::{TimeZone, Utc};
 
 use super::feeder::{Bar, Exchange, FeederConfig, FeederHandle, Http, Stop};
 use super::ContribError;
-use crate::engine::{BucketKey, Engine};
+use crate::engine::BucketKey;
+use crate::service::Client;
 
 const PLUGIN: &str = "gdaxfeeder";
 /// Coinbase Exchange's public REST root.
@@ -120,9 +121,9 @@ pub fn config(v: &serde_json::Value) -> Result<FeederConfig, ContribError> {
 }
 
 /// Start the worker from its `config:` map.
-pub fn start(v: &serde_json::Value, engine: Engine, name: &str) -> Result<FeederHandle, ContribError> {
+pub fn start(v: &serde_json::Value, client: Client, name: &str) -> Result<FeederHandle, ContribError> {
     let c = config(v)?;
-    Ok(super::feeder::spawn(Gdax, c, engine, name.to_string()))
+    Ok(super::feeder::spawn(Gdax, c, client, name.to_string()))
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
 //!
 //! Each plugin is a small testable core (window arithmetic, calendar, response parsing, backfill windows,
-//! back-off) plus a thin runner over the [`Engine`](crate::engine::Engine). The plugin host
+//! back-off) plus a thin runner over a [`Client`](crate::service::Client) of the operations layer (reads and
+//! writes as the plugin interface, policy checked there; never the engine itself). The plugin host
 //! ([`crate::plugins`]) starts them by name through [`trigger`] and [`bgworker`]. Plugin configuration arrives as
 //! the JSON form of the YAML `config:` map, exactly as MarketStore's `map[string]interface{}`.
 
@@ -29,6 +30,8 @@ pub enum ContribError {
     Config { plugin: &'static str, msg: String },
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
     #[error("aggregation failed: {0}")]
     Aggregate(String),
     #[error("HTTP {status} from {url}: {body}")]
@@ -65,7 +68,8 @@ pub fn module_name(module: &str) -> &str {
 use std::time::Duration;
 
 use crate::bus::Bus;
-use crate::engine::{AppendEvent, Engine};
+use crate::engine::AppendEvent;
+use crate::service::Client;
 
 /// A built-in trigger instance, ready to be fired with appended batches.
 #[derive(Clone)]
@@ -92,12 +96,13 @@ impl BuiltinTrigger {
 }
 
 /// Construct and start the built-in trigger named by `module`, or `None` when it is not a built-in.
-/// Built-ins get narrow handles: the engine they read and write (`ondiskagg`), the bus they publish on
-/// (`stream`). Must run inside the tokio runtime (workers and timers are spawned on it).
-pub fn trigger(module: &str, config: &serde_json::Value, engine: &Engine, bus: &Bus) -> Option<Result<BuiltinTrigger, ContribError>> {
+/// Built-ins get narrow handles: a client of the operations layer to read and write through (`ondiskagg`),
+/// the bus they publish on (`stream`). Must run inside the tokio runtime (workers and timers are spawned on
+/// it).
+pub fn trigger(module: &str, config: &serde_json::Value, client: &Client, bus: &Bus) -> Option<Result<BuiltinTrigger, ContribError>> {
     Some(match module_name(module) {
         "ondiskagg" => ondiskagg::OnDiskAgg::from_config(config).map(|a| {
-            a.start(engine.clone());
+            a.start(client.clone());
             BuiltinTrigger::OnDiskAgg(a)
         }),
         "stream" => stream::StreamTrigger::from_config(config, bus.gate().clone()).map(|s| {
@@ -109,10 +114,10 @@ pub fn trigger(module: &str, config: &serde_json::Value, engine: &Engine, bus: &
 }
 
 /// Start the built-in background worker named by `module`, or `None` when it is not a built-in.
-pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, engine: &Engine) -> Option<Result<feeder::FeederHandle, ContribError>> {
+pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &Client) -> Option<Result<feeder::FeederHandle, ContribError>> {
     Some(match module_name(module) {
-        "gdaxfeeder" => gdaxfeeder::start(config, engine.clone(), name),
-        "binancefeeder" => binancefeeder::start(config, engine.clone(), name),
+        "gdaxfeeder" => gdaxfeeder::start(config, client.clone(), name),
+        "binancefeeder" => binancefeeder::start(config, client.clone(), name),
         _ => return None,
     })
 }

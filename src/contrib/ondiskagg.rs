@@ -53,7 +53,8 @@ use serde::Deserialize;
 
 use super::calendar::SessionCache;
 use super::ContribError;
-use crate::engine::{AppendEvent, BucketKey, Engine, ReadRequest, Timeframe, TimePoint, WriteOptions, EPOCH, NANOSECONDS};
+use crate::engine::{AppendEvent, BucketKey, Timeframe, TimePoint, EPOCH, NANOSECONDS};
+use crate::service::{Client, ErrorCode, ReadRequest, WriteRequest};
 
 const PLUGIN: &str = "ondiskagg";
 
@@ -326,8 +327,12 @@ fn windows_per_chunk(tf: Timeframe) -> i64 {
 
 /// Recompute the windows of every destination that intersect `[head, tail]` (Unix seconds) of `key`.
 /// Returns the number of bars written.
-pub async fn recompute(engine: &Engine, cfg: &AggConfig, key: &BucketKey, head: i64, tail: i64) -> Result<usize, ContribError> {
-    let Some(schema) = engine.schema(key) else { return Ok(0) };
+pub async fn recompute(client: &Client, cfg: &AggConfig, key: &BucketKey, head: i64, tail: i64) -> Result<usize, ContribError> {
+    let schema = match client.info(key) {
+        Ok(info) => info.schema,
+        Err(e) if e.code == ErrorCode::NotFound => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
     let src_tf = key.tf();
     let arrow_schema = schema.arrow_schema();
     let has = |n: &str| arrow_schema.column_with_name(n).is_some();
@@ -361,16 +366,16 @@ pub async fn recompute(engine: &Engine, cfg: &AggConfig, key: &BucketKey, head: 
             let mut req = ReadRequest::key(key);
             req.start = Some(TimePoint::secs(ws));
             req.end = Some(TimePoint { secs: we.saturating_sub(1), nanos: 999_999_999 });
-            let read = match engine.read(&req) {
+            let read = match client.read(&req).await {
                 Ok(r) => r,
-                Err(crate::engine::EngineError::NotFound(_)) => return Ok(written),
+                Err(e) if e.code == ErrorCode::NotFound => return Ok(written),
                 Err(e) => return Err(e.into()),
             };
-            let batches: Vec<RecordBatch> = read.into_iter().flat_map(|r| r.batches).collect();
+            let batches: Vec<RecordBatch> = read.parts.into_iter().flat_map(|r| r.batches).collect();
             if let Some(bars) = aggregate_batches(&batches, *dtf, ws, chunk_last, session_filter, cfg).await? {
                 drop(batches);
                 let n = bars.num_rows();
-                engine.write(&dkey, &bars, WriteOptions { variable: Some(false) }).await?;
+                client.write(&WriteRequest { key: dkey.clone(), batch: bars, variable: Some(false) }).await?;
                 written += n;
             }
             ws = we;
@@ -432,9 +437,9 @@ impl OnDiskAgg {
     }
 
     /// Spawn the workers on the current tokio runtime. They run until the runtime stops.
-    pub fn start(&self, engine: Engine) {
+    pub fn start(&self, client: Client) {
         for i in 0..self.shared.cfg.workers {
-            let (s, e) = (self.shared.clone(), engine.clone());
+            let (s, e) = (self.shared.clone(), client.clone());
             tokio::spawn(async move { worker(i, s, e).await });
         }
     }
@@ -523,7 +528,7 @@ fn merge_range(ranges: &mut Vec<(i64, i64)>, r: (i64, i64), gap: i64) {
     }
 }
 
-async fn worker(id: usize, s: Arc<Shared>, engine: Engine) {
+async fn worker(id: usize, s: Arc<Shared>, client: Client) {
     loop {
         let job = {
             let mut q = s.q.lock();
@@ -546,7 +551,7 @@ async fn worker(id: usize, s: Arc<Shared>, engine: Engine) {
         };
         for (head, tail) in ranges {
             s.runs.fetch_add(1, Ordering::Relaxed);
-            match recompute(&engine, &s.cfg, &key, head, tail).await {
+            match recompute(&client, &s.cfg, &key, head, tail).await {
                 Ok(n) => {
                     s.bars.fetch_add(n as u64, Ordering::Relaxed);
                     tracing::debug!(worker = id, %key, head, tail, bars = n, "ondiskagg: recomputed");
@@ -571,6 +576,7 @@ async fn worker(id: usize, s: Arc<Shared>, engine: Engine) {
 mod tests {
     use super::*;
     use arrow::array::{Float32Array, Float64Array, TimestampSecondArray, UInt64Array};
+    use crate::engine::{Engine, WriteOptions};
 
     fn cfg(v: serde_json::Value) -> AggConfig {
         AggConfig::from_json(&v).unwrap()
@@ -739,13 +745,15 @@ mod tests {
     async fn recompute_through_the_engine_handles_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(crate::engine::EngineConfig::new(dir.path())).unwrap();
+        let service = Arc::new(crate::service::Service::new(engine.clone(), chrono_tz::UTC, None));
+        let client = Client::new(service, crate::service::Caller::anonymous(crate::service::Interface::Plugin));
         let key = BucketKey::parse("AAPL/1Min/OHLCV").unwrap();
         let t0 = 1_704_187_800;
         let ep: Vec<i64> = (0..10).map(|i| t0 + 60 * i).collect();
         let b = bars(&ep, &[1.; 10], &[2.; 10], &[0.5; 10], &[1.5; 10], &[1; 10]);
         engine.write(&key, &b, WriteOptions::default()).await.unwrap();
         let agg = OnDiskAgg::from_config(&serde_json::json!({"destinations": ["5Min", "1H"]})).unwrap();
-        agg.start(engine.clone());
+        agg.start(client);
         agg.fire_range(&key, t0, t0 + 540);
         agg.drain().await;
         // Overwrite one bar (new high): only its windows are recomputed.
@@ -753,13 +761,13 @@ mod tests {
         engine.write(&key, &b2, WriteOptions::default()).await.unwrap();
         agg.fire_range(&key, t0 + 120, t0 + 120);
         agg.drain().await;
-        let read = engine.read(&ReadRequest::key(&BucketKey::parse("AAPL/5Min/OHLCV").unwrap())).unwrap();
+        let read = engine.read(&crate::engine::ReadRequest::key(&BucketKey::parse("AAPL/5Min/OHLCV").unwrap())).unwrap();
         let b = &read[0].batches;
         let all = arrow::compute::concat_batches(&b[0].schema(), b).unwrap();
         assert_eq!(all.num_rows(), 2);
         assert_eq!(all.column(2).as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec(), vec![9.0, 2.0]);
         assert_eq!(all.column(5).as_any().downcast_ref::<UInt64Array>().unwrap().values().to_vec(), vec![9, 5]);
-        let h = engine.read(&ReadRequest::key(&BucketKey::parse("AAPL/1H/OHLCV").unwrap())).unwrap();
+        let h = engine.read(&crate::engine::ReadRequest::key(&BucketKey::parse("AAPL/1H/OHLCV").unwrap())).unwrap();
         assert_eq!(h[0].rows, 1);
         assert_eq!(agg.stats().3, 0);
         engine.shutdown().await.unwrap();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::{Datelike, TimeZone, Utc};
 use parking_lot::{Mutex, RwLock};
 
+use super::catalog::BucketStamp;
 use super::partition::{self, Generation, PartView, Partition, Rows};
 use super::records::DirectEntry;
 use super::{read, BucketKey, BucketRead, BucketSchema, ColumnType, Inner, ReadRequest, RecordKind, Result, TimePoint};
@@ -15,14 +16,23 @@ use super::{read, BucketKey, BucketRead, BucketSchema, ColumnType, Inner, ReadRe
 /// One bucket: writer-side partitions and the reader-visible snapshot.
 pub(super) struct Bucket {
     pub(super) key: BucketKey,
-    pub(super) schema: BucketSchema,
+    /// Shared by every bucket of the same schema loaded from the catalog snapshot.
+    pub(super) schema: Arc<BucketSchema>,
     pub(super) created_lsn: u64,
     pub(super) dir: PathBuf,
     pub(super) parts: Mutex<BTreeMap<i32, Partition>>,
     pub(super) view: RwLock<Arc<Vec<PartView>>>,
+    /// Directory times as last recorded for the catalog snapshot (writer side; `None` once the bucket
+    /// changed, so the next snapshot reads them again).
+    pub(super) stamp: Mutex<Option<BucketStamp>>,
 }
 
 impl Bucket {
+    /// A bucket with no partitions loaded yet.
+    pub(super) fn new(key: BucketKey, schema: Arc<BucketSchema>, created_lsn: u64, dir: PathBuf) -> Bucket {
+        Bucket { key, schema, created_lsn, dir, parts: Mutex::new(BTreeMap::new()), view: RwLock::new(Arc::new(Vec::new())), stamp: Mutex::new(None) }
+    }
+
     pub(super) fn data_types(&self) -> Vec<ColumnType> {
         self.schema.columns.iter().map(|c| c.ty).collect()
     }

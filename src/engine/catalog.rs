@@ -20,11 +20,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::Utc;
-use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::bucket::Bucket;
@@ -60,14 +60,7 @@ pub(super) fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketS
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(&tmp, e))?;
     fs::rename(&tmp, dir.join("bucket.json")).map_err(|e| EngineError::io(&dir, e))?;
     wal::sync_dir(&dir)?;
-    Ok(Bucket {
-        key: key.clone(),
-        schema: schema.clone(),
-        created_lsn: lsn,
-        dir,
-        parts: Mutex::new(BTreeMap::new()),
-        view: RwLock::new(Arc::new(Vec::new())),
-    })
+    Ok(Bucket::new(key.clone(), Arc::new(schema.clone()), lsn, dir))
 }
 
 pub(super) fn remove_bucket_files(root: &Path, key: &BucketKey) -> Result<()> {
@@ -126,27 +119,39 @@ pub(super) struct Loaded {
     pub snapshot: bool,
 }
 
+/// What one loading thread found: buckets (with their directory times when taken from the snapshot) and
+/// the directory times it confirmed.
+#[derive(Default)]
+struct Part {
+    found: Vec<Found>,
+    dirs: Vec<(String, i64)>,
+}
+
 /// Load every bucket under `root`, from the catalog snapshot where its directory times still match, from
 /// the files elsewhere; buckets that fail to load are returned as damaged, with the reason. Symbols are
 /// loaded on several threads.
 pub(super) fn load_catalog(root: &Path) -> Result<Loaded> {
-    let snap = read_snapshot(root);
-    let index = snap.as_ref().map(SnapIndex::new);
-    let symbols = subdirs(root);
+    let root_fd = open_dir(root);
+    let snap = root_fd.as_ref().and_then(|_| read_snapshot(root));
+    let mut symbols: Vec<String> = subdirs(root).iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    symbols.sort_unstable();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
     let chunk = symbols.len().div_ceil(threads).max(1);
-    let parts: Vec<(Vec<Found>, Vec<(String, i64)>)> = std::thread::scope(|sc| {
+    let parts: Vec<Part> = std::thread::scope(|sc| {
         let handles: Vec<_> = symbols
             .chunks(chunk)
-            .map(|part| {
-                let index = index.as_ref();
+            .map(|names| {
+                let (snap, root_fd) = (snap.as_ref(), root_fd.as_ref());
                 sc.spawn(move || {
-                    let mut out = Vec::new();
-                    let mut dirs = Vec::new();
-                    for s in part {
-                        load_symbol(root, s, index, &mut out, &mut dirs);
+                    let mut part = Part::default();
+                    for name in names {
+                        let known = snap.zip(root_fd).and_then(|(sn, fd)| Some((sn, fd, sn.symbol(name)?)));
+                        match known {
+                            Some((sn, fd, sym)) => load_symbol_from_snapshot(root, fd.as_fd(), sym, sn, &mut part),
+                            None => walk_symbol(root, &root.join(name), &mut part.found),
+                        }
                     }
-                    (out, dirs)
+                    part
                 })
             })
             .collect();
@@ -160,97 +165,115 @@ pub(super) fn load_catalog(root: &Path) -> Result<Loaded> {
         from_files: 0,
         snapshot: snap.is_some(),
     };
-    for (found, dirs) in parts {
-        loaded.stamps.dirs.extend(dirs);
-        for f in found {
+    let mut buckets = Vec::new();
+    for part in parts {
+        loaded.stamps.dirs.extend(part.dirs);
+        for f in part.found {
             match f {
                 Found::Bucket(b, stamp) => {
                     match stamp {
                         Some(st) => {
                             loaded.from_snapshot += 1;
-                            loaded.stamps.buckets.insert(b.key.clone(), st);
+                            *b.stamp.lock() = Some(st);
                         }
                         None => loaded.from_files += 1,
                     }
-                    loaded.catalog.insert(b.key.clone(), Arc::new(b));
+                    buckets.push((b.key.clone(), Arc::new(b)));
                 }
                 Found::Damaged(d) => loaded.damaged.push(d),
                 Found::Nothing => {}
             }
         }
     }
+    // Built from a sorted run (symbols were walked in order): no per-insert search.
+    buckets.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    loaded.catalog = buckets.into_iter().collect();
     Ok(loaded)
 }
 
-/// One symbol directory: trusted parts from the snapshot, the rest from the files.
-fn load_symbol(root: &Path, sym_dir: &Path, index: Option<&SnapIndex<'_>>, out: &mut Vec<Found>, dirs: &mut Vec<(String, i64)>) {
-    let name = sym_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let known = index.and_then(|ix| Some((ix, ix.tree.get(name.as_str())?, *ix.file.dirs.get(&name)?)));
-    let Some((ix, tfs, stamp)) = known.filter(|(_, _, m)| mtime_ns(sym_dir) == Some(*m)) else {
-        for t in subdirs(sym_dir) {
-            for g in subdirs(&t) {
-                out.push(load_dir(root, &g));
-            }
+/// A symbol directory without a usable snapshot entry: every bucket from its files.
+fn walk_symbol(root: &Path, sym_dir: &Path, out: &mut Vec<Found>) {
+    for t in subdirs(sym_dir) {
+        for g in subdirs(&t) {
+            out.push(load_dir(root, &g));
         }
+    }
+}
+
+/// One symbol directory with a snapshot entry: each level whose directory time matches is taken from the
+/// snapshot, anything else from the files. Times are read relative to the root's descriptor (short path
+/// lookups, no per-directory path allocation).
+fn load_symbol_from_snapshot(root: &Path, root_fd: BorrowedFd<'_>, sym: &SnapSymbol, snap: &Snapshot, part: &mut Part) {
+    let sym_dir = root.join(&sym.name);
+    if mtime_at(root_fd, &sym.name) != Some(sym.mtime) {
+        walk_symbol(root, &sym_dir, &mut part.found);
         return;
-    };
-    dirs.push((name.clone(), stamp));
-    for (tf, entries) in tfs {
-        let rel = format!("{name}/{tf}");
-        let tf_dir = sym_dir.join(tf);
-        match ix.file.dirs.get(&rel) {
-            Some(m) if mtime_ns(&tf_dir) == Some(*m) => {
-                dirs.push((rel, *m));
-                for e in entries {
-                    match e {
-                        Entry::Bucket(sb) => match from_snapshot(root, sb, &ix.file.schemas) {
-                            Some((b, st)) => out.push(Found::Bucket(b, Some(st))),
-                            None => out.push(load_dir(root, &tf_dir.join(sb.group()))),
-                        },
-                        Entry::Reload(group) => out.push(load_dir(root, &tf_dir.join(group))),
-                    }
-                }
+    }
+    part.dirs.push((sym.name.clone(), sym.mtime));
+    let mut rel = String::with_capacity(96);
+    for tf in &sym.timeframes {
+        rel.clear();
+        rel.push_str(&sym.name);
+        rel.push('/');
+        rel.push_str(&tf.name);
+        let tf_dir = sym_dir.join(&tf.name);
+        if mtime_at(root_fd, &rel) != Some(tf.mtime) {
+            for g in subdirs(&tf_dir) {
+                part.found.push(load_dir(root, &g));
             }
-            _ => {
-                for g in subdirs(&tf_dir) {
-                    out.push(load_dir(root, &g));
-                }
-            }
+            continue;
+        }
+        part.dirs.push((rel.clone(), tf.mtime));
+        let tf_len = rel.len();
+        for g in &tf.groups {
+            rel.truncate(tf_len);
+            rel.push('/');
+            rel.push_str(&g.name);
+            let found = if g.reload { None } else { from_snapshot(root_fd, &mut rel, &sym.name, &tf.name, g, &tf_dir, snap) };
+            part.found.push(match found {
+                Some((b, st)) => Found::Bucket(b, Some(st)),
+                None => load_dir(root, &tf_dir.join(&g.name)),
+            });
         }
     }
 }
 
 /// A bucket from its snapshot entry, when its directory and every year directory still carry the
-/// recorded times.
-fn from_snapshot(root: &Path, sb: &SnapBucket, schemas: &[BucketSchema]) -> Option<(Bucket, BucketStamp)> {
-    let key = BucketKey::parse(&sb.key).ok()?;
-    let dir = bucket_dir(root, &key);
-    if mtime_ns(&dir) != Some(sb.mtime) {
+/// recorded times. `rel` is the bucket directory relative to the root (used as a scratch buffer).
+fn from_snapshot(
+    root_fd: BorrowedFd<'_>,
+    rel: &mut String,
+    symbol: &str,
+    timeframe: &str,
+    g: &SnapGroup,
+    tf_dir: &Path,
+    snap: &Snapshot,
+) -> Option<(Bucket, BucketStamp)> {
+    if mtime_at(root_fd, rel) != Some(g.mtime) {
         return None;
     }
-    let schema = schemas.get(sb.schema as usize)?.clone();
+    let schema = snap.schemas.get(g.schema as usize)?.clone();
+    let key = BucketKey::from_parts(symbol, timeframe, &g.name).ok()?;
+    let dir = tf_dir.join(&g.name);
     let types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
     let mut parts = BTreeMap::new();
-    let mut years = Vec::with_capacity(sb.parts.len());
-    for p in &sb.parts {
-        let ydir = dir.join(p.year.to_string());
-        if mtime_ns(&ydir) != Some(p.mtime) {
+    let mut years = Vec::with_capacity(g.parts.len());
+    let group_len = rel.len();
+    for p in &g.parts {
+        rel.truncate(group_len);
+        rel.push('/');
+        rel.push_str(&p.year.to_string());
+        if mtime_at(root_fd, rel) != Some(p.mtime) {
             return None;
         }
-        parts.insert(p.year, Partition::from_manifest(&ydir, p.year, schema.kind, &types, p.manifest.clone()).ok()?);
+        let ydir = dir.join(p.year.to_string());
+        parts.insert(p.year, Partition::from_manifest(&ydir, p.year, schema.kind, &types, p.manifest()).ok()?);
         years.push((p.year, p.mtime));
     }
-    let b = Bucket {
-        key,
-        schema,
-        created_lsn: sb.created_lsn,
-        dir,
-        parts: Mutex::new(BTreeMap::new()),
-        view: RwLock::new(Arc::new(Vec::new())),
-    };
+    let b = Bucket::new(key, schema, g.created_lsn, dir);
     b.publish(&parts);
     *b.parts.lock() = parts;
-    Some((b, BucketStamp { group: sb.mtime, years }))
+    Some((b, BucketStamp { group: g.mtime, years }))
 }
 
 /// One directory listing decides: a bucket (bucket.json), a damaged one (years without bucket.json, or a
@@ -296,14 +319,7 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
     for (year, path) in years {
         parts.insert(year, Partition::load(&path, year, meta.schema.kind, &types)?);
     }
-    let b = Bucket {
-        key,
-        schema: meta.schema,
-        created_lsn: meta.created_lsn,
-        dir: dir.to_path_buf(),
-        parts: Mutex::new(BTreeMap::new()),
-        view: RwLock::new(Arc::new(Vec::new())),
-    };
+    let b = Bucket::new(key, Arc::new(meta.schema), meta.created_lsn, dir.to_path_buf());
     b.publish(&parts);
     *b.parts.lock() = parts;
     Ok(b)
@@ -314,52 +330,138 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
 
 /// The snapshot's file name in the root (dot-prefixed: never taken for a symbol).
 pub(super) const SNAPSHOT_FILE: &str = ".catalog";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"MKTSCAT1";
+/// Format 2: protobuf (prost), the directory tree as nested lists. Format 1 (JSON) is not read: a start
+/// that finds one walks the files and writes format 2.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"MKTSCAT2";
 /// How far the clock must be past every recorded directory time before the writer changes anything again,
 /// so that the change gets a later time. File systems stamp times from a coarse clock (a few ms).
 const STAMP_SETTLE_NS: i64 = 20_000_000;
 
-/// Modification time of a path in nanoseconds since the Unix epoch.
-fn mtime_ns(p: &Path) -> Option<i64> {
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::metadata(p).ok()?;
-    m.mtime().checked_mul(1_000_000_000)?.checked_add(m.mtime_nsec())
+/// A directory opened for use as the base of relative lookups (`O_PATH`: no read permission needed).
+fn open_dir(p: &Path) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Modification time, in nanoseconds since the Unix epoch, of `rel` below the directory `base`.
+fn mtime_at(base: BorrowedFd<'_>, rel: &str) -> Option<i64> {
+    let st = rustix::fs::statat(base, rel, rustix::fs::AtFlags::empty()).ok()?;
+    (st.st_mtime as i64).checked_mul(1_000_000_000)?.checked_add(st.st_mtime_nsec as i64)
+}
+
+/// The snapshot as stored: the catalog's directory tree, each level with its directory's time.
+#[derive(Clone, PartialEq, prost::Message)]
 struct SnapshotFile {
-    /// Distinct schemas (most buckets share a few); entries refer to them by index.
-    schemas: Vec<BucketSchema>,
-    /// Times of the `SYMBOL` and `SYMBOL/TIMEFRAME` directories.
-    dirs: BTreeMap<String, i64>,
-    buckets: Vec<SnapBucket>,
-    /// Keys always loaded from their files (damaged buckets, unfinished destroys): listed so that the
-    /// directories above them are still walked.
-    reload: Vec<String>,
+    /// Distinct schemas, as JSON (most buckets share a few); groups refer to them by index.
+    #[prost(string, repeated, tag = "1")]
+    schemas: Vec<String>,
+    /// Sorted by name.
+    #[prost(message, repeated, tag = "2")]
+    symbols: Vec<SnapSymbol>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapBucket {
-    key: String,
+/// A `SYMBOL` directory.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SnapSymbol {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(sint64, tag = "2")]
+    mtime: i64,
+    #[prost(message, repeated, tag = "3")]
+    timeframes: Vec<SnapTimeframe>,
+}
+
+/// A `SYMBOL/TIMEFRAME` directory.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SnapTimeframe {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(sint64, tag = "2")]
+    mtime: i64,
+    #[prost(message, repeated, tag = "3")]
+    groups: Vec<SnapGroup>,
+}
+
+/// A bucket directory (`ATTRGROUP`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SnapGroup {
+    #[prost(string, tag = "1")]
+    name: String,
+    /// Always loaded from its files (a damaged bucket, an unfinished destroy): listed so that the
+    /// directories above it are still walked.
+    #[prost(bool, tag = "2")]
+    reload: bool,
+    #[prost(uint32, tag = "3")]
     schema: u32,
+    #[prost(uint64, tag = "4")]
     created_lsn: u64,
     /// Time of the bucket directory.
+    #[prost(sint64, tag = "5")]
     mtime: i64,
+    #[prost(message, repeated, tag = "6")]
     parts: Vec<SnapPart>,
 }
 
-impl SnapBucket {
-    fn group(&self) -> &str {
-        self.key.rsplit('/').next().unwrap_or("")
+/// A year partition: its directory's time and its durable manifest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SnapPart {
+    #[prost(int32, tag = "1")]
+    year: i32,
+    #[prost(sint64, tag = "2")]
+    mtime: i64,
+    #[prost(uint64, tag = "3")]
+    generation: u64,
+    #[prost(uint64, tag = "4")]
+    rows: u64,
+    #[prost(uint64, tag = "5")]
+    applied_lsn: u64,
+    #[prost(sint64, optional, tag = "6")]
+    first_epoch: Option<i64>,
+    #[prost(int32, tag = "7")]
+    first_nanos: i32,
+    #[prost(sint64, optional, tag = "8")]
+    last_epoch: Option<i64>,
+    #[prost(int32, tag = "9")]
+    last_nanos: i32,
+}
+
+impl SnapPart {
+    fn new(year: i32, mtime: i64, m: &Manifest) -> SnapPart {
+        SnapPart {
+            year,
+            mtime,
+            generation: m.generation,
+            rows: m.rows as u64,
+            applied_lsn: m.applied_lsn,
+            first_epoch: m.first.map(|k| k.0),
+            first_nanos: m.first.map_or(0, |k| k.1),
+            last_epoch: m.last.map(|k| k.0),
+            last_nanos: m.last.map_or(0, |k| k.1),
+        }
+    }
+
+    /// The manifest it records (checked again by [`Partition::from_manifest`]).
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            generation: self.generation,
+            rows: usize::try_from(self.rows).unwrap_or(usize::MAX),
+            applied_lsn: self.applied_lsn,
+            first: self.first_epoch.map(|e| (e, self.first_nanos)),
+            last: self.last_epoch.map(|e| (e, self.last_nanos)),
+        }
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapPart {
-    year: i32,
-    /// Time of the year directory.
-    mtime: i64,
-    manifest: Manifest,
+/// A decoded snapshot with its schemas parsed once.
+struct Snapshot {
+    schemas: Vec<Arc<BucketSchema>>,
+    symbols: Vec<SnapSymbol>,
+}
+
+impl Snapshot {
+    fn symbol(&self, name: &str) -> Option<&SnapSymbol> {
+        self.symbols.binary_search_by(|s| s.name.as_str().cmp(name)).ok().map(|i| &self.symbols[i])
+    }
 }
 
 /// Directory times of one bucket as recorded for the snapshot.
@@ -369,54 +471,25 @@ pub(super) struct BucketStamp {
     years: Vec<(i32, i64)>,
 }
 
-/// Directory times the writer keeps between snapshots, so writing one re-reads only what changed.
+/// Directory times of `SYMBOL` and `SYMBOL/TIMEFRAME` directories the writer keeps between snapshots, so
+/// writing one re-reads only what changed (a bucket's own times live in [`Bucket::stamp`]).
 #[derive(Debug, Default)]
 pub(super) struct Stamps {
     dirs: HashMap<String, i64>,
-    buckets: HashMap<BucketKey, BucketStamp>,
 }
 
 impl Stamps {
-    /// Forget what a change to `key` may have made stale (its directory and the two above it).
-    pub(super) fn invalidate(&mut self, key: &BucketKey) {
-        self.buckets.remove(key);
+    /// Forget what a change to `key` may have made stale (the two directories above it; the bucket's own
+    /// times are cleared by the caller).
+    fn invalidate(&mut self, key: &BucketKey) {
         self.dirs.remove(&key.symbol);
         self.dirs.remove(&format!("{}/{}", key.symbol, key.timeframe));
     }
 }
 
-enum Entry<'a> {
-    Bucket(&'a SnapBucket),
-    Reload(&'a str),
-}
-
-/// The snapshot arranged as its directory tree: symbol → timeframe → groups.
-struct SnapIndex<'a> {
-    file: &'a SnapshotFile,
-    tree: HashMap<&'a str, BTreeMap<&'a str, Vec<Entry<'a>>>>,
-}
-
-impl<'a> SnapIndex<'a> {
-    fn new(file: &'a SnapshotFile) -> Self {
-        let mut tree: HashMap<&str, BTreeMap<&str, Vec<Entry<'_>>>> = HashMap::new();
-        let mut add = |key: &'a str, e: Entry<'a>| {
-            let mut it = key.splitn(3, '/');
-            if let (Some(s), Some(t), Some(_)) = (it.next(), it.next(), it.next()) {
-                tree.entry(s).or_default().entry(t).or_default().push(e);
-            }
-        };
-        for b in &file.buckets {
-            add(&b.key, Entry::Bucket(b));
-        }
-        for k in &file.reload {
-            add(k, Entry::Reload(k.rsplit('/').next().unwrap_or("")));
-        }
-        SnapIndex { file, tree }
-    }
-}
-
 /// The snapshot, when there is a readable one. A damaged one is reported and ignored (a full walk).
-fn read_snapshot(root: &Path) -> Option<SnapshotFile> {
+fn read_snapshot(root: &Path) -> Option<Snapshot> {
+    use prost::Message;
     let path = root.join(SNAPSHOT_FILE);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -426,12 +499,23 @@ fn read_snapshot(root: &Path) -> Option<SnapshotFile> {
             return None;
         }
     };
+    if bytes.get(0..7) == Some(&SNAPSHOT_MAGIC[..7]) && bytes.get(0..8) != Some(&SNAPSHOT_MAGIC[..]) {
+        tracing::info!("the catalog snapshot {} has an older format; loading every bucket from its files", path.display());
+        return None;
+    }
     let parsed = (|| {
         let magic = bytes.get(0..8)?;
         let crc = u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?);
         let body = bytes.get(12..)?;
         (magic == SNAPSHOT_MAGIC && crc32c::crc32c(body) == crc).then_some(())?;
-        serde_json::from_slice::<SnapshotFile>(body).ok()
+        let file = SnapshotFile::decode(body).ok()?;
+        let schemas = file
+            .schemas
+            .iter()
+            .map(|j| serde_json::from_str::<BucketSchema>(j).ok().filter(|s| s.validate().is_ok()).map(Arc::new))
+            .collect::<Option<Vec<_>>>()?;
+        file.symbols.windows(2).all(|w| w[0].name < w[1].name).then_some(())?;
+        Some(Snapshot { schemas, symbols: file.symbols })
     })();
     if parsed.is_none() {
         tracing::warn!("the catalog snapshot {} is damaged; loading every bucket from its files", path.display());
@@ -449,84 +533,92 @@ pub(super) fn write_snapshot(
     stamps: &mut Stamps,
     changed: &HashSet<BucketKey>,
 ) -> Result<()> {
+    use prost::Message;
+    let root_fd = open_dir(root).ok_or_else(|| EngineError::io(root, std::io::Error::other("cannot open the root directory")))?;
+    let root_fd = root_fd.as_fd();
     for k in changed {
         stamps.invalidate(k);
+        if let Some(b) = catalog.get(k) {
+            *b.stamp.lock() = None;
+        }
     }
-    let mut file = SnapshotFile::default();
+    let mut schemas: Vec<String> = Vec::new();
     let mut schema_ix: HashMap<String, u32> = HashMap::new();
     let mut newest = i64::MIN;
-    let mut reload: Vec<String> = damaged.to_vec();
+    let mut reload: Vec<BucketKey> = damaged.iter().filter_map(|k| BucketKey::parse(k).ok()).collect();
     // Destroyed buckets whose directory is still there: replay finishes the destroy, so load them.
     for k in changed {
         if !catalog.contains_key(k) && bucket_dir(root, k).exists() {
-            reload.push(k.to_string());
+            reload.push(k.clone());
         }
     }
+    // symbol -> timeframe -> groups, in name order.
+    let mut tree: BTreeMap<&str, BTreeMap<&str, Vec<SnapGroup>>> = BTreeMap::new();
     for (key, b) in catalog {
         let parts = b.parts.lock();
-        let stamp = match stamps.buckets.get(key) {
-            Some(st) if st.years.len() == parts.len() && st.years.iter().zip(parts.keys()).all(|(a, y)| a.0 == *y) => st.clone(),
-            _ => {
-                let dir = bucket_dir(root, key);
-                let fresh = (|| {
-                    let group = mtime_ns(&dir)?;
-                    let years = parts.keys().map(|y| Some((*y, mtime_ns(&dir.join(y.to_string()))?))).collect::<Option<Vec<_>>>()?;
-                    Some(BucketStamp { group, years })
-                })();
-                let Some(st) = fresh else {
-                    reload.push(key.to_string());
+        let mut stamp = b.stamp.lock();
+        let current = matches!(&*stamp, Some(st) if st.years.len() == parts.len() && st.years.iter().zip(parts.keys()).all(|(a, y)| a.0 == *y));
+        if !current {
+            let rel = format!("{}/{}/{}", key.symbol, key.timeframe, key.attr_group);
+            let fresh = (|| {
+                let group = mtime_at(root_fd, &rel)?;
+                let years = parts.keys().map(|y| Some((*y, mtime_at(root_fd, &format!("{rel}/{y}"))?))).collect::<Option<Vec<_>>>()?;
+                Some(BucketStamp { group, years })
+            })();
+            match fresh {
+                Some(st) => {
+                    newest = newest.max(st.group).max(st.years.iter().map(|y| y.1).max().unwrap_or(i64::MIN));
+                    *stamp = Some(st);
+                }
+                None => {
+                    *stamp = None;
+                    reload.push(key.clone());
                     continue;
-                };
-                newest = newest.max(st.group).max(st.years.iter().map(|y| y.1).max().unwrap_or(i64::MIN));
-                stamps.buckets.insert(key.clone(), st.clone());
-                st
+                }
             }
-        };
-        let sjson = serde_json::to_string(&b.schema).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
-        let next = file.schemas.len() as u32;
-        let six = *schema_ix.entry(sjson).or_insert_with(|| {
-            file.schemas.push(b.schema.clone());
+        }
+        let Some(st) = stamp.as_ref() else { continue };
+        let sjson = serde_json::to_string(&*b.schema).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        let next = schemas.len() as u32;
+        let six = *schema_ix.entry(sjson.clone()).or_insert_with(|| {
+            schemas.push(sjson);
             next
         });
-        file.buckets.push(SnapBucket {
-            key: key.to_string(),
+        let group = SnapGroup {
+            name: key.attr_group.clone(),
+            reload: false,
             schema: six,
             created_lsn: b.created_lsn,
-            mtime: stamp.group,
-            parts: parts
-                .values()
-                .zip(stamp.years.iter())
-                .map(|(p, (year, m))| SnapPart { year: *year, mtime: *m, manifest: p.manifest().clone() })
-                .collect(),
-        });
+            mtime: st.group,
+            parts: parts.values().zip(st.years.iter()).map(|(p, (year, m))| SnapPart::new(*year, *m, p.manifest())).collect(),
+        };
+        tree.entry(key.symbol.as_str()).or_default().entry(key.timeframe.as_str()).or_default().push(group);
+    }
+    for k in &reload {
+        let group = SnapGroup { name: k.attr_group.clone(), reload: true, schema: 0, created_lsn: 0, mtime: 0, parts: Vec::new() };
+        tree.entry(k.symbol.as_str()).or_default().entry(k.timeframe.as_str()).or_default().push(group);
     }
     // The directories above every bucket and reload entry.
-    let mut above: Vec<String> = Vec::new();
-    for k in file.buckets.iter().map(|b| b.key.as_str()).chain(reload.iter().map(|s| s.as_str())) {
-        let mut it = k.splitn(3, '/');
-        if let (Some(s), Some(t)) = (it.next(), it.next()) {
-            above.push(s.to_string());
-            above.push(format!("{s}/{t}"));
+    let mut dir_time = |rel: String| -> Option<i64> {
+        if let Some(m) = stamps.dirs.get(&rel) {
+            return Some(*m);
         }
+        let m = mtime_at(root_fd, &rel)?;
+        newest = newest.max(m);
+        stamps.dirs.insert(rel, m);
+        Some(m)
+    };
+    let mut file = SnapshotFile { schemas, symbols: Vec::with_capacity(tree.len()) };
+    for (sym, tfs) in tree {
+        let Some(mtime) = dir_time(sym.to_string()) else { continue };
+        let mut s = SnapSymbol { name: sym.to_string(), mtime, timeframes: Vec::with_capacity(tfs.len()) };
+        for (tf, groups) in tfs {
+            let Some(mtime) = dir_time(format!("{sym}/{tf}")) else { continue };
+            s.timeframes.push(SnapTimeframe { name: tf.to_string(), mtime, groups });
+        }
+        file.symbols.push(s);
     }
-    above.sort();
-    above.dedup();
-    for rel in above {
-        let m = match stamps.dirs.get(&rel) {
-            Some(m) => *m,
-            None => match mtime_ns(&root.join(&rel)) {
-                Some(m) => {
-                    newest = newest.max(m);
-                    stamps.dirs.insert(rel.clone(), m);
-                    m
-                }
-                None => continue,
-            },
-        };
-        file.dirs.insert(rel, m);
-    }
-    file.reload = reload;
-    let body = serde_json::to_vec(&file).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    let body = file.encode_to_vec();
     let mut bytes = Vec::with_capacity(body.len() + 12);
     bytes.extend_from_slice(SNAPSHOT_MAGIC);
     bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());

@@ -591,7 +591,7 @@ impl Engine {
             )));
         }
         let (created_lsn, create, schema) = match self.bucket(key) {
-            Some(b) => (Some(b.created_lsn), None, b.schema.clone()),
+            Some(b) => (Some(b.created_lsn), None, (*b.schema).clone()),
             None => {
                 if !self.inner.policy.enable_add {
                     return Err(EngineError::NotAllowed(format!(
@@ -698,7 +698,7 @@ impl Engine {
 
     /// Schema of a bucket.
     pub fn schema(&self, key: &BucketKey) -> Option<BucketSchema> {
-        self.bucket(key).map(|b| b.schema.clone())
+        self.bucket(key).map(|b| (*b.schema).clone())
     }
 
     /// Schema, row count and time span of a bucket.
@@ -712,7 +712,7 @@ impl Engine {
         let last = snap.iter().rev().find(|p| p.rows > 0).and_then(|p| p.last);
         Ok(BucketInfo {
             key: key.to_string(),
-            schema: b.schema.clone(),
+            schema: (*b.schema).clone(),
             rows,
             years: snap.iter().filter(|p| p.rows > 0).map(|p| p.year).collect(),
             first_epoch: first,

@@ -317,12 +317,8 @@ impl Partition {
     }
 
     fn with_manifest(dir: &Path, year: i32, kind: RecordKind, types: Vec<ColumnType>, manifest: Manifest) -> Result<Self> {
-        let gdir = dir.join(format!("g{}", manifest.generation));
-        let files = types
-            .iter()
-            .enumerate()
-            .map(|(i, ty)| ColumnFile { path: gdir.join(col_file_name(i, *ty)), width: ty.width(), buffer: None })
-            .collect();
+        // The column files are described when first opened ([`Partition::open_files`]): a catalog of many
+        // thousands of partitions holds no per-column paths it never uses.
         let (first_key, last_key) = (manifest.first, manifest.last);
         let mut p = Partition {
             year,
@@ -334,7 +330,7 @@ impl Partition {
             applied_lsn: manifest.applied_lsn,
             manifest,
             capacity: 0,
-            files,
+            files: Vec::new(),
             opened: false,
             dirty: false,
             hot: false,
@@ -368,6 +364,9 @@ impl Partition {
         }
         let gdir = self.gen_dir(self.generation);
         fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
+        if self.files.is_empty() {
+            self.files = self.types.iter().enumerate().map(|(i, ty)| ColumnFile { path: gdir.join(col_file_name(i, *ty)), width: ty.width(), buffer: None }).collect();
+        }
         let mut capacity = usize::MAX;
         for f in &self.files {
             let file = OpenOptions::new()
@@ -433,7 +432,7 @@ impl Partition {
     }
 
     pub fn is_mapped(&self) -> bool {
-        self.files.iter().all(|f| f.buffer.is_some())
+        self.opened && self.files.iter().all(|f| f.buffer.is_some())
     }
 
     /// Re-read the first and last keys from the (mapped) files after a change.
@@ -474,7 +473,7 @@ impl Partition {
     }
 
     fn widths(&self) -> Vec<usize> {
-        self.files.iter().map(|f| f.width).collect()
+        self.types.iter().map(|t| t.width()).collect()
     }
 
     /// The generation in use.
@@ -558,6 +557,7 @@ impl Partition {
     /// written) when the rows do not fit [`Partition::tail_plan`].
     fn overwrite_tail_in_place(&mut self, rows: &Rows) -> Result<bool> {
         let Some((targets, appended_from)) = self.tail_plan(rows) else { return Ok(false) };
+        self.open_files()?;
         for (i, f) in self.files.iter().enumerate() {
             let file = open_rw(&f.path)?;
             let src = rows.cols[i].as_slice();

@@ -237,7 +237,7 @@ impl Writer {
         let existing = inner.catalog.read().get(&key).cloned();
         let bucket = match (existing, created_lsn, create) {
             (Some(b), Some(c), _) if b.created_lsn == c => b,
-            (Some(b), None, Some(schema)) if b.schema == schema => b,
+            (Some(b), None, Some(schema)) if *b.schema == schema => b,
             (None, None, Some(schema)) => {
                 // Auto-create: the bucket's files are written before anything is logged (a crash in
                 // between leaves an empty bucket nobody was told about), then create + write share a group.

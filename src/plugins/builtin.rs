@@ -8,7 +8,8 @@ use std::time::Instant;
 use super::{PluginError, TriggerPlugin, WorkerPlugin};
 use crate::bus::Bus;
 use crate::contrib::{self, feeder::FeederHandle, BuiltinTrigger};
-use crate::engine::{AppendEvent, Engine};
+use crate::engine::AppendEvent;
+use crate::service::Client;
 
 /// A built-in trigger with the runtime its background work runs on.
 struct Builtin {
@@ -31,8 +32,8 @@ impl TriggerPlugin for Builtin {
 }
 
 /// Start the built-in trigger `name` with its `config:` map. Must run inside the tokio runtime.
-pub fn trigger(name: &str, config: &serde_json::Value, engine: &Engine, bus: &Bus) -> Result<Box<dyn TriggerPlugin>, PluginError> {
-    match contrib::trigger(name, config, engine, bus) {
+pub fn trigger(name: &str, config: &serde_json::Value, client: &Client, bus: &Bus) -> Result<Box<dyn TriggerPlugin>, PluginError> {
+    match contrib::trigger(name, config, client, bus) {
         Some(Ok(trigger)) => Ok(Box::new(Builtin { trigger, rt: tokio::runtime::Handle::current() })),
         Some(Err(e)) => Err(PluginError::Start(e.to_string())),
         None => Err(PluginError::NotFound(format!("no built-in trigger {name:?}"))),
@@ -49,8 +50,8 @@ impl WorkerPlugin for BuiltinWorker {
 }
 
 /// Start the built-in background worker `module` as `name`.
-pub fn worker(module: &str, name: &str, config: &serde_json::Value, engine: &Engine) -> Result<Box<dyn WorkerPlugin>, PluginError> {
-    match contrib::bgworker(module, name, config, engine) {
+pub fn worker(module: &str, name: &str, config: &serde_json::Value, client: &Client) -> Result<Box<dyn WorkerPlugin>, PluginError> {
+    match contrib::bgworker(module, name, config, client) {
         Some(Ok(h)) => Ok(Box::new(BuiltinWorker(h))),
         Some(Err(e)) => Err(PluginError::Start(e.to_string())),
         None => Err(PluginError::NotFound(format!("no built-in worker {module:?}"))),

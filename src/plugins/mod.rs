@@ -36,6 +36,7 @@ use thiserror::Error;
 use crate::context::ServerContext;
 use crate::engine::{AppendEvent, KeyPattern};
 use crate::metrics::PluginStats;
+use crate::service::{Caller, Client, Interface};
 
 pub use process::ServerAddrs;
 
@@ -269,14 +270,14 @@ impl PluginHost {
         let mut process = None;
         let plugin: Box<dyn FnOnce() -> Result<Box<dyn TriggerPlugin>, PluginError> + Send> = match provider {
             Provider::Builtin(b) => {
-                let t = builtin::trigger(b, config, &ctx.engine, &ctx.bus)?;
+                let t = builtin::trigger(b, config, &plugin_client(ctx), &ctx.bus)?;
                 Box::new(move || Ok(t))
             }
             Provider::Shared(lib, path) => {
                 if !lib.has_trigger() {
                     return Err(PluginError::Incompatible(format!("{} exports no trigger", path.display())));
                 }
-                let host = shared::HostState::new(ctx.clone(), name.clone());
+                let host = shared::HostState::new(plugin_client(ctx), name.clone());
                 let config = config.to_string();
                 Box::new(move || lib.create_trigger(&config, host).map(|t| Box::new(t) as Box<dyn TriggerPlugin>))
             }
@@ -312,12 +313,12 @@ impl PluginHost {
         let kind = provider.kind();
         let stats = Arc::new(PluginStats::new("worker", entry.to_string(), module.to_string(), kind));
         let worker: Box<dyn WorkerPlugin> = match provider {
-            Provider::Builtin(b) => builtin::worker(b, name, config, &ctx.engine)?,
+            Provider::Builtin(b) => builtin::worker(b, name, config, &plugin_client(ctx))?,
             Provider::Shared(lib, path) => {
                 if !lib.has_worker() {
                     return Err(PluginError::Incompatible(format!("{} exports no worker", path.display())));
                 }
-                let host = shared::HostState::new(ctx.clone(), label.clone());
+                let host = shared::HostState::new(plugin_client(ctx), label.clone());
                 Box::new(lib.start_worker(&config.to_string(), host, stats.clone())?)
             }
             Provider::Process(path) => Box::new(process::worker(&process_env(ctx), self.addrs, &path, &label, name, config, stats.clone())?),
@@ -386,6 +387,12 @@ fn builtin_fallback(module: &str, role: Role, load_error: &PluginError) -> Resul
 }
 
 /// The narrow handles out-of-process plugins are started with.
+/// What an in-process plugin (built-in or shared library) works through: the operations layer as the plugin
+/// interface, never the engine or the rest of the server.
+fn plugin_client(ctx: &ServerContext) -> Client {
+    Client::new(ctx.service.clone(), Caller::anonymous(Interface::Plugin))
+}
+
 fn process_env(ctx: &ServerContext) -> process::ProcessEnv {
     process::ProcessEnv { streams: ctx.bus.trigger_streams().clone(), config_dir: ctx.config.base_dir.clone() }
 }

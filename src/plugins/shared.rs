@@ -27,11 +27,10 @@ use mkts_plugin_api::{
 };
 
 use super::{PluginError, TriggerPlugin, WorkerPlugin};
-use crate::context::ServerContext;
 use crate::engine::{AppendEvent, TimePoint};
 use crate::metrics::PluginStats;
 use crate::service::request::parse_key;
-use crate::service::{Caller, Interface, QueryRequest, ReadRequest, ServiceError, WriteRequest};
+use crate::service::{Client, QueryRequest, ReadRequest, ServiceError, WriteRequest};
 
 struct Loaded {
     /// Never unloaded: a plugin thread that outlived a shutdown deadline may still run its code, and
@@ -276,17 +275,18 @@ impl WorkerPlugin for SharedWorker {
     }
 }
 
-/// What the host gives one plugin instance: the server, the plugin's name for its log lines, the runtime.
+/// What the host gives one plugin instance: a client of the operations layer (as the plugin interface),
+/// the plugin's name for its log lines, the runtime.
 pub struct HostState {
-    ctx: Arc<ServerContext>,
+    client: Client,
     name: String,
     rt: tokio::runtime::Handle,
 }
 
 impl HostState {
     /// Must be called inside the tokio runtime (it keeps a handle for SQL queries).
-    pub fn new(ctx: Arc<ServerContext>, name: String) -> Self {
-        HostState { ctx, name, rt: tokio::runtime::Handle::current() }
+    pub fn new(client: Client, name: String) -> Self {
+        HostState { client, name, rt: tokio::runtime::Handle::current() }
     }
 }
 
@@ -340,7 +340,7 @@ unsafe extern "C" fn host_write(
         let key = unsafe { key.as_str() }?;
         let key = parse_key(key).map_err(|e| e.describe())?;
         off_runtime()?;
-        let ack = st.ctx.service.write_blocking(&caller(), &WriteRequest::new(key, batch)).map_err(|e| e.describe())?;
+        let ack = st.client.write_blocking(&WriteRequest::new(key, batch)).map_err(|e| e.describe())?;
         if !rows_out.is_null() {
             unsafe { *rows_out = ack.rows as u64 };
         }
@@ -364,12 +364,6 @@ unsafe extern "C" fn host_query(ctx: *const c_void, request: StrRef, out: *mut F
     })
 }
 
-/// Who plugin host calls run as: the plugin interface (authentication will give plugins an identity of
-/// their own).
-fn caller() -> Caller {
-    Caller::anonymous(Interface::Plugin)
-}
-
 /// The operations-layer query of a plugin's JSON request: `{"sql": …}` or `{"key": …, "start", "end",
 /// "limit"}` (epoch seconds, inclusive; `limit` keeps the last rows, MarketStore's default, unless
 /// `"limit_from_first": true`).
@@ -390,9 +384,9 @@ pub fn plugin_query(req: &serde_json::Value) -> Result<QueryRequest, ServiceErro
 
 fn run_query(st: &HostState, req: &serde_json::Value) -> Result<(SchemaRef, Vec<RecordBatch>), ServiceError> {
     match plugin_query(req)? {
-        QueryRequest::Sql(sql) => st.rt.block_on(st.ctx.service.sql(&caller(), &sql)),
+        QueryRequest::Sql(sql) => st.rt.block_on(st.client.sql(&sql)),
         QueryRequest::Read(r) => {
-            let part = st.ctx.service.read_blocking(&caller(), &r)?.parts.pop();
+            let part = st.client.read_blocking(&r)?.parts.pop();
             let part = part.ok_or_else(|| ServiceError::not_found("no data"))?;
             Ok((part.schema, part.batches))
         }
@@ -424,8 +418,9 @@ mod tests {
     async fn host_table_writes_queries_and_reads() {
         let dir = tempfile::tempdir().unwrap();
         let engine = crate::engine::Engine::open(crate::engine::EngineConfig::new(dir.path())).unwrap();
-        let ctx = ServerContext::new(engine, crate::config::Config { root_directory: dir.path().to_path_buf(), ..Default::default() });
-        let hb = HostBox::new(HostState::new(ctx.clone(), "test".into()));
+        let service = Arc::new(crate::service::Service::new(engine.clone(), chrono_tz::UTC, None));
+        let client = Client::new(service, crate::service::Caller::anonymous(crate::service::Interface::Plugin));
+        let hb = HostBox::new(HostState::new(client, "test".into()));
         let api = hb.api() as usize;
         let out = std::thread::spawn(move || {
             let host = unsafe { mkts_plugin_api::Host::from_raw(api as *const HostApi) }.unwrap();
@@ -449,6 +444,6 @@ mod tests {
         // On the server's async threads host calls are refused instead of stalling them.
         let host = unsafe { mkts_plugin_api::Host::from_raw(hb.api()) }.unwrap();
         assert!(host.sql("SELECT 1").unwrap_err().contains("plugin's own threads"));
-        assert_eq!(ctx.engine.keys().len(), 1);
+        assert_eq!(engine.keys().len(), 1);
     }
 }

@@ -89,3 +89,53 @@ pub fn check(plan: &LogicalPlan) -> Result<(), QueryError> {
         None => Ok(()),
     }
 }
+
+/// What an allowed statement does to the store, for the operations layer's policy check (decided on the
+/// plan before anything runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Reads only: queries, `EXPLAIN` (without `ANALYZE` of a change), `SHOW`, `DESCRIBE`, transactions.
+    Read,
+    /// Adds rows to buckets that exist: `INSERT INTO "KEY" …`.
+    Append,
+    /// Removes rows: `DELETE FROM "KEY" WHERE …`.
+    Remove,
+    /// Changes the SQL catalog but no data: `CREATE VIEW`, `DROP VIEW`.
+    Schema,
+}
+
+/// The strongest [`Effect`] anywhere in `plan` (subqueries and `EXPLAIN ANALYZE` inputs included: an
+/// `EXPLAIN ANALYZE INSERT` runs the insert). A plain `EXPLAIN` runs nothing and reads.
+pub fn effect(plan: &LogicalPlan) -> Effect {
+    use datafusion::logical_expr::WriteOp;
+    fn rank(e: Effect) -> u8 {
+        match e {
+            Effect::Read => 0,
+            Effect::Schema => 1,
+            Effect::Append => 2,
+            Effect::Remove => 3,
+        }
+    }
+    if let LogicalPlan::Explain(_) = plan {
+        return Effect::Read;
+    }
+    let mut strongest = Effect::Read;
+    let _ = plan.apply_with_subqueries(|node| {
+        let e = match node {
+            LogicalPlan::Dml(d) => match d.op {
+                WriteOp::Delete => Effect::Remove,
+                WriteOp::Insert(_) | WriteOp::Ctas => Effect::Append,
+                // UPDATE, TRUNCATE, MERGE: no bucket implements them; whatever would, changes rows.
+                _ => Effect::Remove,
+            },
+            LogicalPlan::Ddl(DdlStatement::CreateView(_) | DdlStatement::DropView(_)) => Effect::Schema,
+            LogicalPlan::Ddl(_) => Effect::Remove,
+            _ => Effect::Read,
+        };
+        if rank(e) > rank(strongest) {
+            strongest = e;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    strongest
+}

@@ -228,6 +228,12 @@ impl QueryEngine {
         Ok(SessionContext::new_with_state(state).execute_logical_plan(plan).await?)
     }
 
+    /// Run a plan from [`QueryEngine::logical_plan`] (DDL such as `CREATE VIEW` takes effect here; queries
+    /// and DML run when the DataFrame is executed).
+    pub async fn execute_plan(&self, plan: LogicalPlan) -> Result<DataFrame, QueryError> {
+        Ok(SessionContext::new_with_state(self.base.clone()).execute_logical_plan(plan).await?)
+    }
+
     /// The logical plan of a statement without running anything (not even DDL): for result schemas and
     /// parameter types of prepared statements. Refused statements are refused here too.
     pub async fn logical_plan(&self, text: &str) -> Result<LogicalPlan, QueryError> {

@@ -130,4 +130,30 @@ mod tests {
         assert_eq!(locked.write(&anon, &WriteRequest::new(key, batch())).await.unwrap().rows, 2);
         locked.engine().shutdown().await.unwrap();
     }
+
+    /// SQL is checked by what the statement does, once, in the operations layer: `DELETE` is a removal
+    /// (`enable_remove`), refused before it runs, the rows stay; queries, `INSERT` into a bucket that exists
+    /// and views still work.
+    #[tokio::test]
+    async fn sql_statements_are_checked_by_their_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        let anon = Caller::anonymous(Interface::FlightSql);
+        let svc = service(dir.path(), EnginePolicy { enable_add: true, enable_remove: false, queryable: true });
+        let key = BucketKey::parse("A/1Min/X").unwrap();
+        svc.write(&anon, &WriteRequest::new(key.clone(), batch())).await.unwrap();
+        let e = svc.sql_update(&anon, r#"DELETE FROM "A/1Min/X" WHERE "Epoch" < 100"#, None).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied, "{e:?}");
+        assert_eq!(e.message, "removing data is disabled (enable_remove: false)");
+        let e = svc.sql(&anon, r#"EXPLAIN ANALYZE DELETE FROM "A/1Min/X" WHERE "Epoch" < 100"#).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied, "{e:?}");
+        // A plain EXPLAIN runs nothing.
+        assert!(svc.sql(&anon, r#"EXPLAIN DELETE FROM "A/1Min/X" WHERE "Epoch" < 100"#).await.is_ok());
+        assert_eq!(svc.get_info(&anon, &key).unwrap().rows, 2);
+        let n = svc.sql_update(&anon, r#"INSERT INTO "A/1Min/X" SELECT "Epoch" + INTERVAL '2 minutes', "Close" FROM "A/1Min/X" WHERE "Close" = 2.0"#, None).await;
+        assert_eq!(n.unwrap(), 1);
+        svc.sql(&anon, r#"CREATE VIEW v AS SELECT * FROM "A/1Min/X""#).await.unwrap();
+        let (_, b) = svc.sql(&anon, "SELECT count(*) AS n FROM v").await.unwrap();
+        assert_eq!(b[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 3);
+        svc.engine().shutdown().await.unwrap();
+    }
 }

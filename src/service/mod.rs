@@ -6,13 +6,14 @@
 //! operation, against that caller; failures are one [`ServiceError`] type whose class each protocol maps
 //! exactly once ([`error`]).
 //!
-//! Rooms: [`caller`] (who asks), [`policy`] (what they may do), [`request`] (what they ask for),
+//! Rooms: [`caller`] (who asks), [`client`] (the operations of one caller, handed to plugins), [`policy`] (what they may do), [`request`] (what they ask for),
 //! [`read`] (reads, functions, SQL), [`write`] (durable writes), [`catalog`] (create, destroy, delete a
 //! range, list, describe). The layer uses the engine and the SQL engine and nothing above them: it knows no
 //! protocol, and no interface touches the engine for an operation this layer offers.
 
 pub mod caller;
 pub mod catalog;
+pub mod client;
 pub mod error;
 pub mod policy;
 pub mod read;
@@ -21,6 +22,7 @@ pub mod write;
 
 pub use caller::{Caller, Interface, Principal};
 pub use catalog::SymbolFormat;
+pub use client::Client;
 pub use error::{ErrorCode, ServiceError};
 pub use policy::{Access, Policy, NOT_QUERYABLE};
 pub use read::{ReadPart, ReadResult, SqlStream};

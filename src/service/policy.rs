@@ -25,8 +25,10 @@ pub enum Access<'a> {
     Create,
     /// A write to `key`, which does not exist and would be created by it (`enable_add`).
     CreateByWrite(&'a BucketKey),
-    /// Destroying buckets and deleting ranges (`enable_remove`).
+    /// Destroying buckets and deleting ranges, SQL `DELETE` included (`enable_remove`).
     Remove,
+    /// Changing the SQL catalog without touching data: `CREATE VIEW`, `DROP VIEW` (always allowed today).
+    Schema,
 }
 
 /// The server's rules (from `mkts.yml`).
@@ -76,7 +78,7 @@ mod tests {
     fn each_switch_refuses_its_operations_only() {
         let anon = Caller::anonymous(Interface::Flight);
         let key = BucketKey::parse("A/1Min/X").unwrap();
-        let all = [Access::Read, Access::Append, Access::Create, Access::CreateByWrite(&key), Access::Remove];
+        let all = [Access::Read, Access::Append, Access::Create, Access::CreateByWrite(&key), Access::Remove, Access::Schema];
         assert!(all.iter().all(|a| Policy::default().check(&anon, *a).is_ok()));
         let locked = Policy { enable_add: false, enable_remove: false, queryable: false };
         let refused: Vec<_> = all.iter().map(|a| locked.check(&anon, *a).err().map(|e| (e.code, e.message))).collect();
@@ -85,5 +87,6 @@ mod tests {
         assert!(refused[2].as_ref().unwrap().1.contains("enable_add: false"));
         assert!(refused[3].as_ref().unwrap().1.starts_with("bucket A/1Min/X does not exist"));
         assert!(refused[4].as_ref().unwrap().1.contains("enable_remove: false"));
+        assert_eq!(refused[5], None);
     }
 }

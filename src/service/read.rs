@@ -14,6 +14,7 @@ use super::policy::Access;
 use super::request::ReadRequest;
 use super::{Caller, Service};
 use crate::engine::BucketKey;
+use crate::query::confine::{self, Effect};
 use crate::query::QueryEngine;
 
 /// Name of the column added to multi-symbol results.
@@ -139,16 +140,33 @@ impl Service {
         Ok(ReadResult { single: req.selector.is_single(), parts })
     }
 
+    /// Plan one statement and check what it does against `caller`'s policy: every statement reads
+    /// (`queryable`); `INSERT` also appends, `DELETE` removes (`enable_remove`), `CREATE`/`DROP VIEW` change
+    /// the SQL catalog. Nothing has run yet.
+    async fn authorized_plan(&self, caller: &Caller, text: &str) -> Result<LogicalPlan, ServiceError> {
+        self.authorize(caller, Access::Read)?;
+        let plan = self.query.logical_plan(text).await?;
+        match confine::effect(&plan) {
+            Effect::Read => {}
+            Effect::Append => self.authorize(caller, Access::Append)?,
+            Effect::Remove => self.authorize(caller, Access::Remove)?,
+            Effect::Schema => self.authorize(caller, Access::Schema)?,
+        }
+        Ok(plan)
+    }
+
     /// Run one SQL statement and collect its result (bounded by the SQL memory pool).
     pub async fn sql(&self, caller: &Caller, text: &str) -> Result<(SchemaRef, Vec<RecordBatch>), ServiceError> {
-        self.authorize(caller, Access::Read)?;
-        Ok(self.query.sql(text).await?)
+        let plan = self.authorized_plan(caller, text).await?;
+        let df = self.query.execute_plan(plan).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        Ok((schema, self.query.collect(df).await?))
     }
 
     /// Run one SQL statement (with `$n` parameters, if given) and stream its result lazily.
     pub async fn sql_stream(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<(SchemaRef, SqlStream), ServiceError> {
-        self.authorize(caller, Access::Read)?;
-        let mut df = self.query.dataframe(text).await?;
+        let plan = self.authorized_plan(caller, text).await?;
+        let mut df = self.query.execute_plan(plan).await?;
         if let Some(p) = params {
             df = df.with_param_values(p)?;
         }
@@ -159,8 +177,8 @@ impl Service {
     /// Run a statement that changes data (`INSERT INTO "KEY" SELECT …`); rows affected (`-1`: the
     /// statement reports no count).
     pub async fn sql_update(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<i64, ServiceError> {
-        self.authorize(caller, Access::Read)?;
-        let mut df = self.query.dataframe(text).await?;
+        let plan = self.authorized_plan(caller, text).await?;
+        let mut df = self.query.execute_plan(plan).await?;
         if let Some(p) = params {
             df = df.with_param_values(p)?;
         }

@@ -92,3 +92,22 @@ def test_sql_delete_range_is_exact_and_durable(server_factory):
     srv.start()
     c = fl.FlightClient(srv.flight_url)
     assert epochs(c, "TSLA/1D/OHLCV") == all_ep[4:]
+
+
+def test_describing_a_sql_delete_runs_nothing(server):
+    """GetFlightInfo and GetSchema of a `{"sql"}` descriptor plan the statement and never run it: describing
+    a DELETE deletes no row (it used to run the whole statement to count its result)."""
+    c = fl.FlightClient(server.flight_url)
+    put(c, "DESC/1D/OHLCV", daily(10, 2.0))
+    text = 'DELETE FROM "DESC/1D/OHLCV" WHERE "Epoch" >= ' + "'1970-01-01T00:00:00Z'"
+    stmt = json.dumps({"sql": text}).encode()
+    info = c.get_flight_info(fl.FlightDescriptor.for_command(stmt))
+    assert info.total_records == -1
+    assert c.get_schema(fl.FlightDescriptor.for_command(stmt)).schema.names == ["count"]
+    assert len(epochs(c, "DESC/1D/OHLCV")) == 10
+    q = json.dumps({"sql": 'SELECT "Close" FROM "DESC/1D/OHLCV"'}).encode()
+    schema = c.get_schema(fl.FlightDescriptor.for_command(q)).schema
+    assert (schema.names, schema.field("Close").type) == (["Close"], pa.float64())
+    # The ticket the info hands out runs the statement when fetched.
+    assert c.do_get(info.endpoints[0].ticket).read_all().column("count").to_pylist() == [10]
+    assert epochs(c, "DESC/1D/OHLCV") == []
