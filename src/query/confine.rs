@@ -6,8 +6,9 @@
 //! are destroyed with `destroy`), `CREATE`/`DROP DATABASE`/`SCHEMA`, `CREATE`/`DROP FUNCTION`,
 //! `CREATE INDEX`, `SET`/`RESET` (each statement runs in its own session, so a setting could not outlive it)
 //! and SQL `PREPARE`/`EXECUTE`/`DEALLOCATE` (Flight SQL prepared statements are the way to bind `$1`).
-//! Allowed: queries, `EXPLAIN`, `SHOW`, `DESCRIBE`, `INSERT INTO "KEY" ...` (writes through the engine, which
-//! enforces `enable_add`) and `CREATE VIEW`/`DROP VIEW` (a stored query over the buckets).
+//! Allowed: queries, `EXPLAIN`, `SHOW`, `DESCRIBE`, `INSERT INTO "KEY" ...`, `DELETE FROM "KEY" WHERE ...`
+//! and `CREATE VIEW`/`DROP VIEW` (a stored query over the buckets). What an allowed statement does
+//! ([`effect`]) is checked against the caller's policy by the operations layer before it runs.
 
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan, Statement};
