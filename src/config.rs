@@ -35,6 +35,8 @@ pub struct TriggerConfig {
     /// Appends that may wait for this trigger before further ones are dropped (mkts extension;
     /// default [`crate::plugins::TRIGGER_QUEUE`]).
     pub queue_size: Option<usize>,
+    /// The role the trigger acts with when `auth:` is configured (mkts key `role`, default `read_write`).
+    pub role: crate::service::Role,
 }
 
 /// A background worker entry: `{module, name, config}`.
@@ -43,13 +45,60 @@ pub struct BgWorkerConfig {
     pub module: String,
     pub name: String,
     pub config: serde_json::Value,
+    /// The role the worker acts with when `auth:` is configured (mkts key `role`, default `read_write`).
+    pub role: crate::service::Role,
 }
+
+/// `tls:`: the certificate and key both ports serve (PEM; the certificate file may hold a chain).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed `cert_file`, handed to out-of-process plugins so they can verify the server
+    /// (default: `cert_file` itself, right for a self-signed certificate).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A value that must never reach a log line: its `Debug` is `"<redacted>"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// One `auth.users` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserConfig {
+    pub name: String,
+    /// An argon2 PHC string, as `mkts hash-password` prints it.
+    pub password_hash: Secret,
+    pub role: crate::service::Role,
+}
+
+/// `auth:`: who may connect, and what tokens they get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthConfig {
+    pub users: Vec<UserConfig>,
+    /// `/metrics` needs credentials too (default false: monitors scrape it open, like `/heartbeat`).
+    pub protect_metrics: bool,
+    /// How long a token from the Flight handshake is valid (default 12 h).
+    pub token_ttl: std::time::Duration,
+    /// Signs tokens. Set, tokens survive a restart; unset, a random key per process is used and a restart
+    /// invalidates every token.
+    pub token_secret: Option<Secret>,
+}
+
+/// Default `auth.token_ttl`.
+pub const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// The keys this parser applies (each does what its entry in `docs/configuration.md` says).
 pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
-    "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention",
+    "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention", "tls", "auth",
 ];
 
 /// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
@@ -102,6 +151,10 @@ pub struct Config {
     /// `retention: [{on: "*/1Min/*", keep: 2y}, ...]` (mkts key): the first matching rule says how long a
     /// bucket keeps rows; buckets no rule matches keep everything.
     pub retention: Vec<crate::engine::RetentionRule>,
+    /// `tls:` (mkts key): TLS on both ports. `None`: plaintext, as MarketStore.
+    pub tls: Option<TlsConfig>,
+    /// `auth:` (mkts key): users and roles on every interface. `None`: open, as MarketStore.
+    pub auth: Option<AuthConfig>,
     /// Where the file was read from (for resolving relative paths).
     pub base_dir: PathBuf,
     /// Problems that do not stop the server (unknown keys), logged once logging is up.
@@ -130,6 +183,8 @@ impl Default for Config {
             max_request_mb: DEFAULT_MAX_REQUEST_MB,
             subscriber_queue_mb: DEFAULT_SUBSCRIBER_QUEUE_MB,
             retention: Vec::new(),
+            tls: None,
+            auth: None,
             base_dir: PathBuf::from("."),
             warnings: Vec::new(),
         }
@@ -281,10 +336,12 @@ impl Config {
                 "plugin_dir" => c.plugin_dir = PathBuf::from(sc(k, v)?.as_string()),
                 "replication" => check_replication(v, &mut c.warnings)?,
                 "triggers" => c.triggers = parse_triggers(v, &mut c.warnings)?,
-                "bgworkers" => c.bgworkers = parse_bgworkers(v)?,
+                "bgworkers" => c.bgworkers = parse_bgworkers(v, &mut c.warnings)?,
                 "max_request_mb" => c.max_request_mb = parse_positive(k, &sc(k, v)?)?,
                 "subscriber_queue_mb" => c.subscriber_queue_mb = parse_positive(k, &sc(k, v)?)?,
                 "retention" => c.retention = parse_retention(v)?,
+                "tls" => c.tls = Some(parse_tls(v, base_dir, &mut c.warnings)?),
+                "auth" => c.auth = Some(parse_auth(v, &mut c.warnings)?),
                 other => c.warnings.push(format!("unknown configuration key {other:?} is ignored")),
             }
         }
@@ -406,7 +463,7 @@ fn parse_triggers(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<V
             .or_else(|| str_field(m, "true"))
             .ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing on".into() })?;
         for k in m.keys() {
-            if !matches!(k.as_str(), "module" | "on" | "true" | "config" | "queue_size") {
+            if !matches!(k.as_str(), "module" | "on" | "true" | "config" | "queue_size" | "role") {
                 warnings.push(format!("unknown configuration key \"{key}.{k}\" is ignored"));
             }
         }
@@ -414,12 +471,13 @@ fn parse_triggers(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<V
             None | Some(serde_json::Value::Null) => None,
             Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| ConfigError::Invalid { key: format!("{key}.queue_size"), msg: "expected a positive integer".into() })? as usize),
         };
-        out.push(TriggerConfig { module, on, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)), queue_size });
+        let role = plugin_role(&key, m)?;
+        out.push(TriggerConfig { module, on, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)), queue_size, role });
     }
     Ok(out)
 }
 
-fn parse_bgworkers(v: &serde_json::Value) -> Result<Vec<BgWorkerConfig>, ConfigError> {
+fn parse_bgworkers(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<Vec<BgWorkerConfig>, ConfigError> {
     let arr = v.as_array().ok_or_else(|| ConfigError::Invalid { key: "bgworkers".into(), msg: "expected a list".into() })?;
     let mut out = Vec::new();
     for (i, t) in arr.iter().enumerate() {
@@ -427,9 +485,131 @@ fn parse_bgworkers(v: &serde_json::Value) -> Result<Vec<BgWorkerConfig>, ConfigE
         let m = obj(&key, t)?;
         let module = str_field(m, "module").ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "missing module".into() })?;
         let name = str_field(m, "name").unwrap_or_else(|| module.clone());
-        out.push(BgWorkerConfig { module, name, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)) });
+        for k in m.keys() {
+            if !matches!(k.as_str(), "module" | "name" | "config" | "role") {
+                warnings.push(format!("unknown configuration key \"{key}.{k}\" is ignored"));
+            }
+        }
+        let role = plugin_role(&key, m)?;
+        out.push(BgWorkerConfig { module, name, config: yaml_to_json(m.get("config").cloned().unwrap_or(serde_json::Value::Null)), role });
     }
     Ok(out)
+}
+
+/// A plugin entry's `role` (default `read_write`).
+fn plugin_role(key: &str, m: &serde_json::Map<String, serde_json::Value>) -> Result<crate::service::Role, ConfigError> {
+    match str_field(m, "role") {
+        None => Ok(crate::service::Role::ReadWrite),
+        Some(r) => crate::service::Role::parse(&r).map_err(|msg| ConfigError::Invalid { key: format!("{key}.role"), msg }),
+    }
+}
+
+/// A duration as Go writes it (`90s`, `12h`, `1h30m`, `500ms`) or a number of seconds.
+pub fn parse_duration(key: &str, v: &serde_json::Value) -> Result<std::time::Duration, ConfigError> {
+    let bad = || ConfigError::Invalid { key: key.into(), msg: format!("expected a duration such as 90s, 12h or 1h30m, got {v}") };
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().map(std::time::Duration::from_secs).ok_or_else(bad),
+        serde_json::Value::String(s) => {
+            let mut total = std::time::Duration::ZERO;
+            let mut rest = s.trim();
+            if rest.is_empty() {
+                return Err(bad());
+            }
+            while !rest.is_empty() {
+                let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+                let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+                rest = &rest[digits..];
+                let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+                let nanos_per: u64 = match &rest[..unit] {
+                    "ms" => 1_000_000,
+                    "s" | "" => 1_000_000_000,
+                    "m" => 60_000_000_000,
+                    "h" => 3_600_000_000_000,
+                    "d" => 86_400_000_000_000,
+                    _ => return Err(bad()),
+                };
+                rest = &rest[unit..];
+                total = total.checked_add(std::time::Duration::from_nanos(n.checked_mul(nanos_per).ok_or_else(bad)?)).ok_or_else(bad)?;
+            }
+            Ok(total)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// `tls: {cert_file, key_file[, ca_file]}`; relative paths resolve against the config file's directory.
+/// The files are read and checked at start-up ([`crate::tls`]), not here.
+fn parse_tls(v: &serde_json::Value, base_dir: &Path, warnings: &mut Vec<String>) -> Result<TlsConfig, ConfigError> {
+    let m = obj("tls", v)?;
+    let path = |k: &str| -> Option<PathBuf> {
+        str_field(m, k).filter(|s| !s.trim().is_empty()).map(|s| {
+            let p = PathBuf::from(s);
+            if p.is_relative() { base_dir.join(p) } else { p }
+        })
+    };
+    let need = |k: &str| path(k).ok_or_else(|| ConfigError::Invalid { key: format!("tls.{k}"), msg: "required when tls: is set (a PEM file)".into() });
+    for k in m.keys() {
+        if !matches!(k.as_str(), "cert_file" | "key_file" | "ca_file") {
+            warnings.push(format!("unknown configuration key \"tls.{k}\" is ignored"));
+        }
+    }
+    Ok(TlsConfig { cert_file: need("cert_file")?, key_file: need("key_file")?, ca_file: path("ca_file") })
+}
+
+/// `auth: {users: [{name, password_hash, role}], protect_metrics, token_ttl, token_secret}`.
+fn parse_auth(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<AuthConfig, ConfigError> {
+    let m = obj("auth", v)?;
+    let mut a = AuthConfig { users: Vec::new(), protect_metrics: false, token_ttl: DEFAULT_TOKEN_TTL, token_secret: None };
+    for (k, val) in m {
+        let key = format!("auth.{k}");
+        match k.as_str() {
+            "users" => {
+                let list = val.as_array().ok_or_else(|| ConfigError::Invalid { key: key.clone(), msg: "expected a list of {name, password_hash, role}".into() })?;
+                for (i, u) in list.iter().enumerate() {
+                    let ukey = format!("auth.users[{i}]");
+                    let um = obj(&ukey, u)?;
+                    let field = |f: &str| {
+                        str_field(um, f).filter(|s| !s.is_empty()).ok_or_else(|| ConfigError::Invalid { key: format!("{ukey}.{f}"), msg: "required".into() })
+                    };
+                    let name = field("name")?;
+                    if name.contains(':') {
+                        return Err(ConfigError::Invalid { key: format!("{ukey}.name"), msg: "a user name cannot contain ':' (HTTP Basic separates name and password with it)".into() });
+                    }
+                    let hash = field("password_hash")?;
+                    crate::auth::password::check_hash(&hash).map_err(|msg| ConfigError::Invalid { key: format!("{ukey}.password_hash"), msg })?;
+                    let role = crate::service::Role::parse(&field("role")?).map_err(|msg| ConfigError::Invalid { key: format!("{ukey}.role"), msg })?;
+                    if a.users.iter().any(|x: &UserConfig| x.name == name) {
+                        return Err(ConfigError::Invalid { key: format!("{ukey}.name"), msg: format!("user {name:?} is listed twice") });
+                    }
+                    for f in um.keys() {
+                        if !matches!(f.as_str(), "name" | "password_hash" | "role") {
+                            warnings.push(format!("unknown configuration key \"{ukey}.{f}\" is ignored"));
+                        }
+                    }
+                    a.users.push(UserConfig { name, password_hash: Secret(hash), role });
+                }
+            }
+            "protect_metrics" => {
+                let s: Scalar = serde_json::from_value(val.clone()).map_err(|_| ConfigError::Invalid { key: key.clone(), msg: "expected a boolean".into() })?;
+                a.protect_metrics = parse_bool(&key, &s)?;
+            }
+            "token_ttl" => {
+                a.token_ttl = parse_duration(&key, val)?;
+                if a.token_ttl.is_zero() {
+                    return Err(ConfigError::Invalid { key, msg: "must be longer than 0s".into() });
+                }
+            }
+            "token_secret" => match val {
+                serde_json::Value::String(s) if s.len() >= 16 => a.token_secret = Some(Secret(s.clone())),
+                _ => return Err(ConfigError::Invalid { key, msg: "expected a string of at least 16 characters".into() }),
+            },
+            _ => warnings.push(format!("unknown configuration key {key:?} is ignored")),
+        }
+    }
+    if a.users.is_empty() {
+        return Err(ConfigError::Invalid { key: "auth.users".into(), msg: "auth: needs at least one user (or remove the block to run open)".into() });
+    }
+    Ok(a)
 }
 
 /// MarketStore's `replication:` block. mkts cannot replicate yet: a block that makes this server a
@@ -605,6 +785,37 @@ triggers:
         let c = Config::parse("listen_port: 1\nreplication:\n  enabled: false\n  listen_port: 5996\n", Path::new(".")).unwrap();
         assert!(c.warnings.iter().any(|w| w.contains("\"replication\" is accepted but ignored")), "{:?}", c.warnings);
         assert!(Config::parse("listen_port: 1\nreplication:\n  enabled: maybe\n", Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn tls_and_auth_blocks_are_checked_when_read() {
+        let hash = crate::auth::password::hash("pw").unwrap();
+        let y = format!(
+            "listen_port: 1\ntls:\n  cert_file: certs/server.pem\n  key_file: /abs/key.pem\nauth:\n  users:\n    - name: alice\n      password_hash: \"{hash}\"\n      role: admin\n    - name: bob\n      password_hash: \"{hash}\"\n      role: read_only\n  token_ttl: 1h30m\n  protect_metrics: true\n  token_secret: \"0123456789abcdef\"\ntriggers:\n  - module: ondiskagg\n    on: \"*/1Min/OHLCV\"\n    role: read_only\nbgworkers:\n  - module: gdaxfeeder\n"
+        );
+        let c = Config::parse(&y, Path::new("/etc/mkts")).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!((tls.cert_file.as_path(), tls.key_file.as_path()), (Path::new("/etc/mkts/certs/server.pem"), Path::new("/abs/key.pem")));
+        let auth = c.auth.as_ref().unwrap();
+        assert_eq!(auth.users.iter().map(|u| (u.name.as_str(), u.role)).collect::<Vec<_>>(), [("alice", crate::service::Role::Admin), ("bob", crate::service::Role::ReadOnly)]);
+        assert_eq!(auth.token_ttl, std::time::Duration::from_secs(5400));
+        assert!(auth.protect_metrics);
+        assert_eq!(c.triggers[0].role, crate::service::Role::ReadOnly);
+        assert_eq!(c.bgworkers[0].role, crate::service::Role::ReadWrite);
+        // Secrets never reach a log line through Debug.
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("0123456789abcdef") && !dbg.contains(&hash), "{dbg}");
+        for (bad, says) in [
+            ("auth:\n  users: []\n", "at least one user"),
+            ("auth:\n  users:\n    - name: a\n      password_hash: hunter2\n      role: admin\n", "mkts hash-password"),
+            (&format!("auth:\n  users:\n    - name: a\n      password_hash: \"{hash}\"\n      role: root\n") as &str, "unknown role"),
+            (&format!("auth:\n  users:\n    - name: a:b\n      password_hash: \"{hash}\"\n      role: admin\n"), "cannot contain ':'"),
+            ("tls:\n  cert_file: a.pem\n", "tls.key_file"),
+            ("auth:\n  token_ttl: soon\n", "duration"),
+        ] {
+            let e = Config::parse(&format!("listen_port: 1\n{bad}"), Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     /// `docs/configuration.md` names every key this parser applies or ignores, and no other.

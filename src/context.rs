@@ -4,11 +4,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::service::{Access, Caller, Interface, Service, ServiceError};
+use crate::service::{Access, Caller, Service, ServiceError};
 
 pub use crate::VERSION;
 
@@ -24,23 +25,37 @@ pub struct ServerContext {
     pub metrics: Arc<Metrics>,
     /// Every subscription to appended data (triggers, `/ws`, Flight streams, trigger exchanges).
     pub bus: Arc<Bus>,
+    /// The users of `auth:`; `None`: the server is open.
+    pub auth: Option<Arc<Authenticator>>,
     ready: AtomicBool,
     pub started: Instant,
 }
 
 impl ServerContext {
     /// Build the context of a just-opened engine (the event bus starts here, before anything can write,
-    /// so it sees every append of this run).
-    pub fn new(engine: Engine, config: Config) -> Arc<Self> {
-        let service = Arc::new(Service::new(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20))));
+    /// so it sees every append of this run). With `auth`, every operation needs an authenticated caller.
+    pub fn new(engine: Engine, config: Config, auth: Option<Arc<Authenticator>>) -> Arc<Self> {
+        let mut service = Service::new(engine.clone(), config.tz(), config.sql_memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20)));
+        if auth.is_some() {
+            service = service.requiring_authentication();
+        }
         let bus = Bus::new(engine.clone());
-        Arc::new(ServerContext { engine, config, service, metrics: Arc::new(Metrics::new()), bus, ready: AtomicBool::new(false), started: Instant::now() })
+        Arc::new(ServerContext {
+            engine,
+            config,
+            service: Arc::new(service),
+            metrics: Arc::new(Metrics::new()),
+            bus,
+            auth,
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+        })
     }
 
-    /// `Ok` when an anonymous `/ws` client may read: the operations layer's refusal under `queryable:
-    /// false` (kept for the `/ws` handler; other interfaces ask [`Service::authorize`] with their caller).
-    pub fn check_queryable(&self) -> Result<(), ServiceError> {
-        self.service.authorize(&Caller::anonymous(Interface::Ws), Access::Read)
+    /// `Ok` when `caller` may read: the operations layer's refusal under `queryable: false` or for the
+    /// caller's role (for the `/ws` handler; other interfaces ask [`Service::authorize`] directly).
+    pub fn check_queryable(&self, caller: &Caller) -> Result<(), ServiceError> {
+        self.service.authorize(caller, Access::Read)
     }
 
     /// True once start-up (replay, listeners, plugins) is complete and until shutdown begins.

@@ -1,7 +1,8 @@
 //! The server side of the Flight contract: [`mkts_flight::FlightBackend`] over the operations layer.
 //!
 //! Each method decodes its ticket or action body into a request of [`crate::service`], calls the
-//! operation as an anonymous Flight caller, and returns the result; errors map onto gRPC statuses in
+//! operation as the call's caller (what the gRPC authentication layer verified, or anonymous without
+//! `auth:`), and returns the result; errors map onto gRPC statuses in
 //! [`crate::service::error`], nowhere else.
 
 use std::collections::VecDeque;
@@ -35,16 +36,6 @@ pub fn flight_service(ctx: &Arc<ServerContext>) -> mkts_flight::MktsFlightServic
     let sql = Arc::new(FlightSqlHandler::new(ctx.clone()));
     let backend = Arc::new(EngineFlightBackend { ctx: ctx.clone(), sql: sql.clone() });
     mkts_flight::MktsFlightService::new(backend, sql)
-}
-
-/// Who plain Flight calls run as (authentication will fill it from the call's metadata).
-fn caller() -> Caller {
-    Caller::anonymous(Interface::Flight)
-}
-
-/// Flight SQL calls the Flight crate decodes itself (updates, ingest, parameter uploads).
-fn sql_caller() -> Caller {
-    Caller::anonymous(Interface::FlightSql)
 }
 
 fn err(e: ServiceError) -> BackendError {
@@ -188,39 +179,53 @@ pub fn bounded_subscription(
 
 #[async_trait::async_trait]
 impl FlightBackend for EngineFlightBackend {
-    async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError> {
+    type Caller = Caller;
+
+    fn caller(&self, extensions: &tonic::Extensions, sql: bool) -> Caller {
+        Caller::of_request(if sql { Interface::FlightSql } else { Interface::Flight }, extensions)
+    }
+
+    async fn handshake(&self, caller: &Caller) -> Result<Option<String>, BackendError> {
+        match (&self.ctx.auth, &caller.principal) {
+            (Some(auth), Some(p)) => Ok(Some(auth.issue_token(p))),
+            (Some(_), None) => Err(err(ServiceError::new(crate::service::ErrorCode::Unauthenticated, crate::service::UNAUTHENTICATED))),
+            (None, _) => Ok(None),
+        }
+    }
+
+    async fn query(&self, caller: &Caller, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError> {
         let svc = &self.ctx.service;
         let (schema, stream) = match query_request(&q).map_err(err)? {
-            QueryRequest::Sql(sql) => svc.sql_stream(&caller(), &sql, None).await,
-            QueryRequest::Read(r) => svc.read(&caller(), &r).await.and_then(|res| res.into_stream()),
+            QueryRequest::Sql(sql) => svc.sql_stream(caller, &sql, None).await,
+            QueryRequest::Read(r) => svc.read(caller, &r).await.and_then(|res| res.into_stream()),
         }
         .map_err(err)?;
         Ok((schema, stream.map(|r| r.map_err(err)).boxed()))
     }
 
-    async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
+    async fn describe(&self, caller: &Caller, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError> {
         let svc = &self.ctx.service;
         match query_request(&q).map_err(err)? {
             // Planned, never run: describing a statement must neither execute it (a DELETE, an INSERT) nor
             // compute a result only to count it. The row count is unknown (-1 on the wire).
             QueryRequest::Sql(sql) => {
-                let plan = svc.sql_plan(&caller(), &sql).await.map_err(err)?;
+                let plan = svc.sql_plan(caller, &sql).await.map_err(err)?;
                 Ok((Arc::new(plan.schema().as_arrow().clone()), None))
             }
             QueryRequest::Read(r) => {
-                let res = svc.read(&caller(), &r).await.map_err(err)?;
+                let res = svc.read(caller, &r).await.map_err(err)?;
                 Ok((res.schema().map_err(err)?, Some(res.rows() as i64)))
             }
         }
     }
 
-    async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError> {
+    async fn write(&self, caller: &Caller, key: &str, batch: RecordBatch) -> Result<usize, BackendError> {
         let w = WriteRequest::new(parse_key(key).map_err(err)?, batch);
-        Ok(self.ctx.service.write(&caller(), &w).await.map_err(err)?.rows)
+        Ok(self.ctx.service.write(caller, &w).await.map_err(err)?.rows)
     }
 
-    async fn subscribe(&self, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError> {
-        self.ctx.service.authorize(&caller(), Access::Read).map_err(err)?;
+    async fn subscribe(&self, caller: &Caller, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError> {
+        self.ctx.service.authorize(caller, Access::Read).map_err(err)?;
         let pat = KeyPattern::parse(&req.pattern).map_err(|e| err(e.into()))?;
         let feed = crate::bus::Feed::parse(req.feed.as_deref()).map_err(|e| BackendError::invalid(e.to_string()))?;
         let opts = crate::bus::SubscribeOptions { feed, from_lsn: req.from_lsn, capacity: SUBSCRIPTION_EVENTS };
@@ -235,37 +240,40 @@ impl FlightBackend for EngineFlightBackend {
         Ok(bounded_subscription(source, self.ctx.config.subscriber_queue_bytes(), who, self.ctx.metrics.clone()))
     }
 
-    async fn trigger_exchange(&self, token: &str, acks: mkts_flight::AckStream) -> Result<KeyedBatchStream, BackendError> {
+    async fn trigger_exchange(&self, caller: &Caller, token: &str, acks: mkts_flight::AckStream) -> Result<KeyedBatchStream, BackendError> {
+        // The ticket's secret names the trigger; with `auth:` the plugin also authenticated (its token).
+        self.ctx.service.authorize_caller(caller, Access::Read).map_err(err)?;
         let s = self.ctx.bus.trigger_streams().exchange(token, acks).await.map_err(|e| BackendError::new(Code::PermissionDenied, e))?;
         Ok(s.map(|(key, lsn, batch)| Delivered { key, lsn, batch, gap: None }).boxed())
     }
 
-    fn check_readable(&self) -> Result<(), BackendError> {
-        self.ctx.service.authorize(&sql_caller(), Access::Read).map_err(err)
+    fn check_readable(&self, caller: &Caller) -> Result<(), BackendError> {
+        self.ctx.service.authorize(caller, Access::Read).map_err(err)
     }
 
-    async fn list(&self) -> Result<Vec<BucketListing>, BackendError> {
-        let buckets = self.ctx.service.list_buckets(&caller()).map_err(err)?;
+    async fn list(&self, caller: &Caller) -> Result<Vec<BucketListing>, BackendError> {
+        let buckets = self.ctx.service.list_buckets(caller).map_err(err)?;
         Ok(buckets
             .into_iter()
             .map(|(k, info)| BucketListing { key: k.to_string(), schema: info.schema.arrow_schema(), rows: info.rows as i64 })
             .collect())
     }
 
-    async fn action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError> {
-        self.run_action(name, body).await.map_err(err)
+    async fn action(&self, caller: &Caller, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError> {
+        self.run_action(caller, name, body).await.map_err(err)
     }
 
-    async fn sql_bind_parameters(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
+    async fn sql_bind_parameters(&self, caller: &Caller, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
+        self.ctx.service.authorize(caller, Access::Read).map_err(err)?;
         self.sql.bind_parameters(handle, params).map_err(err)
     }
 
-    async fn sql_prepared_update(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
-        self.sql.execute_prepared_update(&sql_caller(), handle, params).await.map_err(err)
+    async fn sql_prepared_update(&self, caller: &Caller, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
+        self.sql.execute_prepared_update(caller, handle, params).await.map_err(err)
     }
 
-    async fn sql_update(&self, sql: &str) -> Result<i64, BackendError> {
-        self.ctx.service.sql_update(&sql_caller(), sql, None).await.map_err(err)
+    async fn sql_update(&self, caller: &Caller, sql: &str) -> Result<i64, BackendError> {
+        self.ctx.service.sql_update(caller, sql, None).await.map_err(err)
     }
 }
 
@@ -275,24 +283,24 @@ fn json_body<T: serde::de::DeserializeOwned>(action: &str, body: &[u8]) -> Resul
 
 impl EngineFlightBackend {
     /// The plain actions (`mkts_flight::ACTIONS`).
-    async fn run_action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, ServiceError> {
+    async fn run_action(&self, caller: &Caller, name: &str, body: &[u8]) -> Result<serde_json::Value, ServiceError> {
         let svc = &self.ctx.service;
         match name {
             "create" => {
                 let c: CreateAction = json_body("create", body)?;
                 let variable = c.is_variable_length || c.row_type.as_deref() == Some("variable");
                 let req = CreateRequest::parse(&c.key, &c.column_names, &c.column_types, variable)?;
-                svc.create(&caller(), &req).await?;
+                svc.create(caller, &req).await?;
                 Ok(json!({ "created": req.key.to_string() }))
             }
             "destroy" => {
                 let key = parse_key(&key_body(body).map_err(ServiceError::invalid)?)?;
-                svc.destroy(&caller(), &key).await?;
+                svc.destroy(caller, &key).await?;
                 Ok(json!({ "destroyed": key.to_string() }))
             }
             "get_info" => {
                 let key = parse_key(&key_body(body).map_err(ServiceError::invalid)?)?;
-                let info = svc.get_info(&caller(), &key)?;
+                let info = svc.get_info(caller, &key)?;
                 let cols: Vec<_> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
                 Ok(json!({
                     "key": info.key,
@@ -311,17 +319,18 @@ impl EngineFlightBackend {
                 let key = parse_key(&d.key)?;
                 let start = TimePoint { secs: d.epoch_start, nanos: nanos("epoch_start_nanos", d.epoch_start_nanos.unwrap_or(0))? };
                 let end = TimePoint { secs: d.epoch_end, nanos: nanos("epoch_end_nanos", d.epoch_end_nanos.unwrap_or(999_999_999))? };
-                let n = svc.delete_range(&caller(), &key, start, end).await?;
+                let n = svc.delete_range(caller, &key, start, end).await?;
                 Ok(json!({ "deleted": n }))
             }
             "list_symbols" => {
                 let a: ListSymbolsAction =
                     if body.iter().all(|b| b.is_ascii_whitespace()) { ListSymbolsAction::default() } else { json_body("list_symbols", body)? };
                 let format = if a.format.as_deref() == Some("tbk") { SymbolFormat::Keys } else { SymbolFormat::Symbols };
-                Ok(json!(svc.list_symbols(&caller(), format)?))
+                Ok(json!(svc.list_symbols(caller, format)?))
             }
             "server_version" => Ok(json!({ "version": VERSION })),
             "plugins" => {
+                svc.authorize(caller, Access::Read)?;
                 use std::sync::atomic::Ordering::Relaxed;
                 let list: Vec<serde_json::Value> = self
                     .ctx

@@ -167,9 +167,9 @@ impl std::fmt::Debug for FlightSqlHandler {
     }
 }
 
-/// Who Flight SQL calls run as (authentication will fill it from the call's metadata).
-fn caller() -> Caller {
-    Caller::anonymous(Interface::FlightSql)
+/// Who a Flight SQL call runs as: what the gRPC authentication layer verified, or anonymous.
+fn caller(extensions: &tonic::Extensions) -> Caller {
+    Caller::of_request(Interface::FlightSql, extensions)
 }
 
 fn status(e: ServiceError) -> Status {
@@ -240,8 +240,8 @@ impl FlightSqlHandler {
     }
 
     /// Result schema of a statement, without running it.
-    async fn plan_schema(&self, sql: &str) -> Result<Schema, Status> {
-        let plan = self.ctx.service.sql_plan(&caller(), sql).await.map_err(status)?;
+    async fn plan_schema(&self, caller: &Caller, sql: &str) -> Result<Schema, Status> {
+        let plan = self.ctx.service.sql_plan(caller, sql).await.map_err(status)?;
         Ok(result_schema(&plan))
     }
 
@@ -257,8 +257,8 @@ impl FlightSqlHandler {
     }
 
     /// Run a statement with optional parameters and stream its result.
-    async fn run(&self, sql: &str, params: Option<ParamValues>) -> Result<DoGetStream, Status> {
-        let (schema, stream) = self.ctx.service.sql_stream(&caller(), sql, params).await.map_err(status)?;
+    async fn run(&self, caller: &Caller, sql: &str, params: Option<ParamValues>) -> Result<DoGetStream, Status> {
+        let (schema, stream) = self.ctx.service.sql_stream(caller, sql, params).await.map_err(status)?;
         Ok(encode(schema, stream))
     }
 
@@ -333,13 +333,14 @@ impl FlightSqlService for FlightSqlHandler {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let plan = self.ctx.service.sql_plan(&caller(), &query.query).await.map_err(status)?;
+        let caller = caller(request.extensions());
+        let plan = self.ctx.service.sql_plan(&caller, &query.query).await.map_err(status)?;
         let mut schema = plan.schema().as_arrow().clone();
         let handle = if has_side_effects(&plan) {
             // Clients such as ADBC's DBAPI never DoGet the result of an INSERT or CREATE: run it now and put
             // its (tiny) result into the ticket. The FlightInfo then carries that result's schema (a DDL plan's
             // schema is its input's, e.g. the columns of a view, not what CREATE VIEW returns).
-            let (result, batches) = self.ctx.service.sql(&caller(), &query.query).await.map_err(status)?;
+            let (result, batches) = self.ctx.service.sql(&caller, &query.query).await.map_err(status)?;
             schema = result.as_ref().clone();
             let mut buf = RESULT_PREFIX.to_vec();
             {
@@ -357,7 +358,7 @@ impl FlightSqlService for FlightSqlHandler {
         self.info_for(&schema, ticket.as_any().encode_to_vec(), request.into_inner())
     }
 
-    async fn do_get_statement(&self, ticket: TicketStatementQuery, _request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+    async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         if let Some(ipc) = ticket.statement_handle.strip_prefix(RESULT_PREFIX) {
             let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc.to_vec()), None).map_err(internal)?;
             let schema = reader.schema();
@@ -365,7 +366,7 @@ impl FlightSqlService for FlightSqlHandler {
             return Ok(Response::new(encode(schema, futures::stream::iter(batches).boxed())));
         }
         let sql = String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| Status::invalid_argument("statement handle is not UTF-8"))?;
-        Ok(Response::new(self.run(&sql, None).await?))
+        Ok(Response::new(self.run(&caller(request.extensions()), &sql, None).await?))
     }
 
     async fn get_flight_info_prepared_statement(
@@ -374,29 +375,29 @@ impl FlightSqlService for FlightSqlHandler {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let p = self.lookup(&cmd.prepared_statement_handle).map_err(status)?;
-        let schema = self.plan_schema(&p.sql).await?;
+        let schema = self.plan_schema(&caller(request.extensions()), &p.sql).await?;
         self.info_for(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
     }
 
     async fn do_get_prepared_statement(
         &self,
         cmd: CommandPreparedStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let p = self.lookup(&cmd.prepared_statement_handle).map_err(status)?;
         let params = match &p.params {
             Some(b) if b.num_rows() > 0 => Some(param_row(b, 0).map_err(status)?),
             _ => None,
         };
-        Ok(Response::new(self.run(&p.sql, params).await?))
+        Ok(Response::new(self.run(&caller(request.extensions()), &p.sql, params).await?))
     }
 
     async fn do_action_create_prepared_statement(
         &self,
         query: ActionCreatePreparedStatementRequest,
-        _request: Request<arrow_flight::Action>,
+        request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let plan = self.ctx.service.sql_plan(&caller(), &query.query).await.map_err(status)?;
+        let plan = self.ctx.service.sql_plan(&caller(request.extensions()), &query.query).await.map_err(status)?;
         let dataset = result_schema(&plan);
         let types = plan.get_parameter_types().map_err(|e| status(e.into()))?;
         let mut names: Vec<(usize, String, DataType)> = types

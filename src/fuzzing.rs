@@ -135,7 +135,7 @@ impl Harness {
             let schema = BucketSchema { kind: RecordKind::Fixed, columns: vec![ColumnDef { name: "Close".into(), ty: ColumnType::F64 }] };
             engine.create(&empty, schema).await.expect("seed create");
             let config = Config { root_directory: root.clone(), ..Config::default() };
-            ServerContext::new(engine, config)
+            ServerContext::new(engine, config, None)
         });
         ctx.set_ready(true);
         let flight = crate::flight_backend::flight_service(&ctx);
@@ -177,7 +177,7 @@ pub fn rpc(data: &[u8], json: bool) {
     let ct = if json { "application/json" } else { "application/x-msgpack" };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     h.rt.block_on(async {
-        let resp = crate::compat::rpc::handle_inner(&h.ctx, Method::POST, &headers, Body::from(Bytes::copy_from_slice(data))).await;
+        let resp = crate::compat::rpc::handle_inner(&h.ctx, &crate::service::Caller::anonymous(crate::service::Interface::JsonRpc), Method::POST, &headers, Body::from(Bytes::copy_from_slice(data))).await;
         drain_body(resp.into_body()).await;
     });
 }
@@ -192,7 +192,7 @@ pub fn numpy_multidataset(data: &[u8]) {
         let Ok(v) = rmpv::decode::read_value(&mut &rest[..]) else { return };
         let Ok(f) = crate::compat::value::Fields::of(&v, crate::compat::value::Codec::Msgpack, "request") else { return };
         h.rt.block_on(async {
-            let _ = crate::compat::rpc::write_one(&h.ctx, &f).await;
+            let _ = crate::compat::rpc::write_one(&h.ctx, &crate::service::Caller::anonymous(crate::service::Interface::JsonRpc), &f).await;
         });
     } else {
         grpc_call(h, "/proto.Marketstore/Write", rest);
@@ -298,7 +298,7 @@ pub fn flight_sql_command(data: &[u8]) {
 /// One `/ws` client frame (binary or text: both go to the same subscribe handler).
 pub fn ws_message(data: &[u8]) {
     let patterns = parking_lot::RwLock::new(Vec::new());
-    let _ = crate::compat::ws::subscribe_reply(&harness().ctx, &patterns, Bytes::copy_from_slice(data));
+    let _ = crate::compat::ws::subscribe_reply(&harness().ctx, &crate::service::Caller::anonymous(crate::service::Interface::Ws), &patterns, Bytes::copy_from_slice(data));
 }
 
 /// `mkts.yml` text (the file is read as UTF-8, so other bytes never reach the parser).

@@ -2,9 +2,11 @@
 //!
 //! The crate is the server's composition: the storage [`engine`], the configuration, the interfaces
 //! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
+//! Each interface learns who is calling from [`auth`] (over [`tls`] when configured).
 //! Data flows one way: interfaces → operations layer ([`service`]: policy, requests, one error type) →
 //! engine (log → partitions) → trigger bus → plugins.
 
+pub mod auth;
 pub mod backoff;
 pub mod bus;
 pub mod compat;
@@ -24,6 +26,7 @@ pub mod query;
 pub mod server;
 pub mod service;
 pub mod timestr;
+pub mod tls;
 
 /// Server version reported to clients (MarketStore's `version` fields, the `Marketstore-Version` header,
 /// the plugin environment).

@@ -1,4 +1,5 @@
-//! The `mkts` command: `init`, `start`, `tool recover-wal`, and (from the SQL tooling) `connect`, `import`, `export`.
+//! The `mkts` command: `init`, `start`, `hash-password`, `tool recover-wal`, and (from the SQL tooling)
+//! `connect`, `import`, `export`.
 
 use std::path::PathBuf;
 
@@ -30,6 +31,8 @@ enum Cmd {
         #[arg(long, short = 'c', default_value = "mkts.yml")]
         config: PathBuf,
     },
+    /// Read a password on stdin (without echo on a terminal) and print its argon2 hash for `auth.users`.
+    HashPassword,
     /// Interactive SQL shell over a server (--url host:port, Flight SQL) or a data directory (--dir).
     Connect(mkts::cli::connect::ConnectArgs),
     /// Load a CSV (MarketStore control file supported) or Parquet file into a bucket.
@@ -92,6 +95,14 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Connect(args) => mkts::cli::connect::run(args),
+        Cmd::HashPassword => {
+            let password = mkts::cli::read_password("password: ")?;
+            if password.is_empty() {
+                bail!("the password is empty");
+            }
+            println!("{}", mkts::auth::password::hash(&password).map_err(|e| anyhow::anyhow!(e))?);
+            Ok(())
+        }
         Cmd::Import(args) => mkts::cli::transfer::run_import(args),
         Cmd::Export(args) => mkts::cli::transfer::run_export(args),
         Cmd::Tool { tool: ToolCmd::RecoverWal { root } } => {

@@ -32,6 +32,9 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Open the engine and start serving per `config`.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    // Certificates and users first: a bad file is one clear error before the engine replays anything.
+    let tls = config.tls.as_ref().map(crate::tls::load).transpose().map_err(|e| anyhow!(e))?;
+    let auth = config.auth.as_ref().map(crate::auth::Authenticator::new).transpose().map_err(|e| anyhow!("auth: {e}"))?;
     let mut ecfg = EngineConfig::new(&config.root_directory);
     ecfg.policy = Policy { enable_add: config.enable_add, enable_remove: config.enable_remove, queryable: config.queryable };
     ecfg.retention = config.retention.clone();
@@ -48,7 +51,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let http_addr = http_listener.local_addr()?;
     let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
 
-    let ctx = ServerContext::new(engine, config.clone());
+    warn_about_exposure(&config, http_addr, grpc_addr, auth.as_deref());
+    let ctx = ServerContext::new(engine, config.clone(), auth.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -56,8 +60,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     {
         let router = crate::compat::http_router(ctx.clone());
         let mut rx = shutdown_rx.clone();
+        let http_tls = tls.as_ref().map(|t| t.http.clone());
         tasks.push(tokio::spawn(async move {
             use axum::serve::ListenerExt;
+            if let Some(rustls_config) = http_tls {
+                serve_https(http_listener, router, rustls_config, rx).await;
+                return;
+            }
             let listener = http_listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
@@ -78,19 +87,29 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let flight = crate::flight_backend::flight_service(&ctx).into_server(recv, send);
         let marketstore = crate::compat::grpc::service(ctx.clone());
         let recorder = crate::metrics::GrpcMetricsLayer::new(ctx.metrics.clone());
+        let authenticate = crate::auth::grpc::GrpcAuthLayer::new(auth.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &tls {
+            let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| anyhow!("tls (grpc_listen_port): {e}"))?;
+        }
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             // TCP_NODELAY: small Flight replies must not wait for delayed ACKs (40 ms per round trip otherwise).
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             // Large HTTP/2 windows and frames: market data results are megabytes, and the 64 KiB defaults
             // cost a flow-control round trip every 64 KiB.
-            let r = tonic::transport::Server::builder()
+            let r = builder
                 .initial_stream_window_size(16u32 << 20)
                 .initial_connection_window_size(64u32 << 20)
                 .max_frame_size(1u32 << 20)
                 .layer(tower::util::MapResponseLayer::new(oversize_is_resource_exhausted))
                 // Request counts and durations of Flight, Flight SQL and proto.Marketstore, per method.
                 .layer(recorder)
+                // Inside the recorder, so refused calls are counted too.
+                .layer(authenticate)
                 .add_service(flight)
                 .add_service(marketstore)
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -135,6 +154,57 @@ impl RunningServer {
         self.ctx.engine.shutdown().await.map_err(|e| anyhow!("final checkpoint failed: {e}"))?;
         tracing::info!("mkts stopped cleanly");
         Ok(())
+    }
+}
+
+/// Serve the HTTP port over TLS until `shutdown` (in-flight requests get 10 s to finish).
+async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("HTTPS server failed: {e}");
+            return;
+        }
+    };
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let _ = shutdown.wait_for(|v| *v).await;
+        stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(axum_server::tls_rustls::RustlsConfig::from_config(config))
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    if let Err(e) = axum_server::from_tcp(listener)
+        .acceptor(acceptor).handle(handle).serve(router.into_make_service_with_connect_info::<SocketAddr>()).await {
+        tracing::error!("HTTPS server failed: {e}");
+    }
+}
+
+/// Say at start-up how open the server is: without `auth:` anyone who reaches a port may read and write
+/// (loudly when a port listens beyond loopback); with `auth:` but no TLS, passwords travel in clear.
+fn warn_about_exposure(config: &Config, http: SocketAddr, grpc: Option<SocketAddr>, auth: Option<&crate::auth::Authenticator>) {
+    let ports: Vec<String> = std::iter::once(http).chain(grpc).filter(|a| !a.ip().is_loopback()).map(|a| a.to_string()).collect();
+    match auth {
+        None if !ports.is_empty() => tracing::warn!(
+            "NO AUTHENTICATION: anyone who can reach {} may read, write and destroy data; add `auth:` users (and `tls:`) to mkts.yml, see docs/operations.md",
+            ports.join(" and ")
+        ),
+        None => tracing::info!("no authentication configured (auth:): every client may read and write; the ports listen on loopback only"),
+        Some(a) => {
+            if config.tls.is_none() {
+                tracing::warn!("auth: is configured without tls:: passwords and tokens travel in clear text");
+            }
+            tracing::info!(
+                users = config.auth.as_ref().map(|c| c.users.len()).unwrap_or(0),
+                tokens_survive_restart = a.tokens_survive_restart(),
+                "authentication required on every interface but /heartbeat"
+            );
+        }
     }
 }
 

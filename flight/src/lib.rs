@@ -130,46 +130,62 @@ pub struct BucketListing {
 }
 
 /// What the Flight service needs from the server. Implemented in `mkts` over the engine and SQL.
+///
+/// Every call is made on behalf of a [`FlightBackend::Caller`], which the backend builds from the gRPC
+/// request's extensions (where the server's authentication layer put the identity it verified) before
+/// anything else runs; the crate itself knows nothing about users.
 #[async_trait::async_trait]
 pub trait FlightBackend: Send + Sync + 'static {
+    /// Who a call runs as.
+    type Caller: Send + Sync + 'static;
+    /// The caller of a request with these extensions; `sql` tells Flight SQL calls from plain Flight.
+    fn caller(&self, extensions: &tonic::Extensions, sql: bool) -> Self::Caller;
+    /// Answer a Flight handshake (the authentication layer has verified its credentials): a bearer
+    /// token for later calls, sent back as the `authorization: Bearer …` header and as the payload.
+    /// `None` (the default, for a server without authentication): an empty payload.
+    async fn handshake(&self, caller: &Self::Caller) -> Result<Option<String>, BackendError> {
+        let _ = caller;
+        Ok(None)
+    }
     /// Run a read, SQL or function ticket; batches stream lazily.
-    async fn query(&self, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError>;
+    async fn query(&self, caller: &Self::Caller, q: QueryTicket) -> Result<(SchemaRef, BatchStream), BackendError>;
     /// Schema and exact row count (if cheap) of what `query` would return.
-    async fn describe(&self, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError>;
+    async fn describe(&self, caller: &Self::Caller, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError>;
     /// Durably write one batch to `key`; returns rows stored once they are durable.
-    async fn write(&self, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
+    async fn write(&self, caller: &Self::Caller, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
     /// Appended batches of keys matching `req.pattern` (`*` per segment), until dropped. `peer` names the
     /// client (its address) for logs.
-    async fn subscribe(&self, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError>;
+    async fn subscribe(&self, caller: &Self::Caller, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError>;
     /// The queued appends of an out-of-process trigger identified by its secret `token` (DoExchange).
     /// `acks` yields, for each client message, how many delivered batches the client has handled; a batch
     /// not acknowledged when the exchange ends is delivered again on the next one. Every batch of one
     /// exchange has the same schema: it ends before an append of another schema, and the plugin opens the
     /// next (docs/plugins.md). At most one exchange per trigger at a time.
-    async fn trigger_exchange(&self, token: &str, acks: AckStream) -> Result<KeyedBatchStream, BackendError> {
-        let _ = (token, acks);
+    async fn trigger_exchange(&self, caller: &Self::Caller, token: &str, acks: AckStream) -> Result<KeyedBatchStream, BackendError> {
+        let _ = (caller, token, acks);
         Err(BackendError::new(tonic::Code::Unimplemented, "trigger streams are not supported"))
     }
     /// Whether reads are allowed at all (a server configured `queryable: false` says no). Checked before
     /// a Flight SQL read is handed to the SQL service; the backend's own read methods check it themselves.
-    fn check_readable(&self) -> Result<(), BackendError> {
+    fn check_readable(&self, caller: &Self::Caller) -> Result<(), BackendError> {
+        let _ = caller;
         Ok(())
     }
     /// Every bucket with schema and row count.
-    async fn list(&self) -> Result<Vec<BucketListing>, BackendError>;
+    async fn list(&self, caller: &Self::Caller) -> Result<Vec<BucketListing>, BackendError>;
     /// Run a plain action (`create`, `destroy`, ...); returns the JSON result body.
-    async fn action(&self, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError>;
+    async fn action(&self, caller: &Self::Caller, name: &str, body: &[u8]) -> Result<serde_json::Value, BackendError>;
     /// Execute a SQL statement that modifies data (Flight SQL `CommandStatementUpdate`); returns rows affected.
-    async fn sql_update(&self, sql: &str) -> Result<i64, BackendError>;
+    async fn sql_update(&self, caller: &Self::Caller, sql: &str) -> Result<i64, BackendError>;
     /// Bind parameter rows to a prepared statement (Flight SQL DoPut `CommandPreparedStatementQuery`);
     /// returns the handle to use from now on.
-    async fn sql_bind_parameters(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
-        let _ = (handle, params);
+    async fn sql_bind_parameters(&self, caller: &Self::Caller, handle: &[u8], params: Vec<RecordBatch>) -> Result<Vec<u8>, BackendError> {
+        let _ = (caller, handle, params);
         Err(BackendError::new(tonic::Code::Unimplemented, "prepared statement parameters are not supported"))
     }
     /// Execute a prepared update with parameter rows (Flight SQL DoPut `CommandPreparedStatementUpdate`).
-    async fn sql_prepared_update(&self, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
-        let _ = (handle, params);
+    async fn sql_prepared_update(&self, caller: &Self::Caller, handle: &[u8], params: Vec<RecordBatch>) -> Result<i64, BackendError> {
+        let _ = (caller, handle, params);
         Err(BackendError::new(tonic::Code::Unimplemented, "prepared updates are not supported"))
     }
 }
@@ -281,12 +297,12 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Box::pin(s)
     }
 
-    async fn flight_info(&self, desc: FlightDescriptor) -> Result<FlightInfo, Status> {
+    async fn flight_info(&self, caller: &B::Caller, desc: FlightDescriptor) -> Result<FlightInfo, Status> {
         let q = descriptor_ticket(&desc)?;
         if q.subscribe.is_some() || q.trigger.is_some() {
             return Err(Status::invalid_argument("subscriptions have no FlightInfo; DoGet the ticket directly"));
         }
-        let (schema, rows) = self.backend.describe(q.clone()).await?;
+        let (schema, rows) = self.backend.describe(caller, q.clone()).await?;
         let ticket = serde_json::to_vec(&q).map_err(|e| Status::internal(e.to_string()))?;
         let info = FlightInfo::new()
             .try_with_schema(&schema)
@@ -369,7 +385,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Box::pin(s)
     }
 
-    async fn plain_do_put(&self, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+    async fn plain_do_put(&self, caller: B::Caller, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
         let desc = first.flight_descriptor.clone().ok_or_else(|| Status::invalid_argument("DoPut: the first message needs a flight descriptor"))?;
         let key = descriptor_key(&desc)?;
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
@@ -380,7 +396,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
             while let Some(b) = batches.next().await {
                 let r = match b {
                     Ok(batch) => backend
-                        .write(&key, batch)
+                        .write(&caller, &key, batch)
                         .await
                         .map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) })
                         .map_err(Status::from),
@@ -395,9 +411,9 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         Ok(Response::new(out))
     }
 
-    async fn sql_do_put(&self, cmd: Command, _rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+    async fn sql_do_put(&self, caller: &B::Caller, cmd: Command, _rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
         let count = match cmd {
-            Command::CommandStatementUpdate(u) => self.backend.sql_update(&u.query).await?,
+            Command::CommandStatementUpdate(u) => self.backend.sql_update(caller, &u.query).await?,
             other => {
                 return Err(Status::unimplemented(format!("DoPut: {} is not supported", other.type_url())));
             }
@@ -445,13 +461,23 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
     type DoExchangeStream = Bs<FlightData>;
 
     async fn handshake(&self, request: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
-        // No authentication: answer every handshake message with an empty payload.
-        let s = request.into_inner().map_ok(|h| HandshakeResponse { protocol_version: h.protocol_version, payload: Bytes::new() });
-        Ok(Response::new(Box::pin(s)))
+        let caller = self.backend.caller(request.extensions(), false);
+        let token = self.backend.handshake(&caller).await?;
+        let payload = token.as_ref().map(|t| Bytes::from(t.clone())).unwrap_or_default();
+        // Answer each handshake message with the token (or nothing, without authentication); the token
+        // also travels as the `authorization` response header, where pyarrow and ADBC look for it.
+        let s = request.into_inner().map_ok(move |h| HandshakeResponse { protocol_version: h.protocol_version, payload: payload.clone() });
+        let mut response = Response::new(Box::pin(s) as Self::HandshakeStream);
+        if let Some(t) = token {
+            let value: tonic::metadata::AsciiMetadataValue = format!("Bearer {t}").parse().map_err(|_| Status::internal("token is not a valid header value"))?;
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
     }
 
-    async fn list_flights(&self, _request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
-        let list = self.backend.list().await?;
+    async fn list_flights(&self, request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let caller = self.backend.caller(request.extensions(), false);
+        let list = self.backend.list(&caller).await?;
         let infos: Vec<Result<FlightInfo, Status>> = list
             .into_iter()
             .map(|b| {
@@ -473,31 +499,34 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
             mark_sql(&request);
-            self.backend.check_readable()?;
+            self.backend.check_readable(&self.backend.caller(request.extensions(), true))?;
             return FlightService::get_flight_info(self.sql.as_ref(), request).await;
         }
-        let info = self.flight_info(request.into_inner()).await?;
+        let caller = self.backend.caller(request.extensions(), false);
+        let info = self.flight_info(&caller, request.into_inner()).await?;
         Ok(Response::new(info))
     }
 
     async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
             mark_sql(&request);
-            self.backend.check_readable()?;
+            self.backend.check_readable(&self.backend.caller(request.extensions(), true))?;
             return FlightService::poll_flight_info(self.sql.as_ref(), request).await;
         }
-        let info = self.flight_info(request.into_inner()).await?;
+        let caller = self.backend.caller(request.extensions(), false);
+        let info = self.flight_info(&caller, request.into_inner()).await?;
         Ok(Response::new(PollInfo { info: Some(info), flight_descriptor: None, progress: Some(1.0), expiration_time: None }))
     }
 
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         if as_sql_any(&request.get_ref().cmd).is_some() {
             mark_sql(&request);
-            self.backend.check_readable()?;
+            self.backend.check_readable(&self.backend.caller(request.extensions(), true))?;
             return FlightService::get_schema(self.sql.as_ref(), request).await;
         }
         let q = descriptor_ticket(request.get_ref())?;
-        let (schema, _) = self.backend.describe(q).await?;
+        let caller = self.backend.caller(request.extensions(), false);
+        let (schema, _) = self.backend.describe(&caller, q).await?;
         let opts = arrow::ipc::writer::IpcWriteOptions::default();
         let r: SchemaResult = SchemaAsIpc::new(schema.as_ref(), &opts)
             .try_into()
@@ -508,25 +537,28 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         if as_sql_any(&request.get_ref().ticket).is_some() {
             mark_sql(&request);
-            self.backend.check_readable()?;
+            self.backend.check_readable(&self.backend.caller(request.extensions(), true))?;
             return FlightService::do_get(self.sql.as_ref(), request).await;
         }
         let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
+        let caller = self.backend.caller(request.extensions(), false);
         if let Some(pattern) = &q.subscribe {
             let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
             let req = SubscribeRequest { pattern: pattern.clone(), feed: q.feed.clone(), from_lsn: q.from_lsn };
-            let s = self.backend.subscribe(req, &peer).await?;
+            let s = self.backend.subscribe(&caller, req, &peer).await?;
             return Ok(Response::new(Self::subscription_stream(s)));
         }
         if q.trigger.is_some() {
             return Err(Status::invalid_argument("a trigger ticket is opened with DoExchange, acknowledging each batch (docs/plugins.md)"));
         }
-        let (schema, batches) = self.backend.query(q).await?;
+        let (schema, batches) = self.backend.query(&caller, q).await?;
         Ok(Response::new(self.encode(schema, batches)))
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
         let marker = request.extensions().get::<FlightSqlCall>().cloned();
+        let plain_caller = self.backend.caller(request.extensions(), false);
+        let sql_caller = self.backend.caller(request.extensions(), true);
         let mut stream = request.into_inner();
         let first = match stream.message().await.map_err(oversize_status)? {
             Some(f) => f,
@@ -547,11 +579,11 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
                 ) {
                     let rest = stream;
                     let first_only = first;
-                    return self.sql_do_put_with_first(cmd, first_only, rest).await;
+                    return self.sql_do_put_with_first(&sql_caller, cmd, first_only, rest).await;
                 }
-                self.sql_do_put(cmd, stream).await
+                self.sql_do_put(&sql_caller, cmd, stream).await
             }
-            None => self.plain_do_put(first, stream).await,
+            None => self.plain_do_put(plain_caller, first, stream).await,
         }
     }
 
@@ -559,6 +591,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
     /// (`{"trigger": secret}`), the server streams its appends, the client answers each handled batch with a
     /// message whose `app_metadata` is `{"ack": n}`.
     async fn do_exchange(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        let caller = self.backend.caller(request.extensions(), false);
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("DoExchange: empty stream"))?;
         let desc = first.flight_descriptor.as_ref().ok_or_else(|| Status::invalid_argument("DoExchange: the first message needs a flight descriptor"))?;
@@ -570,7 +603,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         // A client error or half-close ends the acknowledgements, and with them the exchange.
         let rest = stream.take_while(|m| futures::future::ready(m.is_ok())).filter_map(|m| futures::future::ready(m.ok().and_then(|m| parse_ack(&m.app_metadata))));
         let acks = futures::stream::iter(first_ack).chain(rest).boxed();
-        let s = self.backend.trigger_exchange(&token, acks).await?;
+        let s = self.backend.trigger_exchange(&caller, &token, acks).await?;
         Ok(Response::new(Self::subscription_stream(s.map(Ok).boxed())))
     }
 
@@ -580,7 +613,8 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
             mark_sql(&request);
             return FlightService::do_action(self.sql.as_ref(), request).await;
         }
-        let v = self.backend.action(&name, &request.get_ref().body).await?;
+        let caller = self.backend.caller(request.extensions(), false);
+        let v = self.backend.action(&caller, &name, &request.get_ref().body).await?;
         Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(json_result(v))]))))
     }
 
@@ -598,7 +632,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 }
 
 impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService<B, S> {
-    async fn sql_do_put_with_first(&self, cmd: Command, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
+    async fn sql_do_put_with_first(&self, caller: &B::Caller, cmd: Command, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
         let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input);
         let put = match cmd {
@@ -610,19 +644,19 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
                     if b.num_rows() == 0 {
                         continue;
                     }
-                    total += self.backend.write(&key, b).await? as i64;
+                    total += self.backend.write(caller, &key, b).await? as i64;
                 }
                 PutResult { app_metadata: DoPutUpdateResult { record_count: total }.encode_to_vec().into() }
             }
             Command::CommandPreparedStatementQuery(q) => {
                 let params: Vec<RecordBatch> = batches.try_collect().await.map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let handle = self.backend.sql_bind_parameters(&q.prepared_statement_handle, params).await?;
+                let handle = self.backend.sql_bind_parameters(caller, &q.prepared_statement_handle, params).await?;
                 let r = arrow_flight::sql::DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.into()) };
                 PutResult { app_metadata: r.encode_to_vec().into() }
             }
             Command::CommandPreparedStatementUpdate(u) => {
                 let params: Vec<RecordBatch> = batches.try_collect().await.map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let n = self.backend.sql_prepared_update(&u.prepared_statement_handle, params).await?;
+                let n = self.backend.sql_prepared_update(caller, &u.prepared_statement_handle, params).await?;
                 PutResult { app_metadata: DoPutUpdateResult { record_count: n }.encode_to_vec().into() }
             }
             other => return Err(Status::unimplemented(format!("DoPut: {} is not supported", other.type_url()))),

@@ -27,15 +27,29 @@ use crate::service::{Caller, CreateRequest, ErrorCode, Interface, Service, Servi
 /// Arguments of `mkts connect`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
-    /// Server address `host:port` of the gRPC (Flight SQL) listener; `grpc://` or `http://` prefixes are accepted.
+    /// Server address `host:port` of the gRPC (Flight SQL) listener; `grpc://` or `http://` prefixes are
+    /// accepted, `grpc+tls://` or `https://` connect over TLS.
     #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present = "dir")]
     pub url: Option<String>,
     /// Open this data directory in-process instead of connecting to a server.
     #[arg(short = 'd', long)]
     pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Run this command (SQL or a `\` command) and exit; may be repeated.
     #[arg(short = 'c', long = "command")]
     pub command: Vec<String>,
+}
+
+/// How to reach a server that uses TLS or `auth:` (shared by `connect`, `import` and `export`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RemoteArgs {
+    /// PEM file of the CA that signed the server's certificate (default: the system's roots).
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// User to authenticate as; the password comes from MKTS_PASSWORD or is asked for.
+    #[arg(long, env = "MKTS_USER")]
+    pub user: Option<String>,
 }
 
 /// Largest message the CLI accepts from a server.
@@ -70,18 +84,51 @@ pub fn remote(e: &arrow_flight::error::FlightError) -> anyhow::Error {
 /// A lazy stream of result batches.
 pub type Batches = BoxStream<'static, anyhow::Result<RecordBatch>>;
 
-fn normalize_url(url: &str) -> String {
-    let rest = url.trim().trim_start_matches("grpc://").trim_start_matches("grpc+tcp://").trim_start_matches("http://");
-    format!("http://{rest}")
+/// `(uri for tonic, tls)` of a `--url`.
+fn normalize_url(url: &str) -> (String, bool) {
+    let u = url.trim();
+    for tls in ["grpc+tls://", "https://"] {
+        if let Some(rest) = u.strip_prefix(tls) {
+            return (format!("https://{rest}"), true);
+        }
+    }
+    let rest = u.trim_start_matches("grpc://").trim_start_matches("grpc+tcp://").trim_start_matches("http://");
+    (format!("http://{rest}"), false)
 }
 
 impl Client {
-    /// Connect to a server's gRPC listener.
-    pub async fn connect(url: &str) -> anyhow::Result<Client> {
-        let endpoint = tonic::transport::Endpoint::from_shared(normalize_url(url)).with_context(|| format!("bad url {url:?}"))?;
+    /// Connect to a server's gRPC listener (over TLS for `grpc+tls://`), authenticating with the Flight
+    /// handshake when `remote.user` is set: the token it returns goes on every later call.
+    pub async fn connect(url: &str, remote: &RemoteArgs) -> anyhow::Result<Client> {
+        let (uri, tls) = normalize_url(url);
+        let mut endpoint = tonic::transport::Endpoint::from_shared(uri).with_context(|| format!("bad url {url:?}"))?;
+        if tls {
+            let mut cfg = tonic::transport::ClientTlsConfig::new();
+            cfg = match &remote.ca_file {
+                Some(ca) => {
+                    let pem = std::fs::read(ca).with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
+                    cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                }
+                None => cfg.with_native_roots(),
+            };
+            endpoint = endpoint.tls_config(cfg).context("TLS configuration")?;
+        } else if remote.ca_file.is_some() {
+            bail!("--ca-file needs a TLS url (grpc+tls://host:port)");
+        }
         let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))?;
         let inner = || FlightServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MSG).max_encoding_message_size(MAX_MSG);
-        Ok(Client::Remote { sql: FlightSqlServiceClient::new_from_inner(inner()), flight: FlightClient::new_from_inner(inner()) })
+        let mut sql = FlightSqlServiceClient::new_from_inner(inner());
+        let mut flight = FlightClient::new_from_inner(inner());
+        if let Some(user) = &remote.user {
+            let password = match std::env::var("MKTS_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => crate::cli::read_password(&format!("password for {user}: "))?,
+            };
+            sql.handshake(user, &password).await.map_err(|e| anyhow!("authentication as {user:?} failed: {e}"))?;
+            let token = sql.token().cloned().ok_or_else(|| anyhow!("the server returned no token from the handshake"))?;
+            flight.add_header("authorization", &format!("Bearer {token}")).map_err(|e| anyhow!("{e}"))?;
+        }
+        Ok(Client::Remote { sql, flight })
     }
 
     /// Open a data directory in-process.
@@ -91,9 +138,9 @@ impl Client {
     }
 
     /// From `--url`/`--dir`.
-    pub async fn from_args(url: Option<&str>, dir: Option<&Path>) -> anyhow::Result<Client> {
+    pub async fn from_args(url: Option<&str>, dir: Option<&Path>, remote: &RemoteArgs) -> anyhow::Result<Client> {
         match (url, dir) {
-            (Some(u), None) => Client::connect(u).await,
+            (Some(u), None) => Client::connect(u, remote).await,
             (None, Some(d)) => Client::open(d),
             _ => bail!("give exactly one of --url host:port or --dir <root>"),
         }
@@ -466,7 +513,7 @@ fn history_path() -> Option<PathBuf> {
 pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let client = Client::from_args(args.url.as_deref(), args.dir.as_deref()).await?;
+        let client = Client::from_args(args.url.as_deref(), args.dir.as_deref(), &args.remote).await?;
         let mut shell = Shell::new(client);
         let mut failed = false;
         if !args.command.is_empty() {

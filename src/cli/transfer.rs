@@ -52,6 +52,8 @@ pub struct ImportArgs {
     /// Data directory to open in-process.
     #[arg(short = 'd', long)]
     pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: super::connect::RemoteArgs,
 }
 
 /// Arguments of `mkts export`.
@@ -80,6 +82,8 @@ pub struct ExportArgs {
     /// Data directory to open in-process.
     #[arg(short = 'd', long)]
     pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: super::connect::RemoteArgs,
 }
 
 /// MarketStore's CSV control file.
@@ -458,7 +462,7 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let key = BucketKey::parse(&args.key)?;
-        let mut client = Client::from_args(args.url.as_deref(), args.dir.as_deref()).await?;
+        let mut client = Client::from_args(args.url.as_deref(), args.dir.as_deref(), &args.remote).await?;
         let r = import_file(&mut client, &key, &args.file, args.control.as_deref(), false).await;
         client.close().await?;
         eprintln!("{}", r?);
@@ -565,7 +569,7 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let sql = export_sql(&args)?;
-        let mut client = Client::from_args(args.url.as_deref(), args.dir.as_deref()).await?;
+        let mut client = Client::from_args(args.url.as_deref(), args.dir.as_deref(), &args.remote).await?;
         let r = export_to(&mut client, &sql, &args.output, args.format.as_deref(), false).await;
         client.close().await?;
         eprintln!("{}", r?);

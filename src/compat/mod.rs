@@ -36,16 +36,26 @@ use crate::metrics::{disk_usage, EngineSample};
 pub const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// The HTTP routes of `listen_port`: `/rpc`, `/ws`, `/heartbeat`, `/metrics`.
+///
+/// With `auth:`, `/rpc` and `/ws` (and `/metrics` under `auth.protect_metrics`) need credentials
+/// ([`crate::auth::http`]); `/heartbeat` stays open for load balancers.
 pub fn http_router(ctx: Arc<ServerContext>) -> Router {
     let hub = ws::WsHub::new(ctx.clone());
     let recorder = ctx.metrics.clone();
-    let rpc = Router::new()
-        .route("/rpc", any(rpc::handle))
-        .route("/heartbeat", any(heartbeat))
-        .route("/metrics", get(metrics))
-        .with_state(ctx);
-    let ws = Router::new().route("/ws", any(ws::handle)).with_state(hub);
-    rpc.merge(ws).layer(axum::middleware::from_fn_with_state(recorder, crate::metrics::layer::record_http))
+    let auth = ctx.auth.clone();
+    let protect_metrics = ctx.config.auth.as_ref().is_some_and(|a| a.protect_metrics);
+    let mut protected = Router::new().route("/rpc", any(rpc::handle));
+    let mut open = Router::new().route("/heartbeat", any(heartbeat));
+    if protect_metrics {
+        protected = protected.route("/metrics", get(metrics));
+    } else {
+        open = open.route("/metrics", get(metrics));
+    }
+    let mut protected = protected.with_state(ctx.clone()).merge(Router::new().route("/ws", any(ws::handle)).with_state(hub));
+    if let Some(a) = auth {
+        protected = protected.layer(axum::middleware::from_fn_with_state(a, crate::auth::http::require));
+    }
+    open.with_state(ctx).merge(protected).layer(axum::middleware::from_fn_with_state(recorder, crate::metrics::layer::record_http))
 }
 
 /// `/heartbeat` (any method): 200 `queryable` once ready, 503 `not queryable` before/while shutting down;

@@ -67,11 +67,6 @@ impl From<ServiceError> for RpcError {
     }
 }
 
-/// Who `/rpc` calls run as (authentication will fill it from the request's credentials).
-fn caller() -> Caller {
-    Caller::anonymous(Interface::JsonRpc)
-}
-
 fn text(status: StatusCode, body: String) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
@@ -83,8 +78,16 @@ fn text(status: StatusCode, body: String) -> Response {
 }
 
 /// The `/rpc` handler (any method; non-POST answers 405).
-pub async fn handle(State(ctx): State<Arc<ServerContext>>, method: Method, headers: HeaderMap, body: Body) -> Response {
-    handle_inner(&ctx, method, &headers, body).await
+pub async fn handle(
+    State(ctx): State<Arc<ServerContext>>,
+    ext: axum::http::Extensions,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Who the calls run as: what the authentication middleware verified, or anonymous without `auth:`.
+    let caller = Caller::of_request(Interface::JsonRpc, &ext);
+    handle_inner(&ctx, &caller, method, &headers, body).await
 }
 
 /// Past this many bytes an oversize body is no longer drained: the connection is closed instead.
@@ -125,7 +128,7 @@ async fn read_body(body: Body, limit: usize, hint: Option<u64>) -> Result<Bytes,
     Ok(buf.freeze())
 }
 
-pub(crate) async fn handle_inner(ctx: &ServerContext, method: Method, headers: &HeaderMap, body: Body) -> Response {
+pub(crate) async fn handle_inner(ctx: &ServerContext, caller: &Caller, method: Method, headers: &HeaderMap, body: Body) -> Response {
     if method != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, format!("rpc: POST method required, received {method}"));
     }
@@ -177,8 +180,23 @@ pub(crate) async fn handle_inner(ctx: &ServerContext, method: Method, headers: &
         return reply(codec, &id, Err(e), !notification);
     }
     let mname = env.get("method", "method").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    // A caller without the role for the whole call is refused outright, with an HTTP status (403) that
+    // says so, before any of its requests runs.
+    let access = match mname.as_str() {
+        "DataService.Query" | "DataService.GetInfo" | "DataService.ListSymbols" => Some(Access::Read),
+        "DataService.Write" => Some(Access::Append),
+        "DataService.Create" => Some(Access::Create),
+        "DataService.Destroy" => Some(Access::Remove),
+        _ => None,
+    };
+    if let Some(Err(e)) = access.map(|a| ctx.service.authorize_caller(caller, a)) {
+        let status = e.code.http();
+        let mut r = reply(codec, &id, Err(e.into()), true);
+        *r.status_mut() = status;
+        return r;
+    }
     let t0 = Instant::now();
-    let result = dispatch(ctx, codec, &mname, env.get("params", "params")).await;
+    let result = dispatch(ctx, caller, codec, &mname, env.get("params", "params")).await;
     if let Some(m) = mname.strip_prefix("DataService.")
         && METHODS.contains(&m)
     {
@@ -233,7 +251,7 @@ fn params_of(p: Option<&Value>) -> Result<Value, RpcError> {
     }
 }
 
-async fn dispatch(ctx: &ServerContext, codec: Codec, m: &str, params: Option<&Value>) -> Result<Val, RpcError> {
+async fn dispatch(ctx: &ServerContext, caller: &Caller, codec: Codec, m: &str, params: Option<&Value>) -> Result<Val, RpcError> {
     let parts: Vec<&str> = m.split('.').collect();
     if parts.len() != 2 {
         return Err(RpcError::server(format!("rpc: service/method request ill-formed: \"{m}\"")));
@@ -248,15 +266,15 @@ async fn dispatch(ctx: &ServerContext, codec: Codec, m: &str, params: Option<&Va
     let f = Fields::of(&p, codec, "params")?;
     if matches!(parts[1], "Query" | "GetInfo" | "ListSymbols") {
         // One JSON-RPC error for the whole call, before any request runs (MarketStore's behaviour).
-        ctx.service.authorize(&caller(), Access::Read)?;
+        ctx.service.authorize(caller, Access::Read)?;
     }
     match parts[1] {
-        "Query" => query(ctx, f).await,
-        "Write" => write(ctx, f).await,
-        "Create" => create(ctx, f).await,
-        "Destroy" => destroy(ctx, f).await,
-        "GetInfo" => get_info(ctx, f),
-        _ => list_symbols(ctx, f),
+        "Query" => query(ctx, caller, f).await,
+        "Write" => write(ctx, caller, f).await,
+        "Create" => create(ctx, caller, f).await,
+        "Destroy" => destroy(ctx, caller, f).await,
+        "GetInfo" => get_info(ctx, caller, f),
+        _ => list_symbols(ctx, caller, f),
     }
 }
 
@@ -290,11 +308,11 @@ pub fn query_spec(r: &Fields<'_>) -> Result<QueryRequest, RpcError> {
     Ok(QueryRequest::Read(q))
 }
 
-async fn query(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+async fn query(ctx: &ServerContext, caller: &Caller, f: Fields<'_>) -> Result<Val, RpcError> {
     let specs = requests(&f)?.iter().map(query_spec).collect::<Result<Vec<_>, _>>()?;
     let mut responses = Vec::with_capacity(specs.len());
     for spec in specs {
-        let out = dataservice::query(ctx, &caller(), &spec).await?;
+        let out = dataservice::query(ctx, caller, &spec).await?;
         responses.push(Val::Obj(vec![("result", "Result", out.to_val())]));
     }
     Ok(Val::Obj(vec![
@@ -304,10 +322,10 @@ async fn query(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     ]))
 }
 
-async fn write(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+async fn write(ctx: &ServerContext, caller: &Caller, f: Fields<'_>) -> Result<Val, RpcError> {
     let mut errors = Vec::new();
     for r in requests(&f)? {
-        let res = write_one(ctx, &r).await;
+        let res = write_one(ctx, caller, &r).await;
         if let Err(e) = res {
             errors.push(server_response(e));
         }
@@ -315,7 +333,7 @@ async fn write(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     Ok(Val::Obj(vec![("responses", "Responses", if errors.is_empty() { Val::Nil } else { Val::Arr(errors) })]))
 }
 
-pub(crate) async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(), String> {
+pub(crate) async fn write_one(ctx: &ServerContext, caller: &Caller, r: &Fields<'_>) -> Result<(), String> {
     let codec = r.codec();
     let dsv = r.get("dataset", "Data").or_else(|| r.get("dataset", "Dataset")).ok_or("write request has no dataset")?;
     let ds = Fields::of(dsv, codec, "dataset").map_err(|e| e.0)?;
@@ -341,10 +359,10 @@ pub(crate) async fn write_one(ctx: &ServerContext, r: &Fields<'_>) -> Result<(),
         start_index: ds.int_map("startindex", "StartIndex").map_err(|e| e.0)?.unwrap_or_default(),
         lengths: ds.int_map("lengths", "Lengths").map_err(|e| e.0)?.unwrap_or_default(),
     };
-    dataservice::write(ctx, &caller(), &input, variable).await.map_err(|e| e.message)
+    dataservice::write(ctx, caller, &input, variable).await.map_err(|e| e.message)
 }
 
-async fn create(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+async fn create(ctx: &ServerContext, caller: &Caller, f: Fields<'_>) -> Result<Val, RpcError> {
     let mut out = Vec::new();
     for r in requests(&f)? {
         let names = r.strings("column_names", "ColumnNames")?.unwrap_or_default();
@@ -358,7 +376,7 @@ async fn create(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
             || r.str("row_type", "RowType")?.is_some_and(|t| t.eq_ignore_ascii_case("variable"));
         let key = r.str("key", "Key")?.unwrap_or("");
         let columns: Vec<(String, String)> = names.into_iter().zip(types).collect();
-        match dataservice::create(ctx, &caller(), key, &columns, variable, true).await {
+        match dataservice::create(ctx, caller, key, &columns, variable, true).await {
             Ok(()) => out.push(server_response(String::new())),
             Err(CreateError::Continue(e)) => out.push(server_response(e)),
             Err(CreateError::Stop(e)) => {
@@ -370,20 +388,20 @@ async fn create(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
 }
 
-async fn destroy(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+async fn destroy(ctx: &ServerContext, caller: &Caller, f: Fields<'_>) -> Result<Val, RpcError> {
     let mut out = Vec::new();
     for r in requests(&f)? {
         let key = r.str("key", "Key")?.unwrap_or("");
-        out.push(server_response(dataservice::destroy(ctx, &caller(), key).await.err().unwrap_or_default()));
+        out.push(server_response(dataservice::destroy(ctx, caller, key).await.err().unwrap_or_default()));
     }
     Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
 }
 
-fn get_info(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+fn get_info(ctx: &ServerContext, caller: &Caller, f: Fields<'_>) -> Result<Val, RpcError> {
     let mut out = Vec::new();
     for r in requests(&f)? {
         let key = r.str("key", "Key")?.unwrap_or("");
-        let i = dataservice::get_info(ctx, &caller(), key);
+        let i = dataservice::get_info(ctx, caller, key);
         out.push(Val::Obj(vec![
             ("LatestYear", "LatestYear", Val::Int(i.latest_year)),
             ("TimeFrame", "TimeFrame", Val::Int(i.timeframe_ns)),
@@ -404,8 +422,8 @@ fn get_info(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
     Ok(Val::Obj(vec![("responses", "Responses", Val::Arr(out))]))
 }
 
-fn list_symbols(ctx: &ServerContext, f: Fields<'_>) -> Result<Val, RpcError> {
+fn list_symbols(ctx: &ServerContext, caller: &Caller, f: Fields<'_>) -> Result<Val, RpcError> {
     let tbk = f.str("format", "Format")?.is_some_and(|s| s == "tbk");
-    let list = dataservice::list_symbols(ctx, &caller(), tbk)?;
+    let list = dataservice::list_symbols(ctx, caller, tbk)?;
     Ok(Val::Obj(vec![("Results", "Results", Val::Arr(list.into_iter().map(Val::Str).collect()))]))
 }

@@ -18,7 +18,7 @@ fn ctx_with(dir: &std::path::Path, policy: Policy) -> Arc<ServerContext> {
     let mut cfg = EngineConfig::new(dir);
     cfg.policy = policy;
     let engine = Engine::open(cfg).unwrap();
-    let ctx = ServerContext::new(engine, Config { root_directory: dir.to_path_buf(), ..Config::default() });
+    let ctx = ServerContext::new(engine, Config { root_directory: dir.to_path_buf(), ..Config::default() }, None);
     ctx.set_ready(true);
     ctx
 }

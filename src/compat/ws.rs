@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::context::ServerContext;
 use crate::engine::{AppendEvent, KeyPattern};
+use crate::service::{Caller, Interface};
 
 use super::value::{to_msgpack, Val};
 
@@ -251,10 +252,11 @@ fn parse_subscribe(frame: &[u8]) -> Subscribe {
 /// `GET /ws` upgrade handler.
 pub async fn handle(State(hub): State<Arc<WsHub>>, ext: axum::http::Extensions, ws: WebSocketUpgrade) -> Response {
     let peer = ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_else(|| "unknown".into());
-    ws.max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| session(hub, socket, peer))
+    let caller = Caller::of_request(Interface::Ws, &ext);
+    ws.max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| session(hub, socket, peer, caller))
 }
 
-async fn session(hub: Arc<WsHub>, socket: WebSocket, peer: String) {
+async fn session(hub: Arc<WsHub>, socket: WebSocket, peer: String, caller: Caller) {
     hub.ensure_started();
     let metrics = hub.ctx.metrics.clone();
     metrics.ws_connected();
@@ -269,8 +271,8 @@ async fn session(hub: Arc<WsHub>, socket: WebSocket, peer: String) {
             msg = stream.next() => {
                 last_seen = Instant::now();
                 match msg {
-                    Some(Ok(Message::Binary(b))) => subscribe_reply(&hub.ctx, &patterns, b),
-                    Some(Ok(Message::Text(t))) => subscribe_reply(&hub.ctx, &patterns, Bytes::copy_from_slice(t.as_str().as_bytes())),
+                    Some(Ok(Message::Binary(b))) => subscribe_reply(&hub.ctx, &caller, &patterns, b),
+                    Some(Ok(Message::Text(t))) => subscribe_reply(&hub.ctx, &caller, &patterns, Bytes::copy_from_slice(t.as_str().as_bytes())),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 }
@@ -319,13 +321,15 @@ fn error_frame(e: String) -> Message {
     Message::Binary(Bytes::from(out))
 }
 
-pub(crate) fn subscribe_reply(ctx: &ServerContext, patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
+pub(crate) fn subscribe_reply(ctx: &ServerContext, caller: &Caller, patterns: &RwLock<Vec<KeyPattern>>, frame: Bytes) -> Option<Message> {
     match parse_subscribe(&frame) {
-        Subscribe::Set(_) if ctx.check_queryable().is_err() => Some(error_frame(crate::context::NOT_QUERYABLE.into())),
-        Subscribe::Set(p) => {
-            *patterns.write() = p;
-            Some(Message::Binary(frame))
-        }
+        Subscribe::Set(p) => match ctx.check_queryable(caller) {
+            Err(e) => Some(error_frame(e.message)),
+            Ok(()) => {
+                *patterns.write() = p;
+                Some(Message::Binary(frame))
+            }
+        },
         Subscribe::Invalid(e) => Some(error_frame(e)),
         Subscribe::Ignore => None,
     }

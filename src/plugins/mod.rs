@@ -36,7 +36,7 @@ use thiserror::Error;
 use crate::context::ServerContext;
 use crate::engine::{AppendEvent, KeyPattern};
 use crate::metrics::PluginStats;
-use crate::service::{Caller, Client, Interface};
+use crate::service::{Caller, Client, Interface, Principal};
 
 pub use process::ServerAddrs;
 
@@ -244,7 +244,7 @@ impl PluginHost {
         }
         for (i, w) in ctx.config.bgworkers.iter().enumerate() {
             let entry = format!("bgworkers[{i}]");
-            if let Err(e) = host.start_worker(ctx, &entry, &w.module, &w.name, &w.config) {
+            if let Err(e) = host.start_worker(ctx, &entry, w) {
                 tracing::error!(entry, module = %w.module, name = %w.name, "worker not started: {e}");
             }
         }
@@ -257,6 +257,7 @@ impl PluginHost {
         let pattern = KeyPattern::parse(on).map_err(|e| PluginError::Start(format!("bad `on` pattern {on:?}: {e}")))?;
         let source = resolve(module, &ctx.config.plugin_dir, Role::Trigger)?;
         let name = format!("{entry}:{}", display_name(module));
+        let identity = plugin_identity(ctx, &name, t.role);
         let provider = Provider::load(source, module, Role::Trigger)?;
         let kind = provider.kind();
         // Subscribe before anything else: appends acknowledged from here on reach this trigger.
@@ -270,19 +271,19 @@ impl PluginHost {
         let mut process = None;
         let plugin: Box<dyn FnOnce() -> Result<Box<dyn TriggerPlugin>, PluginError> + Send> = match provider {
             Provider::Builtin(b) => {
-                let t = builtin::trigger(b, config, &plugin_client(ctx), &ctx.bus)?;
+                let t = builtin::trigger(b, config, &plugin_client(ctx, &identity), &ctx.bus)?;
                 Box::new(move || Ok(t))
             }
             Provider::Shared(lib, path) => {
                 if !lib.has_trigger() {
                     return Err(PluginError::Incompatible(format!("{} exports no trigger", path.display())));
                 }
-                let host = shared::HostState::new(plugin_client(ctx), name.clone());
+                let host = shared::HostState::new(plugin_client(ctx, &identity), name.clone());
                 let config = config.to_string();
                 Box::new(move || lib.create_trigger(&config, host).map(|t| Box::new(t) as Box<dyn TriggerPlugin>))
             }
             Provider::Process(path) => {
-                let (t, sup) = process::trigger(&process_env(ctx), self.addrs, &path, &name, &pattern, config, stop_rx.clone(), stats.clone())?;
+                let (t, sup) = process::trigger(&process_env(ctx, &identity), self.addrs, &path, &name, &pattern, config, stop_rx.clone(), stats.clone())?;
                 process = Some(sup);
                 Box::new(move || Ok(Box::new(t) as Box<dyn TriggerPlugin>))
             }
@@ -306,22 +307,24 @@ impl PluginHost {
         Ok(())
     }
 
-    fn start_worker(&mut self, ctx: &Arc<ServerContext>, entry: &str, module: &str, name: &str, config: &serde_json::Value) -> Result<(), PluginError> {
+    fn start_worker(&mut self, ctx: &Arc<ServerContext>, entry: &str, w: &crate::config::BgWorkerConfig) -> Result<(), PluginError> {
+        let (module, name, config) = (w.module.as_str(), w.name.as_str(), &w.config);
         let source = resolve(module, &ctx.config.plugin_dir, Role::Worker)?;
         let label = format!("{entry}:{name}");
+        let identity = plugin_identity(ctx, &label, w.role);
         let provider = Provider::load(source, module, Role::Worker)?;
         let kind = provider.kind();
         let stats = Arc::new(PluginStats::new("worker", entry.to_string(), module.to_string(), kind));
         let worker: Box<dyn WorkerPlugin> = match provider {
-            Provider::Builtin(b) => builtin::worker(b, name, config, &plugin_client(ctx))?,
+            Provider::Builtin(b) => builtin::worker(b, name, config, &plugin_client(ctx, &identity))?,
             Provider::Shared(lib, path) => {
                 if !lib.has_worker() {
                     return Err(PluginError::Incompatible(format!("{} exports no worker", path.display())));
                 }
-                let host = shared::HostState::new(plugin_client(ctx), label.clone());
+                let host = shared::HostState::new(plugin_client(ctx, &identity), label.clone());
                 Box::new(lib.start_worker(&config.to_string(), host, stats.clone())?)
             }
-            Provider::Process(path) => Box::new(process::worker(&process_env(ctx), self.addrs, &path, &label, name, config, stats.clone())?),
+            Provider::Process(path) => Box::new(process::worker(&process_env(ctx, &identity), self.addrs, &path, &label, name, config, stats.clone())?),
         };
         stats.up.store(true, Ordering::Relaxed);
         ctx.metrics.register_plugin(stats.clone());
@@ -386,15 +389,31 @@ fn builtin_fallback(module: &str, role: Role, load_error: &PluginError) -> Resul
     }
 }
 
-/// The narrow handles out-of-process plugins are started with.
-/// What an in-process plugin (built-in or shared library) works through: the operations layer as the plugin
-/// interface, never the engine or the rest of the server.
-fn plugin_client(ctx: &ServerContext) -> Client {
-    Client::new(ctx.service.clone(), Caller::anonymous(Interface::Plugin))
+/// Who a plugin acts as: with `auth:`, a principal named by its entry (`bgworkers[0]:feed`) with the role
+/// its entry gives it (`role:`, default `read_write`); without, anonymous like every caller.
+fn plugin_identity(ctx: &ServerContext, label: &str, role: crate::service::Role) -> Option<Principal> {
+    ctx.auth.as_ref().map(|_| Principal { user: label.to_string(), role })
 }
 
-fn process_env(ctx: &ServerContext) -> process::ProcessEnv {
-    process::ProcessEnv { streams: ctx.bus.trigger_streams().clone(), config_dir: ctx.config.base_dir.clone() }
+/// What an in-process plugin (built-in or shared library) works through: the operations layer as the plugin
+/// interface, never the engine or the rest of the server.
+fn plugin_client(ctx: &ServerContext, identity: &Option<Principal>) -> Client {
+    let caller = match identity {
+        Some(p) => Caller::authenticated(Interface::Plugin, p.clone()),
+        None => Caller::anonymous(Interface::Plugin),
+    };
+    Client::new(ctx.service.clone(), caller)
+}
+
+/// The narrow handles out-of-process plugins are started with: the bus's trigger streams, and, with
+/// `auth:` or `tls:`, the credentials and CA they connect back with.
+fn process_env(ctx: &ServerContext, identity: &Option<Principal>) -> process::ProcessEnv {
+    let auth_header = match (&ctx.auth, identity) {
+        (Some(a), Some(p)) => Some(format!("Bearer {}", a.plugin_token(&p.user, p.role))),
+        _ => None,
+    };
+    let tls_root_certs = ctx.config.tls.as_ref().map(|t| t.ca_file.clone().unwrap_or_else(|| t.cert_file.clone()));
+    process::ProcessEnv { streams: ctx.bus.trigger_streams().clone(), config_dir: ctx.config.base_dir.clone(), auth_header, tls_root_certs }
 }
 
 /// The short name of a module for logs and thread names: the file name.

@@ -168,13 +168,27 @@ pub fn worker(
 pub struct ProcessEnv {
     pub streams: Arc<TriggerStreams>,
     pub config_dir: PathBuf,
+    /// `authorization` header value for every call back to the server (`auth:` configured): a token
+    /// with the plugin's role, valid while this server runs.
+    pub auth_header: Option<String>,
+    /// The CA to verify the server with (`tls:` configured); the Flight address is then `grpc+tls://`.
+    pub tls_root_certs: Option<PathBuf>,
 }
 
 fn base_env(pe: &ProcessEnv, addrs: ServerAddrs, flight: SocketAddr, config: &serde_json::Value, mut env: Vec<(String, String)>) -> Vec<(String, String)> {
     let flight = ServerAddrs::local(flight);
     env.push(("MKTS_PLUGIN_CONFIG".into(), config.to_string()));
-    env.push(("MKTS_FLIGHT_ADDR".into(), format!("grpc://{flight}")));
-    env.push(("MKTS_HTTP_ADDR".into(), format!("http://{}", ServerAddrs::local(addrs.http))));
+    // With TLS the certificate names a host, not an address: connect by name (`localhost` for loopback).
+    let scheme = if pe.tls_root_certs.is_some() { ("grpc+tls", "https") } else { ("grpc", "http") };
+    let host = |a: SocketAddr| if pe.tls_root_certs.is_some() && a.ip().is_loopback() { format!("localhost:{}", a.port()) } else { a.to_string() };
+    env.push(("MKTS_FLIGHT_ADDR".into(), format!("{}://{}", scheme.0, host(flight))));
+    env.push(("MKTS_HTTP_ADDR".into(), format!("{}://{}", scheme.1, host(ServerAddrs::local(addrs.http)))));
+    if let Some(h) = &pe.auth_header {
+        env.push(("MKTS_AUTH_HEADER".into(), h.clone()));
+    }
+    if let Some(ca) = &pe.tls_root_certs {
+        env.push(("MKTS_TLS_ROOT_CERTS".into(), ca.display().to_string()));
+    }
     env.push(("MKTS_PLUGIN_ABI".into(), "1".into()));
     env.push(("MKTS_VERSION".into(), crate::VERSION.into()));
     env.push(("MKTS_CONFIG_DIR".into(), pe.config_dir.display().to_string()));

@@ -1,9 +1,9 @@
 //! Who is asking, and through which interface: the identity every operation is checked against.
 //!
-//! Interfaces build a [`Caller`] per request and pass it to the operations layer. Today every caller is
-//! anonymous (MarketStore has no authentication); the authentication issue fills [`Principal`] from a
-//! token or password the interface verified, and [`super::policy`] then checks its roles. Nothing here
-//! ever holds a credential: only the name it resolved to.
+//! Interfaces build a [`Caller`] per request and pass it to the operations layer. Without `auth:` every
+//! caller is anonymous (MarketStore has no authentication); with it, each interface's authentication
+//! ([`crate::auth`]) verifies the request's password or token and fills [`Principal`], and
+//! [`super::policy`] checks its [`Role`]. Nothing here ever holds a credential: only the name it resolved to.
 
 use std::fmt;
 
@@ -42,12 +42,44 @@ impl Interface {
     }
 }
 
-/// An authenticated user: the name the credentials resolved to and the roles granted to it. Filled by
-/// the authentication issue; never built from unverified input.
+/// What a user may do (`auth.users[].role`, a plugin entry's `role`). Each role includes the ones
+/// before it: `read_only` < `read_write` < `admin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Queries, SQL `SELECT`, subscriptions, listings and bucket info.
+    ReadOnly,
+    /// Plus writes (creating a bucket by writing to it) and SQL `INSERT`.
+    ReadWrite,
+    /// Plus explicit create, destroy, range deletes, SQL `DELETE` and DDL.
+    Admin,
+}
+
+impl Role {
+    /// The names `mkts.yml` uses.
+    pub fn parse(s: &str) -> Result<Role, String> {
+        match s.trim() {
+            "read_only" => Ok(Role::ReadOnly),
+            "read_write" => Ok(Role::ReadWrite),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?}: expected read_only, read_write or admin")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read_only",
+            Role::ReadWrite => "read_write",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// An authenticated user: the name the credentials resolved to and the role granted to it. Built only by
+/// [`crate::auth`] from verified credentials (or by the plugin host for its plugins).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub user: String,
-    pub roles: Vec<String>,
+    pub role: Role,
 }
 
 /// The identity an operation runs as.
@@ -67,6 +99,12 @@ impl Caller {
     /// A caller that authenticated as `principal`.
     pub fn authenticated(interface: Interface, principal: Principal) -> Caller {
         Caller { interface, principal: Some(principal) }
+    }
+
+    /// The caller of a request whose extensions hold what the authentication layer verified (nothing
+    /// when the server runs without `auth:`).
+    pub fn of_request(interface: Interface, extensions: &axum::http::Extensions) -> Caller {
+        Caller { interface, principal: extensions.get::<Principal>().cloned() }
     }
 }
 

@@ -21,8 +21,11 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The request is malformed or does not fit the data (bad key, type, schema, SQL).
     InvalidArgument,
-    /// Refused by policy: `enable_add`, `enable_remove`, `queryable` (later: the caller's role).
+    /// Refused by policy: `enable_add`, `enable_remove`, `queryable`, or the caller's role.
     PermissionDenied,
+    /// No credentials, or wrong ones, on a server with `auth:` (the same message whether the user
+    /// exists or not).
+    Unauthenticated,
     /// The server cannot do it now (shutting down, halted writer, damaged bucket); may work later.
     Unavailable,
     /// A write raced a destroy or recreate of its bucket: nothing was stored, retrying is safe.
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => Code::AlreadyExists,
             ErrorCode::InvalidArgument => Code::InvalidArgument,
             ErrorCode::PermissionDenied => Code::PermissionDenied,
+            ErrorCode::Unauthenticated => Code::Unauthenticated,
             ErrorCode::Unavailable => Code::Unavailable,
             ErrorCode::Aborted => Code::Aborted,
             ErrorCode::ResourceExhausted => Code::ResourceExhausted,
@@ -63,7 +67,8 @@ impl ErrorCode {
             Code::NotFound => ErrorCode::NotFound,
             Code::AlreadyExists => ErrorCode::AlreadyExists,
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => ErrorCode::InvalidArgument,
-            Code::PermissionDenied | Code::Unauthenticated => ErrorCode::PermissionDenied,
+            Code::PermissionDenied => ErrorCode::PermissionDenied,
+            Code::Unauthenticated => ErrorCode::Unauthenticated,
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => ErrorCode::Unavailable,
             Code::Aborted => ErrorCode::Aborted,
             Code::ResourceExhausted => ErrorCode::ResourceExhausted,
@@ -87,6 +92,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists | ErrorCode::Aborted => S::CONFLICT,
             ErrorCode::InvalidArgument => S::BAD_REQUEST,
             ErrorCode::PermissionDenied => S::FORBIDDEN,
+            ErrorCode::Unauthenticated => S::UNAUTHORIZED,
             ErrorCode::Unavailable => S::SERVICE_UNAVAILABLE,
             ErrorCode::ResourceExhausted => S::TOO_MANY_REQUESTS,
             ErrorCode::Unimplemented => S::NOT_IMPLEMENTED,
@@ -101,6 +107,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => "already exists",
             ErrorCode::InvalidArgument => "invalid argument",
             ErrorCode::PermissionDenied => "permission denied",
+            ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Aborted => "aborted",
             ErrorCode::ResourceExhausted => "resource exhausted",
@@ -241,7 +248,7 @@ mod tests {
     #[test]
     fn every_class_round_trips_through_grpc() {
         use ErrorCode::*;
-        for c in [NotFound, AlreadyExists, InvalidArgument, PermissionDenied, Unavailable, Aborted, ResourceExhausted, Unimplemented, Internal] {
+        for c in [NotFound, AlreadyExists, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable, Aborted, ResourceExhausted, Unimplemented, Internal] {
             assert_eq!(ErrorCode::from_grpc(c.grpc()), c);
             assert_eq!(c.jsonrpc(), JSONRPC_SERVER_ERROR);
         }

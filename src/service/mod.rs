@@ -20,11 +20,11 @@ pub mod read;
 pub mod request;
 pub mod write;
 
-pub use caller::{Caller, Interface, Principal};
+pub use caller::{Caller, Interface, Principal, Role};
 pub use catalog::SymbolFormat;
 pub use client::Client;
 pub use error::{ErrorCode, ServiceError};
-pub use policy::{Access, Policy, NOT_QUERYABLE};
+pub use policy::{Access, Policy, NOT_QUERYABLE, UNAUTHENTICATED};
 pub use read::{ReadPart, ReadResult, SqlStream};
 pub use request::{CreateRequest, QueryRequest, ReadRequest, WriteRequest};
 
@@ -55,6 +55,12 @@ impl Service {
         Service { engine, query, policy }
     }
 
+    /// The same operations, refusing every caller that has not authenticated (`auth:` configured).
+    pub fn requiring_authentication(mut self) -> Service {
+        self.policy.require_auth = true;
+        self
+    }
+
     /// The engine, for what is not an operation of a client: health, metrics, subscriptions of the
     /// event bus, shutdown.
     pub fn engine(&self) -> &Engine {
@@ -75,5 +81,11 @@ impl Service {
     /// produce (Flight SQL metadata, subscriptions) and must refuse it the same way.
     pub fn authorize(&self, caller: &Caller, access: Access<'_>) -> Result<(), ServiceError> {
         self.policy.check(caller, access)
+    }
+
+    /// `Ok` when `caller` is authenticated (if the server requires it) and its role covers `access`;
+    /// the switches are not looked at ([`Policy::check_caller`]).
+    pub fn authorize_caller(&self, caller: &Caller, access: Access<'_>) -> Result<(), ServiceError> {
+        self.policy.check_caller(caller, access)
     }
 }

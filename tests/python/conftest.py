@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,8 +40,10 @@ def free_port() -> int:
 class Server:
     """A running mkts server. `config_extra` is appended to the generated mkts.yml."""
 
-    def __init__(self, workdir: Path, config_extra: str = "", root: Path | None = None):
+    def __init__(self, workdir: Path, config_extra: str = "", root: Path | None = None, tls_ca: Path | None = None):
         self.workdir = Path(workdir)
+        # With `tls:` in config_extra: the CA that signed the server's certificate (for localhost).
+        self.tls_ca = Path(tls_ca) if tls_ca else None
         self.root = Path(root) if root else self.workdir / "data"
         self.http_port = free_port()
         self.grpc_port = free_port()
@@ -65,6 +68,8 @@ class Server:
 
     @property
     def http_url(self) -> str:
+        if self.tls_ca:
+            return f"https://localhost:{self.http_port}"
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
@@ -84,7 +89,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mkts exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.http_url}/heartbeat", timeout=1) as r:
+                ctx = ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else None
+                with urllib.request.urlopen(f"{self.http_url}/heartbeat", timeout=1, context=ctx) as r:
                     if r.status == 200:
                         return self
             except Exception:  # noqa: BLE001
@@ -119,9 +125,9 @@ def server_factory(tmp_path):
     """Create servers on demand: `srv = server_factory(config_extra="...")`; stopped at teardown."""
     made: list[Server] = []
 
-    def make(config_extra: str = "", root: Path | None = None, start: bool = True) -> Server:
+    def make(config_extra: str = "", root: Path | None = None, start: bool = True, tls_ca: Path | None = None) -> Server:
         wd = Path(tempfile.mkdtemp(dir=tmp_path))
-        s = Server(wd, config_extra, root=root)
+        s = Server(wd, config_extra, root=root, tls_ca=tls_ca)
         made.append(s)
         return s.start() if start else s
 

@@ -29,6 +29,33 @@ import pyarrow.flight as flight
 ACK = pa.py_buffer(b'{"ack": 1}')
 
 
+class _Authorization(flight.ClientMiddlewareFactory):
+    """Sends MKTS_AUTH_HEADER (set when the server has `auth:`) on every call."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def start_call(self, info):
+        value = self.value
+
+        class Header(flight.ClientMiddleware):
+            def sending_headers(self):
+                return {"authorization": value}
+
+        return Header()
+
+
+def connect() -> flight.FlightClient:
+    """The server's Flight port, with its CA under `tls:` and the plugin's token under `auth:`."""
+    kwargs = {}
+    if os.environ.get("MKTS_TLS_ROOT_CERTS"):
+        with open(os.environ["MKTS_TLS_ROOT_CERTS"], "rb") as f:
+            kwargs["tls_root_certs"] = f.read()
+    if os.environ.get("MKTS_AUTH_HEADER"):
+        kwargs["middleware"] = [_Authorization(os.environ["MKTS_AUTH_HEADER"])]
+    return flight.connect(os.environ["MKTS_FLIGHT_ADDR"], **kwargs)
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     config = json.loads(os.environ.get("MKTS_PLUGIN_CONFIG") or "null") or {}
@@ -36,7 +63,7 @@ def main() -> int:
     exit_after = config.get("exit_after", 0)
     sleep_s = config.get("sleep_ms", 0) / 1000
     mirrored = 0
-    client = flight.connect(os.environ["MKTS_FLIGHT_ADDR"])
+    client = connect()
     descriptor = flight.FlightDescriptor.for_command(os.environ["MKTS_TRIGGER_TICKET"])
     print(f"mirroring {os.environ['MKTS_PLUGIN_ON']} to {destination}", flush=True)
     written: set[str] = set()

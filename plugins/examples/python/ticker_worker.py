@@ -38,6 +38,33 @@ def existing_rows(client: flight.FlightClient, key: str) -> int:
         return 0
 
 
+class _Authorization(flight.ClientMiddlewareFactory):
+    """Sends MKTS_AUTH_HEADER (set when the server has `auth:`) on every call."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def start_call(self, info):
+        value = self.value
+
+        class Header(flight.ClientMiddleware):
+            def sending_headers(self):
+                return {"authorization": value}
+
+        return Header()
+
+
+def connect() -> flight.FlightClient:
+    """The server's Flight port, with its CA under `tls:` and the plugin's token under `auth:`."""
+    kwargs = {}
+    if os.environ.get("MKTS_TLS_ROOT_CERTS"):
+        with open(os.environ["MKTS_TLS_ROOT_CERTS"], "rb") as f:
+            kwargs["tls_root_certs"] = f.read()
+    if os.environ.get("MKTS_AUTH_HEADER"):
+        kwargs["middleware"] = [_Authorization(os.environ["MKTS_AUTH_HEADER"])]
+    return flight.connect(os.environ["MKTS_FLIGHT_ADDR"], **kwargs)
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     config = json.loads(os.environ.get("MKTS_PLUGIN_CONFIG") or "null") or {}
@@ -45,7 +72,7 @@ def main() -> int:
     interval = config.get("interval_ms", 1000) / 1000.0
     count = config.get("count")
     exit_after = config.get("exit_after", 0)
-    client = flight.connect(os.environ["MKTS_FLIGHT_ADDR"])
+    client = connect()
 
     i = existing_rows(client, key)
     print(f"{os.environ.get('MKTS_PLUGIN_NAME')}: writing to {key} from row {i}", flush=True)

@@ -44,9 +44,9 @@ fn server_response(error: String) -> pb::ServerResponse {
     pb::ServerResponse { error, version: VERSION.to_string() }
 }
 
-/// Who `proto.Marketstore` calls run as (authentication will fill it from the call's metadata).
-fn caller() -> Caller {
-    Caller::anonymous(Interface::Grpc)
+/// Who a `proto.Marketstore` call runs as: what the gRPC authentication layer verified, or anonymous.
+fn caller<T>(request: &Request<T>) -> Caller {
+    Caller::of_request(Interface::Grpc, request.extensions())
 }
 
 /// The status of a failed Query or ListSymbols. MarketStore answers every query error with `Unknown`
@@ -55,7 +55,7 @@ fn caller() -> Caller {
 pub fn marketstore_status(e: ServiceError) -> Status {
     use crate::service::ErrorCode;
     let code = match e.code {
-        ErrorCode::PermissionDenied | ErrorCode::ResourceExhausted => e.code.grpc(),
+        ErrorCode::PermissionDenied | ErrorCode::Unauthenticated | ErrorCode::ResourceExhausted => e.code.grpc(),
         _ => tonic::Code::Unknown,
     };
     Status::new(code, e.to_status().message())
@@ -89,11 +89,11 @@ impl MarketstoreGrpc {
         MarketstoreGrpc { ctx }
     }
 
-    async fn do_query(&self, req: pb::MultiQueryRequest) -> Result<pb::MultiQueryResponse, ServiceError> {
-        self.ctx.service.authorize(&caller(), Access::Read)?;
+    async fn do_query(&self, caller: &Caller, req: pb::MultiQueryRequest) -> Result<pb::MultiQueryResponse, ServiceError> {
+        self.ctx.service.authorize(caller, Access::Read)?;
         let mut responses = Vec::with_capacity(req.requests.len());
         for r in &req.requests {
-            let out = dataservice::query(&self.ctx, &caller(), &query_spec(r)?).await?;
+            let out = dataservice::query(&self.ctx, caller, &query_spec(r)?).await?;
             let mut start_index = std::collections::HashMap::new();
             let mut lengths = std::collections::HashMap::new();
             for (k, s, n) in &out.keys {
@@ -112,7 +112,7 @@ impl MarketstoreGrpc {
         Ok(pb::MultiQueryResponse { responses, version: VERSION.to_string(), timezone: self.ctx.config.timezone.clone() })
     }
 
-    async fn do_write(&self, req: pb::MultiWriteRequest) -> pb::MultiServerResponse {
+    async fn do_write(&self, caller: &Caller, req: pb::MultiWriteRequest) -> pb::MultiServerResponse {
         let mut responses = Vec::new();
         for r in &req.requests {
             let Some(ds) = &r.data else {
@@ -129,14 +129,14 @@ impl MarketstoreGrpc {
                 start_index: ds.start_index.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
                 lengths: ds.lengths.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
             };
-            if let Err(e) = dataservice::write(&self.ctx, &caller(), &input, r.is_variable_length).await {
+            if let Err(e) = dataservice::write(&self.ctx, caller, &input, r.is_variable_length).await {
                 responses.push(server_response(e.message));
             }
         }
         pb::MultiServerResponse { responses }
     }
 
-    async fn do_create(&self, req: pb::MultiCreateRequest) -> pb::MultiServerResponse {
+    async fn do_create(&self, caller: &Caller, req: pb::MultiCreateRequest) -> pb::MultiServerResponse {
         let mut responses = Vec::new();
         for r in &req.requests {
             let variable = match r.row_type.as_str() {
@@ -148,7 +148,7 @@ impl MarketstoreGrpc {
                 }
             };
             let columns: Vec<(String, String)> = r.data_shapes.iter().map(|s| (s.name.clone(), s.r#type.clone())).collect();
-            match dataservice::create(&self.ctx, &caller(), &r.key, &columns, variable, false).await {
+            match dataservice::create(&self.ctx, caller, &r.key, &columns, variable, false).await {
                 Ok(()) => responses.push(server_response(String::new())),
                 Err(CreateError::Continue(e)) => responses.push(server_response(e)),
                 Err(CreateError::Stop(e)) => {
@@ -165,21 +165,28 @@ impl MarketstoreGrpc {
 #[tonic::async_trait]
 impl Marketstore for MarketstoreGrpc {
     async fn query(&self, request: Request<pb::MultiQueryRequest>) -> Result<Response<pb::MultiQueryResponse>, Status> {
-        Ok(Response::new(self.do_query(request.into_inner()).await.map_err(marketstore_status)?))
+        let caller = caller(&request);
+        Ok(Response::new(self.do_query(&caller, request.into_inner()).await.map_err(marketstore_status)?))
     }
 
     async fn create(&self, request: Request<pb::MultiCreateRequest>) -> Result<Response<pb::MultiServerResponse>, Status> {
-        Ok(Response::new(self.do_create(request.into_inner()).await))
+        let caller = caller(&request);
+        self.ctx.service.authorize_caller(&caller, Access::Create)?;
+        Ok(Response::new(self.do_create(&caller, request.into_inner()).await))
     }
 
     async fn write(&self, request: Request<pb::MultiWriteRequest>) -> Result<Response<pb::MultiServerResponse>, Status> {
-        Ok(Response::new(self.do_write(request.into_inner()).await))
+        let caller = caller(&request);
+        self.ctx.service.authorize_caller(&caller, Access::Append)?;
+        Ok(Response::new(self.do_write(&caller, request.into_inner()).await))
     }
 
     async fn destroy(&self, request: Request<pb::MultiKeyRequest>) -> Result<Response<pb::MultiServerResponse>, Status> {
+        let caller = caller(&request);
+        self.ctx.service.authorize_caller(&caller, Access::Remove)?;
         let mut responses = Vec::new();
         for k in &request.get_ref().requests {
-            responses.push(server_response(dataservice::destroy(&self.ctx, &caller(), &k.key).await.err().unwrap_or_default()));
+            responses.push(server_response(dataservice::destroy(&self.ctx, &caller, &k.key).await.err().unwrap_or_default()));
         }
         Ok(Response::new(pb::MultiServerResponse { responses }))
     }
@@ -187,8 +194,9 @@ impl Marketstore for MarketstoreGrpc {
     async fn list_symbols(&self, request: Request<pb::ListSymbolsRequest>) -> Result<Response<pb::ListSymbolsResponse>, Status> {
         // Default/0 = SYMBOL, any other value = TIME_BUCKET_KEY (MarketStore).
         let tbk = request.get_ref().format != 0;
-        self.ctx.service.authorize(&caller(), Access::Read).map_err(marketstore_status)?;
-        let results = dataservice::list_symbols(&self.ctx, &caller(), tbk).map_err(marketstore_status)?;
+        let caller = caller(&request);
+        self.ctx.service.authorize(&caller, Access::Read).map_err(marketstore_status)?;
+        let results = dataservice::list_symbols(&self.ctx, &caller, tbk).map_err(marketstore_status)?;
         Ok(Response::new(pb::ListSymbolsResponse { results }))
     }
 
