@@ -88,6 +88,9 @@ impl Authenticator {
             Some(s) => (TokenKey::from_secret(s.0.as_bytes()), true),
             None => (TokenKey::random()?, false),
         };
+        for u in &cfg.users {
+            password::check_hash(&u.password_hash.0).map_err(|e| format!("user {:?}: password_hash is {e}", u.name))?;
+        }
         let users = cfg.users.iter().map(|u| (u.name.clone(), User { hash: u.password_hash.0.clone(), role: u.role })).collect();
         Ok(Arc::new(Authenticator {
             users,
@@ -247,6 +250,13 @@ mod tests {
         assert_eq!(auth(Some("sixteen chars ok")).authenticate(Some(&format!("Bearer {t}"))).await, Ok(alice.clone()));
         let t = auth(None).issue_token(&alice);
         assert_eq!(auth(None).authenticate(Some(&format!("Bearer {t}"))).await, Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn a_pasted_password_instead_of_a_hash_is_refused_at_start() {
+        let users = vec![UserConfig { name: "a".into(), password_hash: Secret("hunter2".into()), role: Role::Admin }];
+        let e = Authenticator::new(&AuthConfig { users, protect_metrics: false, token_ttl: Duration::from_secs(60), token_secret: None }).unwrap_err();
+        assert!(e.starts_with("user \"a\": password_hash is not a password hash") && e.contains("mkts hash-password"), "{e}");
     }
 
     #[tokio::test]
