@@ -58,6 +58,7 @@ pub fn query_request(q: &QueryTicket) -> Result<QueryRequest, ServiceError> {
     r = r.limited(q.limit_record_count.unwrap_or(0), q.limit_from_start.unwrap_or(false))?;
     r.columns = q.columns.clone();
     r.functions = q.functions.clone().unwrap_or_default();
+    r.epoch_ns = q.epoch_ns.unwrap_or(false);
     Ok(QueryRequest::Read(r))
 }
 

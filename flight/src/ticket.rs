@@ -37,6 +37,10 @@ pub struct QueryTicket {
     /// MarketStore function chain, e.g. `["candlecandler('1H',Open,High,Low,Close,Sum::Volume)"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub functions: Option<Vec<String>>,
+    /// With `destination`: return a tick bucket's `Epoch` and `Nanoseconds` as one `Epoch` column of
+    /// `timestamp[ns, UTC]` (docs/flight.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_ns: Option<bool>,
     /// A SQL statement instead of a key read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,

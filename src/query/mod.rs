@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod confine;
 pub mod functions;
 pub mod scan;
+pub mod ticks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -196,6 +197,7 @@ impl QueryEngine {
         for (name, f) in functions::MarketstoreFunction::all(&engine, fn_tz) {
             ctx.register_udtf(name, f);
         }
+        ctx.register_udtf(ticks::TICKS, Arc::new(ticks::TicksFunction::new(engine.clone())));
         QueryEngine { engine, tz, base: ctx.state(), runtime }
     }
 

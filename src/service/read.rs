@@ -88,6 +88,43 @@ impl ReadResult {
     }
 }
 
+/// A tick bucket's rows with `Epoch` (seconds) and `Nanoseconds` folded into one `Epoch` column of
+/// `timestamp[ns, UTC]`, in the place of `Epoch`; a part without `Nanoseconds` is returned as it is. A
+/// time outside what 64-bit nanoseconds hold (before 1677 or after 2262) is an error, not a wrapped value.
+pub fn epoch_as_nanos(part: ReadPart) -> Result<ReadPart, ServiceError> {
+    let (Ok(e), Ok(n)) = (part.schema.index_of(crate::engine::EPOCH), part.schema.index_of(crate::engine::NANOSECONDS)) else {
+        return Ok(part);
+    };
+    let ty = DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, Some("UTC".into()));
+    let fields: Vec<Field> = part
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != n)
+        .map(|(i, f)| if i == e { Field::new(crate::engine::EPOCH, ty.clone(), false) } else { f.as_ref().clone() })
+        .collect();
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    let mut batches = Vec::with_capacity(part.batches.len());
+    for b in &part.batches {
+        let secs = arrow::compute::cast(b.column(e), &DataType::Int64)?;
+        let secs = secs.as_any().downcast_ref::<Int64Array>().ok_or_else(|| ServiceError::internal("Epoch is not int64 seconds"))?;
+        let nanos = b.column(n).as_any().downcast_ref::<arrow::array::Int32Array>().ok_or_else(|| ServiceError::internal("Nanoseconds is not int32"))?;
+        let mut out = Vec::with_capacity(b.num_rows());
+        for (s, ns) in secs.values().iter().zip(nanos.values().iter()) {
+            let t = s.checked_mul(1_000_000_000).and_then(|v| v.checked_add(i64::from(*ns))).ok_or_else(|| {
+                ServiceError::invalid(format!("epoch_ns: time {s}.{ns:09} s is outside what timestamp[ns] holds (years 1677-2262)"))
+            })?;
+            out.push(t);
+        }
+        let epoch: ArrayRef = Arc::new(arrow::array::TimestampNanosecondArray::from(out).with_timezone("UTC"));
+        let cols: Vec<ArrayRef> =
+            b.columns().iter().enumerate().filter(|(i, _)| *i != n).map(|(i, c)| if i == e { epoch.clone() } else { c.clone() }).collect();
+        batches.push(RecordBatch::try_new(schema.clone(), cols)?);
+    }
+    Ok(ReadPart { key: part.key, schema, batches })
+}
+
 /// Append a constant `Symbol` column to a batch of a multi-bucket result.
 pub fn with_symbol(batch: &RecordBatch, symbol: &str) -> Result<RecordBatch, arrow::error::ArrowError> {
     let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -119,12 +156,13 @@ impl Service {
         let mut parts = Vec::with_capacity(reads.len());
         for r in reads {
             let key = r.key.clone();
-            if req.functions.is_empty() {
-                parts.push(ReadPart { key, schema: r.schema, batches: r.batches });
+            let part = if req.functions.is_empty() {
+                ReadPart { key, schema: r.schema, batches: r.batches }
             } else {
                 let (schema, batches) = self.query.apply_functions(r, &req.functions).await?;
-                parts.push(ReadPart { key, schema, batches });
-            }
+                ReadPart { key, schema, batches }
+            };
+            parts.push(if req.epoch_ns { epoch_as_nanos(part)? } else { part });
         }
         Ok(ReadResult { single, parts })
     }

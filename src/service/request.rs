@@ -30,6 +30,10 @@ pub struct ReadRequest {
     /// MarketStore function chain applied to each bucket's rows, e.g.
     /// `candlecandler('1H',Open,High,Low,Close,Sum::Volume)`; empty: none.
     pub functions: Vec<String>,
+    /// Return a tick bucket's time as one `Epoch` column of `timestamp[ns, UTC]` (its `Epoch` seconds and
+    /// `Nanoseconds` combined) instead of the two columns MarketStore clients expect. Buckets without a
+    /// `Nanoseconds` column (fixed timeframes, function results such as candles) are returned unchanged.
+    pub epoch_ns: bool,
 }
 
 /// A nanoseconds field, checked to `0..1e9`; `field` names it in the error.
@@ -54,13 +58,13 @@ impl ReadRequest {
             EngineError::InvalidKey { reason, .. } if reason.starts_with("destinations must") => ServiceError::invalid(reason),
             other => other.into(),
         })?;
-        Ok(ReadRequest { selector, start: None, end: None, limit: None, from_start: false, columns: None, functions: Vec::new() })
+        Ok(ReadRequest { selector, start: None, end: None, limit: None, from_start: false, columns: None, functions: Vec::new(), epoch_ns: false })
     }
 
     /// Every row of one bucket.
     pub fn key(key: &BucketKey) -> ReadRequest {
         let r = crate::engine::ReadRequest::key(key);
-        ReadRequest { selector: r.selector, start: None, end: None, limit: None, from_start: false, columns: None, functions: Vec::new() }
+        ReadRequest { selector: r.selector, start: None, end: None, limit: None, from_start: false, columns: None, functions: Vec::new(), epoch_ns: false }
     }
 
     /// Only MarketStore's one key category is supported; anything else is refused, not ignored.
