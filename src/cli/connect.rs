@@ -211,6 +211,19 @@ impl Client {
         }
     }
 
+    /// Delete the rows of `key` with `start <= Epoch <= end` (a logged range delete); returns how many.
+    pub async fn delete_range(&mut self, key: &BucketKey, start: crate::engine::TimePoint, end: crate::engine::TimePoint) -> anyhow::Result<u64> {
+        match self {
+            Client::Local { service } => Ok(service.delete_range(&caller(), key, start, end).await.map_err(local)? as u64),
+            Client::Remote { .. } => {
+                let body = json!({"key": key.to_string(), "epoch_start": start.secs, "epoch_start_nanos": start.nanos,
+                                  "epoch_end": end.secs, "epoch_end_nanos": end.nanos});
+                let v = self.action("delete_range", body).await?;
+                Ok(v.get("deleted").and_then(Value::as_u64).unwrap_or(0))
+            }
+        }
+    }
+
     /// Bucket description: `{key, timeframe, is_variable_length, columns: [{name, type}], rows, years, first_epoch, last_epoch}`.
     pub async fn info(&mut self, key: &BucketKey) -> anyhow::Result<Value> {
         match self {
@@ -344,6 +357,8 @@ const HELP: &str = r#"Commands (anything else is SQL; quote keys: SELECT * FROM 
                                  e.g. \create TSLA/1Min/OHLCV Open,High,Low,Close/float32:Volume/int64 fixed
   \destroy KEY                   remove a bucket and its data
   \getinfo KEY                   schema, record type, timeframe, rows, years
+  \trim KEY DATE                 delete the rows of KEY from DATE to the end of DATE's year (UTC), as
+                                 MarketStore's \trim (which trimmed every bucket; this trims KEY only)
   \load KEY FILE.csv [CTL.yaml]  load a CSV (MarketStore control file: firstRowHasColumnNames, timeFormat,
                                  timeZone, columnNameMap)
   \tables                        list tables (bucket keys and */TF/GROUP tables)
@@ -469,6 +484,22 @@ impl Shell {
                 let key = key_arg(0)?;
                 self.client.destroy(&key).await?;
                 self.print(&format!("destroyed {key}"))
+            }
+            "trim" => {
+                if args.len() != 2 {
+                    bail!("\\trim KEY DATE (e.g. \\trim AAPL/1Min/OHLCV 2024-06-01)");
+                }
+                let key = key_arg(0)?;
+                let from = parse_time_arg(args[1])?;
+                let year = chrono::DateTime::from_timestamp(from, 0).map(|t| chrono::Datelike::year(&t)).ok_or_else(|| anyhow!("\\trim: date out of range"))?;
+                let next = chrono::NaiveDate::from_ymd_opt(year + 1, 1, 1)
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .map(|t| t.and_utc().timestamp())
+                    .ok_or_else(|| anyhow!("\\trim: date out of range"))?;
+                let start = crate::engine::TimePoint { secs: from, nanos: 0 };
+                let end = crate::engine::TimePoint { secs: next - 1, nanos: 999_999_999 };
+                let n = self.client.delete_range(&key, start, end).await?;
+                self.print(&format!("trimmed {n} rows of {key} from {} to the end of {year}", args[1]))
             }
             "getinfo" => {
                 let key = key_arg(0)?;

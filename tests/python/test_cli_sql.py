@@ -209,3 +209,26 @@ def test_interactive_shell_through_pty(server):
             pass
         os.close(fd)
     assert b"| top   |" in out
+
+
+def test_trim_deletes_one_bucket_from_a_date_to_the_end_of_its_year(server, tmp_path):
+    # Three rows in 2023, ten on 2024-01-01 (00:00..00:09), one in 2025; another bucket untouched.
+    y2023, y2025 = T0 - 86_400, T0 + 366 * 86_400
+    t = pa.table({"Epoch": pa.array([y2023, y2023 + 60, y2023 + 120], pa.int64()), "Open": pa.array([1.0] * 3, pa.float32()),
+                  "Close": pa.array([1.0] * 3, pa.float32()), "Volume": pa.array([1] * 3, pa.int64())})
+    put(server, "AAPL/1Min/OHLCV", t)
+    put(server, "AAPL/1Min/OHLCV", bars())
+    put(server, "AAPL/1Min/OHLCV", pa.table({"Epoch": pa.array([y2025], pa.int64()), "Open": pa.array([2.0], pa.float32()),
+                                             "Close": pa.array([2.0], pa.float32()), "Volume": pa.array([2], pa.int64())}))
+    put(server, "MSFT/1Min/OHLCV", bars())
+    out = shell(server, "\\trim AAPL/1Min/OHLCV 2024-01-01T00:05").stdout
+    assert "trimmed 5 rows of AAPL/1Min/OHLCV from 2024-01-01T00:05 to the end of 2024" in out
+    epochs = read(server, "AAPL/1Min/OHLCV").column("Epoch").cast(pa.int64()).to_pylist()
+    assert epochs == [y2023, y2023 + 60, y2023 + 120] + [T0 + 60 * i for i in range(5)] + [y2025]
+    assert read(server, "MSFT/1Min/OHLCV").num_rows == 10
+    # The embedded mode too, and a clear error for bad arguments.
+    server.stop()
+    out = mkts("connect", "--dir", str(server.root), "-c", "\\trim AAPL/1Min/OHLCV 2023-12-31T00:01").stdout
+    assert "trimmed 2 rows" in out
+    bad = mkts("connect", "--dir", str(server.root), "-c", "\\trim AAPL/1Min/OHLCV", check=False)
+    assert bad.returncode != 0 and "\\trim KEY DATE" in bad.stderr
