@@ -21,6 +21,8 @@ pub mod flight_sql;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+/// `mkts import-marketstore`: reads MarketStore's files; used only by the binary.
+pub mod migrate;
 pub mod plugins;
 pub mod query;
 pub mod server;

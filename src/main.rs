@@ -39,6 +39,8 @@ enum Cmd {
     Import(mkts::cli::transfer::ImportArgs),
     /// Write a bucket or a SQL result to a CSV or Parquet file.
     Export(mkts::cli::transfer::ExportArgs),
+    /// Import a MarketStore data directory (its .bin files, then its WAL) into mkts; --verify compares.
+    ImportMarketstore(mkts::migrate::ImportMarketstoreArgs),
     /// Maintenance of a data directory (the server must be stopped).
     Tool {
         #[command(subcommand)]
@@ -105,6 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Import(args) => mkts::cli::transfer::run_import(args),
         Cmd::Export(args) => mkts::cli::transfer::run_export(args),
+        Cmd::ImportMarketstore(args) => Ok(mkts::migrate::run(args)?),
         Cmd::Tool { tool: ToolCmd::RecoverWal { root } } => {
             let rec = mkts::engine::recover_wal(&root).with_context(|| format!("cannot recover the log of {}", root.display()))?;
             if rec.dropped.is_empty() {
