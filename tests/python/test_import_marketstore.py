@@ -269,3 +269,36 @@ def test_bad_source_is_a_clear_error(tmp_path):
     hdr.write_bytes(bytes(data))
     r = run_import(src, tmp_path / "mkts.yml")
     assert r.returncode != 0 and f"{hdr} at byte 288: bad header" in r.stderr and "panicked" not in r.stderr, r.stderr
+
+
+def test_import_over_flight_url(tmp_path):
+    src = tmp_path / "mktsdb"
+    ms, wal = build_rich(src, torn=False)
+    (tmp_path / "srv").mkdir()
+    srv = Server(tmp_path / "srv", root=tmp_path / "dest")
+    srv.start()
+    try:
+        url = srv.flight_url
+        cmd = [mkts_bin(), "import-marketstore", str(src), "--url", url]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # A partial/extra tick year (as a killed import leaves it) is replaced by the rerun, not added to.
+        c = fl.FlightClient(url)
+        extra = pa.table({"Epoch": pa.array([jan1(2020) + 5] * 3, pa.int64()), "Price": pa.array([1.0, 2.0, 3.0]),
+                          "Size": pa.array([1.0, 1.0, 1.0], pa.float32()), "Nanoseconds": pa.array([1, 2, 3], pa.int32())})
+        w, rd = c.do_put(fl.FlightDescriptor.for_path("BTC/1Min/TRADE"), extra.schema)
+        w.write_table(extra)
+        w.done_writing()
+        rd.read()
+        w.close()
+        bad = subprocess.run(cmd + ["--verify"], capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0 and "DIFFERS" in bad.stdout, bad.stdout
+        r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r2.returncode == 0, r2.stdout + r2.stderr
+        v = subprocess.run(cmd + ["--verify"], capture_output=True, text=True, timeout=600)
+        assert v.returncode == 0 and "every bucket matches" in v.stdout, v.stdout + v.stderr
+        for key, rows in expected(ms, wal).items():
+            _, got = read_bucket(srv, key, ms.buckets[key].variable)
+            assert norm(got) == norm(rows), key
+    finally:
+        srv.stop()
