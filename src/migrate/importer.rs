@@ -39,6 +39,9 @@ pub struct ImportMarketstoreArgs {
     /// the imported buckets.
     #[arg(long)]
     pub verify: bool,
+    /// TLS CA and user for --url, as for `mkts connect`.
+    #[command(flatten)]
+    pub remote: crate::cli::connect::RemoteArgs,
 }
 
 /// A MarketStore bucket as its reader returns it: all years, WAL replayed.
@@ -175,6 +178,7 @@ fn go_bool(key: &str, v: &serde_json::Value) -> Result<bool, MigrateError> {
 struct Target {
     dir: Option<PathBuf>,
     url: Option<String>,
+    remote: crate::cli::connect::RemoteArgs,
     settings: Settings,
 }
 
@@ -208,7 +212,7 @@ fn target(args: &ImportMarketstoreArgs) -> Result<Target, MigrateError> {
         _ => false,
     };
     let settings = Settings { compressed: !disabled, tz: cfg.tz() };
-    Ok(Target { dir: if args.url.is_some() { None } else { Some(cfg.root_directory.clone()) }, url: args.url.clone(), settings })
+    Ok(Target { dir: if args.url.is_some() { None } else { Some(cfg.root_directory.clone()) }, url: args.url.clone(), remote: args.remote.clone(), settings })
 }
 
 fn caller() -> Caller {
@@ -221,7 +225,7 @@ fn dest(e: anyhow::Error) -> MigrateError {
 
 async fn connect(t: &Target) -> Result<Client, MigrateError> {
     match (&t.url, &t.dir) {
-        (Some(u), _) => Client::connect(u).await.map_err(dest),
+        (Some(u), _) => Client::connect(u, &t.remote).await.map_err(dest),
         (None, Some(d)) => {
             std::fs::create_dir_all(d).map_err(|e| MigrateError::Io { path: d.clone(), source: e })?;
             Client::open(d).map_err(dest)
