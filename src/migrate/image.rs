@@ -256,6 +256,7 @@ impl FileImage {
         let path = &self.file.path;
         let mut problems = Vec::new();
         let mut rows = Rows::new(h);
+        let clock = timeindex::YearClock::new(h.year, h.timeframe_ns, settings.tz);
         match h.record_type {
             RecordType::Fixed => {
                 let (slots, damage) = fixed::slots(&self.bytes, h);
@@ -263,7 +264,7 @@ impl FileImage {
                     problems.push(Problem::at(path, o, r));
                 }
                 for s in slots {
-                    match timeindex::index_to_epoch(s.index, h.timeframe_ns, h.year, settings.tz) {
+                    match clock.epoch(s.index) {
                         Some(e) => rows.push(e, None, s.payload),
                         None => problems.push(Problem::at(path, s.offset, format!("record index {} is outside any time; skipped", s.index))),
                     }
@@ -303,7 +304,7 @@ impl FileImage {
                         continue;
                     }
                     decoded_ok += 1;
-                    let Some(start) = timeindex::index_to_epoch(index, h.timeframe_ns, h.year, settings.tz) else {
+                    let Some(start) = clock.epoch(index) else {
                         problems.push(Problem::at(path, at, format!("interval index {index} is outside any time; skipped")));
                         continue;
                     };

@@ -36,6 +36,31 @@ pub fn index_to_epoch(index: i64, timeframe_ns: i64, year: i64, tz: chrono_tz::T
     t0.checked_add(offset_ns.div_euclid(1_000_000_000))
 }
 
+/// [`index_to_epoch`] for one file: Jan 1 in the zone computed once, not per record.
+#[derive(Debug, Clone, Copy)]
+pub struct YearClock {
+    year: i64,
+    timeframe_ns: i64,
+    tz: chrono_tz::Tz,
+    jan1: Option<i64>,
+}
+
+impl YearClock {
+    pub fn new(year: i64, timeframe_ns: i64, tz: chrono_tz::Tz) -> YearClock {
+        let jan1 = i32::try_from(year).ok().and_then(|y| NaiveDate::from_ymd_opt(y, 1, 1)).and_then(|d| local_midnight(tz, d));
+        YearClock { year, timeframe_ns, tz, jan1 }
+    }
+
+    /// Same result as [`index_to_epoch`].
+    pub fn epoch(&self, index: i64) -> Option<i64> {
+        if self.timeframe_ns == DAY_NS {
+            return index_to_epoch(index, self.timeframe_ns, self.year, self.tz);
+        }
+        let offset_ns = self.timeframe_ns.checked_mul(index.checked_sub(1)?)?;
+        self.jan1?.checked_add(offset_ns.div_euclid(1_000_000_000))
+    }
+}
+
 /// Intervals per day as MarketStore's `GetIntervals` (integer division), passed on as uint32.
 pub fn intervals_per_day(timeframe_ns: i64) -> u32 {
     if timeframe_ns <= 0 {
@@ -86,6 +111,9 @@ mod tests {
         assert_eq!(index_to_epoch(1, 60_000_000_000, 2020, ny), Some(1_577_836_800 + 5 * 3600));
         assert_eq!(index_to_epoch(1, i64::MAX, 2020, utc), Some(1_577_836_800));
         assert_eq!(index_to_epoch(3, i64::MAX, 2020, utc), None);
+        for (i, tf) in [(1, 60_000_000_000), (777, 60_000_000_000), (5, DAY_NS), (0, DAY_NS), (3, i64::MAX)] {
+            assert_eq!(YearClock::new(2020, tf, ny).epoch(i), index_to_epoch(i, tf, 2020, ny));
+        }
     }
 
     #[test]
