@@ -243,7 +243,7 @@ def test_kill9_during_import_then_rerun_gives_full_data(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (dest / ".wal").exists():
         time.sleep(0.02)
-    time.sleep(1.0)
+    time.sleep(0.4)
     killed = p.poll() is None
     if killed:
         p.send_signal(signal.SIGKILL)
