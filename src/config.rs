@@ -3,8 +3,7 @@
 //! Every key MarketStore documents is parsed, and each either does what it does in MarketStore or is
 //! warned about at start-up by name as accepted but ignored ([`IGNORED_KEYS`], with the reason); keys we
 //! do not know are warned about by name too (MarketStore silently ignores them, which cost users
-//! afternoons). A `replication:` block that asks for replication is a start-up error: mkts cannot
-//! replicate yet, and starting an independent writable server instead would be silent data divergence.
+//! afternoons). `replication:` makes the server a master or a read-only replica ([`ReplicationConfig`]).
 //! Booleans accept YAML booleans and MarketStore's string forms (`"true"`, `"1"`, `"t"`, …). The reference
 //! of every key is `docs/configuration.md` (a test keeps it in step with this parser).
 
@@ -57,6 +56,69 @@ pub struct TlsConfig {
     /// The CA that signed `cert_file`, handed to out-of-process plugins so they can verify the server
     /// (default: `cert_file` itself, right for a self-signed certificate).
     pub ca_file: Option<PathBuf>,
+}
+
+/// `replication:` (MarketStore's keys, docs/operations.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationConfig {
+    /// Serve the replication port: this server is a master.
+    pub enabled: bool,
+    pub listen_port: u16,
+    /// Master: serve TLS with `cert_file` + `key_file`. Replica: dial with TLS, verifying the master
+    /// against `cert_file`.
+    pub tls_enabled: bool,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The master's replication address (`host:port`): this server is a read-only replica.
+    pub master_host: Option<String>,
+    pub retry_interval: std::time::Duration,
+    pub retry_backoff_coeff: u32,
+    /// A replica hands replicated rows to its own triggers and subscribers.
+    pub fire_triggers: bool,
+    /// When the master acknowledges a write.
+    pub ack: ReplicationAck,
+    /// `ack: replica`: how long a write waits for a replica before it fails.
+    pub ack_timeout: std::time::Duration,
+    /// Master: MiB of recent changes kept in memory for replicas that reconnect.
+    pub retain_mb: usize,
+    /// Replica: the name it reports to its master (default: its host name and root).
+    pub name: Option<String>,
+}
+
+/// `replication.ack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationAck {
+    /// As soon as the write is durable here (MarketStore's asynchronous replication).
+    Local,
+    /// Once a replica has it durable too.
+    Replica,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            enabled: false,
+            listen_port: 5996,
+            tls_enabled: false,
+            cert_file: None,
+            key_file: None,
+            master_host: None,
+            retry_interval: std::time::Duration::from_secs(10),
+            retry_backoff_coeff: 2,
+            fire_triggers: true,
+            ack: ReplicationAck::Local,
+            ack_timeout: std::time::Duration::from_secs(5),
+            retain_mb: 256,
+            name: None,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// This server follows a master.
+    pub fn is_replica(&self) -> bool {
+        self.master_host.is_some()
+    }
 }
 
 /// A value that must never reach a log line: its `Debug` is `"<redacted>"`.
@@ -155,6 +217,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// `auth:` (mkts key): users and roles on every interface. `None`: open, as MarketStore.
     pub auth: Option<AuthConfig>,
+    /// `replication:` (none: a standalone server).
+    pub replication: Option<ReplicationConfig>,
     /// Where the file was read from (for resolving relative paths).
     pub base_dir: PathBuf,
     /// Problems that do not stop the server (unknown keys), logged once logging is up.
@@ -185,6 +249,7 @@ impl Default for Config {
             retention: Vec::new(),
             tls: None,
             auth: None,
+            replication: None,
             base_dir: PathBuf::from("."),
             warnings: Vec::new(),
         }
@@ -334,7 +399,7 @@ impl Config {
                     mb => c.sql_memory_limit_mb = Some(mb),
                 },
                 "plugin_dir" => c.plugin_dir = PathBuf::from(sc(k, v)?.as_string()),
-                "replication" => check_replication(v, &mut c.warnings)?,
+                "replication" => c.replication = Some(parse_replication(v, base_dir, &mut c.warnings)?),
                 "triggers" => c.triggers = parse_triggers(v, &mut c.warnings)?,
                 "bgworkers" => c.bgworkers = parse_bgworkers(v, &mut c.warnings)?,
                 "max_request_mb" => c.max_request_mb = parse_positive(k, &sc(k, v)?)?,
@@ -612,54 +677,77 @@ fn parse_auth(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<AuthC
     Ok(a)
 }
 
-/// MarketStore's `replication:` block. mkts cannot replicate yet: a block that makes this server a
-/// master (`enabled: true`) or a replica (`master_host`) is a start-up error — running instead as an
-/// independent writable server would let the copies diverge without a word. A block that asks for
-/// neither is accepted and warned about.
-fn check_replication(v: &serde_json::Value, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+/// MarketStore's `replication:` block (reference §9), plus mkts's `ack`, `ack_timeout`, `fire_triggers`,
+/// `retain_mb` and `name`. `enabled: true` makes this server a master serving `listen_port`; a
+/// `master_host` makes it a read-only replica of that master's replication port. Both at once is a
+/// chain, which mkts does not do: an error. Relative `cert_file`/`key_file` resolve against the config
+/// file's directory.
+fn parse_replication(v: &serde_json::Value, base_dir: &Path, warnings: &mut Vec<String>) -> Result<ReplicationConfig, ConfigError> {
     let m = obj("replication", v)?;
-    let mut enabled = false;
-    let mut master_host = String::new();
+    let mut r = ReplicationConfig::default();
+    let path = |s: String| {
+        let p = PathBuf::from(s);
+        if p.is_relative() { base_dir.join(p) } else { p }
+    };
     for (k, val) in m {
         let key = format!("replication.{k}");
         let s: Scalar = serde_json::from_value(val.clone())
             .map_err(|_| ConfigError::Invalid { key: key.clone(), msg: "expected a scalar".into() })?;
         match k.as_str() {
-            "enabled" => enabled = parse_bool(&key, &s)?,
-            "master_host" => master_host = s.as_string(),
-            "listen_port" => {
-                parse_int::<u16>(&key, &s)?;
-            }
-            "tls_enabled" => {
-                parse_bool(&key, &s)?;
-            }
+            "enabled" => r.enabled = parse_bool(&key, &s)?,
+            "master_host" => r.master_host = Some(s.as_string().trim().to_string()).filter(|h| !h.is_empty()),
+            "listen_port" => r.listen_port = parse_int::<u16>(&key, &s)?,
+            "tls_enabled" => r.tls_enabled = parse_bool(&key, &s)?,
+            "cert_file" => r.cert_file = Some(s.as_string()).filter(|p| !p.trim().is_empty()).map(path),
+            "key_file" => r.key_file = Some(s.as_string()).filter(|p| !p.trim().is_empty()).map(path),
+            "retry_interval" => r.retry_interval = parse_duration(&key, val)?,
             "retry_backoff_coeff" => {
-                parse_int::<u32>(&key, &s)?;
+                r.retry_backoff_coeff = parse_int::<u32>(&key, &s)?;
+                if r.retry_backoff_coeff == 0 {
+                    return Err(ConfigError::Invalid { key, msg: "must be at least 1".into() });
+                }
             }
-            "cert_file" | "key_file" | "retry_interval" => {}
+            "fire_triggers" => r.fire_triggers = parse_bool(&key, &s)?,
+            "ack" => {
+                r.ack = match s.as_string().as_str() {
+                    "local" => ReplicationAck::Local,
+                    "replica" => ReplicationAck::Replica,
+                    other => return Err(ConfigError::Invalid { key, msg: format!("expected local or replica, got {other:?}") }),
+                }
+            }
+            "ack_timeout" => r.ack_timeout = parse_duration(&key, val)?,
+            "retain_mb" => {
+                r.retain_mb = parse_int::<usize>(&key, &s)?;
+                if r.retain_mb == 0 {
+                    return Err(ConfigError::Invalid { key, msg: "must be at least 1".into() });
+                }
+            }
+            "name" => r.name = Some(s.as_string()).filter(|n| !n.trim().is_empty()),
             _ => warnings.push(format!("unknown configuration key {key:?} is ignored")),
         }
     }
-    let role = if enabled {
-        Some("replication.enabled: true (a replication master)")
-    } else if !master_host.trim().is_empty() {
-        Some("replication.master_host (a read-only replica)")
-    } else {
-        None
-    };
-    match role {
-        Some(role) => Err(ConfigError::Invalid {
+    if r.enabled && r.master_host.is_some() {
+        return Err(ConfigError::Invalid {
             key: "replication".into(),
-            msg: format!(
-                "replication is not supported yet: this file asks for {role}, and mkts would run as an independent writable \
-                 server instead; remove the replication block (or set enabled: false and no master_host) to run without it"
-            ),
-        }),
-        None => {
-            warnings.push("configuration key \"replication\" is accepted but ignored: replication is not supported yet, and this block enables none".into());
-            Ok(())
-        }
+            msg: "a server is either a master (enabled: true) or a replica (master_host), not both: mkts does not chain replicas".into(),
+        });
     }
+    if r.tls_enabled && r.enabled && (r.cert_file.is_none() || r.key_file.is_none()) {
+        return Err(ConfigError::Invalid {
+            key: "replication.tls_enabled".into(),
+            msg: "a master with tls_enabled needs cert_file and key_file (PEM)".into(),
+        });
+    }
+    if r.tls_enabled && r.master_host.is_some() && r.cert_file.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "replication.tls_enabled".into(),
+            msg: "a replica with tls_enabled needs cert_file: the certificate (or CA) to verify the master with".into(),
+        });
+    }
+    if !r.enabled && r.master_host.is_none() {
+        warnings.push("the replication block enables nothing (enabled: false and no master_host): this server neither serves nor follows a master".into());
+    }
+    Ok(r)
 }
 
 #[cfg(test)]
@@ -777,14 +865,30 @@ triggers:
     }
 
     #[test]
-    fn replication_is_a_start_up_error_not_silence() {
-        for y in ["replication:\n  master_host: \"10.0.0.1:5996\"\n", "replication:\n  enabled: true\n  listen_port: 5996\n"] {
-            let e = Config::parse(&format!("listen_port: 1\n{y}"), Path::new(".")).unwrap_err().to_string();
-            assert!(e.contains("replication is not supported yet"), "{e}");
+    fn replication_keys_parse_and_contradictions_are_refused() {
+        let c = Config::parse("listen_port: 1\nreplication:\n  master_host: \"10.0.0.1:5996\"\n  retry_interval: 2s\n  fire_triggers: false\n", Path::new("/etc/mkts")).unwrap();
+        let r = c.replication.unwrap();
+        assert_eq!(r.master_host.as_deref(), Some("10.0.0.1:5996"));
+        assert!(r.is_replica() && !r.fire_triggers && !r.enabled);
+        assert_eq!(r.retry_interval, std::time::Duration::from_secs(2));
+        let c = Config::parse("listen_port: 1\nreplication:\n  enabled: true\n  listen_port: 6000\n  ack: replica\n  ack_timeout: 1500ms\n  tls_enabled: true\n  cert_file: c.pem\n  key_file: k.pem\n", Path::new("/etc/mkts")).unwrap();
+        let r = c.replication.unwrap();
+        assert_eq!((r.enabled, r.listen_port, r.ack), (true, 6000, ReplicationAck::Replica));
+        assert_eq!(r.ack_timeout, std::time::Duration::from_millis(1500));
+        assert_eq!(r.cert_file.as_deref(), Some(Path::new("/etc/mkts/c.pem")));
+        for (bad, says) in [
+            ("replication:\n  enabled: true\n  master_host: a:1\n", "not both"),
+            ("replication:\n  enabled: maybe\n", "replication.enabled"),
+            ("replication:\n  ack: sometimes\n", "replication.ack"),
+            ("replication:\n  enabled: true\n  tls_enabled: true\n", "cert_file and key_file"),
+            ("replication:\n  master_host: a:1\n  tls_enabled: true\n", "verify the master"),
+            ("replication:\n  retry_backoff_coeff: 0\n", "at least 1"),
+        ] {
+            let e = Config::parse(&format!("listen_port: 1\n{bad}"), Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
-        let c = Config::parse("listen_port: 1\nreplication:\n  enabled: false\n  listen_port: 5996\n", Path::new(".")).unwrap();
-        assert!(c.warnings.iter().any(|w| w.contains("\"replication\" is accepted but ignored")), "{:?}", c.warnings);
-        assert!(Config::parse("listen_port: 1\nreplication:\n  enabled: maybe\n", Path::new(".")).is_err());
+        let c = Config::parse("listen_port: 1\nreplication:\n  enabled: false\n", Path::new(".")).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("enables nothing")), "{:?}", c.warnings);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::replication::Replication;
 use crate::service::{Access, Caller, Service, ServiceError};
 
 pub use crate::VERSION;
@@ -27,6 +28,8 @@ pub struct ServerContext {
     pub bus: Arc<Bus>,
     /// The users of `auth:`; `None`: the server is open.
     pub auth: Option<Arc<Authenticator>>,
+    /// Master, replica or neither (`replication:`).
+    pub replication: Arc<Replication>,
     ready: AtomicBool,
     pub started: Instant,
 }
@@ -39,6 +42,13 @@ impl ServerContext {
         if auth.is_some() {
             service = service.requiring_authentication();
         }
+        let replication = Arc::new(Replication::new(&engine, config.replication.as_ref()));
+        if replication.is_replica() {
+            service = service.as_replica();
+        }
+        if let Some(gate) = replication.ack_gate() {
+            service = service.with_ack_gate(gate);
+        }
         let bus = Bus::new(engine.clone());
         Arc::new(ServerContext {
             engine,
@@ -47,6 +57,7 @@ impl ServerContext {
             metrics: Arc::new(Metrics::new()),
             bus,
             auth,
+            replication,
             ready: AtomicBool::new(false),
             started: Instant::now(),
         })

@@ -330,6 +330,10 @@ impl EngineFlightBackend {
                 Ok(json!(svc.list_symbols(caller, format)?))
             }
             "server_version" => Ok(json!({ "version": VERSION })),
+            "replication_status" => {
+                svc.authorize(caller, Access::Read)?;
+                Ok(self.ctx.replication.status_json(&self.ctx.engine))
+            }
             "plugins" => {
                 svc.authorize(caller, Access::Read)?;
                 use std::sync::atomic::Ordering::Relaxed;

@@ -2,7 +2,8 @@
 //!
 //! The crate is the server's composition: the storage [`engine`], the configuration, the interfaces
 //! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
-//! Each interface learns who is calling from [`auth`] (over [`tls`] when configured).
+//! Each interface learns who is calling from [`auth`] (over [`tls`] when configured); [`replication`] keeps
+//! read-only replicas in step with a master.
 //! Data flows one way: interfaces → operations layer ([`service`]: policy, requests, one error type) →
 //! engine (log → partitions) → trigger bus → plugins.
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod plugins;
 pub mod query;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod timestr;

@@ -73,11 +73,24 @@ pub struct EngineSample {
     pub retention_bytes: u64,
 }
 
+/// One replication link as sampled at scrape time: on a master, one per replica (`peer` = the name it
+/// reported); on a replica, its link to the master (`peer` = `master_host`).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationSample {
+    pub peer: String,
+    pub connected: bool,
+    /// Master: the position the replica acknowledged. Replica: the position applied here.
+    pub position: u64,
+    pub lag_records: u64,
+    pub lag_seconds: f64,
+}
+
 /// What is sampled at scrape time: the engine's numbers (set by [`Metrics::render`]) and the plugins.
 #[derive(Debug, Default)]
 struct Sampled {
     engine: Mutex<EngineSample>,
     plugins: Mutex<Vec<Arc<PluginStats>>>,
+    replication: Mutex<Vec<ReplicationSample>>,
 }
 
 /// Encodes [`Sampled`] into the exposition.
@@ -285,8 +298,14 @@ impl Metrics {
     /// The exposition (OpenMetrics text, which Prometheus also reads as its text format), with the
     /// engine's numbers as sampled now.
     pub fn render(&self, e: &EngineSample) -> String {
+        self.render_with(e, Vec::new())
+    }
+
+    /// [`Metrics::render`] with the replication links as sampled now.
+    pub fn render_with(&self, e: &EngineSample, replication: Vec<ReplicationSample>) -> String {
         let _one = self.render_lock.lock();
         *self.sampled.engine.lock() = *e;
+        *self.sampled.replication.lock() = replication;
         let mut out = String::with_capacity(8192);
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!("cannot encode /metrics: {e}");
@@ -323,7 +342,32 @@ impl Collector for SampledCollector {
         sample(enc, "mkts_writer_queue_bytes", queue, ConstGauge::new(e.writer_queue_bytes as i64))?;
         sample(enc, "mkts_retention_rows", "Rows retention removed since start.", ConstCounter::new(e.retention_rows))?;
         sample(enc, "mkts_retention_bytes", "Bytes of rows retention removed since start.", ConstCounter::new(e.retention_bytes))?;
-        self.encode_plugins(enc)
+        self.encode_plugins(enc)?;
+        self.encode_replication(enc)
+    }
+}
+
+impl SampledCollector {
+    fn encode_replication(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let links = self.0.replication.lock().clone();
+        if links.is_empty() {
+            return Ok(());
+        }
+        type Sample = fn(&ReplicationSample) -> f64;
+        let series: [(&str, &str, Sample); 4] = [
+            ("mkts_replication_connected", "1 while the replication link to this peer is up.", |r| r.connected as u8 as f64),
+            ("mkts_replication_position", "Master log position: acknowledged by the replica (on a master), applied here (on a replica).", |r| r.position as f64),
+            ("mkts_replication_lag_records", "Master log positions the replica does not hold yet.", |r| r.lag_records as f64),
+            ("mkts_replication_lag_seconds", "How far the replica is behind the master in time.", |r| r.lag_seconds),
+        ];
+        for (name, help, f) in series {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for r in &links {
+                let labels = [("peer", r.peer.as_str())];
+                ConstGauge::new(f(r)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -20,6 +20,8 @@ pub struct RunningServer {
     pub ctx: Arc<ServerContext>,
     pub http_addr: SocketAddr,
     pub grpc_addr: Option<SocketAddr>,
+    /// The replication port (a master only).
+    pub replication_addr: Option<SocketAddr>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The configured triggers and background workers.
@@ -38,6 +40,23 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mut ecfg = EngineConfig::new(&config.root_directory);
     ecfg.policy = Policy { enable_add: config.enable_add, enable_remove: config.enable_remove, queryable: config.queryable };
     ecfg.retention = config.retention.clone();
+    if let Some(r) = &config.replication {
+        if r.enabled {
+            // What a reconnecting replica can resume from without an image.
+            ecfg.change_window_bytes = r.retain_mb.saturating_mul(1 << 20);
+        }
+        if r.is_replica() {
+            // The master's retention deletes arrive as changes; running them here too would race them.
+            ecfg.retention.clear();
+        }
+    }
+    let replication_tls = match config.replication.as_ref().filter(|r| r.enabled && r.tls_enabled) {
+        Some(r) => {
+            let files = crate::config::TlsConfig { cert_file: r.cert_file.clone().unwrap_or_default(), key_file: r.key_file.clone().unwrap_or_default(), ca_file: None };
+            Some(crate::tls::load(&files).map_err(|e| anyhow!("replication TLS: {e}"))?)
+        }
+        None => None,
+    };
     let engine = tokio::task::spawn_blocking(move || Engine::open(ecfg))
         .await
         .context("engine start-up panicked")?
@@ -48,7 +67,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Some(a) => Some(bind(&a, "grpc_listen_port").await?),
         None => None,
     };
+    let replication_listener = match config.replication.as_ref().filter(|r| r.enabled) {
+        Some(r) => {
+            let host = if config.listen_host.is_empty() { "0.0.0.0" } else { &config.listen_host };
+            Some(bind(&format!("{host}:{}", r.listen_port), "replication.listen_port").await?)
+        }
+        None => None,
+    };
     let http_addr = http_listener.local_addr()?;
+    let replication_addr = replication_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
 
     warn_about_exposure(&config, http_addr, grpc_addr, auth.as_deref());
@@ -88,22 +115,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let marketstore = crate::compat::grpc::service(ctx.clone());
         let recorder = crate::metrics::GrpcMetricsLayer::new(ctx.metrics.clone());
         let authenticate = crate::auth::grpc::GrpcAuthLayer::new(auth.clone());
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(t) = &tls {
-            let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
-            builder = builder
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .map_err(|e| anyhow!("tls (grpc_listen_port): {e}"))?;
-        }
+        let builder = grpc_builder(tls.as_ref(), "grpc_listen_port")?;
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             // TCP_NODELAY: small Flight replies must not wait for delayed ACKs (40 ms per round trip otherwise).
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            // Large HTTP/2 windows and frames: market data results are megabytes, and the 64 KiB defaults
-            // cost a flow-control round trip every 64 KiB.
+            // Large HTTP/2 frames too (windows: grpc_builder).
             let r = builder
-                .initial_stream_window_size(16u32 << 20)
-                .initial_connection_window_size(64u32 << 20)
                 .max_frame_size(1u32 << 20)
                 .layer(tower::util::MapResponseLayer::new(oversize_is_resource_exhausted))
                 // Request counts and durations of Flight, Flight SQL and proto.Marketstore, per method.
@@ -122,6 +140,37 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }));
     }
 
+    // Replication: serve the master's port, or follow the master.
+    match &*ctx.replication {
+        crate::replication::Replication::Master { master, .. } => {
+            if let Some(listener) = replication_listener {
+                let svc = crate::replication::pb::replication_server::ReplicationServer::new(crate::replication::master::ReplicationService(master.clone()))
+                    .max_decoding_message_size(crate::replication::MAX_MESSAGE)
+                    .max_encoding_message_size(crate::replication::MAX_MESSAGE);
+                let mut builder = grpc_builder(replication_tls.as_ref(), "replication.listen_port")?;
+                let mut rx = shutdown_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                    let r = builder
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, async move {
+                            let _ = rx.wait_for(|v| *v).await;
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!("replication server failed: {e}");
+                    }
+                }));
+                tracing::info!(addr = %replication_addr.map(|a| a.to_string()).unwrap_or_default(), store_id = ctx.engine.store_id(), "replication master: serving replicas");
+            }
+        }
+        crate::replication::Replication::Replica { follower, cfg } => {
+            tracing::info!(master = cfg.master_host.as_deref().unwrap_or(""), "replica: read-only, following the master");
+            tasks.push(tokio::spawn(follower.clone().run(shutdown_rx.clone())));
+        }
+        crate::replication::Replication::Standalone => {}
+    }
+
     let plugins = Some(crate::plugins::PluginHost::start(&ctx, crate::plugins::ServerAddrs { http: http_addr, flight: grpc_addr }));
     ctx.set_ready(true);
     tracing::info!(
@@ -131,7 +180,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         buckets = ctx.engine.keys().len(),
         "mkts {} ready", crate::context::VERSION
     );
-    Ok(RunningServer { ctx, http_addr, grpc_addr, shutdown_tx, tasks, plugins })
+    Ok(RunningServer { ctx, http_addr, grpc_addr, replication_addr, shutdown_tx, tasks, plugins })
 }
 
 impl RunningServer {
@@ -155,6 +204,17 @@ impl RunningServer {
         tracing::info!("mkts stopped cleanly");
         Ok(())
     }
+}
+
+/// A gRPC server builder with TLS (when configured) and large HTTP/2 windows: market data results are
+/// megabytes, and the 64 KiB defaults cost a flow-control round trip every 64 KiB.
+fn grpc_builder(tls: Option<&crate::tls::TlsMaterial>, port: &str) -> anyhow::Result<tonic::transport::Server> {
+    let mut builder = tonic::transport::Server::builder().initial_stream_window_size(16u32 << 20).initial_connection_window_size(64u32 << 20);
+    if let Some(t) = tls {
+        let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity)).map_err(|e| anyhow!("tls ({port}): {e}"))?;
+    }
+    Ok(builder)
 }
 
 /// Serve the HTTP port over TLS until `shutdown` (in-flight requests get 10 s to finish).

@@ -4,7 +4,7 @@
 //! - **Plain Flight** (the contract of `shared/bench/server_client.py`): DoPut to a path descriptor writes a
 //!   bucket; DoGet with a JSON `QueryRequest` ticket (MarketStore's field names) or a bare key reads one;
 //!   GetFlightInfo / GetSchema / ListFlights describe buckets; DoAction runs `create`, `destroy`, `get_info`,
-//!   `delete_range`, `list_symbols`, `server_version`.
+//!   `delete_range`, `list_symbols`, `server_version`, `replication_status`.
 //! - **Flight SQL**: requests whose ticket or command is a protobuf `Any` of a Flight SQL message are handed
 //!   to a [`FlightSqlService`] (the SQL engine's), except DoPut updates/ingests, which this crate decodes and
 //!   passes to the backend (arrow-flight does not let a service re-wrap a consumed `Streaming`).
@@ -198,6 +198,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("delete_range", "Delete rows with epoch_start <= Epoch <= epoch_end (inclusive): {\"key\", \"epoch_start\", \"epoch_end\"}"),
     ("list_symbols", "List symbols ({\"format\": \"symbol\"}, default) or full keys ({\"format\": \"tbk\"})"),
     ("server_version", "The server version"),
+    ("replication_status", "Replication role and links: on a master each replica's acknowledged position, lag in records and ms, connected; on a replica its applied and master positions"),
     ("plugins", "Configured triggers and background workers with their state: up, fired, dropped, queued, errors, restarts"),
 ];
 

@@ -112,7 +112,7 @@ async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
         retention_rows: ctx.engine.retention_stats().0,
         retention_bytes: ctx.engine.retention_stats().1,
     };
-    let mut r = ctx.metrics.render(&sample).into_response();
+    let mut r = ctx.metrics.render_with(&sample, ctx.replication.samples()).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
 }

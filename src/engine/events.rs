@@ -45,13 +45,14 @@ pub(super) struct Subscriber {
     pub(super) filter: Option<KeyPattern>,
 }
 
-pub(super) fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64) {
+/// `built`: the rows as a batch, when the caller has it already.
+pub(super) fn publish_event(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64, built: Option<&RecordBatch>) {
     let mut subs = inner.subscribers.lock();
     subs.retain(|s| !s.tx.is_closed());
     if !subs.iter().any(|s| s.filter.as_ref().is_none_or(|f| f.matches(&bucket.key))) {
         return;
     }
-    let batch = match read::rows_batch(&bucket.schema, rows) {
+    let batch = match built.map(|b| Ok(b.clone())).unwrap_or_else(|| read::rows_batch(&bucket.schema, rows)) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!("cannot build the appended batch for triggers: {e}");

@@ -19,6 +19,7 @@
 // The rooms, each with one job (docs/design.md):
 mod bucket; // one bucket in memory: partitions, published views, reads
 mod catalog; // bucket directories on disk, loading them, the catalog snapshot
+pub mod changes; // applied changes, in log order, for followers; upstream positions
 pub mod error;
 mod events; // appended batches to subscribers
 pub mod key;
@@ -52,6 +53,7 @@ pub use partition::PartView;
 pub use read::{decode_string16, TimePoint};
 pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, EPOCH, NANOSECONDS};
 
+pub use changes::{Captured, CapturedBucket, Change, ChangeCursor, ChangeGap, ChangeRecord, Origin};
 pub use events::{AppendEvent, Subscription};
 pub use retention::RetentionRule;
 
@@ -95,6 +97,9 @@ pub struct EngineConfig {
     pub recover_wal: bool,
     /// Retention rules, first match wins (none: keep everything).
     pub retention: Vec<RetentionRule>,
+    /// Bytes of recent changes kept in memory for followers ([`Engine::changes_after`]); 0 turns the
+    /// change feed off (a server nobody replicates from pays nothing for it).
+    pub change_window_bytes: usize,
 }
 
 impl EngineConfig {
@@ -111,6 +116,7 @@ impl EngineConfig {
                 .unwrap_or(32_768),
             recover_wal: false,
             retention: Vec::new(),
+            change_window_bytes: 0,
         }
     }
 }
@@ -249,10 +255,30 @@ struct Inner {
     retention_rows: AtomicU64,
     retention_bytes: AtomicU64,
     startup: StartupReport,
+    /// Recent changes for followers (`change_window_bytes > 0`).
+    changes: Option<Arc<changes::ChangeLog>>,
+    /// Where this server stands in its upstream's log (a replica's applied position).
+    origin: RwLock<Origin>,
+    /// This data directory's identity (see [`changes`]).
+    store_id: String,
     _lock: fs::File,
 }
 
 impl Inner {
+    /// Feed an applied change to followers (built only when the feed is on).
+    fn feed(&self, lsn: u64, change: impl FnOnce() -> Change) {
+        if let Some(c) = &self.changes {
+            c.push(lsn, change());
+        }
+    }
+
+    /// A replicated change was applied: its upstream position is now this server's.
+    fn advance_origin(&self, from: writer::Applied) {
+        if let Some(p) = from.origin {
+            self.origin.write().position = p;
+        }
+    }
+
     fn halt(&self, why: String) {
         tracing::error!("the engine stops writing: {why}");
         let mut h = self.halted.write();
@@ -372,7 +398,9 @@ impl Engine {
             tracing::warn!(spans = rec.dropped.len(), "write-ahead log recovered: unreadable bytes dropped, damaged segments quarantined");
         }
         scan.cut_torn_tail()?;
-        let replay = recovery::replay(&root, &mut catalog, &mut damaged, &scan);
+        let store_id = changes::store_id(&root)?;
+        let saved_origin = changes::read_origin(&root)?.unwrap_or_default();
+        let replay = recovery::replay(&root, &mut catalog, &mut damaged, &scan, saved_origin.clone());
         max_lsn = max_lsn.max(scan.max_lsn());
         // A segment is named by the first LSN it was opened for: everything below it was handed out before,
         // even when no record of it survives (a destroy, then a clean stop that trimmed the log). LSNs are
@@ -398,6 +426,9 @@ impl Engine {
                     b.checkpoint()?;
                 }
                 wal::write_held(&wal_dir, &held)?;
+                if replay.origin != saved_origin {
+                    changes::write_origin(&root, &replay.origin)?;
+                }
                 let mut w = WalWriter::create(&wal_dir, max_lsn + 1)?;
                 w.rotate_and_trim(max_lsn + 1)?;
                 Ok(w)
@@ -414,8 +445,13 @@ impl Engine {
         };
         drop(scan);
 
+        // When start-up could not finish, the log still holds the positions the file lacks.
+        let origin_saved = if walw.is_some() { replay.origin.clone() } else { saved_origin };
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            changes: (cfg.change_window_bytes > 0).then(|| Arc::new(changes::ChangeLog::new(max_lsn, cfg.change_window_bytes))),
+            origin: RwLock::new(replay.origin.clone()),
+            store_id,
             root: root.clone(),
             policy: cfg.policy,
             catalog: RwLock::new(catalog),
@@ -457,6 +493,7 @@ impl Engine {
             snapshot,
             // The first checkpoint tick applies retention.
             last_retention: Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now),
+            origin_saved,
         };
         std::thread::Builder::new()
             .name("mkts-writer".into())
@@ -556,6 +593,11 @@ impl Engine {
         } else {
             self.prepare_write(key, batch, opts)?
         };
+        self.queue_write(prepared, writer::Applied::LOCAL).await
+    }
+
+    /// Wait for the write's share of the queue's byte budget, hand it to the writer, wait for the ack.
+    async fn queue_write(&self, prepared: PreparedWrite, from: writer::Applied) -> Result<WriteAck> {
         let permit = self
             .inner
             .queue
@@ -563,7 +605,7 @@ impl Engine {
             .acquire_many_owned(queue_permits(&prepared.rows))
             .await
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
-        let rx = self.send_write(prepared, permit)?;
+        let rx = self.send_write(prepared, permit, from)?;
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 
@@ -572,7 +614,7 @@ impl Engine {
         let prepared = self.prepare_write(key, batch, opts)?;
         let permit = futures::executor::block_on(self.inner.queue.clone().acquire_many_owned(queue_permits(&prepared.rows)))
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
-        let rx = self.send_write(prepared, permit)?;
+        let rx = self.send_write(prepared, permit, writer::Applied::LOCAL)?;
         rx.blocking_recv().unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 
@@ -614,11 +656,16 @@ impl Engine {
         Ok(PreparedWrite { key: key.clone(), created_lsn, create, rows })
     }
 
-    fn send_write(&self, w: PreparedWrite, permit: tokio::sync::OwnedSemaphorePermit) -> Result<oneshot::Receiver<Result<WriteAck>>> {
+    fn send_write(
+        &self,
+        w: PreparedWrite,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        from: writer::Applied,
+    ) -> Result<oneshot::Receiver<Result<WriteAck>>> {
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Cmd::Write { key: w.key, created_lsn: w.created_lsn, create: w.create, rows: w.rows, permit: Some(permit), reply })
+            .send(Cmd::Write { key: w.key, created_lsn: w.created_lsn, create: w.create, rows: w.rows, permit: Some(permit), from, reply })
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         Ok(rx)
     }
@@ -634,7 +681,7 @@ impl Engine {
             return Err(EngineError::AlreadyExists(key.to_string()));
         }
         let (reply, rx) = oneshot::channel();
-        self.inner.tx.send(Cmd::Create { key: key.clone(), schema, reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        self.inner.tx.send(Cmd::Create { key: key.clone(), schema, from: writer::Applied::LOCAL, reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 
@@ -648,7 +695,7 @@ impl Engine {
             return Err(EngineError::NotFound(key.to_string()));
         }
         let (reply, rx) = oneshot::channel();
-        self.inner.tx.send(Cmd::Destroy { key: key.clone(), reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        self.inner.tx.send(Cmd::Destroy { key: key.clone(), from: writer::Applied::LOCAL, reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
 
@@ -667,7 +714,7 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Cmd::DeleteRange { key: key.clone(), start, end, reply })
+            .send(Cmd::DeleteRange { key: key.clone(), start, end, from: writer::Applied::LOCAL, reply })
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
     }
@@ -768,6 +815,86 @@ impl Engine {
             out.push(read_bucket(&b, req)?);
         }
         Ok(out)
+    }
+
+    /// Follow the changes applied after log position `after` (see [`changes`]): the feed must be on
+    /// (`change_window_bytes`), and still hold that position.
+    pub fn changes_after(&self, after: u64) -> std::result::Result<ChangeCursor, ChangeGap> {
+        match &self.inner.changes {
+            Some(c) => c.cursor(after),
+            None => Err(ChangeGap { asked: after, floor: u64::MAX }),
+        }
+    }
+
+    /// The LSN of the last change fed to followers (0 when the feed is off and nothing was written).
+    pub fn last_change_lsn(&self) -> u64 {
+        self.inner.changes.as_ref().map(|c| c.last()).unwrap_or(0)
+    }
+
+    /// An image of every bucket as of one log position, taken by the writer between two groups, so it
+    /// holds every change up to [`Captured::lsn`] and none after. Zero-copy: the batches are views of
+    /// the mapped files. Damaged buckets are left out.
+    pub async fn capture(&self) -> Result<Captured> {
+        self.check_open()?;
+        let (reply, rx) = oneshot::channel();
+        self.inner.tx.send(Cmd::Capture { reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
+    }
+
+    /// This data directory's store id: random, fixed at its first open. LSNs are positions within it.
+    pub fn store_id(&self) -> &str {
+        &self.inner.store_id
+    }
+
+    /// Where this server stands in its upstream's log (a replica's last applied master position).
+    pub fn origin(&self) -> Origin {
+        self.inner.origin.read().clone()
+    }
+
+    /// Set the upstream source and position without applying a change, durably (a replica starting over
+    /// from a master's image marks position 0 first, and the image's position when it is complete).
+    pub async fn mark_origin(&self, origin: Origin) -> Result<()> {
+        self.check_open()?;
+        let (reply, rx) = oneshot::channel();
+        self.inner.tx.send(Cmd::Mark { origin, reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
+    }
+
+    /// Apply a change that happened at `position` in the upstream's log (a replica applying its master's
+    /// changes). The position is made durable in the same log record as the change, so [`Engine::origin`]
+    /// after any crash names exactly the last change held. `publish`: hand written rows to this server's
+    /// subscribers and triggers. Server policy switches do not apply: the master already allowed it.
+    pub async fn apply(&self, change: &Change, position: u64, publish: bool) -> Result<()> {
+        self.check_open()?;
+        let from = writer::Applied { origin: Some(position), publish };
+        let (tx, key) = (&self.inner.tx, change.key().clone());
+        let stopped = || EngineError::Unavailable("writer stopped".into());
+        match change {
+            Change::Create { schema, .. } => {
+                schema.validate()?;
+                let (reply, rx) = oneshot::channel();
+                tx.send(Cmd::Create { key, schema: schema.clone(), from, reply }).map_err(|_| stopped())?;
+                rx.await.unwrap_or_else(|_| Err(stopped()))
+            }
+            Change::Destroy { .. } => {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Cmd::Destroy { key, from, reply }).map_err(|_| stopped())?;
+                rx.await.unwrap_or_else(|_| Err(stopped()))
+            }
+            Change::DeleteRange { start, end, .. } => {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Cmd::DeleteRange { key, start: *start, end: *end, from, reply }).map_err(|_| stopped())?;
+                rx.await.map(|r| r.map(|_| ())).unwrap_or_else(|_| Err(stopped()))
+            }
+            Change::Write { batch, .. } => {
+                let Some(b) = self.bucket(&key) else {
+                    return Err(EngineError::NotFound(format!("{key} (a replicated write before its create)")));
+                };
+                let rows = normalize::normalize(batch, &b.schema, key.tf())?;
+                let prepared = PreparedWrite { key, created_lsn: Some(b.created_lsn), create: None, rows };
+                self.queue_write(prepared, from).await.map(|_| ())
+            }
+        }
     }
 
     /// Subscribe to appended batches. `capacity` bounds the queue; overflow drops events (counted).

@@ -47,12 +47,13 @@ pub(super) fn decode_direct(p: &[u8]) -> Option<Vec<DirectEntry>> {
     Some(out)
 }
 
-pub(super) fn encode_write(group: &mut wal::Group, lsn: u64, key: &str, rows: &Rows) {
+pub(super) fn encode_write(group: &mut wal::Group, lsn: u64, key: &str, origin: Option<u64>, rows: &Rows) {
     wal::encode_record_with(
         group,
         lsn,
         Op::Write,
         key,
+        origin,
         |b| {
             b.extend_from_slice(&(rows.len as u32).to_le_bytes());
             b.extend_from_slice(&(rows.cols.len() as u16).to_le_bytes());

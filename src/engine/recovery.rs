@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::bucket::Bucket;
+use super::changes::Origin;
 use super::catalog::{create_bucket_files, remove_bucket_files};
 use super::records::{decode_direct, decode_range, decode_write_payload};
 use super::wal::{self, Op};
@@ -22,6 +23,8 @@ pub(super) struct Replayed {
     pub touched: std::collections::HashSet<BucketKey>,
     /// Set when replay had to stop (a full disk): the engine starts read-only and trims nothing.
     pub halted: Option<String>,
+    /// The upstream position after the last record that carries one (a replica's).
+    pub origin: Origin,
 }
 
 /// Apply every record of `scan` after what the partitions already hold. Records of damaged buckets are
@@ -31,11 +34,24 @@ pub(super) fn replay(
     cat: &mut BTreeMap<BucketKey, Arc<Bucket>>,
     damaged: &mut BTreeMap<String, DamagedBucket>,
     scan: &wal::LogScan,
+    origin: Origin,
 ) -> Replayed {
     let aborted = scan.aborted();
-    let mut out = Replayed { records: 0, touched: Default::default(), halted: None };
+    let mut out = Replayed { records: 0, touched: Default::default(), halted: None, origin };
     for rec in scan.records() {
         if rec.op == Op::Abort || aborted.contains(&rec.lsn) {
+            continue;
+        }
+        // Records are in log order, so the last position seen is the newest (a Mark may move it back:
+        // a replica that started over from another master).
+        if let Some(p) = rec.origin {
+            if rec.op == Op::Mark {
+                out.origin = Origin { source: String::from_utf8_lossy(rec.payload).into_owned(), position: p };
+                continue;
+            }
+            out.origin.position = p;
+        }
+        if rec.op == Op::Mark {
             continue;
         }
         out.records += 1;
@@ -116,7 +132,7 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &
                 b.commit_direct(&entries, rec.lsn, true)?;
             }
         }
-        Op::Abort => {}
+        Op::Abort | Op::Mark => {}
     }
     Ok(())
 }

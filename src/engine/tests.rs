@@ -1084,3 +1084,80 @@ fn lsns_are_not_reused_after_a_destroy_and_clean_stop() {
         e.shutdown().await.unwrap();
     });
 }
+
+/// Replication's engine half: the change feed carries every applied change in log order (rows as stored),
+/// a capture is an image at one position, and a follower's upstream position is durable with each change
+/// it applies, across a crash and a checkpoint.
+#[test]
+fn change_feed_capture_and_durable_origin() {
+    let master_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("A/1Min/OHLCV").unwrap();
+    let tick = BucketKey::parse("T/1Sec/TICK").unwrap();
+    let mut cfg = EngineConfig::new(master_dir.path());
+    cfg.change_window_bytes = 64 << 20;
+    let (store, applied) = rt().block_on(async {
+        let m = Engine::open(cfg.clone()).unwrap();
+        assert_eq!(m.store_id().len(), 32);
+        let mut cursor = m.changes_after(0).unwrap();
+        m.write(&key, &bars(&[60, 120, 121], &[1.0, 2.0, 3.0]), WriteOptions::default()).await.unwrap();
+        m.write(&tick, &ticks(&[5, 5], &[1, 2], &[9.0, 8.0]), WriteOptions::default()).await.unwrap();
+        m.delete_range(&key, TimePoint::secs(60), TimePoint::secs(60)).await.unwrap();
+        let image = m.capture().await.unwrap();
+        m.destroy(&tick).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(cursor.next().await.unwrap());
+        }
+        let kinds: Vec<&str> = seen
+            .iter()
+            .map(|r| match &r.change {
+                Change::Create { .. } => "create",
+                Change::Write { .. } => "write",
+                Change::Destroy { .. } => "destroy",
+                Change::DeleteRange { .. } => "delete",
+            })
+            .collect();
+        assert_eq!(kinds, ["create", "write", "create", "write", "delete", "destroy"]);
+        assert!(seen.windows(2).all(|w| w[0].lsn < w[1].lsn));
+        // Rows as stored: 121 truncated to 120 and deduplicated (last wins).
+        let Change::Write { batch, .. } = &seen[1].change else { panic!() };
+        assert_eq!(batch.num_rows(), 2);
+        // The image holds everything up to the delete and nothing after.
+        assert_eq!(image.lsn, seen[4].lsn);
+        assert_eq!(image.buckets.len(), 2);
+        assert_eq!(image.buckets[0].batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        assert_eq!(m.last_change_lsn(), seen[5].lsn);
+        let store = m.store_id().to_string();
+        m.shutdown().await.unwrap();
+        drop((m, cursor));
+        // After a restart the window starts at the last position: earlier ones are a gap, the last one
+        // resumes (a replica that was caught up continues without an image).
+        let m = reopen_with(cfg.clone());
+        assert_eq!(m.store_id(), store);
+        assert!(m.changes_after(seen[4].lsn).is_err());
+        assert!(m.changes_after(seen[5].lsn).is_ok());
+        drop(m);
+
+        // The follower side: apply with positions, crash without a checkpoint, reopen.
+        let r = Engine::open(EngineConfig::new(replica_dir.path())).unwrap();
+        assert_eq!(r.origin(), Origin::default());
+        r.mark_origin(Origin { source: store.clone(), position: 0 }).await.unwrap();
+        for rec in &seen[..4] {
+            r.apply(&rec.change, rec.lsn, false).await.unwrap();
+        }
+        assert_eq!(r.origin().position, seen[3].lsn);
+        drop(r);
+        (store, seen[3].lsn)
+    });
+    // Crashed (dropped) before any checkpoint: the position comes back from the log records.
+    let r = reopen(replica_dir.path());
+    assert_eq!(r.origin(), Origin { source: store.clone(), position: applied });
+    assert_eq!(read_all(&r, &key).0, vec![60, 120]);
+    // Checkpointed (the log trimmed): from the origin file.
+    rt().block_on(r.shutdown()).unwrap();
+    drop(r);
+    let r = reopen(replica_dir.path());
+    assert_eq!(r.origin(), Origin { source: store, position: applied });
+    drop(r);
+}

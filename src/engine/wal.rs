@@ -26,7 +26,15 @@ pub enum Op {
     /// Cancels the record whose LSN is the payload: a write that was logged but could not be applied, and
     /// was reported to its client as failed, must not reappear at replay.
     Abort = 6,
+    /// Sets the upstream position without a change (a replica's snapshot start or end): the payload is
+    /// the upstream's name, the record's origin the position. The key is empty.
+    Mark = 7,
 }
+
+/// Set in a record's op byte when the record ends with an 8-byte origin: the position, in the log of the
+/// server this change was replicated from, of the change this record applies. One record, one checksum,
+/// so a change and its position are durable together or not at all.
+const ORIGIN_FLAG: u8 = 0x80;
 
 impl Op {
     fn from_u8(v: u8) -> Option<Op> {
@@ -37,6 +45,7 @@ impl Op {
             4 => Op::DeleteRange,
             5 => Op::AppendDirect,
             6 => Op::Abort,
+            7 => Op::Mark,
             _ => return None,
         })
     }
@@ -49,6 +58,8 @@ pub struct Record<'a> {
     pub op: Op,
     pub key: &'a str,
     pub payload: &'a [u8],
+    /// The upstream log position this record applies (replicas only, see [`ORIGIN_FLAG`]).
+    pub origin: Option<u64>,
 }
 
 /// Appends records to the active segment. Owned by the engine's single writer thread.
@@ -99,15 +110,28 @@ impl Group {
 
 /// Encode one record with a small payload into `group`.
 pub fn encode_record(group: &mut Group, lsn: u64, op: Op, key: &str, payload: impl FnOnce(&mut Vec<u8>)) {
-    encode_record_with(group, lsn, op, key, payload, &[]);
+    encode_record_with(group, lsn, op, key, None, payload, &[]);
+}
+
+/// [`encode_record`] with an upstream position (`origin`) carried in the same record.
+pub fn encode_record_from(group: &mut Group, lsn: u64, op: Op, key: &str, origin: Option<u64>, payload: impl FnOnce(&mut Vec<u8>)) {
+    encode_record_with(group, lsn, op, key, origin, payload, &[]);
 }
 
 /// Encode one record whose payload is `head` (small, owned) followed by `tail` (shared buffers, not copied).
-pub fn encode_record_with(group: &mut Group, lsn: u64, op: Op, key: &str, head: impl FnOnce(&mut Vec<u8>), tail: &[arrow::buffer::Buffer]) {
+pub fn encode_record_with(
+    group: &mut Group,
+    lsn: u64,
+    op: Op,
+    key: &str,
+    origin: Option<u64>,
+    head: impl FnOnce(&mut Vec<u8>),
+    tail: &[arrow::buffer::Buffer],
+) {
     let mut buf = Vec::with_capacity(64 + key.len());
     buf.extend_from_slice(&[0u8; HEADER]);
     buf.extend_from_slice(&lsn.to_le_bytes());
-    buf.push(op as u8);
+    buf.push(op as u8 | if origin.is_some() { ORIGIN_FLAG } else { 0 });
     buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
     buf.extend_from_slice(key.as_bytes());
     head(&mut buf);
@@ -117,6 +141,11 @@ pub fn encode_record_with(group: &mut Group, lsn: u64, op: Op, key: &str, head: 
         crc = crc32c::crc32c_append(crc, t.as_slice());
         body_len += t.len();
     }
+    let trailer = origin.map(u64::to_le_bytes);
+    if let Some(o) = &trailer {
+        crc = crc32c::crc32c_append(crc, o);
+        body_len += o.len();
+    }
     buf[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
     group.bytes += HEADER + body_len;
@@ -125,6 +154,9 @@ pub fn encode_record_with(group: &mut Group, lsn: u64, op: Op, key: &str, head: 
         if !t.is_empty() {
             group.pieces.push(Piece::Shared(t.clone()));
         }
+    }
+    if let Some(o) = trailer {
+        group.pieces.push(Piece::Owned(o.to_vec()));
     }
 }
 
@@ -447,9 +479,10 @@ fn decode_at(data: &[u8], pos: usize) -> Option<(Record<'_>, usize)> {
     }
     let body = data.get(pos + HEADER..(pos + HEADER).checked_add(len)?)?;
     // Cheap plausibility checks first: resynchronisation calls this at every offset of a damaged span.
-    let op = Op::from_u8(body[8])?;
+    let op = Op::from_u8(body[8] & !ORIGIN_FLAG)?;
+    let trailer = if body[8] & ORIGIN_FLAG != 0 { 8 } else { 0 };
     let klen = u16::from_le_bytes(body[9..11].try_into().ok()?) as usize;
-    if 11 + klen > len {
+    if 11 + klen + trailer > len {
         return None;
     }
     if crc32c::crc32c(body) != crc {
@@ -460,8 +493,15 @@ fn decode_at(data: &[u8], pos: usize) -> Option<(Record<'_>, usize)> {
         return None;
     }
     let key = std::str::from_utf8(body.get(11..11 + klen)?).ok()?;
-    let payload = body.get(11 + klen..)?;
-    Some((Record { lsn, op, key, payload }, pos + HEADER + len))
+    let payload = body.get(11 + klen..len - trailer)?;
+    let origin = match trailer {
+        0 => None,
+        _ => Some(u64::from_le_bytes(body.get(len - 8..)?.try_into().ok()?)).filter(|o| *o <= MAX_LSN),
+    };
+    if trailer != 0 && origin.is_none() {
+        return None;
+    }
+    Some((Record { lsn, op, key, payload, origin }, pos + HEADER + len))
 }
 
 impl WalWriter {
@@ -564,7 +604,7 @@ mod tests {
         let mut w = WalWriter::create(dir.path(), 1).unwrap();
         let mut g = Group::default();
         encode_record(&mut g, 1, Op::Write, "A/1Min/X", |b| b.extend_from_slice(b"hel"));
-        encode_record_with(&mut g, 2, Op::Write, "A/1Min/X", |b| b.extend_from_slice(b"wo"), &[arrow::buffer::Buffer::from(b"rld".as_slice())]);
+        encode_record_with(&mut g, 2, Op::Write, "A/1Min/X", None, |b| b.extend_from_slice(b"wo"), &[arrow::buffer::Buffer::from(b"rld".as_slice())]);
         w.append_durable(&g).unwrap();
         let flat: Vec<u8> = g.pieces.iter().flat_map(|p| p.as_slice().to_vec()).collect();
         let mut torn = Group::default();

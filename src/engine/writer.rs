@@ -25,8 +25,9 @@ use super::catalog::{create_bucket_files, remove_bucket_files, write_snapshot, S
 use super::events::publish_event;
 use super::partition::{Generation, Rows};
 use super::records::{encode_direct, encode_range, encode_write, DIRECT_APPEND_ROWS};
+use super::changes::{write_origin, Captured, CapturedBucket, Change, Origin};
 use super::wal::{self, Op, WalWriter};
-use super::{BucketKey, BucketSchema, EngineConfig, EngineError, Inner, Result, TimePoint, WriteAck};
+use super::{BucketKey, BucketSchema, EngineConfig, EngineError, Inner, ReadRequest, Result, TimePoint, WriteAck};
 
 /// Commands to the writer.
 pub(super) enum Cmd {
@@ -37,19 +38,38 @@ pub(super) enum Cmd {
         rows: Rows,
         /// Holds this write's share of the queue's byte budget until the writer is done with it.
         permit: Option<OwnedSemaphorePermit>,
+        from: Applied,
         reply: oneshot::Sender<Result<WriteAck>>,
     },
-    Create { key: BucketKey, schema: BucketSchema, reply: oneshot::Sender<Result<()>> },
-    Destroy { key: BucketKey, reply: oneshot::Sender<Result<()>> },
-    DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint, reply: oneshot::Sender<Result<usize>> },
+    Create { key: BucketKey, schema: BucketSchema, from: Applied, reply: oneshot::Sender<Result<()>> },
+    Destroy { key: BucketKey, from: Applied, reply: oneshot::Sender<Result<()>> },
+    DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint, from: Applied, reply: oneshot::Sender<Result<usize>> },
+    /// Set the upstream position without a change (logged as a `Mark` record).
+    Mark { origin: Origin, reply: oneshot::Sender<Result<()>> },
+    /// Take an image of every bucket between two groups.
+    Capture { reply: oneshot::Sender<Result<Captured>> },
     Checkpoint { reply: Option<oneshot::Sender<Result<()>>> },
     /// Write the catalog snapshot now (after a start-up that could not use it whole).
     Snapshot,
     Shutdown { reply: oneshot::Sender<Result<()>> },
 }
 
+/// Where a change comes from: a client of this server (the default), or a replica's master.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Applied {
+    /// The change's position in the upstream log, made durable in the same record.
+    pub origin: Option<u64>,
+    /// Hand the appended rows to subscribers (triggers, `/ws`, Flight subscriptions).
+    pub publish: bool,
+}
+
+impl Applied {
+    pub const LOCAL: Applied = Applied { origin: None, publish: true };
+}
+
 struct PendingWrite {
     lsn: u64,
+    from: Applied,
     bucket: Arc<Bucket>,
     rows: Rows,
     /// Per year slice: the merged generation built before logging, when the slice needs one.
@@ -69,6 +89,8 @@ pub(super) struct Writer {
     pub last_checkpoint: Instant,
     pub snapshot: SnapshotState,
     pub last_retention: Instant,
+    /// The upstream position as of the origin file (written at checkpoints when it moved).
+    pub origin_saved: Origin,
 }
 
 /// Retention runs at checkpoint ticks at most this often (the first tick after start-up included), at every
@@ -174,6 +196,11 @@ impl Writer {
                     self.snapshot_now(inner);
                     continue;
                 }
+                Cmd::Capture { reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let _ = reply.send(self.capture(inner));
+                    continue;
+                }
                 Cmd::Shutdown { reply } => {
                     self.flush(inner, &mut buf, &mut pending);
                     let r = match self.refusal(inner) {
@@ -195,23 +222,27 @@ impl Writer {
                 continue;
             }
             match cmd {
-                Cmd::Write { key, created_lsn, create, rows, permit, reply } => {
-                    self.write_cmd(inner, &mut buf, &mut pending, key, created_lsn, create, rows, reply);
+                Cmd::Write { key, created_lsn, create, rows, permit, from, reply } => {
+                    self.write_cmd(inner, &mut buf, &mut pending, key, created_lsn, create, rows, from, reply);
                     drop(permit);
                 }
-                Cmd::Create { key, schema, reply } => {
+                Cmd::Create { key, schema, from, reply } => {
                     self.flush(inner, &mut buf, &mut pending);
-                    let _ = reply.send(self.create_cmd(inner, &key, &schema));
+                    let _ = reply.send(self.create_cmd(inner, &key, &schema, from));
                 }
-                Cmd::Destroy { key, reply } => {
+                Cmd::Destroy { key, from, reply } => {
                     self.flush(inner, &mut buf, &mut pending);
-                    let _ = reply.send(self.destroy_cmd(inner, &key));
+                    let _ = reply.send(self.destroy_cmd(inner, &key, from));
                 }
-                Cmd::DeleteRange { key, start, end, reply } => {
+                Cmd::DeleteRange { key, start, end, from, reply } => {
                     self.flush(inner, &mut buf, &mut pending);
-                    let _ = reply.send(self.delete_range_cmd(inner, &key, start, end));
+                    let _ = reply.send(self.delete_range_cmd(inner, &key, start, end, from));
                 }
-                Cmd::Checkpoint { .. } | Cmd::Snapshot | Cmd::Shutdown { .. } => {}
+                Cmd::Mark { origin, reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let _ = reply.send(self.mark_cmd(inner, origin));
+                }
+                Cmd::Checkpoint { .. } | Cmd::Snapshot | Cmd::Shutdown { .. } | Cmd::Capture { .. } => {}
             }
         }
         self.flush(inner, &mut buf, &mut pending);
@@ -228,6 +259,7 @@ impl Writer {
         created_lsn: Option<u64>,
         create: Option<BucketSchema>,
         rows: Rows,
+        from: Applied,
         reply: oneshot::Sender<Result<WriteAck>>,
     ) {
         if let Some(d) = inner.damage_of(&key) {
@@ -261,6 +293,7 @@ impl Writer {
                 }
                 inner.catalog.write().insert(key.clone(), b.clone());
                 self.snapshot.changed.insert(key.clone());
+                inner.feed(clsn, || Change::Create { key: key.clone(), schema: schema.clone() });
                 b
             }
             _ => {
@@ -276,7 +309,7 @@ impl Writer {
         }
         if rows.len >= DIRECT_APPEND_ROWS {
             self.flush(inner, buf, pending);
-            if let Some(r) = self.direct_write(inner, &bucket, &rows) {
+            if let Some(r) = self.direct_write(inner, &bucket, &rows, from) {
                 let _ = reply.send(r);
                 return;
             }
@@ -289,11 +322,11 @@ impl Writer {
             }
         };
         let lsn = self.take_lsn();
-        encode_write(buf, lsn, &key.to_string(), &rows);
-        pending.push(PendingWrite { lsn, bucket, rows, prepared, reply });
+        encode_write(buf, lsn, &key.to_string(), from.origin, &rows);
+        pending.push(PendingWrite { lsn, from, bucket, rows, prepared, reply });
     }
 
-    fn create_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, schema: &BucketSchema) -> Result<()> {
+    fn create_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, schema: &BucketSchema, from: Applied) -> Result<()> {
         if inner.catalog.read().contains_key(key) {
             return Err(EngineError::AlreadyExists(key.to_string()));
         }
@@ -309,7 +342,7 @@ impl Writer {
             }
         };
         let mut g = wal::Group::default();
-        wal::encode_record(&mut g, lsn, Op::Create, &key.to_string(), |p| {
+        wal::encode_record_from(&mut g, lsn, Op::Create, &key.to_string(), from.origin, |p| {
             p.extend_from_slice(&serde_json::to_vec(schema).unwrap_or_default())
         });
         if let Err(e) = self.log(inner, &mut g) {
@@ -318,22 +351,26 @@ impl Writer {
         }
         inner.catalog.write().insert(key.clone(), Arc::new(b));
         self.snapshot.changed.insert(key.clone());
+        inner.advance_origin(from);
+        inner.feed(lsn, || Change::Create { key: key.clone(), schema: schema.clone() });
         Ok(())
     }
 
-    fn destroy_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey) -> Result<()> {
+    fn destroy_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, from: Applied) -> Result<()> {
         let damaged = inner.damaged.read().contains_key(&key.to_string());
         if !inner.catalog.read().contains_key(key) && !damaged {
             return Err(EngineError::NotFound(key.to_string()));
         }
         let lsn = self.take_lsn();
         let mut g = wal::Group::default();
-        wal::encode_record(&mut g, lsn, Op::Destroy, &key.to_string(), |_| {});
+        wal::encode_record_from(&mut g, lsn, Op::Destroy, &key.to_string(), from.origin, |_| {});
         self.log(inner, &mut g)?;
         inner.catalog.write().remove(key);
         inner.damaged.write().remove(&key.to_string());
         self.dirty.remove(key);
         self.snapshot.changed.insert(key.clone());
+        inner.advance_origin(from);
+        inner.feed(lsn, || Change::Destroy { key: key.clone() });
         // Logged: a failure to remove the files now is finished by replay at the next start.
         if let Err(e) = remove_bucket_files(&inner.root, key) {
             tracing::warn!(key = %key, "destroy is logged but removing the files failed (replay finishes it): {e}");
@@ -341,7 +378,7 @@ impl Writer {
         Ok(())
     }
 
-    fn delete_range_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, start: TimePoint, end: TimePoint) -> Result<usize> {
+    fn delete_range_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, start: TimePoint, end: TimePoint, from: Applied) -> Result<usize> {
         if let Some(d) = inner.damage_of(key) {
             return Err(d);
         }
@@ -351,11 +388,38 @@ impl Writer {
         let prepared = b.prepare_delete(start, end)?;
         let lsn = self.take_lsn();
         let mut g = wal::Group::default();
-        wal::encode_record(&mut g, lsn, Op::DeleteRange, &key.to_string(), |p| encode_range(p, start, end));
+        wal::encode_record_from(&mut g, lsn, Op::DeleteRange, &key.to_string(), from.origin, |p| encode_range(p, start, end));
         self.log(inner, &mut g)?;
         let removed = b.commit_delete(prepared, lsn);
         self.dirty.insert(key.clone());
+        inner.advance_origin(from);
+        inner.feed(lsn, || Change::DeleteRange { key: key.clone(), start, end });
         Ok(removed)
+    }
+
+    /// Log a new upstream position (and source) without a change.
+    fn mark_cmd(&mut self, inner: &Arc<Inner>, origin: Origin) -> Result<()> {
+        let lsn = self.take_lsn();
+        let mut g = wal::Group::default();
+        wal::encode_record_from(&mut g, lsn, Op::Mark, "", Some(origin.position), |p| p.extend_from_slice(origin.source.as_bytes()));
+        self.log(inner, &mut g)?;
+        *inner.origin.write() = origin;
+        Ok(())
+    }
+
+    /// Every readable bucket as of now (nothing is pending: the caller flushed).
+    fn capture(&mut self, inner: &Arc<Inner>) -> Result<Captured> {
+        let lsn = self.next_lsn - 1;
+        let catalog = inner.catalog.read().clone();
+        let mut buckets = Vec::with_capacity(catalog.len());
+        for (key, b) in catalog {
+            if inner.damaged.read().contains_key(&key.to_string()) {
+                continue;
+            }
+            let read = super::bucket::read_bucket(&b, &ReadRequest::key(&key))?;
+            buckets.push(CapturedBucket { key, schema: (*b.schema).clone(), batches: read.batches });
+        }
+        Ok(Captured { lsn, buckets })
     }
 
     fn checkpoint_cmd(&mut self, inner: &Arc<Inner>, reply: Option<oneshot::Sender<Result<()>>>) {
@@ -430,7 +494,7 @@ impl Writer {
     /// Bulk append without copying the rows into the log: stage the rows in the column files (fsync'd),
     /// log a commit record, make them visible. `None` (nothing done) when the rows are not a pure append,
     /// so the caller takes the log path.
-    fn direct_write(&mut self, inner: &Arc<Inner>, bucket: &Arc<Bucket>, rows: &Rows) -> Option<Result<WriteAck>> {
+    fn direct_write(&mut self, inner: &Arc<Inner>, bucket: &Arc<Bucket>, rows: &Rows, from: Applied) -> Option<Result<WriteAck>> {
         // A staging failure leaves nothing visible or logged: staged bytes sit past the visible rows.
         let staged = match bucket.stage_direct(rows) {
             Ok(Some(s)) => s,
@@ -439,7 +503,7 @@ impl Writer {
         };
         let lsn = self.take_lsn();
         let mut group = wal::Group::default();
-        wal::encode_record(&mut group, lsn, Op::AppendDirect, &bucket.key.to_string(), |p| encode_direct(p, &staged));
+        wal::encode_record_from(&mut group, lsn, Op::AppendDirect, &bucket.key.to_string(), from.origin, |p| encode_direct(p, &staged));
         inner.wal_syncs.fetch_add(1, Ordering::Relaxed);
         inner.records_logged.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.log(inner, &mut group) {
@@ -449,7 +513,8 @@ impl Writer {
             Ok(()) => {
                 self.dirty.insert(bucket.key.clone());
                 inner.rows_written.fetch_add(rows.len as u64, Ordering::Relaxed);
-                publish_event(inner, bucket, rows, lsn);
+                inner.advance_origin(from);
+                announce(inner, bucket, rows, lsn, from.publish);
                 Ok(WriteAck { rows: rows.len, lsn })
             }
             Err(e) => Err(self.cancel(inner, bucket, lsn, e)),
@@ -461,7 +526,8 @@ impl Writer {
             Ok(()) => {
                 self.dirty.insert(p.bucket.key.clone());
                 inner.rows_written.fetch_add(p.rows.len as u64, Ordering::Relaxed);
-                publish_event(inner, &p.bucket, &p.rows, p.lsn);
+                inner.advance_origin(p.from);
+                announce(inner, &p.bucket, &p.rows, p.lsn, p.from.publish);
                 let _ = p.reply.send(Ok(WriteAck { rows: p.rows.len, lsn: p.lsn }));
             }
             Err(e) => {
@@ -518,6 +584,12 @@ impl Writer {
         if inner.damaged.read().values().any(|d| !d.at_load) {
             return Ok(());
         }
+        // The log is about to lose the records that carry the upstream position: keep it in the file.
+        let origin = inner.origin.read().clone();
+        if origin != self.origin_saved {
+            write_origin(&inner.root, &origin)?;
+            self.origin_saved = origin;
+        }
         if let Some(w) = self.wal.as_mut() {
             w.rotate_and_trim(self.next_lsn)?;
         }
@@ -571,7 +643,7 @@ impl Writer {
                 continue;
             }
             let width: u64 = b.widths().iter().map(|w| *w as u64).sum();
-            match self.delete_range_cmd(inner, &b.key, TimePoint::MIN, TimePoint { secs: cutoff - 1, nanos: 999_999_999 }) {
+            match self.delete_range_cmd(inner, &b.key, TimePoint::MIN, TimePoint { secs: cutoff - 1, nanos: 999_999_999 }, Applied::LOCAL) {
                 Ok(n) => {
                     inner.retention_rows.fetch_add(n as u64, Ordering::Relaxed);
                     inner.retention_bytes.fetch_add(n as u64 * width, Ordering::Relaxed);
@@ -623,7 +695,31 @@ fn reply_err(cmd: Cmd, e: EngineError) {
                 let _ = r.send(Err(e));
             }
         }
+        Cmd::Mark { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Capture { reply } => drop(reply.send(Err(e))),
         Cmd::Snapshot => {}
         Cmd::Shutdown { reply } => drop(reply.send(Err(e))),
     }
+}
+
+/// Hand a durable write's rows to subscribers (when `publish`) and to the change feed, building the
+/// Arrow batch once for both.
+fn announce(inner: &Inner, bucket: &Bucket, rows: &Rows, lsn: u64, publish: bool) {
+    if inner.changes.is_none() {
+        if publish {
+            publish_event(inner, bucket, rows, lsn, None);
+        }
+        return;
+    }
+    let batch = match super::read::rows_batch(&bucket.schema, rows) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(key = %bucket.key, lsn, "cannot build the written batch for the change feed: {e}");
+            return;
+        }
+    };
+    if publish {
+        publish_event(inner, bucket, rows, lsn, Some(&batch));
+    }
+    inner.feed(lsn, || Change::Write { key: bucket.key.clone(), batch });
 }

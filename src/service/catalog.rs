@@ -19,19 +19,23 @@ impl Service {
     /// Create an empty bucket.
     pub async fn create(&self, caller: &Caller, c: &CreateRequest) -> Result<(), ServiceError> {
         self.authorize(caller, Access::Create)?;
-        Ok(self.engine.create(&c.key, c.schema.clone()).await?)
+        self.engine.create(&c.key, c.schema.clone()).await?;
+        self.acknowledged(0).await
     }
 
     /// Remove a bucket and all its data (a damaged one too).
     pub async fn destroy(&self, caller: &Caller, key: &BucketKey) -> Result<(), ServiceError> {
         self.authorize(caller, Access::Remove)?;
-        Ok(self.engine.destroy(key).await?)
+        self.engine.destroy(key).await?;
+        self.acknowledged(0).await
     }
 
     /// Delete the rows with `start <= time <= end`; rows removed.
     pub async fn delete_range(&self, caller: &Caller, key: &BucketKey, start: TimePoint, end: TimePoint) -> Result<usize, ServiceError> {
         self.authorize(caller, Access::Remove)?;
-        Ok(self.engine.delete_range(key, start, end).await?)
+        let n = self.engine.delete_range(key, start, end).await?;
+        self.acknowledged(0).await?;
+        Ok(n)
     }
 
     /// Symbols or keys of every bucket, sorted.

@@ -24,7 +24,7 @@ pub use caller::{Caller, Interface, Principal, Role};
 pub use catalog::SymbolFormat;
 pub use client::Client;
 pub use error::{ErrorCode, ServiceError};
-pub use policy::{Access, Policy, NOT_QUERYABLE, UNAUTHENTICATED};
+pub use policy::{Access, Policy, NOT_QUERYABLE, REPLICA_READ_ONLY, UNAUTHENTICATED};
 pub use read::{ReadPart, ReadResult, SqlStream};
 pub use request::{CreateRequest, QueryRequest, ReadRequest, WriteRequest};
 
@@ -37,6 +37,17 @@ pub struct Service {
     engine: Engine,
     query: QueryEngine,
     policy: Policy,
+    /// `replication.ack: replica`: a change is acknowledged only once a replica holds it.
+    ack_gate: Option<std::sync::Arc<dyn AckGate>>,
+}
+
+/// What a change waits for after it is durable here and before it is acknowledged to its caller
+/// (`replication.ack: replica`: a replica's acknowledgement of every log position up to it).
+pub trait AckGate: Send + Sync {
+    /// Wait until the change at log position `lsn` may be acknowledged; `Err` says why it may not.
+    fn wait(&self, lsn: u64) -> futures::future::BoxFuture<'_, Result<(), String>>;
+    /// [`AckGate::wait`] for threads outside the async runtime (plugins, the CLI).
+    fn wait_blocking(&self, lsn: u64) -> Result<(), String>;
 }
 
 impl std::fmt::Debug for Service {
@@ -52,7 +63,37 @@ impl Service {
     pub fn new(engine: Engine, tz: chrono_tz::Tz, sql_memory_limit: Option<usize>) -> Service {
         let query = QueryEngine::with_memory_limit(engine.clone(), tz, sql_memory_limit);
         let policy = engine.policy().into();
-        Service { engine, query, policy }
+        Service { engine, query, policy, ack_gate: None }
+    }
+
+    /// The same operations on a replica: every change is refused ([`REPLICA_READ_ONLY`]).
+    pub fn as_replica(mut self) -> Service {
+        self.policy.replica = true;
+        self
+    }
+
+    /// The same operations, each change acknowledged only once `gate` allows it.
+    pub fn with_ack_gate(mut self, gate: std::sync::Arc<dyn AckGate>) -> Service {
+        self.ack_gate = Some(gate);
+        self
+    }
+
+    /// Wait for the ack gate (if any) to allow acknowledging everything logged so far, `upto` at least.
+    async fn acknowledged(&self, upto: u64) -> Result<(), ServiceError> {
+        match &self.ack_gate {
+            None => Ok(()),
+            Some(g) => {
+                let lsn = upto.max(self.engine.last_change_lsn());
+                g.wait(lsn).await.map_err(|m| ServiceError::new(ErrorCode::Unavailable, m))
+            }
+        }
+    }
+
+    fn acknowledged_blocking(&self, upto: u64) -> Result<(), ServiceError> {
+        match &self.ack_gate {
+            None => Ok(()),
+            Some(g) => g.wait_blocking(upto.max(self.engine.last_change_lsn())).map_err(|m| ServiceError::new(ErrorCode::Unavailable, m)),
+        }
     }
 
     /// The same operations, refusing every caller that has not authenticated (`auth:` configured).

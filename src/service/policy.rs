@@ -39,17 +39,23 @@ pub struct Policy {
     /// `auth:` is configured: every caller but the CLI's embedded mode (which opened the files itself)
     /// must have authenticated.
     pub require_auth: bool,
+    /// This server is a replica: its data comes from its master only, so every change is refused
+    /// ([`REPLICA_READ_ONLY`]), whoever asks and through whichever interface.
+    pub replica: bool,
 }
+
+/// The message of every change refused on a replica (MarketStore's text).
+pub const REPLICA_READ_ONLY: &str = "write is not allowed on replica";
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { enable_add: true, enable_remove: true, queryable: true, require_auth: false }
+        Policy { enable_add: true, enable_remove: true, queryable: true, require_auth: false, replica: false }
     }
 }
 
 impl From<crate::engine::Policy> for Policy {
     fn from(p: crate::engine::Policy) -> Self {
-        Policy { enable_add: p.enable_add, enable_remove: p.enable_remove, queryable: p.queryable, require_auth: false }
+        Policy { enable_add: p.enable_add, enable_remove: p.enable_remove, queryable: p.queryable, require_auth: false, replica: false }
     }
 }
 
@@ -110,6 +116,9 @@ impl Policy {
 
     /// The server-wide switches (`queryable`, `enable_add`, `enable_remove`), for every caller.
     fn check_switches(&self, access: Access<'_>) -> Result<(), ServiceError> {
+        if self.replica && access != Access::Read {
+            return Err(ServiceError::denied(REPLICA_READ_ONLY));
+        }
         match access {
             Access::Read if !self.queryable => Err(ServiceError::denied(NOT_QUERYABLE)),
             Access::Create if !self.enable_add => Err(ServiceError::denied("creating buckets is disabled (enable_add: false)")),
@@ -133,7 +142,7 @@ mod tests {
         let key = BucketKey::parse("A/1Min/X").unwrap();
         let all = [Access::Read, Access::Append, Access::Create, Access::CreateByWrite(&key), Access::Remove, Access::Schema];
         assert!(all.iter().all(|a| Policy::default().check(&anon, *a).is_ok()));
-        let locked = Policy { enable_add: false, enable_remove: false, queryable: false, require_auth: false };
+        let locked = Policy { enable_add: false, enable_remove: false, queryable: false, require_auth: false, replica: false };
         let refused: Vec<_> = all.iter().map(|a| locked.check(&anon, *a).err().map(|e| (e.code, e.message))).collect();
         assert_eq!(refused[0], Some((ErrorCode::PermissionDenied, NOT_QUERYABLE.to_string())));
         assert_eq!(refused[1], None);
@@ -165,5 +174,13 @@ mod tests {
         // Switches still hold for an admin.
         let locked = Policy { enable_remove: false, ..policy };
         assert!(locked.check(&as_role(Role::Admin), Access::Remove).is_err());
+        // A replica refuses every change to everyone, and still reads.
+        let replica = Policy { replica: true, ..policy };
+        for a in &all[1..] {
+            let e = replica.check(&as_role(Role::Admin), *a).unwrap_err();
+            assert_eq!((e.code, e.message.as_str()), (ErrorCode::PermissionDenied, REPLICA_READ_ONLY));
+        }
+        assert!(replica.check(&as_role(Role::ReadOnly), Access::Read).is_ok());
+        assert!(replica.check(&Caller::anonymous(Interface::Cli), Access::Append).is_err());
     }
 }

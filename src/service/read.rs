@@ -193,12 +193,22 @@ impl Service {
         Ok(plan)
     }
 
+    /// Statements that change data are acknowledged like any other change (`ack: replica`).
+    async fn acknowledged_if_changed(&self, plan: &LogicalPlan) -> Result<(), ServiceError> {
+        match confine::effect(plan) {
+            Effect::Append | Effect::Remove => self.acknowledged(0).await,
+            Effect::Read | Effect::Schema => Ok(()),
+        }
+    }
+
     /// Run one SQL statement and collect its result (bounded by the SQL memory pool).
     pub async fn sql(&self, caller: &Caller, text: &str) -> Result<(SchemaRef, Vec<RecordBatch>), ServiceError> {
         let plan = self.authorized_plan(caller, text).await?;
-        let df = self.query.execute_plan(plan).await?;
+        let df = self.query.execute_plan(plan.clone()).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        Ok((schema, self.query.collect(df).await?))
+        let batches = self.query.collect(df).await?;
+        self.acknowledged_if_changed(&plan).await?;
+        Ok((schema, batches))
     }
 
     /// Run one SQL statement (with `$n` parameters, if given) and stream its result lazily.
@@ -216,11 +226,12 @@ impl Service {
     /// statement reports no count).
     pub async fn sql_update(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<i64, ServiceError> {
         let plan = self.authorized_plan(caller, text).await?;
-        let mut df = self.query.execute_plan(plan).await?;
+        let mut df = self.query.execute_plan(plan.clone()).await?;
         if let Some(p) = params {
             df = df.with_param_values(p)?;
         }
         let batches = self.query.collect(df).await?;
+        self.acknowledged_if_changed(&plan).await?;
         Ok(affected_rows(&batches))
     }
 

@@ -19,12 +19,16 @@ impl Service {
     /// bucket fails `Aborted` (nothing stored, safe to retry).
     pub async fn write(&self, caller: &Caller, w: &WriteRequest) -> Result<WriteAck, ServiceError> {
         self.authorize_write(caller, w)?;
-        Ok(self.engine.write(&w.key, &w.batch, WriteOptions { variable: w.variable }).await?)
+        let ack = self.engine.write(&w.key, &w.batch, WriteOptions { variable: w.variable }).await?;
+        self.acknowledged(ack.lsn).await?;
+        Ok(ack)
     }
 
     /// Blocking form of [`Service::write`], for threads outside the runtime (plugins, the CLI).
     pub fn write_blocking(&self, caller: &Caller, w: &WriteRequest) -> Result<WriteAck, ServiceError> {
         self.authorize_write(caller, w)?;
-        Ok(self.engine.write_blocking(&w.key, &w.batch, WriteOptions { variable: w.variable })?)
+        let ack = self.engine.write_blocking(&w.key, &w.batch, WriteOptions { variable: w.variable })?;
+        self.acknowledged_blocking(ack.lsn)?;
+        Ok(ack)
     }
 }
