@@ -83,6 +83,10 @@ pub struct ReplicationConfig {
     pub retain_mb: usize,
     /// Replica: the name it reports to its master (default: its host name and root).
     pub name: Option<String>,
+    /// Replica: the user it authenticates as when the master has `auth:` (any role: a replica reads).
+    pub user: Option<String>,
+    /// Replica: that user's password (or `MKTS_REPLICATION_PASSWORD`).
+    pub password: Option<Secret>,
 }
 
 /// `replication.ack`.
@@ -110,6 +114,8 @@ impl Default for ReplicationConfig {
             ack_timeout: std::time::Duration::from_secs(5),
             retain_mb: 256,
             name: None,
+            user: None,
+            password: None,
         }
     }
 }
@@ -723,6 +729,8 @@ fn parse_replication(v: &serde_json::Value, base_dir: &Path, warnings: &mut Vec<
                 }
             }
             "name" => r.name = Some(s.as_string()).filter(|n| !n.trim().is_empty()),
+            "user" => r.user = Some(s.as_string()).filter(|n| !n.trim().is_empty()),
+            "password" => r.password = Some(Secret(s.as_string())),
             _ => warnings.push(format!("unknown configuration key {key:?} is ignored")),
         }
     }
@@ -870,6 +878,9 @@ triggers:
         let r = c.replication.unwrap();
         assert_eq!(r.master_host.as_deref(), Some("10.0.0.1:5996"));
         assert!(r.is_replica() && !r.fire_triggers && !r.enabled);
+        let c = Config::parse("listen_port: 1\nreplication:\n  master_host: a:1\n  user: rep\n  password: s3cret-pw\n", Path::new(".")).unwrap();
+        assert_eq!(c.replication.as_ref().and_then(|r| r.user.as_deref()), Some("rep"));
+        assert!(!format!("{c:?}").contains("s3cret-pw"), "the password must never be printed");
         assert_eq!(r.retry_interval, std::time::Duration::from_secs(2));
         let c = Config::parse("listen_port: 1\nreplication:\n  enabled: true\n  listen_port: 6000\n  ack: replica\n  ack_timeout: 1500ms\n  tls_enabled: true\n  cert_file: c.pem\n  key_file: k.pem\n", Path::new("/etc/mkts")).unwrap();
         let r = c.replication.unwrap();

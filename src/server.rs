@@ -147,11 +147,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 let svc = crate::replication::pb::replication_server::ReplicationServer::new(crate::replication::master::ReplicationService(master.clone()))
                     .max_decoding_message_size(crate::replication::MAX_MESSAGE)
                     .max_encoding_message_size(crate::replication::MAX_MESSAGE);
-                let mut builder = grpc_builder(replication_tls.as_ref(), "replication.listen_port")?;
+                let builder = grpc_builder(replication_tls.as_ref(), "replication.listen_port")?;
+                let authenticate_replicas = crate::auth::grpc::GrpcAuthLayer::new(ctx.auth.clone());
                 let mut rx = shutdown_rx.clone();
                 tasks.push(tokio::spawn(async move {
                     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                     let r = builder
+                        // With `auth:`, a replica must authenticate like any client (it reads everything).
+                        .layer(authenticate_replicas)
                         .add_service(svc)
                         .serve_with_incoming_shutdown(incoming, async move {
                             let _ = rx.wait_for(|v| *v).await;

@@ -20,6 +20,9 @@ use super::wire;
 use crate::config::ReplicationConfig;
 use crate::engine::{Change, Engine, Origin};
 
+type CredentialsFn = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+type Client = pb::replication_client::ReplicationClient<tonic::codegen::InterceptedService<tonic::transport::Channel, CredentialsFn>>;
+
 /// The longest wait between two connection attempts, whatever the backoff says.
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
@@ -109,7 +112,7 @@ impl Follower {
         }
     }
 
-    async fn connect(&self) -> Result<pb::replication_client::ReplicationClient<tonic::transport::Channel>, String> {
+    async fn connect(&self) -> Result<Client, String> {
         let host = self.cfg.master_host.clone().unwrap_or_default();
         let scheme = if self.cfg.tls_enabled { "https" } else { "http" };
         let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{host}"))
@@ -130,7 +133,25 @@ impl Follower {
             ep = ep.tls_config(tls).map_err(|e| format!("replication TLS: {e}"))?;
         }
         let ch = ep.connect().await.map_err(|e| format!("cannot connect to the master at {host}: {e}"))?;
-        Ok(pb::replication_client::ReplicationClient::new(ch).max_decoding_message_size(super::MAX_MESSAGE).max_encoding_message_size(super::MAX_MESSAGE))
+        // A master with `auth:` wants a user on the replication port too (HTTP Basic, as on its other ports).
+        let authorization = match &self.cfg.user {
+            Some(user) => {
+                let password = std::env::var("MKTS_REPLICATION_PASSWORD").ok().or_else(|| self.cfg.password.as_ref().map(|p| p.0.clone())).unwrap_or_default();
+                use base64::Engine as _;
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                Some(tonic::metadata::MetadataValue::try_from(format!("Basic {token}")).map_err(|_| "replication.user: not a valid header value".to_string())?)
+            }
+            None => None,
+        };
+        let add_credentials: CredentialsFn = Box::new(move |mut req: tonic::Request<()>| {
+            if let Some(v) = &authorization {
+                req.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(req)
+        });
+        Ok(pb::replication_client::ReplicationClient::with_interceptor(ch, add_credentials)
+            .max_decoding_message_size(super::MAX_MESSAGE)
+            .max_encoding_message_size(super::MAX_MESSAGE))
     }
 
     /// One connection: Hello, then apply until the stream ends or fails.

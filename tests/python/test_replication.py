@@ -18,7 +18,7 @@ import pytest
 from conftest import free_port
 from test_bus_subscriptions import Subscriber
 from test_flight_core import action, bars, client, get, put
-from test_tls_auth import certs  # noqa: F401 - the module-scoped certificate fixture
+from test_tls_auth import certs, users_yaml  # noqa: F401 - module-scoped fixtures (certificates, users)
 
 Y2024 = 1_704_067_200
 ERR = (pa.ArrowException, fl.FlightError)
@@ -296,3 +296,52 @@ def test_replicated_writes_reach_the_replicas_subscribers_unless_fire_triggers_i
     assert batch.column(1).to_pylist() == [1.0, 2.0]
     time.sleep(0.5)
     assert subs[1].items == []
+
+
+def test_a_stalled_replica_never_holds_the_master_back_and_recovers_with_an_image(server_factory):
+    import signal as sig
+    port = free_port()
+    master = server_factory(master_conf(port, "  retain_mb: 1\n"))
+    stalled = server_factory(replica_conf(port))
+    put(client(master), "AAPL/1Min/OHLCV", bars([Y2024]))
+    wait_caught_up(master, [stalled])
+    stalled.proc.send_signal(sig.SIGSTOP)
+    try:
+        c = client(master)
+        # ~36 MB of changes, far past the 1 MiB window and what the connection's buffers hold: every
+        # write is acknowledged while the replica cannot read (a blocked writer would hang here).
+        for i in range(150):
+            ep = Y2024 + 60 * (1 + i * 5000 + np.arange(5000, dtype=np.int64))
+            put(c, "AAPL/1Min/OHLCV", bars(ep))
+        assert status(master)["replicas"][0]["lag_records"] > 0
+    finally:
+        stalled.proc.send_signal(sig.SIGCONT)
+    wait_caught_up(master, [stalled], timeout=120)
+    assert_same(master, stalled)
+    s = status(stalled)["replica"]
+    assert s["images_applied"] == 2, s  # the first one, and the one after it fell out of the window
+
+
+def test_with_auth_a_replica_must_authenticate_on_the_replication_port(server_factory, users_yaml):  # noqa: F811
+    from test_tls_auth import PASSWORDS, login
+    from test_tls_auth import put as auth_put
+    port = free_port()
+    master = server_factory(users_yaml + master_conf(port))
+    mc = client(master)
+    opts = login(mc, "rita")
+    auth_put(mc, "AAPL/1Min/OHLCV", bars([Y2024, Y2024 + 60]), opts)
+    anonymous = server_factory(replica_conf(port))
+    wrong = server_factory(replica_conf(port, "  user: bob\n  password: nope\n"))
+    reader = server_factory(replica_conf(port, f"  user: bob\n  password: \"{PASSWORDS['bob']}\"\n"))
+    deadline = time.time() + 60
+    while status(reader)["replica"]["applied_position"] == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    t = get(client(reader), destination="AAPL/1Min/OHLCV")
+    assert t.column("Epoch").cast(pa.int64()).to_pylist() == [Y2024, Y2024 + 60]
+    for r in (anonymous, wrong):
+        s = status(r)["replica"]
+        assert not s["connected"] and s["applied_position"] == 0, s
+        assert "authentication required" in s["last_error"] or "invalid credentials" in s["last_error"], s
+        assert everything(r) == {}
+    # The password never reaches the replica's log.
+    assert PASSWORDS["bob"] not in reader.log()
