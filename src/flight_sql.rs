@@ -360,9 +360,9 @@ impl FlightSqlService for FlightSqlHandler {
 
     async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         if let Some(ipc) = ticket.statement_handle.strip_prefix(RESULT_PREFIX) {
-            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc.to_vec()), None).map_err(internal)?;
-            let schema = reader.schema();
-            let batches: Vec<Result<RecordBatch, ServiceError>> = reader.map(|b| b.map_err(ServiceError::from)).collect();
+            let (schema, batches) = mkts_flight::ipc::decode_stream(ipc).map_err(|e| Status::invalid_argument(format!("statement handle: {e}")))?;
+            let schema = schema.ok_or_else(|| Status::invalid_argument("statement handle: empty result stream"))?;
+            let batches: Vec<Result<RecordBatch, ServiceError>> = batches.into_iter().map(Ok).collect();
             return Ok(Response::new(encode(schema, futures::stream::iter(batches).boxed())));
         }
         let sql = String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| Status::invalid_argument("statement handle is not UTF-8"))?;

@@ -117,6 +117,14 @@ fn seed_ticks() -> RecordBatch {
 
 impl Harness {
     fn new() -> Harness {
+        // libFuzzer's panic hook aborts even on a panic that is caught; a panic inside arrow's IPC decoder
+        // is caught and reported by mkts_flight::ipc as the server does, so let that one unwind.
+        let fuzzer_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !mkts_flight::ipc::in_guarded_decode() {
+                fuzzer_hook(info)
+            }
+        }));
         let base = base_dir();
         remove_stale(&base);
         let base = base.join(format!("mkts-fuzz-{}", std::process::id()));
@@ -448,7 +456,8 @@ pub fn manifest(data: &[u8]) {
 /// is an Arrow IPC stream (schema message, then batches), as a Flight DoPut carries it.
 pub fn engine_write(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
-    let Ok(reader) = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(rest), None) else { return };
+    // Decoded as the server decodes client IPC (a malformed stream is an error, see mkts_flight::ipc).
+    let Ok((_, batches)) = mkts_flight::ipc::decode_stream(rest) else { return };
     let h = harness();
     let engine = h.ctx.engine.clone();
     let (key, variable) = match mode % 4 {
@@ -459,8 +468,7 @@ pub fn engine_write(data: &[u8]) {
     };
     let Ok(key) = BucketKey::parse(key) else { return };
     h.rt.block_on(async {
-        for batch in reader.take(MAX_STREAM_ITEMS) {
-            let Ok(batch) = batch else { break };
+        for batch in batches.into_iter().take(MAX_STREAM_ITEMS) {
             let _ = engine.write(&key, &batch, WriteOptions { variable }).await;
         }
         if mode % 4 >= 2 {

@@ -16,6 +16,7 @@
 //! tonic::transport::Server::builder().add_service(svc.into_server(256 << 20, 256 << 20)).serve(addr).await?;
 //! ```
 
+pub mod ipc;
 pub mod ticket;
 
 use std::pin::Pin;
@@ -390,7 +391,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         let desc = first.flight_descriptor.clone().ok_or_else(|| Status::invalid_argument("DoPut: the first message needs a flight descriptor"))?;
         let key = descriptor_key(&desc)?;
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
-        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input);
+        let mut batches = ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input));
         let backend = self.backend.clone();
         // Each batch is written (durably) before the next is read: the PutResult acknowledges durable rows.
         let out = async_stream(move |tx| async move {
@@ -635,7 +636,7 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
 impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService<B, S> {
     async fn sql_do_put_with_first(&self, caller: &B::Caller, cmd: Command, first: FlightData, rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
-        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input);
+        let mut batches = ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input));
         let put = match cmd {
             Command::CommandStatementIngest(ingest) => {
                 let key = ingest.table.clone();

@@ -4,7 +4,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::array::RecordBatch;
-use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 
 use super::pb;
@@ -41,8 +40,7 @@ pub fn from_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, WireError> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
-    let r = StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(bad)?;
-    r.collect::<Result<Vec<_>, _>>().map_err(bad)
+    mkts_flight::ipc::decode_stream(bytes).map(|(_, batches)| batches).map_err(bad)
 }
 
 pub fn unix_nanos(t: SystemTime) -> i64 {

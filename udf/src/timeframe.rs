@@ -162,16 +162,21 @@ impl Timeframe {
         match self.unit {
             Unit::Sec | Unit::Min | Unit::Hour => {
                 let d = self.fixed_seconds().unwrap_or(1);
-                Ok(s - s.rem_euclid(d))
+                s.checked_sub(s.rem_euclid(d)).ok_or(UdfError::OutOfRange(s))
             }
             Unit::Day => {
                 let days = s.div_euclid(SECS_PER_DAY);
-                Ok((days - days.rem_euclid(self.n)) * SECS_PER_DAY)
+                (days - days.rem_euclid(self.n))
+                    .checked_mul(SECS_PER_DAY)
+                    .ok_or(UdfError::OutOfRange(s))
             }
             Unit::Week => {
+                // Days since the epoch fit easily in i64; only the way back to seconds can overflow.
                 let weeks = (s.div_euclid(SECS_PER_DAY) - FIRST_MONDAY).div_euclid(7);
                 let w = weeks - weeks.rem_euclid(self.n);
-                Ok((FIRST_MONDAY + w * 7) * SECS_PER_DAY)
+                (FIRST_MONDAY + w * 7)
+                    .checked_mul(SECS_PER_DAY)
+                    .ok_or(UdfError::OutOfRange(s))
             }
             Unit::Month => {
                 let date = date_of(s)?;
@@ -337,7 +342,7 @@ impl Bucketer {
             if d > SECS_PER_DAY {
                 // Longer than a day: plain UTC multiples, as MarketStore's Truncate.
                 let start = self.tf.floor_wall(secs)?;
-                return Ok((start, start + d));
+                return Ok((start, start.saturating_add(d)));
             }
             // Fixed durations counted from local midnight of the row's day.
             let (day_start, day_end) = calendar_range(
@@ -399,6 +404,25 @@ fn resolve(tz: Tz, wall: i64) -> Result<i64> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by the numpy_multidataset fuzzer: times near the ends of i64 overflowed the window
+    /// arithmetic (a panic in debug builds, a wrapped bar start in release). They must be an error.
+    #[test]
+    fn extreme_times_are_out_of_range_not_overflow() {
+        for tf in ["1Sec", "7Min", "5H", "3D", "2W", "1M", "1Y", "1000000W", "1000000D"] {
+            let tf = Timeframe::parse(tf).unwrap();
+            for tz in [None, Some(chrono_tz::America::New_York)] {
+                for t in [i64::MIN, i64::MIN + 1, i64::MAX, i64::MAX - 1, -(1 << 62), 1 << 62] {
+                    let mut b = Bucketer::new(tf, tz);
+                    if let Ok(start) = b.bucket(t) {
+                        assert!(start <= t, "{tf} {t}: {start}");
+                    }
+                    let _ = tf.truncate(t);
+                    let _ = tf.window_end(t);
+                }
+            }
+        }
+    }
     use super::*;
 
     fn ts(s: &str) -> i64 {
