@@ -7,22 +7,25 @@ The peer benchmark's append load: `--appends` Flight DoPuts of `--rows` 1Min bar
 acknowledged before the next), on
   A. a master with no replica connected, and
   B. the same master with two replicas connected (`ack: local`, asynchronous), to a second symbol.
-Lag (B): a Flight `{"subscribe"}` stream on each replica timestamps every replicated batch when it arrives
+Lag (B, a third symbol): a Flight `{"subscribe"}` stream on each replica, in its own process, timestamps every replicated batch when it arrives
 (the replica publishes it right after applying it through its own log); lag = arrival - the master's
-acknowledgement of that append, same clock. The replica's fdatasync cost is measured on the same disk
-(4 KiB write + fdatasync, 300 times) for the "within 2 fdatasyncs" aim. Prints one JSON line.
+acknowledgement of that append, same clock. A third subscriber, on the master, gives the floor that any
+subscriber sees (publish -> Flight -> Python); the difference is what replication adds. The replica's fdatasync cost is measured on the same disk
+(4 KiB write + fdatasync, 300 times) for the "within 2 fdatasyncs" aim. `--replica-dir /dev/shm` puts the
+replicas' roots on tmpfs, separating the master's own cost from three processes sharing one disk and two
+cores. Prints one JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -97,15 +100,22 @@ def appends(srv, key, n, rows, acked=None):
     return lat
 
 
-def subscriber(srv, key, arrivals, ready):
-    # do_get returns with the first message, so the stream is opened here and the caller waits a moment.
-    ready.set()
-    reader = fl.FlightClient(f"grpc://127.0.0.1:{srv.grpc}").do_get(fl.Ticket(json.dumps({"subscribe": key}).encode()))
+def subscriber(grpc_port, key, want, out_q):
+    """In its own process (so the appender's timings do not share a GIL with it): arrival times of `want` batches."""
+    arrivals = []
+    client = fl.FlightClient(f"grpc://127.0.0.1:{grpc_port}")
+    # do_get returns with the first message, so "ready" goes first and the caller waits a moment.
+    out_q.put("ready")
+    reader = client.do_get(fl.Ticket(json.dumps({"subscribe": key}).encode()))
+    deadline = time.time() + 300
     try:
         for _chunk in reader:
             arrivals.append(time.time())
-    except Exception:  # noqa: BLE001 - cancelled at the end
+            if len(arrivals) >= want or time.time() > deadline:
+                break
+    except Exception:  # noqa: BLE001
         pass
+    out_q.put(arrivals)
 
 
 def fdatasync_us(dir_: Path, n=300):
@@ -132,34 +142,43 @@ def main():
     ap.add_argument("--bin", default=default_bin())
     ap.add_argument("--appends", type=int, default=1000)
     ap.add_argument("--rows", type=int, default=60)
+    ap.add_argument("--replica-dir", default=None, help="put the replicas' roots here (e.g. /dev/shm: their fsyncs then do not share the master's disk)")
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="mkts-repl-bench-"))
     rport = free_port()
+    rbase = Path(tempfile.mkdtemp(prefix="mkts-repl-bench-", dir=a.replica_dir)) if a.replica_dir else base
     master = Srv(a.bin, base / "master", f"replication:\n  enabled: true\n  listen_port: {rport}\n")
     try:
         # A: no replica connected.
         appends(master, "WARM/1Min/OHLCV", 50, a.rows)
         lat_a = appends(master, "SOLO/1Min/OHLCV", a.appends, a.rows)
         # B: two replicas, each with a subscriber timestamping arrivals.
-        reps = [Srv(a.bin, base / f"replica{i}", f"replication:\n  master_host: \"127.0.0.1:{rport}\"\n  retry_interval: 200ms\n") for i in range(2)]
+        reps = [Srv(a.bin, rbase / f"replica{i}", f"replication:\n  master_host: \"127.0.0.1:{rport}\"\n  retry_interval: 200ms\n") for i in range(2)]
         deadline = time.time() + 120
         while not all(r.status()["replica"]["phase"] == "streaming" and r.status()["replica"]["applied_position"] >= master.status()["position"] for r in reps):
             if time.time() > deadline:
                 raise SystemExit("replicas did not catch up")
             time.sleep(0.05)
-        arrivals = [[] for _ in reps]
-        readies = [threading.Event() for _ in reps]
-        subs = [threading.Thread(target=subscriber, args=(r, "PAIR/1Min/OHLCV", arrivals[i], readies[i]), daemon=True) for i, r in enumerate(reps)]
+        # B1: the master's append cost with both replicas streaming, nothing else in this process.
+        lat_b = appends(master, "BOTH/1Min/OHLCV", a.appends, a.rows)
+        # B2: lag, with one subscriber process per replica.
+        ctx = mp.get_context("spawn")
+        # One subscriber per replica, plus one on the master itself: the floor (publish -> Flight -> Python).
+        ports = [r.grpc for r in reps] + [master.grpc]
+        qs = [ctx.Queue() for _ in ports]
+        subs = [ctx.Process(target=subscriber, args=(p, "PAIR/1Min/OHLCV", a.appends, qs[i]), daemon=True) for i, p in enumerate(ports)]
         for s in subs:
             s.start()
-        for e in readies:
-            e.wait(10)
+        for q in qs:
+            assert q.get(timeout=60) == "ready"
         time.sleep(1.0)
         acked = []
-        lat_b = appends(master, "PAIR/1Min/OHLCV", a.appends, a.rows, acked)
-        deadline = time.time() + 120
-        while any(len(x) < a.appends for x in arrivals) and time.time() < deadline:
-            time.sleep(0.05)
+        appends(master, "PAIR/1Min/OHLCV", a.appends, a.rows, acked)
+        arrivals = [q.get(timeout=300) for q in qs]
+        local = arrivals.pop()
+        local_lags = [local[i] - acked[i] for i in range(min(len(local), len(acked)))]  # negative: seen before the ack
+        for s in subs:
+            s.join(10)
         lags = []
         for x in arrivals:
             n = min(len(x), len(acked))
@@ -167,6 +186,7 @@ def main():
         sync = fdatasync_us(base)
         out = {
             "binary": a.bin,
+            "replica_dir": a.replica_dir or "same disk as the master",
             "appends": a.appends,
             "rows": a.rows,
             "append_p50_us_no_replica": pct(lat_a, 50) * 1e6,
@@ -175,6 +195,8 @@ def main():
             "lag_p50_us": pct(lags, 50) * 1e6,
             "lag_p99_us": pct(lags, 99) * 1e6,
             "lag_samples": len(lags),
+            "local_subscriber_lag_p50_us": pct(local_lags, 50) * 1e6,
+            "replication_added_lag_p50_us": (pct(lags, 50) - pct(local_lags, 50)) * 1e6,
             "replica_batches_seen": [len(x) for x in arrivals],
             "fdatasync_p50_us": sync,
             "lag_p50_in_fdatasyncs": pct(lags, 50) * 1e6 / sync,
@@ -185,6 +207,8 @@ def main():
     finally:
         master.stop()
         shutil.rmtree(base, ignore_errors=True)
+        if a.replica_dir:
+            shutil.rmtree(rbase, ignore_errors=True)
 
 
 if __name__ == "__main__":
