@@ -94,6 +94,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pathological_sql_nesting_is_refused_and_ordinary_nesting_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let anon = Caller::anonymous(Interface::Cli);
+        let svc = service(dir.path(), EnginePolicy::default());
+        // The shape the flight_ticket fuzzer found (fuzz/artifacts-replay/flight_ticket/sql_parse_backtracking):
+        // at sqlparser's default depth, four groups took minutes to parse.
+        let head = "SELECT MMMMMClo%eMMMoo%eMIMo%eMMMM.MeMMMMM.MMM.MeMM                 .MM.MMM.MoMM            ";
+        let seg = ".((( L.MMMMMM.MMMM.ELECT0MMMMMCMMMMeMM   .MM.MMM.MeMM   ";
+        let e = svc.sql(&anon, &format!("{head}{}", seg.repeat(4))).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("RecursionLimitExceeded"), "{}", e.message);
+        // Ten nested parentheses and functions still run.
+        let (_, b) = svc.sql(&anon, "SELECT abs(abs(abs(abs(abs((((((((((1)))))))))))))) AS n").await.unwrap();
+        let n = b[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0);
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
     async fn operations_check_policy_and_classify_errors() {
         let dir = tempfile::tempdir().unwrap();
         let anon = Caller::anonymous(Interface::Cli);
