@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from conftest import REPO, mkts_bin
 
 NOTEBOOKS = REPO / "notebooks"
-EXPECTED = {"quickstart.ipynb"}
+EXPECTED = {"quickstart.ipynb", "sql_analytics.ipynb"}
 
 
 @pytest.fixture(scope="module")
