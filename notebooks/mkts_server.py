@@ -2,6 +2,7 @@
 
     from mkts_server import start_server
     srv = start_server()                 # or start_server(config_extra="triggers: ...")
+    srv = start_server(config=text)      # a whole mkts.yml; {root}, {http_port}, {grpc_port} are filled in
     srv.flight_url, srv.rpc_url          # grpc://127.0.0.1:<port>, http://127.0.0.1:<port>/rpc
     srv.stop()                           # SIGTERM: a clean shutdown (final checkpoint), returns the exit code
 
@@ -44,11 +45,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, config_extra: str = "", keep: bool = False):
+    def __init__(self, config_extra: str = "", keep: bool = False, config: str | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="mkts-nb-"))
         self.keep = keep
         self.http_port, self.grpc_port = free_port(), free_port()
-        self.config = (
+        self.config = (config.replace("{root}", str(self.dir / "data")).replace("{http_port}", str(self.http_port))
+                       .replace("{grpc_port}", str(self.grpc_port)) + config_extra) if config is not None else (
             f"root_directory: {self.dir / 'data'}\n"
             f"listen_host: 127.0.0.1\n"
             f"listen_port: {self.http_port}\n"
@@ -102,8 +104,8 @@ class Server:
         return code
 
 
-def start_server(config_extra: str = "", keep: bool = False) -> Server:
+def start_server(config_extra: str = "", keep: bool = False, config: str | None = None) -> Server:
     """A running server; stopped when the kernel exits if the notebook does not stop it."""
-    srv = Server(config_extra, keep=keep).start()
+    srv = Server(config_extra, keep=keep, config=config).start()
     atexit.register(srv.stop)
     return srv

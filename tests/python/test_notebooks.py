@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from conftest import REPO, mkts_bin
 
 NOTEBOOKS = REPO / "notebooks"
-EXPECTED = {"quickstart.ipynb", "sql_analytics.ipynb"}
+EXPECTED = {"quickstart.ipynb", "sql_analytics.ipynb", "migrating_from_pymarketstore.ipynb"}
 
 
 @pytest.fixture(scope="module")
