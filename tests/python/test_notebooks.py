@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from conftest import REPO, mkts_bin
 
 NOTEBOOKS = REPO / "notebooks"
-EXPECTED = {"quickstart.ipynb", "sql_analytics.ipynb", "migrating_from_pymarketstore.ipynb"}
+EXPECTED = {"quickstart.ipynb", "sql_analytics.ipynb", "migrating_from_pymarketstore.ipynb", "plugins.ipynb"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def monkeypatch_module():
 
 
 def test_the_notebooks_are_there():
-    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} >= EXPECTED
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == EXPECTED
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
