@@ -57,7 +57,8 @@ def connect() -> flight.FlightClient:
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Default action: a Python handler would only run once a blocking pyarrow call returns (docs/plugins.md).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     config = json.loads(os.environ.get("MKTS_PLUGIN_CONFIG") or "null") or {}
     destination = config.get("destination", "{symbol}_MIRROR/{timeframe}/{attrgroup}")
     exit_after = config.get("exit_after", 0)
