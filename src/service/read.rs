@@ -212,11 +212,20 @@ impl Service {
     }
 
     /// Run one SQL statement (with `$n` parameters, if given) and stream its result lazily.
+    /// A statement that changes data runs to completion first and is acknowledged like any other change
+    /// (`ack: replica`) before its (one-row) result is streamed.
     pub async fn sql_stream(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<(SchemaRef, SqlStream), ServiceError> {
         let plan = self.authorized_plan(caller, text).await?;
+        let changes = matches!(confine::effect(&plan), Effect::Append | Effect::Remove);
         let mut df = self.query.execute_plan(plan).await?;
         if let Some(p) = params {
             df = df.with_param_values(p)?;
+        }
+        if changes {
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            let batches = self.query.collect(df).await?;
+            self.acknowledged(0).await?;
+            return Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()));
         }
         let (schema, stream) = QueryEngine::stream_dataframe(df).await?;
         Ok((schema, stream.map_err(ServiceError::from).boxed()))

@@ -250,6 +250,27 @@ def test_ack_replica_keeps_an_acknowledged_write_when_the_master_root_is_lost(se
     assert t.column("Open").to_pylist()[-1] == 7.0
 
 
+def test_ack_replica_gates_sql_changes_on_every_path(server_factory):
+    """An INSERT sent as a streamed `{"sql"}` ticket waits for a replica like a DoPut does (with none
+    connected it fails with the clear message); a query does not wait."""
+    port = free_port()
+    master = server_factory(master_conf(port, "  ack: replica\n  ack_timeout: 300ms\n"))
+    with pytest.raises(ERR, match="no replica acknowledged it"):
+        put(client(master), "AAPL/1Min/OHLCV", bars([Y2024]))
+    insert = """INSERT INTO "AAPL/1Min/OHLCV" SELECT "Epoch" + INTERVAL '1 minute' AS "Epoch", "Open", "Volume" FROM "AAPL/1Min/OHLCV\""""
+    with pytest.raises(ERR, match="no replica acknowledged it"):
+        client(master).do_get(fl.Ticket(json.dumps({"sql": insert}).encode())).read_all()
+    # A query is not a change: it answers at once.
+    t = client(master).do_get(fl.Ticket(json.dumps({"sql": 'SELECT count(*) AS n FROM "AAPL/1Min/OHLCV"'}).encode())).read_all()
+    assert t.column("n").to_pylist() == [2]  # both rows are durable on the master, neither acknowledged
+    replica = server_factory(replica_conf(port))
+    wait_caught_up(master, [replica])
+    t = client(master).do_get(fl.Ticket(json.dumps({"sql": insert.replace("'1 minute'", "'10 minutes'")}).encode())).read_all()
+    assert t.num_rows == 1
+    wait_caught_up(master, [replica])
+    assert get(client(replica), destination="AAPL/1Min/OHLCV").num_rows == 4
+
+
 def test_promoting_a_replica_makes_it_writable(trio):
     port, master, (replica, _) = trio
     put(client(master), "AAPL/1Min/OHLCV", bars([Y2024]))
