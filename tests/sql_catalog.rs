@@ -267,11 +267,11 @@ async fn marketstore_functions_as_sql_table_functions() {
     assert_eq!(got, want);
     // The general form takes a chain; the result is a table like any other.
     let (_, b) = q
-        .sql(r#"SELECT "Close", "Volume" FROM functions('AAPL/1Min/OHLCV', 'candlecandler(''1H'',Open,High,Low,Close,Sum::Volume)') WHERE "Epoch" >= '2024-01-01T01:00:00Z'"#)
+        .sql(r#"SELECT "Close", "Volume_SUM" FROM functions('AAPL/1Min/OHLCV', 'candlecandler(''1H'',Open,High,Low,Close,Sum::Volume)') WHERE "Epoch" >= '2024-01-01T01:00:00Z'"#)
         .await
         .unwrap();
     assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Float32Type>().value(0), 219.25);
-    assert_eq!(b[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0), (160..220).sum::<i64>());
+    assert_eq!(b[0].column(1).as_primitive::<arrow::datatypes::Float64Type>().value(0), (160..220).sum::<i64>() as f64);
     let (_, b) = q.sql(r#"SELECT * FROM ms_max('AAPL/1Min/OHLCV', 'High')"#).await.unwrap();
     assert_eq!(b[0].column_by_name("Max").unwrap().as_primitive::<arrow::datatypes::Float32Type>().value(0), 219.5);
     let (_, b) = q.sql(r#"SELECT count(*) FROM gap('AAPL/1Min/OHLCV', '1Min')"#).await.unwrap();

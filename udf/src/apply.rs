@@ -93,8 +93,8 @@ pub async fn apply_functions_with<S: AsRef<str>>(
 /// * `candlecandler` / `tickcandler` — resample to bars of the given timeframe
 ///   ([`crate::Timeframe`] rules, in `opts.timezone`). Output: `Epoch` (bar start, same type as
 ///   the input `Epoch`), `Open` (first by time), `High` (max), `Low` (min), `Close` (last by
-///   time), then one column per `Sum::` column (sum) and per `Avg::` column (mean), each named
-///   like its input column (`<col>_SUM` / `<col>_AVG` only if that name is already taken).
+///   time), then one Float64 column per `Sum::` column (sum), named `<col>_SUM`, then one
+///   Float64 column per `Avg::` column (mean), named `<col>_AVG`, as MarketStore names them.
 ///   Price columns keep their type (several columns bound to one input are averaged row-wise
 ///   as Float64). Bars are sorted by `Epoch`; empty windows do not appear; empty input gives
 ///   an empty result.
@@ -249,23 +249,23 @@ fn candle(
         min(price_expr(&schema, l, function)?).alias("Low"),
         last_value(price_expr(&schema, c, function)?, order).alias("Close"),
     ];
+    // MarketStore's candler names these `<col>_SUM` and `<col>_AVG` (every Sum column, then every Avg
+    // column, whatever the order of the arguments) and computes them in float64; clients select them by
+    // those names, so they are kept exactly.
     for (cols, suffix, agg) in [
         (sums, "_SUM", sum as fn(Expr) -> Expr),
         (avgs, "_AVG", avg as fn(Expr) -> Expr),
     ] {
         for col in cols {
             let col = resolve_column(&schema, col, function)?;
-            let mut name = col.clone();
-            if names.contains(&name) {
-                name = format!("{col}{suffix}");
-            }
+            let name = format!("{col}{suffix}");
             if names.contains(&name) {
                 return Err(UdfError::args(
                     function,
                     format!("column {col:?} bound twice to the same input"),
                 ));
             }
-            aggs.push(agg(ident(&col)).alias(&name));
+            aggs.push(agg(cast_expr(ident(&col), DataType::Float64)).alias(&name));
             names.push(name);
         }
     }

@@ -43,7 +43,7 @@
 //! ctx.sql(r#"SELECT time_bucket('1H', "Epoch", 'America/New_York') AS "Epoch",
 //!                   first_value("Open" ORDER BY "Epoch") AS "Open", max("High") AS "High",
 //!                   min("Low") AS "Low", last_value("Close" ORDER BY "Epoch") AS "Close",
-//!                   sum("Volume") AS "Volume"
+//!                   sum(CAST("Volume" AS DOUBLE)) AS "Volume_SUM"
 //!            FROM bars GROUP BY 1 ORDER BY 1"#).await?.show().await?;
 //! # Ok(()) }
 //! ```

@@ -45,11 +45,11 @@ async fn candlecandler_1min_to_5min_drops_empty_windows() {
     let b = collect(out).await;
     assert_eq!(
         names(&b),
-        ["Epoch", "Open", "High", "Low", "Close", "Volume"]
+        ["Epoch", "Open", "High", "Low", "Close", "Volume_SUM"]
     );
     assert_eq!(dtype(&b, "Epoch"), epoch_type());
     assert_eq!(dtype(&b, "Open"), DataType::Float32);
-    assert_eq!(dtype(&b, "Volume"), DataType::Int64);
+    assert_eq!(dtype(&b, "Volume_SUM"), DataType::Float64);
     let t = |s: &str| ts(&format!("2024-01-02 {s}"));
     // 10:10 has no rows and must not appear.
     assert_eq!(
@@ -60,7 +60,7 @@ async fn candlecandler_1min_to_5min_drops_empty_windows() {
     assert_eq!(floats(&b, "High"), [13.0, 21.0, 35.0, 41.0]);
     assert_eq!(floats(&b, "Low"), [8.0, 19.0, 28.0, 39.0]);
     assert_eq!(floats(&b, "Close"), [10.5, 20.5, 33.0, 40.5]);
-    assert_eq!(ints(&b, "Volume"), [400, 7, 3, 1000]);
+    assert_eq!(floats(&b, "Volume_SUM"), [400.0, 7.0, 3.0, 1000.0]);
 }
 
 #[tokio::test]
@@ -76,7 +76,8 @@ async fn candlecandler_1h_with_sum_and_avg() {
     .await
     .expect("apply");
     let b = collect(out).await;
-    // Sum columns come first and keep the plain name; the Avg column is then suffixed.
+    // As MarketStore: every Sum column (`<col>_SUM`), then every Avg column (`<col>_AVG`), both float64,
+    // whatever the order of the arguments.
     assert_eq!(
         names(&b),
         [
@@ -85,7 +86,7 @@ async fn candlecandler_1h_with_sum_and_avg() {
             "High",
             "Low",
             "Close",
-            "Volume",
+            "Volume_SUM",
             "Volume_AVG"
         ]
     );
@@ -97,8 +98,10 @@ async fn candlecandler_1h_with_sum_and_avg() {
     assert_eq!(floats(&b, "High"), [35.0, 41.0]);
     assert_eq!(floats(&b, "Low"), [8.0, 39.0]);
     assert_eq!(floats(&b, "Close"), [33.0, 40.5]);
-    assert_eq!(ints(&b, "Volume"), [410, 1000]);
+    assert_eq!(floats(&b, "Volume_SUM"), [410.0, 1000.0]);
     assert_eq!(floats(&b, "Volume_AVG"), [51.25, 1000.0]);
+    assert_eq!(dtype(&b, "Volume_SUM"), DataType::Float64);
+    assert_eq!(dtype(&b, "Volume_AVG"), DataType::Float64);
 }
 
 #[tokio::test]
@@ -192,13 +195,13 @@ async fn tickcandler_orders_by_epoch_and_nanoseconds() {
         .expect("apply"),
     )
     .await;
-    assert_eq!(names(&b), ["Epoch", "Open", "High", "Low", "Close", "Size"]);
+    assert_eq!(names(&b), ["Epoch", "Open", "High", "Low", "Close", "Size_SUM"]);
     assert_eq!(ints(&b, "Epoch"), [t("09:30:00"), t("09:35:00")]);
     assert_eq!(floats(&b, "Open"), [101.0, 97.0]);
     assert_eq!(floats(&b, "High"), [102.0, 97.0]);
     assert_eq!(floats(&b, "Low"), [98.0, 97.0]);
     assert_eq!(floats(&b, "Close"), [98.0, 97.0]);
-    assert_eq!(ints(&b, "Size"), [21, 4]);
+    assert_eq!(floats(&b, "Size_SUM"), [21.0, 4.0]);
 }
 
 #[tokio::test]
@@ -228,7 +231,7 @@ async fn candlecandler_daily_in_new_york() {
     );
     assert_eq!(floats(&b, "Open"), [1.0, 2.5]);
     assert_eq!(floats(&b, "Close"), [2.5, 2.25]);
-    assert_eq!(ints(&b, "Volume"), [30, 30]);
+    assert_eq!(floats(&b, "Volume_SUM"), [30.0, 30.0]);
 }
 
 #[tokio::test]
