@@ -92,7 +92,10 @@ impl QueryTicket {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CreateAction {
     pub key: String,
+    /// Omitted or empty: an Epoch-only bucket, as MarketStore creates from an empty column list.
+    #[serde(default)]
     pub column_names: Vec<String>,
+    #[serde(default)]
     pub column_types: Vec<String>,
     #[serde(default)]
     pub is_variable_length: bool,

@@ -39,6 +39,13 @@ pub fn infer_schema(batch: &RecordBatch, variable: Option<bool>) -> Result<Bucke
         })?;
         columns.push(ColumnDef { name: f.name().clone(), ty });
     }
+    // An Epoch-only bucket is made only by an explicit create (as MarketStore's empty column list); a write
+    // with no data column is far more often a mistake than a wish for one, so it does not create a bucket.
+    if columns.is_empty() {
+        return Err(EngineError::InvalidInput(
+            "a write that creates a bucket needs at least one data column besides Epoch (create an Epoch-only bucket explicitly)".into(),
+        ));
+    }
     let s = BucketSchema { kind, columns };
     s.validate()?;
     Ok(s)

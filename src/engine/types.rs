@@ -210,11 +210,9 @@ pub struct BucketSchema {
 }
 
 impl BucketSchema {
-    /// Validate column names: unique, non-empty, not reserved, file-name safe.
+    /// Validate column names: unique, non-empty, not reserved, file-name safe. No data column at all is
+    /// valid: MarketStore creates an Epoch-only bucket from an empty column list, and clients rely on it.
     pub fn validate(&self) -> Result<()> {
-        if self.columns.is_empty() {
-            return Err(EngineError::InvalidInput("a bucket needs at least one data column besides Epoch".into()));
-        }
         if self.columns.len() > MAX_COLUMNS {
             return Err(EngineError::InvalidInput(format!(
                 "a bucket holds at most {MAX_COLUMNS} data columns, this one has {}",
