@@ -33,7 +33,7 @@ enum Cmd {
     },
     /// Read a password on stdin (without echo on a terminal) and print its argon2 hash for `auth.users`.
     HashPassword,
-    /// Interactive SQL shell over a server (--url host:port, Flight SQL) or a data directory (--dir).
+    /// Interactive SQL shell over a server (--url http://host:5993 JSON-RPC, grpc://host:5995 Flight SQL) or a data directory (--dir).
     Connect(mkts::cli::connect::ConnectArgs),
     /// Load a CSV (MarketStore control file supported) or Parquet file into a bucket.
     Import(mkts::cli::transfer::ImportArgs),

@@ -1,5 +1,11 @@
-//! `mkts connect`: an interactive SQL shell over a running server (`--url host:port`, Arrow Flight SQL) or
-//! an embedded engine (`--dir <root>`, the data directory opened in-process; not while a server holds it).
+//! `mkts connect`: an interactive SQL shell over a running server (`--url`) or an embedded engine
+//! (`--dir <root>`, the data directory opened in-process; not while a server holds it).
+//!
+//! Which protocol `--url` speaks (see [`Protocol::of_url`]): `http://` / `https://` → MarketStore's msgpack
+//! JSON-RPC on `/rpc` (the HTTP port, 5993 by default, as MarketStore's own `connect --url`); `grpc://` /
+//! `grpc+tls://` → Arrow Flight SQL (the gRPC port, 5995); a bare `host:port` → JSON-RPC for port 5993,
+//! Flight SQL for 5995, and for any other port JSON-RPC if `HEAD /rpc` there answers with MarketStore's
+//! version header, else Flight SQL.
 //!
 //! Lines starting with `\` are session commands (MarketStore's set: `\show`, `\create`, `\destroy`,
 //! `\getinfo`, `\load`, `\o`, `\timing`, `\help`, plus `\tables`); anything else is SQL. `-c/--command`
@@ -22,13 +28,15 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, Engine, EngineConfig, RecordKind};
+use super::jsonrpc::RpcClient;
 use crate::service::{Caller, CreateRequest, ErrorCode, Interface, Service, ServiceError, WriteRequest};
 
 /// Arguments of `mkts connect`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
-    /// Server address `host:port` of the gRPC (Flight SQL) listener; `grpc://` or `http://` prefixes are
-    /// accepted, `grpc+tls://` or `https://` connect over TLS.
+    /// Server address: `http://host:5993` or `https://…` (MarketStore's JSON-RPC on /rpc),
+    /// `grpc://host:5995` or `grpc+tls://…` (Flight SQL), or a bare `host:port` (5993: JSON-RPC, 5995: Flight
+    /// SQL, another port: JSON-RPC if it answers as /rpc does, else Flight SQL).
     #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present = "dir")]
     pub url: Option<String>,
     /// Open this data directory in-process instead of connecting to a server.
@@ -60,7 +68,84 @@ const MAX_MSG: usize = 256 << 20;
 #[allow(clippy::large_enum_variant)]
 pub enum Client {
     Remote { sql: FlightSqlServiceClient<Channel>, flight: FlightClient },
+    /// MarketStore's msgpack JSON-RPC on a server's HTTP port.
+    Rpc { rpc: RpcClient },
     Local { service: Box<Service> },
+}
+
+/// The protocol a `--url` is spoken in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    /// MarketStore's JSON-RPC at this `http(s)://…/rpc` endpoint.
+    JsonRpc(String),
+    /// Arrow Flight SQL at this gRPC url.
+    FlightSql(String),
+}
+
+/// MarketStore's default HTTP (`listen_port`) and gRPC (`grpc_listen_port`) ports.
+const HTTP_PORT: u16 = 5993;
+const GRPC_PORT: u16 = 5995;
+
+impl Protocol {
+    /// The protocol of a `--url`: by scheme (`http://`, `https://` → JSON-RPC; `grpc://`, `grpc+tcp://`,
+    /// `grpc+tls://` → Flight SQL), and for a bare `host:port` by port (5993 → JSON-RPC, 5995 → Flight SQL)
+    /// or, for another port, by asking: `HEAD http://host:port/rpc` answered with a `Marketstore-Version`
+    /// header (mkts's and MarketStore's `/rpc` do) or with mkts's 401 challenge → JSON-RPC, anything else →
+    /// Flight SQL. A url carrying `user:password@` is refused (without echoing it): credentials go in
+    /// `--user` and `MKTS_PASSWORD`, so they never reach an error message or a shell history.
+    pub fn of_url(url: &str) -> anyhow::Result<Protocol> {
+        let u = url.trim();
+        let authority = u.split_once("://").map_or(u, |(_, r)| r);
+        if authority.split('/').next().is_some_and(|a| a.contains('@')) {
+            bail!("--url must not carry credentials (user:password@): give --user NAME and the password in MKTS_PASSWORD");
+        }
+        let lower = u.to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            return Ok(Protocol::JsonRpc(u.to_string()));
+        }
+        if lower.starts_with("grpc://") || lower.starts_with("grpc+tcp://") || lower.starts_with("grpc+tls://") {
+            return Ok(Protocol::FlightSql(u.to_string()));
+        }
+        if u.contains("://") {
+            bail!("unknown url scheme in {u:?}: use http(s)://host:port (JSON-RPC) or grpc(+tls)://host:port (Flight SQL)");
+        }
+        let port = u.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).ok_or_else(|| anyhow!("--url {u:?} must be host:port or carry a scheme"))?;
+        Ok(match port {
+            HTTP_PORT => Protocol::JsonRpc(format!("http://{u}")),
+            GRPC_PORT => Protocol::FlightSql(u.to_string()),
+            _ if answers_as_rpc(u) => Protocol::JsonRpc(format!("http://{u}")),
+            _ => Protocol::FlightSql(u.to_string()),
+        })
+    }
+}
+
+impl Protocol {
+    /// [`Protocol::of_url`] off the async runtime (its probe is a blocking HTTP request).
+    pub async fn detect(url: &str) -> anyhow::Result<Protocol> {
+        let probe = url.to_string();
+        tokio::task::spawn_blocking(move || Protocol::of_url(&probe)).await.map_err(|e| anyhow!("{e}"))?
+    }
+}
+
+/// Whether `host:port` answers `HEAD /rpc` as MarketStore's `/rpc` does (with its version header), or as
+/// mkts's `/rpc` does under `auth:` (a 401 challenge for the `mkts` realm).
+fn answers_as_rpc(host_port: &str) -> bool {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(3)))
+        .build()
+        .into();
+    agent
+        .head(&format!("http://{host_port}/rpc"))
+        .call()
+        .is_ok_and(|r| {
+            let h = r.headers();
+            // A server with `auth:` answers 401 before `/rpc` sees the request: its Basic challenge names
+            // the mkts realm.
+            h.contains_key(crate::compat::rpc::VERSION_HEADER)
+                || (r.status() == 401
+                    && h.get("www-authenticate").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("realm=\"mkts\"")))
+        })
 }
 
 /// Who embedded-mode commands run as.
@@ -97,9 +182,17 @@ fn normalize_url(url: &str) -> (String, bool) {
 }
 
 impl Client {
+    /// Connect to a server in the protocol of `url` ([`Protocol::of_url`]).
+    pub async fn connect(url: &str, remote: &RemoteArgs) -> anyhow::Result<Client> {
+        match Protocol::detect(url).await? {
+            Protocol::JsonRpc(u) => Ok(Client::Rpc { rpc: RpcClient::new(&u, remote)? }),
+            Protocol::FlightSql(u) => Client::connect_flight(&u, remote).await,
+        }
+    }
+
     /// Connect to a server's gRPC listener (over TLS for `grpc+tls://`), authenticating with the Flight
     /// handshake when `remote.user` is set: the token it returns goes on every later call.
-    pub async fn connect(url: &str, remote: &RemoteArgs) -> anyhow::Result<Client> {
+    pub async fn connect_flight(url: &str, remote: &RemoteArgs) -> anyhow::Result<Client> {
         let (uri, tls) = normalize_url(url);
         let mut endpoint = tonic::transport::Endpoint::from_shared(uri).with_context(|| format!("bad url {url:?}"))?;
         if tls {
@@ -172,7 +265,41 @@ impl Client {
                 }
                 Ok((schema, futures::stream::iter(streams).flatten().boxed()))
             }
+            Client::Rpc { rpc } => {
+                // MarketStore's SQL statement path: DataService.Query with is_sqlstatement.
+                let (schema, batches) = rpc.query(vec![("is_sqlstatement", true.into()), ("sql_statement", text.into())]).await?;
+                Ok((schema, futures::stream::iter(batches.into_iter().map(Ok)).boxed()))
+            }
         }
+    }
+
+    /// The rows of `key` with `start <= Epoch <= end` (Unix seconds; `end` absent: to the last row), in
+    /// time order: `\show`.
+    pub async fn show(&mut self, key: &BucketKey, start: i64, end: Option<i64>) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
+        if let Client::Rpc { rpc } = self {
+            let mut req = vec![("destination", key.to_string().into()), ("epoch_start", start.into())];
+            if let Some(e) = end {
+                req.push(("epoch_end", e.into()));
+            }
+            return rpc.query(req).await;
+        }
+        let mut sql = format!("SELECT * FROM \"{key}\" WHERE \"Epoch\" >= to_timestamp({start})");
+        if let Some(end) = end {
+            sql.push_str(&format!(" AND \"Epoch\" <= to_timestamp({end})"));
+        }
+        sql.push_str(" ORDER BY \"Epoch\"");
+        self.sql(&sql).await
+    }
+
+    /// Every table: bucket keys (and, over Flight SQL or `--dir`, the `*/TF/GROUP` tables): `\tables`.
+    pub async fn tables(&mut self) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
+        if let Client::Rpc { rpc } = self {
+            let keys = rpc.keys().await?;
+            let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new("table_name", arrow::datatypes::DataType::Utf8, false)]));
+            let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(arrow::array::StringArray::from(keys))])?;
+            return Ok((schema, vec![b]));
+        }
+        self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1").await
     }
 
     /// Run SQL and collect the result.
@@ -183,7 +310,7 @@ impl Client {
     }
 
     async fn action(&mut self, name: &str, body: Value) -> anyhow::Result<Value> {
-        let Client::Remote { flight, .. } = self else { bail!("not connected to a server") };
+        let Client::Remote { flight, .. } = self else { bail!("not connected to a server over Flight") };
         let mut s = flight.do_action(Action::new(name, body.to_string())).await.map_err(|e| remote(&e))?;
         let first = s.next().await.ok_or_else(|| anyhow!("{name}: empty reply"))?.map_err(|e| remote(&e))?;
         Ok(serde_json::from_slice(&first).unwrap_or(Value::Null))
@@ -200,6 +327,7 @@ impl Client {
                                   "is_variable_length": schema.kind == RecordKind::Variable});
                 self.action("create", body).await.map(|_| ())
             }
+            Client::Rpc { rpc } => rpc.create(key, &schema).await,
         }
     }
 
@@ -208,6 +336,7 @@ impl Client {
         match self {
             Client::Local { service } => service.destroy(&caller(), key).await.map_err(local),
             Client::Remote { .. } => self.action("destroy", json!({"key": key.to_string()})).await.map(|_| ()),
+            Client::Rpc { rpc } => rpc.destroy(key).await,
         }
     }
 
@@ -221,6 +350,10 @@ impl Client {
                 let v = self.action("delete_range", body).await?;
                 Ok(v.get("deleted").and_then(Value::as_u64).unwrap_or(0))
             }
+            Client::Rpc { rpc } => bail!(
+                "deleting rows is not part of MarketStore's JSON-RPC API ({}); connect with --url grpc://host:5995 or --dir",
+                rpc.url()
+            ),
         }
     }
 
@@ -235,6 +368,14 @@ impl Client {
                           "rows": info.rows, "years": info.years, "first_epoch": info.first_epoch, "last_epoch": info.last_epoch}))
             }
             Client::Remote { .. } => self.action("get_info", json!({"key": key.to_string()})).await,
+            Client::Rpc { rpc } => {
+                let info = rpc.info(key).await?.map_err(|e| anyhow!("not found: {e}"))?;
+                let cols: Vec<Value> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
+                // GetInfo carries no row count or year list: only the latest year.
+                Ok(json!({"key": key.to_string(), "timeframe": key.timeframe, "timeframe_ns": info.timeframe_ns,
+                          "is_variable_length": info.schema.kind == RecordKind::Variable, "columns": cols,
+                          "years": [info.latest_year]}))
+            }
         }
     }
 
@@ -258,6 +399,7 @@ impl Client {
                     Err(e) => Err(remote(&e)),
                 }
             }
+            Client::Rpc { rpc } => Ok(rpc.info(key).await?.ok().map(|i| i.schema)),
         }
     }
 
@@ -293,15 +435,34 @@ impl Client {
                 let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
                     .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![key.to_string()])))
                     .build(input);
-                let mut results = flight.do_put(data).await.map_err(|e| remote(&e))?;
-                let mut total = 0u64;
-                while let Some(r) = results.next().await {
-                    let r = r.map_err(|e| remote(&e))?;
-                    let v: Value = serde_json::from_slice(&r.app_metadata).unwrap_or(Value::Null);
-                    total += v.get("rows").and_then(Value::as_u64).unwrap_or(0);
+                let sent = async {
+                    let mut results = flight.do_put(data).await.map_err(|e| remote(&e))?;
+                    let mut total = 0u64;
+                    while let Some(r) = results.next().await {
+                        let r = r.map_err(|e| remote(&e))?;
+                        let v: Value = serde_json::from_slice(&r.app_metadata).unwrap_or(Value::Null);
+                        total += v.get("rows").and_then(Value::as_u64).unwrap_or(0);
+                    }
+                    anyhow::Ok(total)
                 }
+                .await;
+                // A bad input row ends the stream early: its error is the one to report, not what the server
+                // says of the cut stream (an empty DoPut when the first batch was bad).
                 if let Ok(e) = err_rx.try_recv() {
                     return Err(e);
+                }
+                sent
+            }
+            Client::Rpc { rpc } => {
+                // One DataService.Write per batch, as MarketStore's loader writes one per chunk.
+                let variable = rpc.info(key).await?.is_ok_and(|i| i.schema.kind == RecordKind::Variable);
+                let mut total = 0u64;
+                let mut batches = batches;
+                while let Some(b) = batches.next().await {
+                    let b = b?;
+                    if b.num_rows() > 0 {
+                        total += rpc.write(key, &b, variable).await? as u64;
+                    }
                 }
                 Ok(total)
             }
@@ -457,12 +618,8 @@ impl Shell {
                 let times: Vec<&str> = args[1..].iter().copied().filter(|w| !w.eq_ignore_ascii_case("between") && !w.eq_ignore_ascii_case("and")).collect();
                 let start = times.first().ok_or_else(|| anyhow!("\\show KEY START [END]"))?;
                 let start = parse_time_arg(start)?;
-                let mut sql = format!("SELECT * FROM \"{key}\" WHERE \"Epoch\" >= to_timestamp({start})");
-                if let Some(end) = times.get(1) {
-                    sql.push_str(&format!(" AND \"Epoch\" <= to_timestamp({})", parse_time_arg(end)?));
-                }
-                sql.push_str(" ORDER BY \"Epoch\"");
-                let (schema, batches) = self.client.sql(&sql).await?;
+                let end = times.get(1).map(|e| parse_time_arg(e)).transpose()?;
+                let (schema, batches) = self.client.show(&key, start, end).await?;
                 self.emit(&schema, &batches)
             }
             "create" => {
@@ -511,13 +668,16 @@ impl Shell {
                     .and_then(Value::as_array)
                     .map(|a| a.iter().map(|c| format!("{}:{}", c["name"].as_str().unwrap_or(""), c["type"].as_str().unwrap_or(""))).collect())
                     .unwrap_or_default();
-                let text = format!(
-                    "Bucket: {key}\nLatest Year: {}, RecordType: {rt}, TF: {}\nData Types: {{Epoch:i8 {}}}\nRows: {}",
+                let mut text = format!(
+                    "Bucket: {key}\nLatest Year: {}, RecordType: {rt}, TF: {}\nData Types: {{Epoch:i8 {}}}",
                     years.last().cloned().unwrap_or_else(|| "-".into()),
                     key.timeframe,
-                    cols.join(" "),
-                    v.get("rows").cloned().unwrap_or(Value::Null)
+                    cols.join(" ")
                 );
+                // MarketStore's GetInfo (JSON-RPC) has no row count.
+                if let Some(rows) = v.get("rows") {
+                    text.push_str(&format!("\nRows: {rows}"));
+                }
                 self.print(&text)
             }
             "load" => {
@@ -528,7 +688,7 @@ impl Shell {
                 self.print(&summary)
             }
             "tables" | "list" | "d" => {
-                let (schema, batches) = self.client.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1").await?;
+                let (schema, batches) = self.client.tables().await?;
                 self.emit(&schema, &batches)
             }
             other => bail!("unknown command \\{other}; \\help lists them"),
@@ -590,8 +750,9 @@ async fn interactive(shell: &mut Shell) -> anyhow::Result<()> {
         let _ = rl.load_history(h);
     }
     let target = match &shell.client {
-        Client::Remote { .. } => "server",
-        Client::Local { .. } => "local",
+        Client::Remote { .. } => "server, Flight SQL".to_string(),
+        Client::Rpc { rpc } => format!("server, JSON-RPC at {}", rpc.url()),
+        Client::Local { .. } => "local".to_string(),
     };
     println!("mkts {} connected ({target}). \\help for commands, \\q to quit.", crate::context::VERSION);
     loop {
@@ -615,4 +776,34 @@ async fn interactive(shell: &mut Shell) -> anyhow::Result<()> {
         let _ = rl.save_history(h);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protocol_comes_from_the_scheme_or_the_port() {
+        let p = |u: &str| Protocol::of_url(u).expect(u);
+        assert_eq!(p("http://h:1"), Protocol::JsonRpc("http://h:1".into()));
+        assert_eq!(p("HTTPS://h:1/rpc"), Protocol::JsonRpc("HTTPS://h:1/rpc".into()));
+        assert_eq!(p("grpc://h:5993"), Protocol::FlightSql("grpc://h:5993".into()));
+        assert_eq!(p("grpc+tls://h:1"), Protocol::FlightSql("grpc+tls://h:1".into()));
+        assert_eq!(p("h:5993"), Protocol::JsonRpc("http://h:5993".into()));
+        assert_eq!(p("h:5995"), Protocol::FlightSql("h:5995".into()));
+        // Another port is asked; nothing listening there answers as /rpc.
+        assert_eq!(p("127.0.0.1:1"), Protocol::FlightSql("127.0.0.1:1".into()));
+    }
+
+    #[test]
+    fn bad_urls_are_clear_errors_and_credentials_are_not_echoed() {
+        let e = |u: &str| format!("{:#}", Protocol::of_url(u).expect_err(u));
+        assert!(e("ftp://h:1").contains("unknown url scheme"));
+        assert!(e("localhost").contains("must be host:port"));
+        assert!(e("h:5993/rpc").contains("must be host:port"));
+        for u in ["http://bob:s3cret@h:5993", "bob:s3cret@h:5993", "grpc+tls://bob:s3cret@h:5995/x"] {
+            let m = e(u);
+            assert!(m.contains("must not carry credentials") && !m.contains("s3cret"), "{m}");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! (`mkts import`, `mkts export`).
 
 pub mod connect;
+pub mod jsonrpc;
 pub mod transfer;
 
 use std::io::{BufRead, IsTerminal};

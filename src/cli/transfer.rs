@@ -11,6 +11,9 @@
 //!   1: Epoch-time
 //! ```
 //!
+//! Header names are trimmed of spaces (`Epoch, Bid, Ask` names `Bid`), as MarketStore's loader does. A time
+//! longer than `timeFormat` may end in a sub-second field after a space, as MarketStore's loader reads it
+//! (` 383000`: microseconds, ` 14`: milliseconds; see `split_subsecond`), or in a `.fraction`.
 //! Columns match bucket columns by name (case-insensitive); `Epoch` holds the time, or `Epoch-date` and
 //! `Epoch-time` hold its two halves. Without a control file the first row must be a header and `Epoch` may be
 //! Unix seconds (fractions allowed), RFC 3339 or `YYYY-MM-DD[ HH:MM:SS]`. When the bucket does not exist its
@@ -46,7 +49,8 @@ pub struct ImportArgs {
     /// MarketStore control file (YAML) for CSV input.
     #[arg(long)]
     pub control: Option<PathBuf>,
-    /// Server gRPC address host:port.
+    /// Server address, as for `mkts connect`: `http(s)://host:5993` (JSON-RPC), `grpc(+tls)://host:5995`
+    /// (Flight), or a bare `host:port`.
     #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present = "dir")]
     pub url: Option<String>,
     /// Data directory to open in-process.
@@ -76,7 +80,8 @@ pub struct ExportArgs {
     /// csv or parquet (default: from the output file's extension).
     #[arg(long)]
     pub format: Option<String>,
-    /// Server gRPC address host:port.
+    /// Server address, as for `mkts connect`: `http(s)://host:5993` (JSON-RPC), `grpc(+tls)://host:5995`
+    /// (Flight), or a bare `host:port`.
     #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present = "dir")]
     pub url: Option<String>,
     /// Data directory to open in-process.
@@ -208,8 +213,24 @@ impl TimeParser {
     }
 
     /// Nanoseconds since the epoch (UTC).
+    ///
+    /// With a `timeFormat`, a value that does not match it but ends in a sub-second field after the part
+    /// that does is read as MarketStore's loader reads it: `20161230 21:59:20 383000` with layout
+    /// `20060102 15:04:05` is 21:59:20.383. See [`split_subsecond`] for the field's forms.
     fn parse(&self, s: &str) -> anyhow::Result<i64> {
         let s = s.trim();
+        let whole = self.parse_exact(s);
+        if whole.is_ok() || !matches!(self, TimeParser::Format { .. }) {
+            return whole;
+        }
+        let Some((head, sub)) = split_subsecond(s) else { return whole };
+        let Ok(secs) = self.parse_exact(head) else { return whole };
+        let sub = sub.with_context(|| format!("time {s:?}"))?;
+        secs.checked_add(sub).ok_or_else(|| anyhow!("time {s:?} out of range"))
+    }
+
+    /// [`TimeParser::parse`] without the sub-second field.
+    fn parse_exact(&self, s: &str) -> anyhow::Result<i64> {
         let ns = |d: chrono::DateTime<chrono::Utc>| d.timestamp_nanos_opt().ok_or_else(|| anyhow!("time {s:?} out of range"));
         match self {
             TimeParser::Unix => unix_nanos(s),
@@ -230,6 +251,37 @@ impl TimeParser {
             TimeParser::Auto => Ok(crate::timestr::parse_time_nanos(s)?),
         }
     }
+}
+
+/// A trailing sub-second field of a time value: `(the time before it, its nanoseconds)`, or `None` when the
+/// value does not end in one. MarketStore's loader accepts a field after the `timeFormat` part, separated
+/// by a space, as milliseconds when it is short (` 14` = 14 ms; MarketStore's 3-character suffix) and as
+/// microseconds when it has six digits (` 383000`); mkts takes nine digits as nanoseconds too, and a field
+/// after `.` or `,` as a decimal fraction (`.5` = 500 ms). Other lengths are an error, not silently
+/// dropped as MarketStore did.
+fn split_subsecond(s: &str) -> Option<(&str, anyhow::Result<i64>)> {
+    let digits_at = s.len() - s.bytes().rev().take_while(u8::is_ascii_digit).count();
+    let digits = &s[digits_at..];
+    let sep = s[..digits_at].chars().next_back()?;
+    if digits.is_empty() || !matches!(sep, ' ' | '.' | ',') {
+        return None;
+    }
+    let head = s[..digits_at - sep.len_utf8()].trim_end();
+    if head.is_empty() {
+        return None;
+    }
+    let n = digits.len() as u32;
+    let value: Option<i64> = digits.parse().ok();
+    let nanos = match (sep, n, value) {
+        ('.' | ',', 1..=9, Some(v)) => Ok(v * 10i64.pow(9 - n)),
+        (' ', 1..=3, Some(v)) => Ok(v * 1_000_000),
+        (' ', 6, Some(v)) => Ok(v * 1_000),
+        (' ', 9, Some(v)) => Ok(v),
+        _ => Err(anyhow!(
+            "the sub-second field {digits:?} after the timeFormat part must be 1-3 digits (milliseconds), 6 (microseconds) or 9 (nanoseconds), or a fraction after '.'"
+        )),
+    };
+    Some((head, nanos))
 }
 
 fn unix_nanos(s: &str) -> anyhow::Result<i64> {
@@ -386,10 +438,11 @@ pub(crate) fn csv_batches(path: &Path, control: Option<&ControlFile>, target: Op
         .with_header(has_header)
         .infer_schema(BufReader::new(open()?), Some(1))
         .with_context(|| format!("cannot read the first line of {}", path.display()))?;
-    let mut names: Vec<String> = inferred.fields().iter().map(|f| f.name().clone()).collect();
+    // Header names are trimmed of spaces, as MarketStore's loader does: `Epoch, Bid, Ask` names `Bid`.
+    let mut names: Vec<String> = inferred.fields().iter().map(|f| f.name().trim().to_string()).collect();
     if let Some(map) = control.and_then(|c| c.column_name_map.as_ref()) {
         for (i, n) in names.iter_mut().enumerate() {
-            if let Some(m) = map.get(i) {
+            if let Some(m) = map.get(i).map(str::trim).filter(|m| !m.is_empty()) {
                 *n = m.to_string();
             }
         }
@@ -575,4 +628,72 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         eprintln!("{}", r?);
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ColumnDef, ColumnType, RecordKind};
+
+    fn control(yaml: &str) -> ControlFile {
+        serde_saphyr::from_str(yaml).expect("control file")
+    }
+
+    fn ns(s: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(s).expect("rfc3339").timestamp_nanos_opt().expect("in range")
+    }
+
+    #[test]
+    fn time_format_with_a_subsecond_field_as_marketstore_reads_it() {
+        let p = TimeParser::from_control(Some(&control("timeFormat: \"20060102 15:04:05\"\n"))).expect("parser");
+        // MarketStore's own loader test: six digits after the layout are microseconds.
+        assert_eq!(p.parse("20161230 21:59:20 383000").expect("µs"), ns("2016-12-30T21:59:20.383Z"));
+        assert_eq!(p.parse("20161230 21:59:20 14").expect("ms"), ns("2016-12-30T21:59:20.014Z"));
+        assert_eq!(p.parse("20161230 21:59:20 000000007").expect("ns"), ns("2016-12-30T21:59:20.000000007Z"));
+        assert_eq!(p.parse("20161230 21:59:20.5").expect("fraction"), ns("2016-12-30T21:59:20.5Z"));
+        assert_eq!(p.parse("20161230 21:59:20").expect("whole"), ns("2016-12-30T21:59:20Z"));
+        let e = format!("{:#}", p.parse("20161230 21:59:20 3830").expect_err("4 digits"));
+        assert!(e.contains("sub-second field \"3830\""), "{e}");
+        let e = format!("{:#}", p.parse("2016-12-30 21:59:20 383000").expect_err("layout mismatch"));
+        assert!(e.contains("does not match"), "{e}");
+    }
+
+    #[test]
+    fn control_file_time_zone_applies_to_times_without_an_offset() {
+        let c = control("timeFormat: \"2006-01-02 15:04:05\"\ntimeZone: America/New_York\n");
+        let p = TimeParser::from_control(Some(&c)).expect("parser");
+        assert_eq!(p.parse("2024-01-02 09:30:00").expect("winter"), ns("2024-01-02T14:30:00Z"));
+        assert_eq!(p.parse("2024-07-01 09:30:00 250").expect("summer, ms"), ns("2024-07-01T13:30:00.250Z"));
+        // A layout with an offset ignores timeZone.
+        let c = control("timeFormat: \"2006-01-02 15:04:05 -0700\"\ntimeZone: America/New_York\n");
+        let p = TimeParser::from_control(Some(&c)).expect("parser");
+        assert_eq!(p.parse("2024-01-02 09:30:00 +0100").expect("offset"), ns("2024-01-02T08:30:00Z"));
+        assert!(TimeParser::from_control(Some(&control("timeZone: Mars/Olympus\n"))).is_err());
+    }
+
+    #[test]
+    fn header_names_are_trimmed_and_match_the_bucket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let csv = dir.path().join("q.csv");
+        std::fs::write(&csv, "Epoch, Bid, Ask\n2024-01-02 09:30:00 500000, 1.5, 2.5\n2024-01-02 09:30:01, 1.25 ,2.75\n").expect("write");
+        let c = control("firstRowHasColumnNames: true\ntimeFormat: \"2006-01-02 15:04:05\"\ntimeZone: America/New_York\n");
+        let target = BucketSchema {
+            kind: RecordKind::Variable,
+            columns: vec![ColumnDef { name: "Bid".into(), ty: ColumnType::F32 }, ColumnDef { name: "Ask".into(), ty: ColumnType::F64 }],
+        };
+        let batches: Vec<RecordBatch> =
+            futures::executor::block_on(csv_batches(&csv, Some(&c), Some(&target), Arc::new(AtomicU64::new(0))).expect("reader").try_collect()).expect("rows");
+        let b = &batches[0];
+        let names: Vec<String> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["Epoch", "Bid", "Ask"]);
+        let epoch = b.column(0).as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+        assert_eq!(epoch.values().to_vec(), vec![ns("2024-01-02T14:30:00.5Z"), ns("2024-01-02T14:30:01Z")]);
+        assert_eq!(b.column(1).as_primitive::<arrow::datatypes::Float32Type>().values().to_vec(), vec![1.5, 1.25]);
+        assert_eq!(b.column(2).as_primitive::<arrow::datatypes::Float64Type>().values().to_vec(), vec![2.5, 2.75]);
+        // Without a bucket, the trimmed names become its columns.
+        let batches: Vec<RecordBatch> =
+            futures::executor::block_on(csv_batches(&csv, Some(&c), None, Arc::new(AtomicU64::new(0))).expect("reader").try_collect()).expect("rows");
+        let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["Epoch", "Bid", "Ask"]);
+    }
 }

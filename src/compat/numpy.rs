@@ -307,6 +307,16 @@ fn parse_type(t: &str) -> Option<(DataType, usize)> {
 /// Every length and offset comes from the client: each is checked (no overflow, inside the column
 /// bytes) before any slice is taken, so a crafted dataset gets an error naming the field, never a panic.
 pub fn unpack(ds: &NumpyIn<'_>) -> Result<Vec<(String, RecordBatch)>, String> {
+    split(ds, true)
+}
+
+/// [`unpack`] for a dataset a server sent back (a client reading a query reply): the same checks, but no
+/// `Epoch` column is required, since an SQL result need not have one.
+pub fn unpack_reply(ds: &NumpyIn<'_>) -> Result<Vec<(String, RecordBatch)>, String> {
+    split(ds, false)
+}
+
+fn split(ds: &NumpyIn<'_>, need_epoch: bool) -> Result<Vec<(String, RecordBatch)>, String> {
     let ncol = ds.names.len();
     if ds.types.len() != ncol || ds.data.len() != ncol {
         return Err(format!(
@@ -331,7 +341,7 @@ pub fn unpack(ds: &NumpyIn<'_>) -> Result<Vec<(String, RecordBatch)>, String> {
         }
         cols.push((name.clone(), dt, width));
     }
-    if !ds.names.iter().any(|n| n == EPOCH) {
+    if need_epoch && !ds.names.iter().any(|n| n == EPOCH) {
         return Err("unable to match data columns: the dataset has no Epoch column".into());
     }
     if ds.length < 0 {

@@ -123,6 +123,27 @@ impl ColumnType {
         }
     }
 
+    /// The column type of a MarketStore element type code (the inverse of [`ColumnType::marketstore_code`]),
+    /// for clients reading a `GetInfo` reply; `None` for codes mkts cannot store (EPOCH, NONE, STRING).
+    pub fn from_marketstore_code(code: u8) -> Option<Self> {
+        [
+            ColumnType::F32,
+            ColumnType::I32,
+            ColumnType::F64,
+            ColumnType::I64,
+            ColumnType::I8,
+            ColumnType::Bool,
+            ColumnType::I16,
+            ColumnType::U8,
+            ColumnType::U16,
+            ColumnType::U32,
+            ColumnType::U64,
+            ColumnType::String16,
+        ]
+        .into_iter()
+        .find(|t| t.marketstore_code() == code)
+    }
+
     /// The Arrow type this column is read as. Numeric columns are zero-copy views of the mapped file;
     /// bool (bit-packed in Arrow) and string16 (UTF-32 on disk) are converted.
     pub fn arrow_type(self) -> DataType {

@@ -18,7 +18,7 @@ use super::catalog::{self, DataFile};
 use super::image::{self, FileImage, Settings};
 use super::wal::{self, WalWrite};
 use super::{MigrateError, Problem};
-use crate::cli::connect::Client;
+use crate::cli::connect::{Client, Protocol};
 use crate::engine::{BucketKey, BucketSchema, RecordKind, TimePoint};
 use crate::service::{Caller, Interface};
 
@@ -225,7 +225,11 @@ fn dest(e: anyhow::Error) -> MigrateError {
 
 async fn connect(t: &Target) -> Result<Client, MigrateError> {
     match (&t.url, &t.dir) {
-        (Some(u), _) => Client::connect(u, &t.remote).await.map_err(dest),
+        (Some(u), _) => match Protocol::detect(u).await.map_err(|e| MigrateError::Config(format!("{e:#}")))? {
+            // The import counts and deletes rows (SQL, delete_range), which MarketStore's JSON-RPC cannot.
+            Protocol::JsonRpc(_) => Err(MigrateError::Config(format!("--url {u} speaks JSON-RPC; import-marketstore writes over Flight: give the gRPC port, grpc://host:5995"))),
+            Protocol::FlightSql(f) => Client::connect_flight(&f, &t.remote).await.map_err(dest),
+        },
         (None, Some(d)) => {
             std::fs::create_dir_all(d).map_err(|e| MigrateError::Io { path: d.clone(), source: e })?;
             Client::open(d).map_err(dest)
@@ -261,6 +265,7 @@ async fn delete_range(client: &mut Client, key: &BucketKey, start: i64, end: i64
     let (from, to) = (TimePoint { secs: start, nanos: 0 }, TimePoint { secs: end - 1, nanos: 999_999_999 });
     match client {
         Client::Local { service } => service.delete_range(&caller(), key, from, to).await.map(|_| ()).map_err(|e| MigrateError::Destination(e.describe())),
+        Client::Rpc { .. } => Err(MigrateError::Config("import-marketstore needs a Flight (grpc://) destination".into())),
         Client::Remote { flight, .. } => {
             let body = json!({"key": key.to_string(), "epoch_start": start, "epoch_end": end - 1});
             let mut s = flight

@@ -232,3 +232,89 @@ def test_trim_deletes_one_bucket_from_a_date_to_the_end_of_its_year(server, tmp_
     assert "trimmed 2 rows" in out
     bad = mkts("connect", "--dir", str(server.root), "-c", "\\trim AAPL/1Min/OHLCV", check=False)
     assert bad.returncode != 0 and "\\trim KEY DATE" in bad.stderr
+
+
+def ticks_ns(srv, key):
+    """Epoch of a tick bucket as exact nanoseconds (int)."""
+    c = fl.FlightClient(srv.flight_url)
+    t = c.do_get(fl.Ticket(json.dumps({"destination": key, "epoch_ns": True}).encode())).read_all()
+    return t.column("Epoch").cast(pa.int64()).to_pylist(), t
+
+
+# 2024-01-02 09:30:00 America/New_York (EST) = 14:30:00 UTC.
+NY_0930_NS = 1_704_205_800 * 10**9
+LOADER_CTL = "firstRowHasColumnNames: true\ntimeFormat: \"20060102 15:04:05\"\ntimeZone: America/New_York\n"
+# A header with spaces after the commas, and sub-second fields after the timeFormat part (MarketStore's loader:
+# six digits are microseconds, a short field milliseconds).
+LOADER_CSV = ("Epoch, Bid, Ask\n"
+              "20240102 09:30:00 250000, 1.5, 2.5\n"
+              "20240102 09:30:00 14, 1.25, 2.25\n"
+              "20240102 09:30:01, 1.75 ,2.75\n")
+
+
+@pytest.mark.parametrize("via", ["flight", "jsonrpc"])
+def test_load_as_marketstore_loader_reads_headers_fractions_and_time_zone(server, tmp_path, via):
+    url = server.grpc_addr if via == "flight" else f"http://127.0.0.1:{server.http_port}"
+    data, ctl = tmp_path / "q.csv", tmp_path / "q.yaml"
+    data.write_text(LOADER_CSV)
+    ctl.write_text(LOADER_CTL)
+    out = mkts("connect", "--url", url, "-c", "\\create Q/1Sec/TICK Bid,Ask/float32 variable",
+               "-c", f"\\load Q/1Sec/TICK {data} {ctl}").stdout
+    assert "imported 3 rows into Q/1Sec/TICK" in out
+    epochs, t = ticks_ns(server, "Q/1Sec/TICK")
+    assert epochs == [NY_0930_NS + 14_000_000, NY_0930_NS + 250_000_000, NY_0930_NS + 10**9]
+    assert t.column("Bid").to_pylist() == [1.25, 1.5, 1.75]
+    assert t.column("Ask").to_pylist() == [2.25, 2.5, 2.75]
+    # `mkts import` shares the reader: a new bucket gets the trimmed names as its columns.
+    p = mkts("import", "--url", url, "NEW/1Min/QUOTE", str(data), "--control", str(ctl))
+    assert "imported 3 rows into NEW/1Min/QUOTE" in p.stderr
+    t = read(server, "NEW/1Min/QUOTE")
+    assert t.column_names == ["Epoch", "Bid", "Ask"]
+    # A fixed 1Min bucket keeps one row per interval: the three times fall in one bar.
+    assert [int(e.timestamp()) for e in t.column("Epoch").to_pylist()] == [NY_0930_NS // 10**9]
+    # A sub-second field of another length is an error naming it, and nothing is written.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Epoch, Bid, Ask\n20240102 09:30:02 1234, 1, 2\n")
+    p = mkts("connect", "--url", url, "-c", f"\\load Q/1Sec/TICK {bad} {ctl}", check=False)
+    assert p.returncode != 0 and 'sub-second field "1234"' in p.stderr, p.stderr
+    assert len(ticks_ns(server, "Q/1Sec/TICK")[0]) == 3
+
+
+def test_connect_over_jsonrpc_to_the_http_port(server, tmp_path):
+    put(server, "AAPL/1Min/OHLCV", bars())
+    url = f"http://127.0.0.1:{server.http_port}"
+    out = mkts("connect", "--url", url,
+               "-c", "\\create TSLA/1Min/OHLCV:Symbol/Timeframe/AttributeGroup Open,Close/float32:Volume/int64 fixed",
+               "-c", "\\getinfo TSLA/1Min/OHLCV",
+               "-c", "\\tables",
+               "-c", "SELECT count(*) AS n FROM `AAPL/1Min/OHLCV`;",
+               "-c", "\\show AAPL/1Min/OHLCV 2024-01-01T00:02 2024-01-01T00:04",
+               "-c", "\\destroy TSLA/1Min/OHLCV").stdout
+    assert "created TSLA/1Min/OHLCV" in out
+    assert "Bucket: TSLA/1Min/OHLCV" in out and "RecordType: FIXED" in out and "Open:f4 Close:f4 Volume:i8" in out
+    assert "| AAPL/1Min/OHLCV" in out and "| TSLA/1Min/OHLCV" in out
+    assert "| 10 |" in out
+    assert "2024-01-01T00:02:00Z | 102.0 | 102.5" in out and "2024-01-01T00:04:00Z" in out and "(3 rows * 4 columns)" in out
+    assert "destroyed TSLA/1Min/OHLCV" in out
+    assert [f.descriptor.path[0].decode() for f in fl.FlightClient(server.flight_url).list_flights()] == ["AAPL/1Min/OHLCV"]
+    # The server's errors come back with its message; \trim is not in MarketStore's JSON-RPC API.
+    p = mkts("connect", "--url", url, "-c", "\\destroy NOPE/1Min/OHLCV", check=False)
+    assert p.returncode != 0 and "removal of catalog entry failed" in p.stderr, p.stderr
+    p = mkts("connect", "--url", url, "-c", "\\getinfo NOPE/1Min/OHLCV", check=False)
+    assert p.returncode != 0 and "not found:" in p.stderr and "NOPE/1Min/OHLCV" in p.stderr, p.stderr
+    # `mkts export` takes the same url: its query goes as /rpc's SQL statement.
+    out_csv = tmp_path / "out.csv"
+    p = mkts("export", "--url", url, "--key", "AAPL/1Min/OHLCV", "--start", "2024-01-01T00:07", str(out_csv))
+    assert "exported 3 rows" in p.stderr, p.stderr
+    lines = out_csv.read_text().splitlines()
+    assert lines[0].startswith("Epoch,") and lines[1].startswith("2024-01-01T00:07:00Z,107") and len(lines) == 4, lines
+    p = mkts("connect", "--url", url, "-c", "\\trim AAPL/1Min/OHLCV 2024-01-01T00:05", check=False)
+    assert p.returncode != 0 and "not part of MarketStore's JSON-RPC API" in p.stderr, p.stderr
+    # A bare host:port finds the protocol by asking: the HTTP port speaks JSON-RPC, the gRPC port Flight SQL
+    # (where \trim works).
+    out = mkts("connect", "--url", f"127.0.0.1:{server.http_port}", "-c", "\\show AAPL/1Min/OHLCV 2024-01-01T00:09").stdout
+    assert "2024-01-01T00:09:00Z | 109.0 | 109.5" in out and "(1 row * 4 columns)" in out
+    out = mkts("connect", "--url", server.grpc_addr, "-c", "\\trim AAPL/1Min/OHLCV 2024-01-01T00:05").stdout
+    assert "trimmed 5 rows" in out
+    p = mkts("connect", "--url", f"ftp://127.0.0.1:{server.http_port}", "-c", "SELECT 1", check=False)
+    assert p.returncode != 0 and "unknown url scheme" in p.stderr

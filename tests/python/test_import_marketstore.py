@@ -300,5 +300,9 @@ def test_import_over_flight_url(tmp_path):
         for key, rows in expected(ms, wal).items():
             _, got = read_bucket(srv, key, ms.buckets[key].variable)
             assert norm(got) == norm(rows), key
+        # The HTTP port (found by asking, for a bare host:port) speaks JSON-RPC, which cannot delete rows: refused.
+        r = subprocess.run([mkts_bin(), "import-marketstore", str(src), "--url", f"127.0.0.1:{srv.http_port}"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and "speaks JSON-RPC" in r.stderr and "grpc://host:5995" in r.stderr, r.stderr
     finally:
         srv.stop()

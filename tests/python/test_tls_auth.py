@@ -182,6 +182,53 @@ def test_every_client_connects_over_tls_and_a_client_without_the_ca_is_refused(s
     assert out.returncode != 0 and "authentication as \"bob\" failed" in out.stderr, out.stderr
 
 
+def test_connect_over_https_jsonrpc_with_ca_file_and_user(secure, certs):
+    """`mkts connect --url https://…:5993` speaks JSON-RPC over TLS with --ca-file, HTTP Basic from --user."""
+    ca = certs / "ca.pem"
+    url = f"https://localhost:{secure.http_port}"
+    run = lambda pw, *cmds, extra=(): subprocess.run(  # noqa: E731
+        [mkts_bin(), "connect", "--url", url, *extra, *[x for c in cmds for x in ("-c", c)]],
+        capture_output=True, text=True, env=dict(os.environ, MKTS_PASSWORD=pw), timeout=60)
+    out = run(PASSWORDS["alice"], "\\create HTTPS/1Min/OHLCV Close/float64 fixed", "\\getinfo HTTPS/1Min/OHLCV",
+              extra=("--ca-file", str(ca), "--user", "alice"))
+    assert out.returncode == 0, out.stderr
+    assert "created HTTPS/1Min/OHLCV" in out.stdout and "Data Types: {Epoch:i8 Close:f8}" in out.stdout
+    # The role applies: bob reads but may not create.
+    out = run(PASSWORDS["bob"], "\\create BOB/1Min/OHLCV Close/float64 fixed", extra=("--ca-file", str(ca), "--user", "bob"))
+    assert out.returncode != 0 and "read_only" in out.stderr, out.stderr
+    out = run("wrong", "\\getinfo HTTPS/1Min/OHLCV", extra=("--ca-file", str(ca), "--user", "bob"))
+    assert out.returncode != 0 and "authentication failed" in out.stderr and "401" in out.stderr, out.stderr
+    # Without the CA the server's certificate is not trusted; --ca-file needs a TLS url.
+    out = run(PASSWORDS["bob"], "\\getinfo HTTPS/1Min/OHLCV", extra=("--user", "bob"))
+    assert out.returncode != 0 and "cannot reach" in out.stderr, out.stderr
+    out = subprocess.run([mkts_bin(), "connect", "--url", f"http://localhost:{secure.http_port}", "--ca-file", str(ca), "-c", "SELECT 1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--ca-file needs a TLS url" in out.stderr, out.stderr
+
+
+def test_connect_to_a_bare_host_port_with_auth_finds_the_protocol(open_auth):
+    """A bare host:port on another port than 5993/5995 is probed: mkts's /rpc under auth answers 401 with its
+    challenge, so the HTTP port speaks JSON-RPC (GetInfo has no row count) and the gRPC port Flight SQL."""
+    env = dict(os.environ, MKTS_PASSWORD=PASSWORDS["alice"])
+    run = lambda port, *cmds, extra=("--user", "alice"): subprocess.run(  # noqa: E731
+        [mkts_bin(), "connect", "--url", f"127.0.0.1:{port}", *extra, *[x for c in cmds for x in ("-c", c)]],
+        capture_output=True, text=True, env=env, timeout=60)
+    out = run(open_auth.http_port, "\\create BARE/1Min/OHLCV Close/float64 fixed", "\\getinfo BARE/1Min/OHLCV")
+    assert out.returncode == 0, out.stderr
+    assert "created BARE/1Min/OHLCV" in out.stdout and "Data Types: {Epoch:i8 Close:f8}" in out.stdout
+    assert "Rows:" not in out.stdout
+    out = run(open_auth.grpc_port, "\\getinfo BARE/1Min/OHLCV")
+    assert out.returncode == 0, out.stderr
+    assert "Rows: 0" in out.stdout
+    out = run(open_auth.http_port, "\\getinfo BARE/1Min/OHLCV", extra=())
+    assert out.returncode != 0 and "authentication failed" in out.stderr and "401" in out.stderr, out.stderr
+    # Credentials in the url are refused and not echoed.
+    out = subprocess.run([mkts_bin(), "connect", "--url", f"http://alice:{PASSWORDS['alice']}@127.0.0.1:{open_auth.http_port}", "-c", "SELECT 1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "must not carry credentials" in out.stderr, out.stderr
+    assert PASSWORDS["alice"] not in out.stderr + out.stdout
+
+
 @pytest.mark.parametrize("case", ["missing_cert", "missing_key", "not_pem", "mismatched_key"])
 def test_bad_certificate_files_are_one_clear_start_up_error(server_factory, certs, case, tmp_path):
     cert, key = certs / "server.pem", certs / "server.key"
