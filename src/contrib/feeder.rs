@@ -198,8 +198,8 @@ impl Stop {
     }
 }
 
-/// Retry delays of the exchange APIs: 1 s doubling to 60 s.
-const RETRY_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+/// Retry delays of the exchange APIs (and the streaming feeders' reconnects): 1 s doubling to 60 s.
+pub const RETRY_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// The wait before retry `attempt`: the server's `Retry-After` (at most 600 s), else [`RETRY_BACKOFF`].
 pub fn backoff_delay(attempt: u32, retry_after: Option<u64>) -> Duration {
@@ -229,7 +229,7 @@ impl Http {
         Http { agent, interval, last: Mutex::new(None), requests: AtomicU64::new(0), plugin }
     }
 
-    fn once(&self, url: &str) -> Result<String, ContribError> {
+    fn once(&self, url: &str, headers: &[(&str, &str)]) -> Result<String, ContribError> {
         {
             let mut last = self.last.lock();
             if let Some(l) = *last {
@@ -241,7 +241,11 @@ impl Http {
             *last = Some(Instant::now());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut resp = self.agent.get(url).header("Accept", "application/json").call().map_err(|e| ContribError::Transport { url: url.into(), msg: e.to_string() })?;
+        let mut req = self.agent.get(url).header("Accept", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut resp = req.call().map_err(|e| ContribError::Transport { url: url.into(), msg: e.to_string() })?;
         let status = resp.status().as_u16();
         let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<u64>().ok());
         let body = resp.body_mut().read_to_string().map_err(|e| ContribError::Transport { url: url.into(), msg: e.to_string() })?;
@@ -257,9 +261,15 @@ impl Http {
     /// GET `url`, retrying rate limits (429, 418), server errors and transport errors with back-off.
     /// Gives up after 8 attempts, or at once on other 4xx, or when `stop` is set.
     pub fn get(&self, url: &str, stop: &Stop) -> Result<String, ContribError> {
+        self.get_with(url, &[], stop)
+    }
+
+    /// [`Http::get`] with extra request headers (credentials go here, never into the URL: URLs appear in
+    /// errors and logs, headers do not).
+    pub fn get_with(&self, url: &str, headers: &[(&str, &str)], stop: &Stop) -> Result<String, ContribError> {
         let mut attempt = 0;
         loop {
-            match self.once(url) {
+            match self.once(url, headers) {
                 Ok(b) => return Ok(b),
                 Err(e) => {
                     let (retry, after) = match &e {
@@ -320,11 +330,13 @@ pub fn bars_batch(bars: &[Bar]) -> Result<RecordBatch, ContribError> {
     )?)
 }
 
-fn now_secs() -> i64 {
+/// The wall clock in Unix seconds.
+pub fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-fn fmt_time(t: i64) -> String {
+/// `2024-01-02 15:04:05` (UTC) for log lines.
+pub fn fmt_time(t: i64) -> String {
     Utc.timestamp_opt(t, 0).single().map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| t.to_string())
 }
 
@@ -369,6 +381,18 @@ impl Drop for FeederHandle {
     fn drop(&mut self) {
         self.stop.stop();
     }
+}
+
+/// Run `f` on a dedicated thread named `thread_name`, stopped through the returned handle (the streaming
+/// feeders' entry point; `f` must check the stop flag at least every few seconds).
+pub fn spawn_worker(thread_name: String, f: impl FnOnce(Arc<Stop>) + Send + 'static) -> FeederHandle {
+    let stop = Arc::new(Stop::default());
+    let s2 = stop.clone();
+    let thread = std::thread::Builder::new().name(thread_name.clone()).spawn(move || f(s2)).ok();
+    if thread.is_none() {
+        tracing::error!("cannot start feeder thread {thread_name}");
+    }
+    FeederHandle { stop, thread }
 }
 
 /// Start feeding on a dedicated thread (HTTP is blocking; writes use [`Client::write_blocking`]).

@@ -5,6 +5,8 @@
 //!   higher-timeframe bars until their window closes.
 //! - [`gdaxfeeder`] / [`binancefeeder`] (background workers): backfill and follow Coinbase Exchange candles and
 //!   Binance klines into `gdax_<PRODUCT>/<tf>/OHLCV` and `binance_<BASE>-<QUOTE>/<tf>/OHLCV`.
+//! - [`polygon`] (background worker): Polygon's WebSocket stream of minute bars, trades and quotes into
+//!   `<SYM>/1Min/OHLCV`, `<SYM>/1Sec/TRADE` and `<SYM>/1Sec/QUOTE`, gaps after a reconnect filled over REST.
 //! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
 //!
 //! Each plugin is a small testable core (window arithmetic, calendar, response parsing, backfill windows,
@@ -18,7 +20,9 @@ pub mod calendar;
 pub mod feeder;
 pub mod gdaxfeeder;
 pub mod ondiskagg;
+pub mod polygon;
 pub mod stream;
+pub mod ws;
 
 use thiserror::Error;
 
@@ -40,6 +44,9 @@ pub enum ContribError {
     Transport { url: String, msg: String },
     #[error("unexpected response from {url}: {msg}")]
     Parse { url: String, msg: String },
+    /// The provider refused the credentials (HTTP 401/403, `auth_failed`): not retried until a restart.
+    #[error("{plugin}: authentication failed: {msg}")]
+    Auth { plugin: &'static str, msg: String },
 }
 
 impl From<datafusion::error::DataFusionError> for ContribError {
@@ -57,7 +64,7 @@ impl From<arrow::error::ArrowError> for ContribError {
 /// Names of the built-in trigger modules (`ondiskagg.so` is accepted as `ondiskagg`).
 pub const TRIGGERS: &[&str] = &["ondiskagg", "stream"];
 /// Names of the built-in background-worker modules.
-pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder"];
+pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "polygon"];
 
 /// `ondiskagg.so`, `/bin/ondiskagg.so`, `ondiskagg` → `ondiskagg`.
 pub fn module_name(module: &str) -> &str {
@@ -118,6 +125,7 @@ pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &C
     Some(match module_name(module) {
         "gdaxfeeder" => gdaxfeeder::start(config, client.clone(), name),
         "binancefeeder" => binancefeeder::start(config, client.clone(), name),
+        "polygon" => polygon::start(config, client.clone(), name),
         _ => return None,
     })
 }
