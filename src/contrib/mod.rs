@@ -7,6 +7,7 @@
 //!   Binance klines into `gdax_<PRODUCT>/<tf>/OHLCV` and `binance_<BASE>-<QUOTE>/<tf>/OHLCV`.
 //! - [`polygon`] (background worker): Polygon's WebSocket stream of minute bars, trades and quotes into
 //!   `<SYM>/1Min/OHLCV`, `<SYM>/1Sec/TRADE` and `<SYM>/1Sec/QUOTE`, gaps after a reconnect filled over REST.
+//! - [`alpaca`] (background worker): Alpaca's v2 market-data WebSocket (`iex`/`sip`) into the same buckets.
 //! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
 //!
 //! Each plugin is a small testable core (window arithmetic, calendar, response parsing, backfill windows,
@@ -15,6 +16,7 @@
 //! ([`crate::plugins`]) starts them by name through [`trigger`] and [`bgworker`]. Plugin configuration arrives as
 //! the JSON form of the YAML `config:` map, exactly as MarketStore's `map[string]interface{}`.
 
+pub mod alpaca;
 pub mod binancefeeder;
 pub mod calendar;
 pub mod feeder;
@@ -64,7 +66,7 @@ impl From<arrow::error::ArrowError> for ContribError {
 /// Names of the built-in trigger modules (`ondiskagg.so` is accepted as `ondiskagg`).
 pub const TRIGGERS: &[&str] = &["ondiskagg", "stream"];
 /// Names of the built-in background-worker modules.
-pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "polygon"];
+pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "polygon", "alpaca"];
 
 /// `ondiskagg.so`, `/bin/ondiskagg.so`, `ondiskagg` → `ondiskagg`.
 pub fn module_name(module: &str) -> &str {
@@ -126,6 +128,7 @@ pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &C
         "gdaxfeeder" => gdaxfeeder::start(config, client.clone(), name),
         "binancefeeder" => binancefeeder::start(config, client.clone(), name),
         "polygon" => polygon::start(config, client.clone(), name),
+        "alpaca" => alpaca::start(config, client.clone(), name),
         _ => return None,
     })
 }

@@ -76,6 +76,11 @@ pub const SKIPPED_CONDITIONS: [i64; 6] = [15, 16, 17, 18, 19, 51];
 pub struct Secret(String);
 
 impl Secret {
+    /// Wrap a credential.
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+
     /// The credential itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -645,7 +650,8 @@ struct GapJob {
     to: i64,
 }
 
-fn write(client: &Client, key: &BucketKey, batch: RecordBatch, variable: bool, stats: &FeedStats) -> Result<(), ContribError> {
+/// Write one batch (creating the bucket fixed or as ticks) and count its rows.
+pub(crate) fn write(client: &Client, key: &BucketKey, batch: RecordBatch, variable: bool, stats: &FeedStats) -> Result<(), ContribError> {
     let n = batch.num_rows() as u64;
     client.write_blocking(&WriteRequest { key: key.clone(), batch, variable: Some(variable) })?;
     stats.rows.fetch_add(n, Ordering::Relaxed);

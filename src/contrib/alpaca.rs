@@ -1,0 +1,526 @@
+//! `alpaca` (background worker): Alpaca's v2 market-data WebSocket (the v1 stream MarketStore's plugin spoke
+//! is retired) — minute bars, trades and quotes into MarketStore's buckets, with the schemas the `polygon`
+//! worker writes (`<SYM>/1Min/OHLCV`, `<SYM>/1Sec/TRADE`, `<SYM>/1Sec/QUOTE`).
+//!
+//! ```yaml
+//! bgworkers:
+//!   - module: alpaca.so
+//!     name: Alpaca
+//!     config:
+//!       api_key: ""            # empty: $APCA_API_KEY_ID
+//!       api_secret: ""         # empty: $APCA_API_SECRET_KEY
+//!       feed: iex              # iex (default), sip, delayed_sip, or test
+//!       minute_bar_symbols: [AAPL, SPY]
+//!       trade_symbols: [AAPL]
+//!       quote_symbols: ["*"]
+//! ```
+//!
+//! Protocol: connect to `<ws_server>/v2/<feed>` (a URL with a path is used as is), expect
+//! `[{"T":"success","msg":"connected"}]`, send `{"action":"auth","key","secret"}`, expect
+//! `{"T":"success","msg":"authenticated"}`, send `{"action":"subscribe","bars":[…],"trades":[…],"quotes":[…]}`,
+//! expect `{"T":"subscription",…}`. Events: `{"T":"b","S","o","h","l","c","v","t","n","vw"}`,
+//! `{"T":"t","S","i","x","p","s","t","c":[…],"z"}`, `{"T":"q","S","bx","bp","bs","ax","ap","as","t","c":[…],"z"}`
+//! with RFC 3339 times. Errors `{"T":"error","code","msg"}`: 402 (auth failed), 401 and 409 (insufficient
+//! subscription, e.g. `sip` without the plan) stop the worker with one log line; others are logged and the
+//! connection is retried with back-off.
+//!
+//! Alpaca gives exchanges, tapes and conditions as letters; they are stored as their ASCII codes in the uint8
+//! columns (`"D"` → 68, tape `"C"` → 67, condition `"@"` → 64).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::feeder::{backoff_delay, parse_duration, FeederHandle, Stop};
+use super::polygon::{bars_batch, bucket_symbol, quotes_batch, trades_batch, write, FeedStats, MinuteBar, Quote, Recent, Secret, Trade};
+use super::ws::{Frame, WsClient};
+use super::ContribError;
+use crate::engine::BucketKey;
+use crate::service::Client;
+
+const PLUGIN: &str = "alpaca";
+/// Alpaca's market-data stream root (`/v2/<feed>` is appended).
+pub const DEFAULT_WS: &str = "wss://stream.data.alpaca.markets";
+/// Environment variables read when `api_key` / `api_secret` are empty (Alpaca's SDK names).
+pub const KEY_ENV: &str = "APCA_API_KEY_ID";
+pub const SECRET_ENV: &str = "APCA_API_SECRET_KEY";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default)]
+    api_secret: Option<String>,
+    #[serde(default)]
+    ws_server: Option<String>,
+    /// MarketStore's v1 worker count; one connection carries every subscription in v2. Ignored.
+    #[serde(default)]
+    ws_worker_count: Option<serde_json::Value>,
+    #[serde(default)]
+    feed: Option<String>,
+    #[serde(default)]
+    minute_bar_symbols: Vec<String>,
+    #[serde(default)]
+    quote_symbols: Vec<String>,
+    #[serde(default)]
+    trade_symbols: Vec<String>,
+    #[serde(default)]
+    ping_interval: Option<serde_json::Value>,
+    #[serde(default)]
+    timeout: Option<serde_json::Value>,
+    #[serde(default)]
+    dedupe_window: Option<usize>,
+}
+
+/// Parsed `alpaca` configuration.
+#[derive(Debug, Clone)]
+pub struct AlpacaConfig {
+    pub key: Secret,
+    pub secret: Secret,
+    pub ws_url: String,
+    pub feed: String,
+    /// Subscriptions (`["*"]` = every symbol).
+    pub bars: Vec<String>,
+    pub trades: Vec<String>,
+    pub quotes: Vec<String>,
+    pub ping_interval: Duration,
+    pub timeout: Duration,
+    pub dedupe_window: usize,
+}
+
+fn symbols(v: &[String]) -> Vec<String> {
+    let s: Vec<String> = v.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if s.iter().any(|x| x.contains('*')) { vec!["*".into()] } else { s }
+}
+
+impl AlpacaConfig {
+    /// Parse the `config:` map; `env` looks up the credential fallbacks.
+    pub fn from_json(v: &serde_json::Value, env: impl Fn(&str) -> Option<String>) -> Result<Self, ContribError> {
+        let err = |msg: String| ContribError::Config { plugin: PLUGIN, msg };
+        let raw: RawConfig = serde_json::from_value(if v.is_null() { serde_json::json!({}) } else { v.clone() }).map_err(|e| err(e.to_string()))?;
+        let _ = raw.ws_worker_count;
+        let cred = |c: Option<String>, var: &str| c.map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).or_else(|| env(var).map(|k| k.trim().to_string()).filter(|k| !k.is_empty()));
+        let key = cred(raw.api_key, KEY_ENV).ok_or_else(|| err(format!("no API key: set api_key or ${KEY_ENV}")))?;
+        let secret = cred(raw.api_secret, SECRET_ENV).ok_or_else(|| err(format!("no API secret: set api_secret or ${SECRET_ENV}")))?;
+        let feed = raw.feed.map(|f| f.trim().to_ascii_lowercase()).filter(|f| !f.is_empty()).unwrap_or_else(|| "iex".into());
+        if !matches!(feed.as_str(), "iex" | "sip" | "delayed_sip" | "test") {
+            return Err(err(format!("feed: {feed:?} is not a v2 feed (iex, sip, delayed_sip, test); v1 prefixes such as alpacadatav1 are retired")));
+        }
+        let server = raw.ws_server.map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| DEFAULT_WS.into());
+        if !(server.starts_with("ws://") || server.starts_with("wss://")) {
+            return Err(err(format!("ws_server must start with ws:// or wss://, got {server:?}")));
+        }
+        let has_path = server.split_once("://").is_some_and(|(_, r)| r.contains('/'));
+        let ws_url = if has_path { server } else { format!("{server}/v2/{feed}") };
+        let (bars, trades, quotes) = (symbols(&raw.minute_bar_symbols), symbols(&raw.trade_symbols), symbols(&raw.quote_symbols));
+        if bars.is_empty() && trades.is_empty() && quotes.is_empty() {
+            return Err(err("nothing to subscribe to: set minute_bar_symbols, trade_symbols or quote_symbols".into()));
+        }
+        let dur = |k: &str, v: &Option<serde_json::Value>, d: Duration| -> Result<Duration, ContribError> {
+            match v {
+                None => Ok(d),
+                Some(x) => parse_duration(x).filter(|d| !d.is_zero()).ok_or_else(|| err(format!("{k}: expected a duration like 10s"))),
+            }
+        };
+        Ok(AlpacaConfig {
+            key: Secret::new(key),
+            secret: Secret::new(secret),
+            ws_url,
+            feed,
+            bars,
+            trades,
+            quotes,
+            ping_interval: dur("ping_interval", &raw.ping_interval, Duration::from_secs(10))?,
+            timeout: dur("timeout", &raw.timeout, Duration::from_secs(15))?,
+            dedupe_window: raw.dedupe_window.unwrap_or(100_000),
+        })
+    }
+
+    /// The subscribe message.
+    pub fn subscribe_message(&self) -> String {
+        serde_json::json!({"action": "subscribe", "bars": self.bars, "trades": self.trades, "quotes": self.quotes}).to_string()
+    }
+}
+
+/// One event of a v2 stream message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Success(String),
+    Subscription(String),
+    Error { code: i64, msg: String },
+    Bar { sym: String, bar: MinuteBar },
+    Trade { sym: String, trade: Trade },
+    Quote { sym: String, quote: Quote },
+    Skipped(String),
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(rename = "T")]
+    kind: Option<String>,
+    msg: Option<String>,
+    code: Option<i64>,
+    #[serde(rename = "S")]
+    sym: Option<String>,
+    o: Option<f64>,
+    h: Option<f64>,
+    l: Option<f64>,
+    c: Option<serde_json::Value>,
+    v: Option<f64>,
+    n: Option<f64>,
+    t: Option<String>,
+    i: Option<serde_json::Value>,
+    x: Option<String>,
+    p: Option<f64>,
+    s: Option<f64>,
+    z: Option<String>,
+    bx: Option<String>,
+    bp: Option<f64>,
+    bs: Option<f64>,
+    ax: Option<String>,
+    ap: Option<f64>,
+    #[serde(rename = "as")]
+    as_: Option<f64>,
+}
+
+fn letter(s: Option<&str>) -> u8 {
+    s.and_then(|s| s.bytes().next()).filter(|b| b.is_ascii()).unwrap_or(0)
+}
+
+fn rfc3339(t: &str) -> Option<(i64, i32)> {
+    let d = chrono::DateTime::parse_from_rfc3339(t).ok()?;
+    Some((d.timestamp(), d.timestamp_subsec_nanos().min(999_999_999) as i32))
+}
+
+fn hash(parts: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
+
+fn conds(c: &Option<serde_json::Value>) -> Vec<u8> {
+    match c {
+        Some(serde_json::Value::Array(a)) => a.iter().map(|x| letter(x.as_str())).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_event(e: Raw) -> Event {
+    let sym = e.sym.clone().filter(|s| !s.is_empty());
+    match e.kind.as_deref().unwrap_or("") {
+        "success" => Event::Success(e.msg.unwrap_or_default()),
+        "subscription" => Event::Subscription(String::new()),
+        "error" => Event::Error { code: e.code.unwrap_or(0), msg: e.msg.unwrap_or_default() },
+        "b" => {
+            let close = e.c.as_ref().and_then(|c| c.as_f64());
+            match (sym, e.o, e.h, e.l, close, e.v, e.t.as_deref().and_then(rfc3339)) {
+                (Some(sym), Some(o), Some(h), Some(l), Some(c), Some(v), Some((t, _))) => {
+                    Event::Bar { sym, bar: MinuteBar { t: t - t.rem_euclid(60), open: o, high: h, low: l, close: c, volume: v.max(0.0).round() as u64, ticks: e.n.unwrap_or(0.0) as i32 } }
+                }
+                _ => Event::Skipped("bar without S/o/h/l/c/v/t".into()),
+            }
+        }
+        "t" => {
+            let (Some(sym), Some(p), Some(sz), Some((epoch, nanos))) = (sym, e.p, e.s, e.t.as_deref().and_then(rfc3339)) else {
+                return Event::Skipped("trade without S/p/s/t".into());
+            };
+            let c = conds(&e.c);
+            let mut cs = [0u8; 4];
+            for (k, v) in c.iter().take(4).enumerate() {
+                cs[k] = *v;
+            }
+            let id = hash(("t", &sym, e.i.as_ref().map(|i| i.to_string()), &e.x, epoch, nanos, p.to_bits(), sz.to_bits()));
+            Event::Trade { sym, trade: Trade { epoch, nanos, price: p, size: sz.max(0.0).round() as u64, exchange: letter(e.x.as_deref()), tape: letter(e.z.as_deref()), conds: cs, id } }
+        }
+        "q" => {
+            let (Some(sym), Some((epoch, nanos))) = (sym, e.t.as_deref().and_then(rfc3339)) else {
+                return Event::Skipped("quote without S/t".into());
+            };
+            let (bp, ap, bs, as_) = (e.bp.unwrap_or(0.0), e.ap.unwrap_or(0.0), e.bs.unwrap_or(0.0), e.as_.unwrap_or(0.0));
+            let id = hash(("q", &sym, epoch, nanos, &e.bx, &e.ax, bp.to_bits(), ap.to_bits(), bs.to_bits(), as_.to_bits()));
+            Event::Quote {
+                sym,
+                quote: Quote {
+                    epoch,
+                    nanos,
+                    bid_price: bp,
+                    ask_price: ap,
+                    bid_size: bs.max(0.0).round() as u64,
+                    ask_size: as_.max(0.0).round() as u64,
+                    bid_exchange: letter(e.bx.as_deref()),
+                    ask_exchange: letter(e.ax.as_deref()),
+                    cond: conds(&e.c).first().copied().unwrap_or(0),
+                    id,
+                },
+            }
+        }
+        other => Event::Skipped(format!("event type {other:?}")),
+    }
+}
+
+/// Parse one stream message (a JSON array of events).
+pub fn parse_message(text: &str) -> Result<Vec<Event>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let items = match v {
+        serde_json::Value::Array(a) => a,
+        o @ serde_json::Value::Object(_) => vec![o],
+        _ => return Err("expected a JSON array of events".into()),
+    };
+    Ok(items.into_iter().map(|it| serde_json::from_value::<Raw>(it).map_or_else(|e| Event::Skipped(format!("malformed event: {e}")), parse_event)).collect())
+}
+
+/// Error codes that retrying cannot fix: not authenticated (401), auth failed (402), insufficient
+/// subscription (409).
+fn fatal(code: i64) -> bool {
+    matches!(code, 401 | 402 | 409)
+}
+
+struct Feed<'a> {
+    cfg: &'a AlpacaConfig,
+    client: &'a Client,
+    stats: &'a FeedStats,
+    recent: Recent,
+    keys: HashMap<(String, u8), Option<BucketKey>>,
+    warned: HashSet<String>,
+}
+
+impl Feed<'_> {
+    fn key(&mut self, sym: &str, kind: u8) -> Option<BucketKey> {
+        let ck = (sym.to_string(), kind);
+        if let Some(k) = self.keys.get(&ck) {
+            return k.clone();
+        }
+        let (tf, g) = match kind {
+            b'b' => ("1Min", "OHLCV"),
+            b't' => ("1Sec", "TRADE"),
+            _ => ("1Sec", "QUOTE"),
+        };
+        let k = BucketKey::from_parts(&bucket_symbol(sym), tf, g).map_err(|e| tracing::warn!(plugin = PLUGIN, symbol = %sym, "skipped: {e}")).ok();
+        if self.keys.len() > 100_000 {
+            self.keys.clear();
+        }
+        self.keys.insert(ck, k.clone());
+        k
+    }
+
+    fn handle(&mut self, events: Vec<Event>) -> Result<(), ContribError> {
+        let mut bars: HashMap<BucketKey, Vec<MinuteBar>> = HashMap::new();
+        let mut trades: HashMap<BucketKey, Vec<Trade>> = HashMap::new();
+        let mut quotes: HashMap<BucketKey, Vec<Quote>> = HashMap::new();
+        for ev in events {
+            match ev {
+                Event::Error { code, msg } if fatal(code) => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("error {code}: {msg}") }),
+                Event::Error { code, msg } => tracing::warn!(plugin = PLUGIN, "error {code}: {msg}"),
+                Event::Success(m) => tracing::info!(plugin = PLUGIN, "{m}"),
+                Event::Subscription(_) => tracing::info!(plugin = PLUGIN, "subscribed"),
+                Event::Bar { sym, bar } => {
+                    if let Some(k) = self.key(&sym, b'b') {
+                        self.stats.last_bar.fetch_max(bar.t.max(0) as u64, Ordering::Relaxed);
+                        bars.entry(k).or_default().push(bar);
+                    }
+                }
+                Event::Trade { sym, trade } => {
+                    if !self.recent.first(trade.id) {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    } else if let Some(k) = self.key(&sym, b't') {
+                        trades.entry(k).or_default().push(trade);
+                    }
+                }
+                Event::Quote { sym, quote } => {
+                    if !self.recent.first(quote.id) {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    } else if let Some(k) = self.key(&sym, b'q') {
+                        quotes.entry(k).or_default().push(quote);
+                    }
+                }
+                Event::Skipped(why) => {
+                    if self.warned.len() < 100 && self.warned.insert(why.clone()) {
+                        tracing::warn!(plugin = PLUGIN, "skipped: {why}");
+                    }
+                }
+            }
+        }
+        let store = |key: &BucketKey, b: Result<arrow::array::RecordBatch, ContribError>, variable: bool| {
+            if let Err(e) = b.and_then(|b| write(self.client, key, b, variable, self.stats)) {
+                tracing::error!(plugin = PLUGIN, bucket = %key, "write failed: {e}");
+            }
+        };
+        for (k, mut b) in bars {
+            b.reverse();
+            b.sort_by_key(|x| x.t);
+            b.dedup_by_key(|x| x.t);
+            store(&k, bars_batch(&b, false), false);
+        }
+        for (k, mut t) in trades {
+            t.sort_by_key(|x| (x.epoch, x.nanos));
+            store(&k, trades_batch(&t), true);
+        }
+        for (k, mut q) in quotes {
+            q.sort_by_key(|x| (x.epoch, x.nanos));
+            store(&k, quotes_batch(&q), true);
+        }
+        Ok(())
+    }
+
+    fn session(&mut self, stop: &Stop, got_data: &mut bool) -> Result<bool, ContribError> {
+        let cfg = self.cfg;
+        let url = cfg.ws_url.as_str();
+        let mut ws = WsClient::connect(PLUGIN, url, cfg.timeout)?;
+        ws.set_read_timeout(Duration::from_millis(500))?;
+        let auth = serde_json::json!({"action": "auth", "key": cfg.key.expose(), "secret": cfg.secret.expose()}).to_string();
+        // connected → auth → authenticated → subscribe → subscription
+        let deadline = Instant::now() + cfg.timeout;
+        let mut stage = 0; // 0 waiting for connected, 1 for authenticated, 2 for subscription
+        while stage < 3 {
+            if stop.is_stopped() {
+                ws.close();
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ContribError::Transport { url: url.into(), msg: "handshake messages timed out".into() });
+            }
+            let text = match ws.read_text(left.min(Duration::from_secs(1))) {
+                Ok(t) => t,
+                Err(e) if left <= Duration::from_secs(1) => return Err(e),
+                Err(_) => continue,
+            };
+            let events = parse_message(&text).map_err(|m| ContribError::Parse { url: url.into(), msg: m })?;
+            for ev in events {
+                match ev {
+                    Event::Success(m) if m == "connected" && stage == 0 => {
+                        ws.send_text(&auth)?;
+                        stage = 1;
+                    }
+                    Event::Success(m) if m == "authenticated" && stage <= 1 => {
+                        tracing::info!(plugin = PLUGIN, url = %url, "authenticated");
+                        ws.send_text(&cfg.subscribe_message())?;
+                        stage = 2;
+                    }
+                    Event::Subscription(_) if stage == 2 => {
+                        tracing::info!(plugin = PLUGIN, "subscribed: bars {:?}, trades {:?}, quotes {:?}", cfg.bars, cfg.trades, cfg.quotes);
+                        stage = 3;
+                    }
+                    Event::Error { code, msg } if fatal(code) => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("error {code}: {msg}") }),
+                    Event::Error { code, msg } => return Err(ContribError::Transport { url: url.into(), msg: format!("error {code}: {msg}") }),
+                    other => self.handle(vec![other])?,
+                }
+            }
+        }
+        let (mut last_frame, mut last_ping) = (Instant::now(), Instant::now());
+        loop {
+            if stop.is_stopped() {
+                ws.close();
+                return Ok(true);
+            }
+            match ws.read()? {
+                Frame::Text(text) => {
+                    last_frame = Instant::now();
+                    self.stats.messages.fetch_add(1, Ordering::Relaxed);
+                    match parse_message(&text) {
+                        Ok(ev) => {
+                            *got_data |= ev.iter().any(|e| matches!(e, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. }));
+                            self.handle(ev)?
+                        }
+                        Err(m) => {
+                            if self.warned.len() < 100 && self.warned.insert(m.clone()) {
+                                tracing::warn!(plugin = PLUGIN, "unreadable message: {m}");
+                            }
+                        }
+                    }
+                }
+                Frame::Control => last_frame = Instant::now(),
+                Frame::Idle => {}
+            }
+            if last_frame.elapsed() > cfg.ping_interval * 3 {
+                return Err(ContribError::Transport { url: url.into(), msg: format!("no traffic for {:?}", cfg.ping_interval * 3) });
+            }
+            if last_ping.elapsed() >= cfg.ping_interval {
+                ws.ping()?;
+                last_ping = Instant::now();
+            }
+        }
+    }
+}
+
+/// The worker loop: stream, reconnect with back-off, stop for good on an authentication or entitlement error.
+pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>) {
+    let stats = FeedStats::default();
+    let mut feed = Feed { cfg: &cfg, client: &client, stats: &stats, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
+    tracing::info!(plugin = PLUGIN, feed = %cfg.feed, "streaming from {}", cfg.ws_url);
+    let mut attempt: u32 = 0;
+    while !stop.is_stopped() {
+        let mut got_data = false;
+        match feed.session(&stop, &mut got_data) {
+            Ok(_) => break,
+            Err(ContribError::Auth { msg, .. }) => {
+                tracing::error!(plugin = PLUGIN, "authentication failed ({msg}); check api_key/api_secret (${KEY_ENV}/${SECRET_ENV}) and the feed; not retrying until restart");
+                break;
+            }
+            Err(e) => {
+                if got_data {
+                    attempt = 0;
+                }
+                let d = backoff_delay(attempt, None);
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(plugin = PLUGIN, "connection to {} lost: {e}; reconnecting in {d:?}", cfg.ws_url);
+                if !stop.sleep(d) {
+                    break;
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Start the worker from its `config:` map.
+pub fn start(v: &serde_json::Value, client: Client, name: &str) -> Result<FeederHandle, ContribError> {
+    let cfg = AlpacaConfig::from_json(v, |k| std::env::var(k).ok())?;
+    Ok(super::feeder::spawn_worker(format!("{PLUGIN}-{name}"), move |stop| run(cfg, client, stop)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config() {
+        let c = AlpacaConfig::from_json(&serde_json::json!({"api_key": "k", "api_secret": "s", "feed": "sip", "minute_bar_symbols": ["SPY"], "trade_symbols": ["AAPL", "*"]}), |_| None).unwrap();
+        assert_eq!(c.ws_url, "wss://stream.data.alpaca.markets/v2/sip");
+        assert_eq!(c.trades, vec!["*"]);
+        assert_eq!(c.subscribe_message(), r#"{"action":"subscribe","bars":["SPY"],"quotes":[],"trades":["*"]}"#);
+        assert!(!format!("{c:?}").contains("\"k\""));
+        assert!(AlpacaConfig::from_json(&serde_json::json!({"api_key": "k", "api_secret": "s", "feed": "alpacadatav1", "trade_symbols": ["A"]}), |_| None).is_err());
+        assert!(AlpacaConfig::from_json(&serde_json::json!({"api_key": "k", "api_secret": "s"}), |_| None).is_err());
+        let e = AlpacaConfig::from_json(&serde_json::json!({"quote_symbols": ["A"], "ws_server": "ws://127.0.0.1:9/v2/test"}), |k| Some(format!("{k}-v"))).unwrap();
+        assert_eq!((e.key.expose(), e.secret.expose(), e.ws_url.as_str()), ("APCA_API_KEY_ID-v", "APCA_API_SECRET_KEY-v", "ws://127.0.0.1:9/v2/test"));
+    }
+
+    #[test]
+    fn parses_v2_messages() {
+        let ev = parse_message(r#"[{"T":"t","S":"AAPL","i":96921,"x":"D","p":126.55,"s":1,"t":"2021-02-22T15:51:44.208Z","c":["@","I"],"z":"C"}]"#).unwrap();
+        match &ev[0] {
+            Event::Trade { sym, trade } => {
+                assert_eq!(sym, "AAPL");
+                assert_eq!((trade.epoch, trade.nanos, trade.price, trade.size, trade.exchange, trade.tape, trade.conds), (1_614_009_104, 208_000_000, 126.55, 1, b'D', b'C', [b'@', b'I', 0, 0]));
+            }
+            e => panic!("{e:?}"),
+        }
+        let ev = parse_message(r#"[{"T":"q","S":"AMD","bx":"U","bp":87.66,"bs":1,"ax":"Q","ap":87.68,"as":4,"t":"2021-02-22T15:51:45.335689322Z","c":["R"],"z":"C"}]"#).unwrap();
+        match &ev[0] {
+            Event::Quote { quote, .. } => assert_eq!((quote.nanos, quote.bid_exchange, quote.ask_exchange, quote.cond, quote.ask_size), (335_689_322, b'U', b'Q', b'R', 4)),
+            e => panic!("{e:?}"),
+        }
+        let ev = parse_message(r#"[{"T":"b","S":"SPY","o":388.985,"h":389.13,"l":388.975,"c":389.12,"v":49378,"t":"2021-02-22T19:15:00Z","n":461,"vw":389.062639}]"#).unwrap();
+        assert_eq!(ev[0], Event::Bar { sym: "SPY".into(), bar: MinuteBar { t: 1_614_021_300, open: 388.985, high: 389.13, low: 388.975, close: 389.12, volume: 49378, ticks: 461 } });
+        assert_eq!(parse_message(r#"[{"T":"error","code":402,"msg":"auth failed"}]"#).unwrap()[0], Event::Error { code: 402, msg: "auth failed".into() });
+        assert_eq!(parse_message(r#"[{"T":"success","msg":"connected"}]"#).unwrap()[0], Event::Success("connected".into()));
+        assert!(matches!(parse_message(r#"[{"T":"t","S":"A","t":"yesterday","p":1,"s":1}]"#).unwrap()[0], Event::Skipped(_)));
+        assert!(fatal(402) && fatal(409) && !fatal(406));
+    }
+}

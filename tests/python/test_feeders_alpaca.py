@@ -1,0 +1,166 @@
+"""The alpaca feeder against a local Alpaca v2 market-data stream (real message formats, no internet): exact
+bars/trades/quotes over Flight, duplicates and out-of-order events, a dropped connection reconnecting, a
+non-fatal error logged, auth failure and insufficient subscription as one log line without retries.
+
+Stream format: `[{"T":"success","msg":"connected"}]`; client `{"action":"auth","key","secret"}` →
+`[{"T":"success","msg":"authenticated"}]` or `[{"T":"error","code":402,"msg":"auth failed"}]`; client
+`{"action":"subscribe","bars":[..],"trades":[..],"quotes":[..]}` → `[{"T":"subscription",...}]`; events
+`{"T":"b"|"t"|"q","S":...}` with RFC 3339 times.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import pyarrow.flight as fl
+
+from polygon_fake import FakePolygon
+
+KEY, SECRET = "AKFAKEKEYID123", "fake-secret-xyz-987"
+T0 = 1704205800  # 2024-01-02 14:30:00 UTC
+
+
+def iso(secs: int, ns: int = 0) -> str:
+    """RFC 3339 as Alpaca sends it (nanoseconds when there are any)."""
+    return datetime.fromtimestamp(secs, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + (f".{ns:09d}Z" if ns else "Z")
+
+
+def bar(m: int) -> dict:
+    p = 470.0 + m
+    return {"T": "b", "S": "SPY", "o": p, "h": p + 1, "l": p - 1, "c": p + 0.5, "v": 1000 + m, "t": iso(T0 + 60 * m), "n": 10 + m, "vw": p}
+
+
+def want_bar(m):
+    p = 470.0 + m
+    return (T0 + 60 * m, p, p + 1, p - 1, p + 0.5, 1000 + m)
+
+
+TR1 = {"T": "t", "S": "AAPL", "i": 96921, "x": "D", "p": 185.5, "s": 100, "t": iso(T0 + 1, 250_000_000), "c": ["@", "I"], "z": "C"}
+TR2 = {"T": "t", "S": "AAPL", "i": 96922, "x": "V", "p": 185.75, "s": 5, "t": iso(T0 + 2, 123), "c": ["@"], "z": "C"}
+TR_EARLY = {"T": "t", "S": "AAPL", "i": 96920, "x": "D", "p": 185.25, "s": 7, "t": iso(T0, 500_000_000), "c": ["@"], "z": "C"}
+Q1 = {"T": "q", "S": "AAPL", "bx": "U", "bp": 185.4, "bs": 1, "ax": "Q", "ap": 185.6, "as": 4, "t": iso(T0 + 1, 335_689_322), "c": ["R"], "z": "C"}
+
+
+def login(conn, ok=True, code=402, msg="auth failed"):
+    conn.send([{"T": "success", "msg": "connected"}])
+    a = conn.recv()
+    assert a["action"] == "auth"
+    if not ok or a.get("key") != KEY or a.get("secret") != SECRET:
+        conn.send([{"T": "error", "code": code, "msg": msg}])
+        return False
+    conn.send([{"T": "success", "msg": "authenticated"}])
+    sub = conn.recv()
+    assert sub["action"] == "subscribe"
+    conn.send([{"T": "subscription", "trades": sub["trades"], "quotes": sub["quotes"], "bars": sub["bars"], "updatedBars": [], "dailyBars": []}])
+    return True
+
+
+def conn1(conn):
+    if not login(conn):
+        return
+    conn.send([bar(0), bar(1)])
+    conn.send([TR1, Q1, TR2])
+    conn.send([TR_EARLY, TR1, Q1])  # early trade after later ones; TR1 and Q1 repeated
+    conn.send([bar(2), bar(1)])  # bar 1 re-sent
+    time.sleep(1.0)
+    conn.drop()
+
+
+def conn2(conn):
+    if not login(conn):
+        return
+    conn.send([{"T": "error", "code": 405, "msg": "symbol limit exceeded"}])
+    conn.send([bar(3), bar(4)])
+    conn.idle()
+
+
+def config(fake, creds=f"api_key: {KEY}\n      api_secret: {SECRET}"):
+    return f"""bgworkers:
+  - module: alpaca.so
+    name: Alpaca
+    config:
+      {creds}
+      ws_server: {fake.ws_url}/v2/iex
+      feed: iex
+      minute_bar_symbols: [SPY]
+      trade_symbols: [AAPL]
+      quote_symbols: [AAPL]
+      ws_worker_count: 10
+"""
+
+
+def read(srv, key):
+    c = fl.FlightClient(srv.flight_url)
+    try:
+        return c.do_get(fl.Ticket(json.dumps({"destination": key}).encode())).read_all()
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        c.close()
+
+
+def bars_of(srv):
+    t = read(srv, "SPY/1Min/OHLCV")
+    if t is None:
+        return []
+    return list(zip(t.column("Epoch").cast("int64").to_pylist(), *(t.column(c).to_pylist() for c in ("Open", "High", "Low", "Close", "Volume"))))
+
+
+def wait_until(fn, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if fn():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_alpaca_stream_reconnect_exact_rows(server_factory):
+    fake = FakePolygon(KEY, [conn1, conn2])
+    try:
+        srv = server_factory(config_extra=config(fake))
+        wait_until(lambda: bars_of(srv) == [want_bar(m) for m in range(5)], 60, "bars 0..4")
+        assert fake.connections == 2
+        tr = read(srv, "AAPL/1Sec/TRADE")
+        rows = list(zip(tr.column("Epoch").cast("int64").to_pylist(), *(tr.column(c).to_pylist() for c in ("Nanoseconds", "Price", "Size", "Exchange", "TapeID", "Cond1", "Cond2", "Cond3", "Cond4"))))
+        assert rows == [
+            (T0, 500_000_000, 185.25, 7, ord("D"), ord("C"), ord("@"), 0, 0, 0),
+            (T0 + 1, 250_000_000, 185.5, 100, ord("D"), ord("C"), ord("@"), ord("I"), 0, 0),
+            (T0 + 2, 123, 185.75, 5, ord("V"), ord("C"), ord("@"), 0, 0, 0),
+        ]
+        q = read(srv, "AAPL/1Sec/QUOTE")
+        assert q.num_rows == 1
+        assert [q.column(c)[0].as_py() for c in ("Nanoseconds", "BidPrice", "AskPrice", "BidSize", "AskSize", "BidExchange", "AskExchange", "Cond")] == [335_689_322, 185.4, 185.6, 1, 4, ord("U"), ord("Q"), ord("R")]
+        subs = [m for m in fake.ws_messages if m.get("action") == "subscribe"]
+        assert subs[0] == {"action": "subscribe", "bars": ["SPY"], "trades": ["AAPL"], "quotes": ["AAPL"]}
+        log = srv.log()
+        assert "lost" in log and "reconnecting" in log
+        assert "error 405: symbol limit exceeded" in log
+        assert KEY not in log and SECRET not in log
+        assert not fake.errors, fake.errors
+    finally:
+        fake.close()
+
+
+def test_alpaca_auth_failure_and_insufficient_subscription_stop(server_factory, monkeypatch):
+    for code, msg in ((402, "auth failed"), (409, "insufficient subscription")):
+        def refuse(conn, code=code, msg=msg):
+            login(conn, ok=False, code=code, msg=msg)
+            conn.idle()
+
+        fake = FakePolygon(KEY, [refuse])
+        try:
+            # Credentials from Alpaca's environment variables.
+            monkeypatch.setenv("APCA_API_KEY_ID", KEY)
+            monkeypatch.setenv("APCA_API_SECRET_KEY", SECRET)
+            srv = server_factory(config_extra=config(fake, creds=""))
+            wait_until(lambda: "authentication failed" in srv.log(), 30, "the failure")
+            time.sleep(3)
+            assert fake.connections == 1
+            lines = [ln for ln in srv.log().splitlines() if "authentication failed" in ln]
+            assert len(lines) == 1 and f"error {code}: {msg}" in lines[0] and "not retrying" in lines[0], lines
+            assert KEY not in srv.log() and SECRET not in srv.log()
+            srv.stop()
+        finally:
+            fake.close()
