@@ -118,6 +118,24 @@ pub struct Metrics {
     pub disk_usage: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
+/// Progress of one built-in feeder (`/metrics`: `mkts_feeder_*`, labelled like the plugin), updated by the
+/// feeder's threads.
+#[derive(Debug, Default)]
+pub struct FeedStats {
+    /// Stream messages (or REST responses for the polling feeders) received.
+    pub messages: AtomicU64,
+    /// Rows written, streamed and backfilled.
+    pub rows: AtomicU64,
+    /// Of those, rows written by a gap fill over REST.
+    pub backfilled: AtomicU64,
+    /// Trades and quotes dropped as repeats.
+    pub duplicates: AtomicU64,
+    /// Reconnects after a lost connection.
+    pub reconnects: AtomicU64,
+    /// Start time of the newest bar received (Unix seconds; 0 before the first).
+    pub last_bar: AtomicU64,
+}
+
 /// Counters of one plugin instance, shared between the plugin host (which updates them) and `/metrics`.
 ///
 /// A trigger's queue is its own engine subscription: `queued` samples how many appends wait in it (the
@@ -143,6 +161,8 @@ pub struct PluginStats {
     pub dropped: std::sync::Arc<AtomicU64>,
     /// Samples the trigger's queue depth.
     pub queued: Option<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// A built-in worker's feed progress.
+    pub feed: Option<Arc<FeedStats>>,
 }
 
 impl std::fmt::Debug for PluginStats {
@@ -165,6 +185,7 @@ impl PluginStats {
             up: std::sync::atomic::AtomicBool::new(false),
             dropped: Default::default(),
             queued: None,
+            feed: None,
         }
     }
 
@@ -386,6 +407,30 @@ impl SampledCollector {
             ("mkts_trigger_dropped", MetricType::Counter, "Appends a trigger missed because its queue was full.", |p| (p.role == "trigger").then(|| p.dropped.load(Ordering::Relaxed))),
             ("mkts_trigger_queue_depth", MetricType::Gauge, "Appends durable but not yet handed to a trigger: its lag.", |p| p.queued.as_ref().map(|q| q() as u64)),
         ];
+        type FeedSample = fn(&FeedStats) -> u64;
+        let feed_series: [(&str, MetricType, &str, FeedSample); 6] = [
+            ("mkts_feeder_messages", MetricType::Counter, "Stream messages (REST responses for polling feeders) a feeder received.", |f| f.messages.load(Ordering::Relaxed)),
+            ("mkts_feeder_rows_written", MetricType::Counter, "Rows a feeder wrote (streamed and backfilled).", |f| f.rows.load(Ordering::Relaxed)),
+            ("mkts_feeder_rows_backfilled", MetricType::Counter, "Rows a feeder wrote from a gap fill over REST.", |f| f.backfilled.load(Ordering::Relaxed)),
+            ("mkts_feeder_duplicates_dropped", MetricType::Counter, "Trades and quotes a feeder dropped as repeats.", |f| f.duplicates.load(Ordering::Relaxed)),
+            ("mkts_feeder_reconnects", MetricType::Counter, "Reconnects of a streaming feeder after a lost connection.", |f| f.reconnects.load(Ordering::Relaxed)),
+            ("mkts_feeder_last_bar_time_seconds", MetricType::Gauge, "Start time of the newest bar a feeder received (Unix seconds).", |f| f.last_bar.load(Ordering::Relaxed)),
+        ];
+        for (name, ty, help, f) in feed_series {
+            if !plugins.iter().any(|p| p.feed.is_some()) {
+                break;
+            }
+            let mut family = enc.encode_descriptor(name, help, None, ty.clone())?;
+            for p in &plugins {
+                let Some(feed) = &p.feed else { continue };
+                let labels = p.labels();
+                let m = family.encode_family(&labels)?;
+                match ty {
+                    MetricType::Counter => ConstCounter::new(f(feed)).encode(m)?,
+                    _ => ConstGauge::new(f(feed) as i64).encode(m)?,
+                }
+            }
+        }
         for (name, ty, help, f) in series {
             let mut family = enc.encode_descriptor(name, help, None, ty.clone())?;
             for p in &plugins {

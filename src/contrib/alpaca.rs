@@ -449,8 +449,7 @@ impl Feed<'_> {
 }
 
 /// The worker loop: stream, reconnect with back-off, stop for good on an authentication or entitlement error.
-pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>) {
-    let stats = FeedStats::default();
+pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedStats>) {
     let mut feed = Feed { cfg: &cfg, client: &client, stats: &stats, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
     tracing::info!(plugin = PLUGIN, feed = %cfg.feed, "streaming from {}", cfg.ws_url);
     let mut attempt: u32 = 0;
@@ -479,9 +478,9 @@ pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>) {
 }
 
 /// Start the worker from its `config:` map.
-pub fn start(v: &serde_json::Value, client: Client, name: &str) -> Result<FeederHandle, ContribError> {
+pub fn start(v: &serde_json::Value, client: Client, name: &str, feed: Arc<FeedStats>) -> Result<FeederHandle, ContribError> {
     let cfg = AlpacaConfig::from_json(v, |k| std::env::var(k).ok())?;
-    Ok(super::feeder::spawn_worker(format!("{PLUGIN}-{name}"), move |stop| run(cfg, client, stop)))
+    Ok(super::feeder::spawn_worker(format!("{PLUGIN}-{name}"), move |stop| run(cfg, client, stop, feed)))
 }
 
 #[cfg(test)]

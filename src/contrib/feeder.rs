@@ -396,12 +396,12 @@ pub fn spawn_worker(thread_name: String, f: impl FnOnce(Arc<Stop>) + Send + 'sta
 }
 
 /// Start feeding on a dedicated thread (HTTP is blocking; writes use [`Client::write_blocking`]).
-pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, client: Client, name: String) -> FeederHandle {
+pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, client: Client, name: String, feed: Arc<crate::metrics::FeedStats>) -> FeederHandle {
     let stop = Arc::new(Stop::default());
     let s2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("{}-{}", exchange.plugin(), name))
-        .spawn(move || run(&exchange, &cfg, &client, &s2))
+        .spawn(move || run(&exchange, &cfg, &client, &s2, &feed))
         .ok();
     if thread.is_none() {
         tracing::error!("cannot start feeder thread {name}");
@@ -410,7 +410,7 @@ pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, client: Client, name: 
 }
 
 /// The feeder loop: resolve symbols, backfill every symbol window by window, then follow closed bars.
-pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop) {
+pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop, feed: &crate::metrics::FeedStats) {
     let plugin = ex.plugin();
     let http = Http::new(plugin, cfg.timeout, cfg.request_interval);
     let tf = cfg.tf_secs();
@@ -454,6 +454,7 @@ pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop
             let Some((start, end, live)) = next_window(*cursor, limit, tf, ex.page_size()) else { continue };
             match ex.fetch(&http, cfg, sym, start, end, stop) {
                 Ok(mut bars) => {
+                    feed.messages.fetch_add(1, Ordering::Relaxed);
                     bars.retain(|b| b.t >= start && b.t <= end && b.t % tf == 0);
                     bars.sort_by_key(|b| b.t);
                     bars.dedup_by_key(|b| b.t);
@@ -473,6 +474,10 @@ pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop
                             continue;
                         }
                         *total += bars.len() as u64;
+                        feed.rows.fetch_add(bars.len() as u64, Ordering::Relaxed);
+                        if let Some(b) = bars.last() {
+                            feed.last_bar.fetch_max(b.t.max(0) as u64, Ordering::Relaxed);
+                        }
                     }
                     let last_got = bars.last().map(|b| b.t);
                     // At the live edge only move past what arrived; historical windows are complete.

@@ -121,9 +121,9 @@ pub fn config(v: &serde_json::Value) -> Result<FeederConfig, ContribError> {
 }
 
 /// Start the worker from its `config:` map.
-pub fn start(v: &serde_json::Value, client: Client, name: &str) -> Result<FeederHandle, ContribError> {
+pub fn start(v: &serde_json::Value, client: Client, name: &str, feed: std::sync::Arc<crate::metrics::FeedStats>) -> Result<FeederHandle, ContribError> {
     let c = config(v)?;
-    Ok(super::feeder::spawn(Gdax, c, client, name.to_string()))
+    Ok(super::feeder::spawn(Gdax, c, client, name.to_string(), feed))
 }
 
 #[cfg(test)]

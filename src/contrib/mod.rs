@@ -123,12 +123,13 @@ pub fn trigger(module: &str, config: &serde_json::Value, client: &Client, bus: &
 }
 
 /// Start the built-in background worker named by `module`, or `None` when it is not a built-in.
-pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &Client) -> Option<Result<feeder::FeederHandle, ContribError>> {
+/// Its progress goes to `feed` (`/metrics`).
+pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &Client, feed: std::sync::Arc<crate::metrics::FeedStats>) -> Option<Result<feeder::FeederHandle, ContribError>> {
     Some(match module_name(module) {
-        "gdaxfeeder" => gdaxfeeder::start(config, client.clone(), name),
-        "binancefeeder" => binancefeeder::start(config, client.clone(), name),
-        "polygon" => polygon::start(config, client.clone(), name),
-        "alpaca" => alpaca::start(config, client.clone(), name),
+        "gdaxfeeder" => gdaxfeeder::start(config, client.clone(), name, feed),
+        "binancefeeder" => binancefeeder::start(config, client.clone(), name, feed),
+        "polygon" => polygon::start(config, client.clone(), name, feed),
+        "alpaca" => alpaca::start(config, client.clone(), name, feed),
         _ => return None,
     })
 }

@@ -46,7 +46,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -632,16 +632,8 @@ impl Recent {
     }
 }
 
-/// Counters of a running feed (logged with progress lines).
-#[derive(Debug, Default)]
-pub struct FeedStats {
-    pub messages: AtomicU64,
-    pub rows: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub backfilled: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub last_bar: AtomicU64,
-}
+/// Counters of a running feed (also in `/metrics`).
+pub use crate::metrics::FeedStats;
 
 struct GapJob {
     sym: String,
@@ -949,8 +941,7 @@ fn auth_message(key: &str) -> String {
 }
 
 /// The worker loop: stream, reconnect with back-off, stop for good on an authentication failure.
-pub fn run(cfg: PolygonConfig, client: Client, stop: Arc<Stop>) {
-    let stats = Arc::new(FeedStats::default());
+pub fn run(cfg: PolygonConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedStats>) {
     let (tx, rx) = mpsc::channel();
     let gap = {
         let (cfg, client, stats, stop) = (cfg.clone(), client.clone(), stats.clone(), stop.clone());
@@ -994,9 +985,9 @@ pub fn run(cfg: PolygonConfig, client: Client, stop: Arc<Stop>) {
 }
 
 /// Start the worker from its `config:` map (`api_key` may come from `$POLYGON_API_KEY`).
-pub fn start(v: &serde_json::Value, client: Client, name: &str) -> Result<FeederHandle, ContribError> {
+pub fn start(v: &serde_json::Value, client: Client, name: &str, feed: Arc<FeedStats>) -> Result<FeederHandle, ContribError> {
     let cfg = PolygonConfig::from_json(v, |k| std::env::var(k).ok())?;
-    Ok(super::feeder::spawn_worker(format!("{PLUGIN}-{name}"), move |stop| run(cfg, client, stop)))
+    Ok(super::feeder::spawn_worker(format!("{PLUGIN}-{name}"), move |stop| run(cfg, client, stop, feed)))
 }
 
 #[cfg(test)]

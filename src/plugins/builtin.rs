@@ -50,8 +50,9 @@ impl WorkerPlugin for BuiltinWorker {
 }
 
 /// Start the built-in background worker `module` as `name`.
-pub fn worker(module: &str, name: &str, config: &serde_json::Value, client: &Client) -> Result<Box<dyn WorkerPlugin>, PluginError> {
-    match contrib::bgworker(module, name, config, client) {
+/// `feed` receives its progress counters (`/metrics`).
+pub fn worker(module: &str, name: &str, config: &serde_json::Value, client: &Client, feed: std::sync::Arc<crate::metrics::FeedStats>) -> Result<Box<dyn WorkerPlugin>, PluginError> {
+    match contrib::bgworker(module, name, config, client, feed) {
         Some(Ok(h)) => Ok(Box::new(BuiltinWorker(h))),
         Some(Err(e)) => Err(PluginError::Start(e.to_string())),
         None => Err(PluginError::NotFound(format!("no built-in worker {module:?}"))),

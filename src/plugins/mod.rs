@@ -314,9 +314,14 @@ impl PluginHost {
         let identity = plugin_identity(ctx, &label, w.role);
         let provider = Provider::load(source, module, Role::Worker)?;
         let kind = provider.kind();
-        let stats = Arc::new(PluginStats::new("worker", entry.to_string(), module.to_string(), kind));
+        let mut stats = PluginStats::new("worker", entry.to_string(), module.to_string(), kind);
+        let feed = Arc::new(crate::metrics::FeedStats::default());
+        if matches!(provider, Provider::Builtin(_)) {
+            stats.feed = Some(feed.clone());
+        }
+        let stats = Arc::new(stats);
         let worker: Box<dyn WorkerPlugin> = match provider {
-            Provider::Builtin(b) => builtin::worker(b, name, config, &plugin_client(ctx, &identity))?,
+            Provider::Builtin(b) => builtin::worker(b, name, config, &plugin_client(ctx, &identity), feed)?,
             Provider::Shared(lib, path) => {
                 if !lib.has_worker() {
                     return Err(PluginError::Incompatible(format!("{} exports no worker", path.display())));

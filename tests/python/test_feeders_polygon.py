@@ -6,7 +6,9 @@ gap or duplicate, an authentication failure that is one log line and no retry.
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.request
 
 import pyarrow.flight as fl
 
@@ -118,6 +120,22 @@ def test_polygon_stream_drop_gap_fill_restart(server_factory):
             print(srv.log()[-6000:], got(), fake.rest_log, fake.errors, sep="\n")
             raise
         assert fake.connections == 2
+
+        # Progress in /metrics, labelled like the plugin.
+        with urllib.request.urlopen(f"{srv.http_url}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+
+        def metric(name):
+            m = re.search(rf'^{name}(?:_total)?{{[^}}]*module="polygon.so"[^}}]*}} (\d+)', metrics, re.M)
+            assert m, (name, [ln for ln in metrics.splitlines() if "feeder" in ln])
+            return int(m.group(1))
+
+        assert metric("mkts_feeder_reconnects") >= 1
+        assert metric("mkts_feeder_last_bar_time_seconds") == minutes(0, 29)[-1]
+        assert metric("mkts_feeder_rows_backfilled") == 2 * len(minutes(10, 19))
+        assert metric("mkts_feeder_duplicates_dropped") == 2  # TR1 and Q1 re-sent
+        assert metric("mkts_feeder_rows_written") >= 2 * len(minutes(0, 29)) + 3 + 2
+        assert metric("mkts_feeder_messages") > 0
 
         # Schemas: MarketStore's bar types.
         t = read(srv, "AAPL/1Min/OHLCV")
