@@ -7,6 +7,7 @@
 //!   Binance klines into `gdax_<PRODUCT>/<tf>/OHLCV` and `binance_<BASE>-<QUOTE>/<tf>/OHLCV`.
 //! - [`polygon`] (background worker): Polygon's WebSocket stream of minute bars, trades and quotes into
 //!   `<SYM>/1Min/OHLCV`, `<SYM>/1Sec/TRADE` and `<SYM>/1Sec/QUOTE`, gaps after a reconnect filled over REST.
+//! - [`bitmexfeeder`] (background worker): BitMEX bucketed trades into `bitmex_<SYM>/<tf>/OHLCV`.
 //! - [`alpaca`] (background worker): Alpaca's v2 market-data WebSocket (`iex`/`sip`) into the same buckets.
 //! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
 //!
@@ -18,6 +19,7 @@
 
 pub mod alpaca;
 pub mod binancefeeder;
+pub mod bitmexfeeder;
 pub mod calendar;
 pub mod feeder;
 pub mod gdaxfeeder;
@@ -66,7 +68,7 @@ impl From<arrow::error::ArrowError> for ContribError {
 /// Names of the built-in trigger modules (`ondiskagg.so` is accepted as `ondiskagg`).
 pub const TRIGGERS: &[&str] = &["ondiskagg", "stream"];
 /// Names of the built-in background-worker modules.
-pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "polygon", "alpaca"];
+pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "bitmexfeeder", "polygon", "alpaca"];
 
 /// `ondiskagg.so`, `/bin/ondiskagg.so`, `ondiskagg` → `ondiskagg`.
 pub fn module_name(module: &str) -> &str {
@@ -128,6 +130,7 @@ pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &C
     Some(match module_name(module) {
         "gdaxfeeder" => gdaxfeeder::start(config, client.clone(), name, feed),
         "binancefeeder" => binancefeeder::start(config, client.clone(), name, feed),
+        "bitmexfeeder" => bitmexfeeder::start(config, client.clone(), name, feed),
         "polygon" => polygon::start(config, client.clone(), name, feed),
         "alpaca" => alpaca::start(config, client.clone(), name, feed),
         _ => return None,
