@@ -760,7 +760,8 @@ impl Feed<'_> {
             match ev {
                 Event::Status { status, message } => match status.as_str() {
                     "auth_failed" => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("{status}: {message}") }),
-                    "success" | "connected" | "auth_success" => tracing::info!(plugin = PLUGIN, "{status}: {message}"),
+                    // One `success` per subscribed channel: thousands for a large symbol list.
+                    "success" | "connected" | "auth_success" => tracing::debug!(plugin = PLUGIN, "{status}: {message}"),
                     _ => tracing::warn!(plugin = PLUGIN, "{status}: {message}"),
                 },
                 Event::Bar { sym, bar } if self.cfg.bars => {
@@ -882,6 +883,7 @@ impl Feed<'_> {
         tracing::info!(plugin = PLUGIN, url = %url, "authenticated");
         let subs = cfg.subscriptions();
         ws.send_text(&serde_json::json!({"action": "subscribe", "params": subs}).to_string())?;
+        tracing::info!(plugin = PLUGIN, "subscribing to {} channels", subs.split(',').count());
         let mut last_frame = Instant::now();
         let mut last_ping = Instant::now();
         let mut last_log = Instant::now();

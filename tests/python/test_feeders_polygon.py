@@ -98,6 +98,7 @@ def conn1(conn):
 
 def conn2(conn):
     if conn.login(KEY):
+        conn.send([{"ev": "status", "status": "error", "message": "not authorized: Q.MSFT"}])  # a refused channel
         stream_minutes(conn, 20, 29)
         conn.idle()
 
@@ -167,6 +168,8 @@ def test_polygon_stream_drop_gap_fill_restart(server_factory):
         assert "429" in log and "retrying" in log
         assert "lost" in log and "reconnecting" in log
         assert "filled over REST" in log
+        assert "error: not authorized: Q.MSFT" in log  # logged; the stream goes on
+        assert "subscribing to 6 channels" in log
         # Subscribed to what was configured; the key went only into the auth message.
         subs = [m["params"] for m in fake.ws_messages if m.get("action") == "subscribe"]
         assert subs[0] == "AM.AAPL,AM.MSFT,T.AAPL,T.MSFT,Q.AAPL,Q.MSFT", subs
@@ -204,5 +207,34 @@ def test_polygon_auth_failure_is_one_line_and_no_retry(server_factory, monkeypat
         assert wrong not in srv.log() and KEY not in srv.log()
         # The server itself keeps serving.
         assert read(srv, "AAPL/1Min/OHLCV") is None
+    finally:
+        fake.close()
+
+
+def test_polygon_rest_401_disables_gap_fill_once(server_factory):
+    """The stream's key works but REST refuses it: one log line, no retries, the stream goes on."""
+    def c1(conn):
+        if conn.login(KEY):
+            stream_minutes(conn, 0, 2)
+            time.sleep(0.5)
+            conn.drop()
+
+    def c2(conn):
+        if conn.login(KEY):
+            stream_minutes(conn, 20, 22)
+            time.sleep(1.5)
+            stream_minutes(conn, 23, 24)
+            conn.idle()
+
+    fake = FakePolygon("another-key-the-rest-api-wants", [c1, c2], rate_limit_first=0)
+    try:
+        srv = server_factory(config_extra=config(fake))
+        want = [t for t in minutes(0, 2) + minutes(20, 24)]
+        wait_until(lambda: [r[0] for r in bars_of(srv, "AAPL/1Min/OHLCV")] == want, 60, "streamed bars")
+        time.sleep(1)
+        lines = [ln for ln in srv.log().splitlines() if "REST authentication failed" in ln]
+        assert len(lines) == 1 and "HTTP 401" in lines[0] and "gap fills disabled" in lines[0], lines
+        assert len([1 for _, _, c in fake.rest_log if c == 401]) == 1, fake.rest_log  # not retried, MSFT not tried
+        assert KEY not in srv.log()
     finally:
         fake.close()
