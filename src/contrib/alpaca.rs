@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::feeder::{backoff_delay, parse_duration, FeederHandle, Stop};
-use super::polygon::{bars_batch, bucket_symbol, quotes_batch, trades_batch, write, FeedStats, MinuteBar, Quote, Recent, Secret, Trade};
+use super::feeder::{backoff_delay, parse_duration, parse_time, FeederHandle, Http, Stop};
+use super::polygon::{bars_batch, bucket_symbol, gap_before, quotes_batch, spawn_gap_worker, trades_batch, write, BarSource, FeedStats, GapJob, MinuteBar, Quote, Recent, Secret, Trade};
 use super::ws::{Frame, WsClient};
 use super::ContribError;
 use crate::engine::BucketKey;
@@ -44,6 +44,8 @@ use crate::service::Client;
 const PLUGIN: &str = "alpaca";
 /// Alpaca's market-data stream root (`/v2/<feed>` is appended).
 pub const DEFAULT_WS: &str = "wss://stream.data.alpaca.markets";
+/// Alpaca's market-data REST root (gap fills).
+pub const DEFAULT_URL: &str = "https://data.alpaca.markets";
 /// Environment variables read when `api_key` / `api_secret` are empty (Alpaca's SDK names).
 pub const KEY_ENV: &str = "APCA_API_KEY_ID";
 pub const SECRET_ENV: &str = "APCA_API_SECRET_KEY";
@@ -74,6 +76,12 @@ struct RawConfig {
     timeout: Option<serde_json::Value>,
     #[serde(default)]
     dedupe_window: Option<usize>,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    query_start: Option<String>,
+    #[serde(default)]
+    request_interval: Option<serde_json::Value>,
 }
 
 /// Parsed `alpaca` configuration.
@@ -90,6 +98,12 @@ pub struct AlpacaConfig {
     pub ping_interval: Duration,
     pub timeout: Duration,
     pub dedupe_window: usize,
+    /// REST root for gap fills.
+    pub base_url: String,
+    /// Fill an empty bars bucket from here (Unix seconds).
+    pub query_start: Option<i64>,
+    /// Minimum time between REST requests.
+    pub request_interval: Duration,
 }
 
 fn symbols(v: &[String]) -> Vec<String> {
@@ -123,8 +137,16 @@ impl AlpacaConfig {
         let dur = |k: &str, v: &Option<serde_json::Value>, d: Duration| -> Result<Duration, ContribError> {
             match v {
                 None => Ok(d),
-                Some(x) => parse_duration(x).filter(|d| !d.is_zero()).ok_or_else(|| err(format!("{k}: expected a duration like 10s"))),
+                Some(x) => parse_duration(x).filter(|d| !d.is_zero() || k == "request_interval").ok_or_else(|| err(format!("{k}: expected a duration like 10s"))),
             }
+        };
+        let base_url = raw.base_url.map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).unwrap_or_else(|| DEFAULT_URL.into());
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(err(format!("base_url must start with http:// or https://, got {base_url:?}")));
+        }
+        let query_start = match raw.query_start.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(x) => Some(parse_time(x).ok_or_else(|| err(format!("query_start: cannot parse {x:?}")))?),
         };
         Ok(AlpacaConfig {
             key: Secret::new(key),
@@ -137,12 +159,85 @@ impl AlpacaConfig {
             ping_interval: dur("ping_interval", &raw.ping_interval, Duration::from_secs(10))?,
             timeout: dur("timeout", &raw.timeout, Duration::from_secs(15))?,
             dedupe_window: raw.dedupe_window.unwrap_or(100_000),
+            base_url,
+            query_start,
+            request_interval: dur("request_interval", &raw.request_interval, Duration::from_millis(250))?,
         })
     }
 
     /// The subscribe message.
     pub fn subscribe_message(&self) -> String {
         serde_json::json!({"action": "subscribe", "bars": self.bars, "trades": self.trades, "quotes": self.quotes}).to_string()
+    }
+}
+
+/// Alpaca's REST minute bars (`GET /v2/stocks/{sym}/bars`) as a gap-fill source.
+struct AlpacaRest {
+    key: Secret,
+    secret: Secret,
+    base_url: String,
+    feed: String,
+}
+
+/// Parse a bars page: `{"bars": [{"t","o","h","l","c","v","n","vw"}] | null, "symbol", "next_page_token"}`.
+pub fn parse_bars_page(body: &str, url: &str) -> Result<(Vec<MinuteBar>, Option<String>), ContribError> {
+    #[derive(Deserialize)]
+    struct B {
+        t: String,
+        o: f64,
+        h: f64,
+        l: f64,
+        c: f64,
+        #[serde(default)]
+        v: f64,
+        #[serde(default)]
+        n: Option<f64>,
+    }
+    #[derive(Deserialize)]
+    struct P {
+        #[serde(default)]
+        bars: Option<Vec<B>>,
+        #[serde(default)]
+        next_page_token: Option<String>,
+    }
+    let perr = |msg: String| ContribError::Parse { url: url.into(), msg };
+    let p: P = serde_json::from_str(body).map_err(|e| perr(e.to_string()))?;
+    let mut out = Vec::new();
+    for b in p.bars.unwrap_or_default() {
+        let (t, _) = rfc3339(&b.t).ok_or_else(|| perr(format!("bad bar time {:?}", b.t)))?;
+        out.push(MinuteBar { t, open: b.o, high: b.h, low: b.l, close: b.c, volume: b.v.max(0.0).round() as u64, ticks: b.n.unwrap_or(0.0) as i32 });
+    }
+    Ok((out, p.next_page_token.filter(|t| !t.is_empty())))
+}
+
+fn rfc3339_secs(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0).map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+}
+
+impl BarSource for AlpacaRest {
+    fn plugin(&self) -> &'static str {
+        PLUGIN
+    }
+
+    fn tick_count(&self) -> bool {
+        false
+    }
+
+    fn pages(&self, http: &Http, job: &GapJob, stop: &Stop, sink: &mut dyn FnMut(Vec<MinuteBar>) -> Result<(), ContribError>) -> Result<(), ContribError> {
+        let headers = [("APCA-API-KEY-ID", self.key.expose()), ("APCA-API-SECRET-KEY", self.secret.expose())];
+        let feed = if self.feed == "test" { String::new() } else { format!("&feed={}", self.feed) };
+        let first = format!("{}/v2/stocks/{}/bars?timeframe=1Min&start={}&end={}&limit=10000&adjustment=raw{feed}", self.base_url, job.sym, rfc3339_secs(job.from), rfc3339_secs(job.to));
+        let mut url = first.clone();
+        for _ in 0..10_000 {
+            let body = http.get_with(&url, &headers, stop)?;
+            let (bars, next) = parse_bars_page(&body, &url)?;
+            sink(bars)?;
+            match next {
+                Some(tok) if !stop.is_stopped() => url = format!("{first}&page_token={tok}"),
+                _ => break,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +377,7 @@ fn fatal(code: i64) -> bool {
 
 struct Feed<'a> {
     cfg: &'a AlpacaConfig,
+    jobs: std::sync::mpsc::Sender<GapJob>,
     client: &'a Client,
     stats: &'a FeedStats,
     recent: Recent,
@@ -308,7 +404,8 @@ impl Feed<'_> {
         k
     }
 
-    fn handle(&mut self, events: Vec<Event>) -> Result<(), ContribError> {
+    /// Store the events of one message; `checked` holds the symbols whose gap was checked this session.
+    fn handle(&mut self, events: Vec<Event>, checked: &mut HashSet<String>) -> Result<(), ContribError> {
         let mut bars: HashMap<BucketKey, Vec<MinuteBar>> = HashMap::new();
         let mut trades: HashMap<BucketKey, Vec<Trade>> = HashMap::new();
         let mut quotes: HashMap<BucketKey, Vec<Quote>> = HashMap::new();
@@ -320,6 +417,15 @@ impl Feed<'_> {
                 Event::Subscription(_) => tracing::info!(plugin = PLUGIN, "subscribed"),
                 Event::Bar { sym, bar } => {
                     if let Some(k) = self.key(&sym, b'b') {
+                        if !checked.contains(&sym) {
+                            let (gap, done) = gap_before(self.client, &k, bar.t, self.cfg.query_start);
+                            if done {
+                                checked.insert(sym.clone());
+                            }
+                            if let Some((from, to)) = gap {
+                                let _ = self.jobs.send(GapJob { sym: sym.clone(), key: k.clone(), from, to });
+                            }
+                        }
                         self.stats.last_bar.fetch_max(bar.t.max(0) as u64, Ordering::Relaxed);
                         bars.entry(k).or_default().push(bar);
                     }
@@ -375,6 +481,7 @@ impl Feed<'_> {
         let auth = serde_json::json!({"action": "auth", "key": cfg.key.expose(), "secret": cfg.secret.expose()}).to_string();
         // connected → auth → authenticated → subscribe → subscription
         let deadline = Instant::now() + cfg.timeout;
+        let mut checked = HashSet::new();
         let mut stage = 0; // 0 waiting for connected, 1 for authenticated, 2 for subscription
         while stage < 3 {
             if stop.is_stopped() {
@@ -408,7 +515,7 @@ impl Feed<'_> {
                     }
                     Event::Error { code, msg } if fatal(code) => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("error {code}: {msg}") }),
                     Event::Error { code, msg } => return Err(ContribError::Transport { url: url.into(), msg: format!("error {code}: {msg}") }),
-                    other => self.handle(vec![other])?,
+                    other => self.handle(vec![other], &mut checked)?,
                 }
             }
         }
@@ -425,7 +532,7 @@ impl Feed<'_> {
                     match parse_message(&text) {
                         Ok(ev) => {
                             *got_data |= ev.iter().any(|e| matches!(e, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. }));
-                            self.handle(ev)?
+                            self.handle(ev, &mut checked)?
                         }
                         Err(m) => {
                             if self.warned.len() < 100 && self.warned.insert(m.clone()) {
@@ -450,7 +557,9 @@ impl Feed<'_> {
 
 /// The worker loop: stream, reconnect with back-off, stop for good on an authentication or entitlement error.
 pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedStats>) {
-    let mut feed = Feed { cfg: &cfg, client: &client, stats: &stats, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
+    let rest = AlpacaRest { key: cfg.key.clone(), secret: cfg.secret.clone(), base_url: cfg.base_url.clone(), feed: cfg.feed.clone() };
+    let (jobs, gap) = spawn_gap_worker(rest, cfg.timeout, cfg.request_interval, client.clone(), stats.clone(), stop.clone());
+    let mut feed = Feed { cfg: &cfg, jobs, client: &client, stats: &stats, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
     tracing::info!(plugin = PLUGIN, feed = %cfg.feed, "streaming from {}", cfg.ws_url);
     let mut attempt: u32 = 0;
     while !stop.is_stopped() {
@@ -474,6 +583,11 @@ pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedSt
                 attempt = attempt.saturating_add(1);
             }
         }
+    }
+    drop(feed);
+    stop.stop();
+    if let Some(g) = gap {
+        let _ = g.join();
     }
 }
 
@@ -521,5 +635,9 @@ mod tests {
         assert_eq!(parse_message(r#"[{"T":"success","msg":"connected"}]"#).unwrap()[0], Event::Success("connected".into()));
         assert!(matches!(parse_message(r#"[{"T":"t","S":"A","t":"yesterday","p":1,"s":1}]"#).unwrap()[0], Event::Skipped(_)));
         assert!(fatal(402) && fatal(409) && !fatal(406));
+        let (bars, next) = parse_bars_page(r#"{"bars":[{"t":"2021-02-01T16:01:00Z","o":133.32,"h":133.74,"l":133.31,"c":133.5,"v":9876,"n":50,"vw":133.5}],"symbol":"AAPL","next_page_token":"QUFQTHxNfDIwMjEtMDItMDFUMTY6MDE6MDAuMDAwMDAwMDAwWg=="}"#, "u").unwrap();
+        assert_eq!(bars, vec![MinuteBar { t: 1_612_195_260, open: 133.32, high: 133.74, low: 133.31, close: 133.5, volume: 9876, ticks: 50 }]);
+        assert!(next.is_some());
+        assert_eq!(parse_bars_page(r#"{"bars":null,"symbol":"AAPL","next_page_token":null}"#, "u").unwrap(), (vec![], None));
     }
 }

@@ -623,10 +623,10 @@ impl Recent {
             return false;
         }
         self.order.push_back(id);
-        if self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
+        if self.order.len() > self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
         }
         true
     }
@@ -635,11 +635,44 @@ impl Recent {
 /// Counters of a running feed (also in `/metrics`).
 pub use crate::metrics::FeedStats;
 
-struct GapJob {
-    sym: String,
-    key: BucketKey,
-    from: i64,
-    to: i64,
+/// A range of minute bars missing from a bucket, to fetch over REST.
+pub(crate) struct GapJob {
+    pub sym: String,
+    pub key: BucketKey,
+    /// First and last missing bar start (Unix seconds, inclusive).
+    pub from: i64,
+    pub to: i64,
+}
+
+/// The gap before the first bar `t` of a symbol after a (re)connect: `Some(range)` to fetch, and whether
+/// the symbol is now checked for this session (not when `t` is at or before the last stored bar: an old bar
+/// re-sent says nothing about the gap). An empty bucket is filled from `query_start` when set.
+pub(crate) fn gap_before(client: &Client, key: &BucketKey, t: i64, query_start: Option<i64>) -> (Option<(i64, i64)>, bool) {
+    let last = client.info(key).ok().and_then(|i| i.last_epoch);
+    let from = match last {
+        Some(l) if t > l => Some(l + 60),
+        Some(_) => None,
+        None => query_start.map(|s| s + (-s).rem_euclid(60)),
+    };
+    (from.filter(|f| *f <= t - 60).map(|f| (f, t - 60)), last.is_none_or(|l| t > l))
+}
+
+/// A provider's REST minute bars, page by page.
+pub(crate) trait BarSource: Send + 'static {
+    /// For log lines.
+    fn plugin(&self) -> &'static str;
+    /// Whether bars carry `TickCnt`.
+    fn tick_count(&self) -> bool;
+    /// Hand every page of bars of `job` to `sink`.
+    fn pages(&self, http: &Http, job: &GapJob, stop: &Stop, sink: &mut dyn FnMut(Vec<MinuteBar>) -> Result<(), ContribError>) -> Result<(), ContribError>;
+}
+
+/// Start the thread that fills gaps: jobs arrive on the returned sender; a 401/403 disables it (one line).
+pub(crate) fn spawn_gap_worker<S: BarSource>(src: S, timeout: Duration, interval: Duration, client: Client, stats: Arc<FeedStats>, stop: Arc<Stop>) -> (mpsc::Sender<GapJob>, Option<std::thread::JoinHandle<()>>) {
+    let (tx, rx) = mpsc::channel();
+    let name = format!("{}-gapfill", src.plugin());
+    let h = std::thread::Builder::new().name(name).spawn(move || gap_worker(src, timeout, interval, client, stats, stop, rx)).ok();
+    (tx, h)
 }
 
 /// Write one batch (creating the bucket fixed or as ticks) and count its rows.
@@ -650,42 +683,59 @@ pub(crate) fn write(client: &Client, key: &BucketKey, batch: RecordBatch, variab
     Ok(())
 }
 
-/// Fetch the minute bars `[from, to]` (Unix seconds) of `sym` over REST, writing page by page.
-/// Returns the rows written.
-fn fill_gap(http: &Http, cfg: &PolygonConfig, client: &Client, job: &GapJob, stats: &FeedStats, stop: &Stop) -> Result<u64, ContribError> {
-    let auth = format!("Bearer {}", cfg.api_key.expose());
-    let headers = [("Authorization", auth.as_str())];
-    let mut url = format!(
-        "{}/v2/aggs/ticker/{}/range/1/minute/{}/{}?adjusted=true&sort=asc&limit=50000",
-        cfg.base_url,
-        job.sym,
-        job.from * 1000,
-        job.to * 1000 + 59_999
-    );
+/// Polygon's REST aggregates as a [`BarSource`].
+struct PolygonRest {
+    api_key: Secret,
+    base_url: String,
+    tick_count: bool,
+}
+
+impl BarSource for PolygonRest {
+    fn plugin(&self) -> &'static str {
+        PLUGIN
+    }
+
+    fn tick_count(&self) -> bool {
+        self.tick_count
+    }
+
+    fn pages(&self, http: &Http, job: &GapJob, stop: &Stop, sink: &mut dyn FnMut(Vec<MinuteBar>) -> Result<(), ContribError>) -> Result<(), ContribError> {
+        let auth = format!("Bearer {}", self.api_key.expose());
+        let headers = [("Authorization", auth.as_str())];
+        let mut url = format!("{}/v2/aggs/ticker/{}/range/1/minute/{}/{}?adjusted=true&sort=asc&limit=50000", self.base_url, job.sym, job.from * 1000, job.to * 1000 + 59_999);
+        for _ in 0..10_000 {
+            let body = http.get_with(&url, &headers, stop)?;
+            let page = parse_aggs(&body, &url)?;
+            sink(page.bars)?;
+            match page.next_url.as_deref().and_then(|n| rebase_url(n, &self.base_url)) {
+                Some(next) if !stop.is_stopped() => url = next,
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fetch the minute bars of `job` from `src`, writing page by page; returns the rows written.
+fn fill_gap<S: BarSource>(src: &S, http: &Http, client: &Client, job: &GapJob, stats: &FeedStats, stop: &Stop) -> Result<u64, ContribError> {
     let mut total = 0;
-    let mut pages = 0;
-    loop {
-        let body = http.get_with(&url, &headers, stop)?;
-        let page = parse_aggs(&body, &url)?;
-        let mut bars: Vec<MinuteBar> = page.bars.into_iter().filter(|b| b.t >= job.from && b.t <= job.to && b.t % 60 == 0).collect();
+    src.pages(http, job, stop, &mut |page| {
+        let mut bars: Vec<MinuteBar> = page.into_iter().filter(|b| b.t >= job.from && b.t <= job.to && b.t % 60 == 0).collect();
         bars.sort_by_key(|b| b.t);
         bars.dedup_by_key(|b| b.t);
         if !bars.is_empty() {
-            write(client, &job.key, bars_batch(&bars, cfg.add_bar_tick_count)?, false, stats)?;
+            write(client, &job.key, bars_batch(&bars, src.tick_count())?, false, stats)?;
             total += bars.len() as u64;
+            stats.backfilled.fetch_add(bars.len() as u64, Ordering::Relaxed);
         }
-        pages += 1;
-        match page.next_url.as_deref().and_then(|n| rebase_url(n, &cfg.base_url)) {
-            Some(next) if pages < 10_000 && !stop.is_stopped() => url = next,
-            _ => break,
-        }
-    }
-    stats.backfilled.fetch_add(total, Ordering::Relaxed);
+        Ok(())
+    })?;
     Ok(total)
 }
 
-fn gap_worker(cfg: PolygonConfig, client: Client, stats: Arc<FeedStats>, stop: Arc<Stop>, jobs: mpsc::Receiver<GapJob>) {
-    let http = Http::new(PLUGIN, cfg.timeout, cfg.request_interval);
+fn gap_worker<S: BarSource>(src: S, timeout: Duration, interval: Duration, client: Client, stats: Arc<FeedStats>, stop: Arc<Stop>, jobs: mpsc::Receiver<GapJob>) {
+    let plugin = src.plugin();
+    let http = Http::new(plugin, timeout, interval);
     let mut disabled = false;
     loop {
         let job = match jobs.recv_timeout(Duration::from_millis(500)) {
@@ -701,13 +751,13 @@ fn gap_worker(cfg: PolygonConfig, client: Client, stats: Arc<FeedStats>, stop: A
         if disabled || stop.is_stopped() {
             continue;
         }
-        match fill_gap(&http, &cfg, &client, &job, &stats, &stop) {
-            Ok(n) => tracing::info!(plugin = PLUGIN, bucket = %job.key, "gap {} .. {} filled over REST: {n} bars", fmt_time(job.from), fmt_time(job.to)),
+        match fill_gap(&src, &http, &client, &job, &stats, &stop) {
+            Ok(n) => tracing::info!(plugin, bucket = %job.key, "gap {} .. {} filled over REST: {n} bars", fmt_time(job.from), fmt_time(job.to)),
             Err(ContribError::Http { status: status @ (401 | 403), body, .. }) => {
-                tracing::error!(plugin = PLUGIN, "REST authentication failed (HTTP {status}: {body}); gap fills disabled until restart");
+                tracing::error!(plugin, "REST authentication failed (HTTP {status}: {body}); gap fills disabled until restart");
                 disabled = true;
             }
-            Err(e) => tracing::warn!(plugin = PLUGIN, bucket = %job.key, "gap {} .. {} not filled: {e}", fmt_time(job.from), fmt_time(job.to)),
+            Err(e) => tracing::warn!(plugin, bucket = %job.key, "gap {} .. {} not filled: {e}", fmt_time(job.from), fmt_time(job.to)),
         }
     }
 }
@@ -768,17 +818,12 @@ impl Feed<'_> {
                     let Some(key) = self.key(&sym, "bars") else { continue };
                     if !checked.contains(&sym) {
                         // The first bar after a (re)connect: fill the minutes between the last stored bar and it.
-                        let last = self.client.info(&key).ok().and_then(|i| i.last_epoch);
-                        let from = match last {
-                            Some(l) if bar.t > l => Some(l + 60),
-                            Some(_) => None,
-                            None => self.cfg.query_start.map(|s| s + (-s).rem_euclid(60)),
-                        };
-                        if last.is_none_or(|l| bar.t > l) {
+                        let (gap, done) = gap_before(self.client, &key, bar.t, self.cfg.query_start);
+                        if done {
                             checked.insert(sym.clone());
                         }
-                        if let Some(from) = from.filter(|f| *f <= bar.t - 60) {
-                            let _ = self.jobs.send(GapJob { sym: sym.clone(), key: key.clone(), from, to: bar.t - 60 });
+                        if let Some((from, to)) = gap {
+                            let _ = self.jobs.send(GapJob { sym: sym.clone(), key: key.clone(), from, to });
                         }
                     }
                     self.stats.last_bar.fetch_max(bar.t.max(0) as u64, Ordering::Relaxed);
@@ -802,10 +847,8 @@ impl Feed<'_> {
                         quotes.entry(key).or_default().push(quote);
                     }
                 }
-                Event::Skipped(why) => {
-                    if self.warned.len() < 100 && self.warned.insert(why.clone()) {
-                        tracing::warn!(plugin = PLUGIN, "skipped: {why}");
-                    }
+                Event::Skipped(why) if self.warned.len() < 100 && self.warned.insert(why.clone()) => {
+                    tracing::warn!(plugin = PLUGIN, "skipped: {why}");
                 }
                 _ => {}
             }
@@ -944,11 +987,8 @@ fn auth_message(key: &str) -> String {
 
 /// The worker loop: stream, reconnect with back-off, stop for good on an authentication failure.
 pub fn run(cfg: PolygonConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedStats>) {
-    let (tx, rx) = mpsc::channel();
-    let gap = {
-        let (cfg, client, stats, stop) = (cfg.clone(), client.clone(), stats.clone(), stop.clone());
-        std::thread::Builder::new().name("polygon-gapfill".into()).spawn(move || gap_worker(cfg, client, stats, stop, rx)).ok()
-    };
+    let rest = PolygonRest { api_key: cfg.api_key.clone(), base_url: cfg.base_url.clone(), tick_count: cfg.add_bar_tick_count };
+    let (tx, gap) = spawn_gap_worker(rest, cfg.timeout, cfg.request_interval, client.clone(), stats.clone(), stop.clone());
     let mut feed = Feed { cfg: &cfg, client: &client, stats: &stats, jobs: tx, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
     let types: Vec<&str> = [(cfg.bars, "bars"), (cfg.trades, "trades"), (cfg.quotes, "quotes")].into_iter().filter(|(on, _)| *on).map(|(_, t)| t).collect();
     let what = if cfg.symbols.is_empty() { "all tickers".to_string() } else { format!("{} symbols", cfg.symbols.len()) };

@@ -1,6 +1,6 @@
-"""The alpaca feeder against a local Alpaca v2 market-data stream (real message formats, no internet): exact
-bars/trades/quotes over Flight, duplicates and out-of-order events, a dropped connection reconnecting, a
-non-fatal error logged, auth failure and insufficient subscription as one log line without retries.
+"""The alpaca feeder against a local Alpaca v2 market-data stream and REST bars (real message formats, no
+internet): exact bars/trades/quotes over Flight, duplicates and out-of-order events, a dropped connection
+reconnecting with the gap filled over REST (429, next_page_token), a non-fatal error logged, auth failure and insufficient subscription as one log line without retries.
 
 Stream format: `[{"T":"success","msg":"connected"}]`; client `{"action":"auth","key","secret"}` →
 `[{"T":"success","msg":"authenticated"}]` or `[{"T":"error","code":402,"msg":"auth failed"}]`; client
@@ -10,8 +10,11 @@ Stream format: `[{"T":"success","msg":"connected"}]`; client `{"action":"auth","
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 import pyarrow.flight as fl
 
@@ -71,11 +74,56 @@ def conn2(conn):
     if not login(conn):
         return
     conn.send([{"T": "error", "code": 405, "msg": "symbol limit exceeded"}])
-    conn.send([bar(3), bar(4)])
+    conn.send([bar(7), bar(8)])  # minutes 3..6 were missed while disconnected
     conn.idle()
 
 
-def config(fake, creds=f"api_key: {KEY}\n      api_secret: {SECRET}"):
+class AlpacaRest:
+    """`GET /v2/stocks/{sym}/bars?timeframe=1Min&start&end&limit&adjustment&feed[&page_token]` →
+    `{"bars": [{"t","o","h","l","c","v","n","vw"}], "symbol", "next_page_token"}`, pages of 2, key/secret
+    headers required (403 `{"message": "forbidden."}` otherwise), the first request answered 429."""
+
+    def __init__(self):
+        self.log = []
+        self.first = True
+        rest = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                u = urlparse(self.path)
+                q = {k: v[0] for k, v in parse_qs(u.query).items()}
+                if self.headers.get("APCA-API-KEY-ID") != KEY or self.headers.get("APCA-API-SECRET-KEY") != SECRET:
+                    code, body, hdr = 403, {"message": "forbidden."}, {}
+                elif rest.first:
+                    rest.first = False
+                    code, body, hdr = 429, {"message": "too many requests."}, {"Retry-After": "1"}
+                else:
+                    sym = u.path.split("/")[3]
+                    start = int(datetime.strptime(q["start"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+                    end = int(datetime.strptime(q["end"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+                    ms = [m for m in range(0, 100) if start <= T0 + 60 * m <= end]
+                    skip = int(q.get("page_token", "0"))
+                    page = ms[skip:skip + 2]
+                    bars = [{k: v for k, v in bar(m).items() if k not in ("T", "S")} for m in page]
+                    code, body, hdr = 200, {"bars": bars, "symbol": sym, "next_page_token": str(skip + 2) if skip + 2 < len(ms) else None}, {}
+                rest.log.append((u.path, q, code))
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                for k, v in hdr.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def config(fake, creds=f"api_key: {KEY}\n      api_secret: {SECRET}", base_url="http://127.0.0.1:9"):
     return f"""bgworkers:
   - module: alpaca.so
     name: Alpaca
@@ -87,6 +135,8 @@ def config(fake, creds=f"api_key: {KEY}\n      api_secret: {SECRET}"):
       trade_symbols: [AAPL]
       quote_symbols: [AAPL]
       ws_worker_count: 10
+      base_url: {base_url}
+      request_interval: 5ms
 """
 
 
@@ -118,9 +168,14 @@ def wait_until(fn, timeout, what):
 
 def test_alpaca_stream_reconnect_exact_rows(server_factory):
     fake = FakePolygon(KEY, [conn1, conn2])
+    rest = AlpacaRest()
     try:
-        srv = server_factory(config_extra=config(fake))
-        wait_until(lambda: bars_of(srv) == [want_bar(m) for m in range(5)], 60, "bars 0..4")
+        srv = server_factory(config_extra=config(fake, base_url=rest.url))
+        wait_until(lambda: bars_of(srv) == [want_bar(m) for m in range(9)], 60, "bars 0..8 (3..6 over REST)")
+        ok = [q for p, q, c in rest.log if c == 200]
+        assert [p for p, q, c in rest.log][0] == "/v2/stocks/SPY/bars" and any(c == 429 for _, _, c in rest.log)
+        assert ok[0]["start"] == iso(T0 + 180) and ok[0]["end"] == iso(T0 + 360) and ok[0]["feed"] == "iex"
+        assert len(ok) == 2 and ok[1]["page_token"] == "2"  # followed next_page_token
         assert fake.connections == 2
         tr = read(srv, "AAPL/1Sec/TRADE")
         rows = list(zip(tr.column("Epoch").cast("int64").to_pylist(), *(tr.column(c).to_pylist() for c in ("Nanoseconds", "Price", "Size", "Exchange", "TapeID", "Cond1", "Cond2", "Cond3", "Cond4"))))
@@ -141,6 +196,7 @@ def test_alpaca_stream_reconnect_exact_rows(server_factory):
         assert not fake.errors, fake.errors
     finally:
         fake.close()
+        rest.httpd.shutdown()
 
 
 def test_alpaca_auth_failure_and_insufficient_subscription_stop(server_factory, monkeypatch):
