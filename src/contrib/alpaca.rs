@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::feeder::{backoff_delay, parse_duration, parse_time, FeederHandle, Http, Stop};
-use super::polygon::{bars_batch, bucket_symbol, gap_before, quotes_batch, spawn_gap_worker, trades_batch, write, BarSource, FeedStats, GapJob, MinuteBar, Quote, Recent, Secret, Trade};
+use super::polygon::{FLUSH_AFTER, FLUSH_EVENTS, bars_batch, bucket_symbol, gap_before, quotes_batch, spawn_gap_worker, store_all, trades_batch, BarSource, FeedStats, GapJob, MinuteBar, Quote, Recent, Secret, Trade};
 use super::ws::{Frame, WsClient};
 use super::ContribError;
 use crate::engine::BucketKey;
@@ -451,25 +451,22 @@ impl Feed<'_> {
                 }
             }
         }
-        let store = |key: &BucketKey, b: Result<arrow::array::RecordBatch, ContribError>, variable: bool| {
-            if let Err(e) = b.and_then(|b| write(self.client, key, b, variable, self.stats)) {
-                tracing::error!(plugin = PLUGIN, bucket = %key, "write failed: {e}");
-            }
-        };
+        let mut items = Vec::with_capacity(bars.len() + trades.len() + quotes.len());
         for (k, mut b) in bars {
             b.reverse();
             b.sort_by_key(|x| x.t);
             b.dedup_by_key(|x| x.t);
-            store(&k, bars_batch(&b, false), false);
+            items.push((k, bars_batch(&b, false), false));
         }
         for (k, mut t) in trades {
             t.sort_by_key(|x| (x.epoch, x.nanos));
-            store(&k, trades_batch(&t), true);
+            items.push((k, trades_batch(&t), true));
         }
         for (k, mut q) in quotes {
             q.sort_by_key(|x| (x.epoch, x.nanos));
-            store(&k, quotes_batch(&q), true);
+            items.push((k, quotes_batch(&q), true));
         }
+        store_all(PLUGIN, self.client, self.stats, items);
         Ok(())
     }
 
@@ -520,19 +517,36 @@ impl Feed<'_> {
             }
         }
         let (mut last_frame, mut last_ping) = (Instant::now(), Instant::now());
+        let mut pending: Vec<Event> = Vec::new();
+        let mut pending_since = Instant::now();
+        ws.set_read_timeout(Duration::from_millis(50))?;
         loop {
             if stop.is_stopped() {
+                self.handle(std::mem::take(&mut pending), &mut checked)?;
                 ws.close();
                 return Ok(true);
             }
-            match ws.read()? {
+            let frame = match ws.read() {
+                Ok(f) => f,
+                Err(e) => {
+                    self.handle(std::mem::take(&mut pending), &mut checked)?;
+                    return Err(e);
+                }
+            };
+            if !pending.is_empty() && (!matches!(frame, Frame::Text(_)) || pending.len() >= FLUSH_EVENTS || pending_since.elapsed() >= FLUSH_AFTER) {
+                self.handle(std::mem::take(&mut pending), &mut checked)?;
+            }
+            match frame {
                 Frame::Text(text) => {
                     last_frame = Instant::now();
                     self.stats.messages.fetch_add(1, Ordering::Relaxed);
                     match parse_message(&text) {
                         Ok(ev) => {
                             *got_data |= ev.iter().any(|e| matches!(e, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. }));
-                            self.handle(ev, &mut checked)?
+                            if pending.is_empty() {
+                                pending_since = Instant::now();
+                            }
+                            pending.extend(ev);
                         }
                         Err(m) => {
                             if self.warned.len() < 100 && self.warned.insert(m.clone()) {

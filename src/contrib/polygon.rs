@@ -635,6 +635,40 @@ impl Recent {
 /// Counters of a running feed (also in `/metrics`).
 pub use crate::metrics::FeedStats;
 
+/// How many threads write one flush's buckets at once (their appends share the engine's group commit).
+const WRITE_THREADS: usize = 4;
+/// Events are gathered from consecutive messages for at most this long (or [`FLUSH_EVENTS`]) and written
+/// per bucket together; a pause in the stream flushes at once.
+pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// See [`FLUSH_AFTER`].
+pub(crate) const FLUSH_EVENTS: usize = 50_000;
+
+/// Write every `(bucket, batch, tick bucket?)` of one flush, on up to [`WRITE_THREADS`] threads; failures
+/// are logged per bucket.
+pub(crate) fn store_all(plugin: &'static str, client: &Client, stats: &FeedStats, items: Vec<(BucketKey, Result<RecordBatch, ContribError>, bool)>) {
+    let one = |(key, batch, variable): (BucketKey, Result<RecordBatch, ContribError>, bool)| {
+        if let Err(e) = batch.and_then(|b| write(client, &key, b, variable, stats)) {
+            tracing::error!(plugin, bucket = %key, "write failed: {e}");
+        }
+    };
+    if items.len() <= 1 {
+        items.into_iter().for_each(one);
+        return;
+    }
+    let per = items.len().div_ceil(WRITE_THREADS);
+    let mut items = items;
+    let mut chunks = Vec::new();
+    while !items.is_empty() {
+        let rest = items.split_off(per.min(items.len()));
+        chunks.push(std::mem::replace(&mut items, rest));
+    }
+    std::thread::scope(|s| {
+        for chunk in chunks {
+            s.spawn(|| chunk.into_iter().for_each(one));
+        }
+    });
+}
+
 /// A range of minute bars missing from a bucket, to fetch over REST.
 pub(crate) struct GapJob {
     pub sym: String,
@@ -853,29 +887,24 @@ impl Feed<'_> {
                 _ => {}
             }
         }
+        let mut items = Vec::with_capacity(bars.len() + trades.len() + quotes.len());
         for (key, mut b) in bars {
-            // Within one message the last version of a minute wins.
+            // Within one flush the last version of a minute wins.
             b.reverse();
             b.sort_by_key(|x| x.t);
             b.dedup_by_key(|x| x.t);
-            self.store(&key, bars_batch(&b, self.cfg.add_bar_tick_count), false);
+            items.push((key, bars_batch(&b, self.cfg.add_bar_tick_count), false));
         }
         for (key, mut t) in trades {
             t.sort_by_key(|x| (x.epoch, x.nanos));
-            self.store(&key, trades_batch(&t), true);
+            items.push((key, trades_batch(&t), true));
         }
         for (key, mut q) in quotes {
             q.sort_by_key(|x| (x.epoch, x.nanos));
-            self.store(&key, quotes_batch(&q), true);
+            items.push((key, quotes_batch(&q), true));
         }
+        store_all(PLUGIN, self.client, self.stats, items);
         Ok(())
-    }
-
-    fn store(&self, key: &BucketKey, batch: Result<RecordBatch, ContribError>, variable: bool) {
-        match batch.and_then(|b| write(self.client, key, b, variable, self.stats)) {
-            Ok(()) => {}
-            Err(e) => tracing::error!(plugin = PLUGIN, bucket = %key, "write failed: {e}"),
-        }
     }
 
     /// One connection: handshake, auth, subscribe, then read until an error or stop. Returns whether data
@@ -885,6 +914,8 @@ impl Feed<'_> {
         let mut ws = WsClient::connect(PLUGIN, url, cfg.timeout)?;
         ws.set_read_timeout(Duration::from_millis(500))?;
         let mut checked = HashSet::new();
+        let mut pending: Vec<Event> = Vec::new();
+        let mut pending_since = Instant::now();
         // `connected`, then `auth_success` (a server may batch or skip the first).
         let mut authed = false;
         let deadline = Instant::now() + cfg.timeout;
@@ -930,12 +961,25 @@ impl Feed<'_> {
         let mut last_frame = Instant::now();
         let mut last_ping = Instant::now();
         let mut last_log = Instant::now();
+        ws.set_read_timeout(Duration::from_millis(50))?;
         loop {
             if stop.is_stopped() {
+                self.handle(std::mem::take(&mut pending), &mut checked)?;
                 ws.close();
                 return Ok(SessionEnd::Stopped);
             }
-            match ws.read()? {
+            let frame = match ws.read() {
+                Ok(f) => f,
+                Err(e) => {
+                    // What arrived before the connection broke is stored.
+                    self.handle(std::mem::take(&mut pending), &mut checked)?;
+                    return Err(e);
+                }
+            };
+            if !pending.is_empty() && (!matches!(frame, Frame::Text(_)) || pending.len() >= FLUSH_EVENTS || pending_since.elapsed() >= FLUSH_AFTER) {
+                self.handle(std::mem::take(&mut pending), &mut checked)?;
+            }
+            match frame {
                 Frame::Text(text) => {
                     last_frame = Instant::now();
                     self.stats.messages.fetch_add(1, Ordering::Relaxed);
@@ -944,7 +988,10 @@ impl Feed<'_> {
                             if events.iter().any(|e| matches!(e, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. })) {
                                 *got_data = true;
                             }
-                            self.handle(events, &mut checked)?
+                            if pending.is_empty() {
+                                pending_since = Instant::now();
+                            }
+                            pending.extend(events);
                         }
                         Err(m) => {
                             if self.warned.len() < 100 && self.warned.insert(m.clone()) {
