@@ -2,7 +2,7 @@
 //! traits, provided three ways.
 //!
 //! - **Built in** ([`builtin`]): the plugins compiled into mkts (`ondiskagg`, `stream`, `gdaxfeeder`,
-//!   `binancefeeder`); `module: ondiskagg.so` names the same one as `module: ondiskagg`.
+//!   `binancefeeder`, `bitmexfeeder`, `polygon`, `alpaca`); `module: ondiskagg.so` names the same one as `module: ondiskagg`.
 //! - **Shared library** ([`shared`]): a `cdylib` speaking the versioned C ABI of the `mkts-plugin-api` crate,
 //!   loaded with libloading. Batches cross as Arrow C Data Interface structs, config as JSON. A panic is caught
 //!   at the boundary and disables that plugin only.
