@@ -9,6 +9,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mkts-target}"
 VENV="${MKTS_VENV:-$HOME/.cache/mkts-venv}"
 PY_REQ=tests/python/requirements.txt
 
+# The browser test (tests/python/test_console.py) drives Debian's Chromium: Playwright cannot download its own.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (for the console's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium
+fi
+
 echo "== python venv: $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

@@ -336,20 +336,7 @@ impl EngineFlightBackend {
             }
             "plugins" => {
                 svc.authorize(caller, Access::Read)?;
-                use std::sync::atomic::Ordering::Relaxed;
-                let list: Vec<serde_json::Value> = self
-                    .ctx
-                    .metrics
-                    .plugins()
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "entry": p.entry, "role": p.role, "module": p.module, "kind": p.kind,
-                            "up": p.up.load(Relaxed), "fired": p.fired.load(Relaxed), "dropped": p.dropped.load(Relaxed),
-                            "queued": p.queued.as_ref().map(|q| q()), "errors": p.errors.load(Relaxed), "restarts": p.restarts.load(Relaxed),
-                        })
-                    })
-                    .collect();
+                let list: Vec<serde_json::Value> = self.ctx.metrics.plugins().iter().map(|p| p.summary()).collect();
                 Ok(json!({ "plugins": list }))
             }
             other => Err(ServiceError::new(crate::service::ErrorCode::Unimplemented, format!("unknown action {other:?}"))),

@@ -1,18 +1,21 @@
 //! mkts: an Arrow-native market data server, successor to Alpaca's MarketStore.
 //!
 //! The crate is the server's composition: the storage [`engine`], the configuration, the interfaces
-//! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket), SQL, plugins and the CLI.
+//! (Arrow Flight, MarketStore's JSON-RPC/gRPC/WebSocket, the JSON [`api`] behind the web [`console`]), SQL,
+//! plugins and the CLI.
 //! Each interface learns who is calling from [`auth`] (over [`tls`] when configured); [`replication`] keeps
 //! read-only replicas in step with a master.
 //! Data flows one way: interfaces → operations layer ([`service`]: policy, requests, one error type) →
 //! engine (log → partitions) → trigger bus → plugins.
 
+pub mod api;
 pub mod auth;
 pub mod backoff;
 pub mod bus;
 pub mod compat;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod contrib;
 pub mod engine;

@@ -189,6 +189,16 @@ impl PluginStats {
         }
     }
 
+    /// The plugin's configuration and counters as JSON (Flight's `plugins` action, `/api/status`).
+    pub fn summary(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "entry": self.entry, "role": self.role, "module": self.module, "kind": self.kind,
+            "up": self.up.load(Relaxed), "fired": self.fired.load(Relaxed), "dropped": self.dropped.load(Relaxed),
+            "queued": self.queued.as_ref().map(|q| q()), "errors": self.errors.load(Relaxed), "restarts": self.restarts.load(Relaxed),
+        })
+    }
+
     fn labels(&self) -> [(&'static str, &str); 4] {
         [("role", self.role), ("entry", &self.entry), ("module", &self.module), ("kind", self.kind)]
     }
@@ -444,6 +454,26 @@ impl SampledCollector {
             }
         }
         Ok(())
+    }
+}
+
+/// How long a measured disk usage is reused before it is measured again (`/metrics`, `/api/status`).
+pub const DISK_USAGE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The disk usage under `root`, measured (off the runtime's threads) at most once per
+/// [`DISK_USAGE_MAX_AGE`] and cached in `metrics`; `None` when the measurement could not run.
+pub async fn cached_disk_usage(metrics: &Metrics, root: &std::path::Path) -> Option<u64> {
+    let cached = *metrics.disk_usage.lock();
+    match cached {
+        Some((at, bytes)) if at.elapsed() < DISK_USAGE_MAX_AGE => Some(bytes),
+        _ => {
+            let root = root.to_path_buf();
+            let bytes = tokio::task::spawn_blocking(move || disk_usage(&root)).await.ok();
+            if let Some(b) = bytes {
+                *metrics.disk_usage.lock() = Some((std::time::Instant::now(), b));
+            }
+            bytes
+        }
     }
 }
 

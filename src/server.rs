@@ -83,9 +83,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
 
-    // HTTP: MarketStore's /rpc, /ws, /heartbeat, /metrics.
+    // HTTP: MarketStore's /rpc, /ws, /heartbeat, /metrics; the console's /api/ and /console.
     {
-        let router = crate::compat::http_router(ctx.clone());
+        let router = http_router(&ctx);
         let mut rx = shutdown_rx.clone();
         let http_tls = tls.as_ref().map(|t| t.http.clone());
         tasks.push(tokio::spawn(async move {
@@ -207,6 +207,12 @@ impl RunningServer {
         tracing::info!("mkts stopped cleanly");
         Ok(())
     }
+}
+
+/// Every route of `listen_port`: MarketStore's ([`crate::compat::http_router`]), the JSON endpoints
+/// ([`crate::api::router`]) and the web console ([`crate::console::router`]).
+pub fn http_router(ctx: &Arc<ServerContext>) -> axum::Router {
+    crate::compat::http_router(ctx.clone()).merge(crate::api::router(ctx.clone())).merge(crate::console::router(ctx.auth.clone()))
 }
 
 /// A gRPC server builder with TLS (when configured) and large HTTP/2 windows: market data results are

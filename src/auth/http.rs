@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use super::Authenticator;
 use crate::service::Principal;
 
+/// The `WWW-Authenticate` challenge of a 401 on the HTTP port.
+pub const CHALLENGE: &str = "Basic realm=\"mkts\", charset=\"UTF-8\"";
+
 /// The middleware (`axum::middleware::from_fn_with_state(auth, require)`).
 pub async fn require(State(auth): State<Arc<Authenticator>>, mut req: Request, next: Next) -> Response {
     let h = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -23,7 +26,7 @@ pub async fn require(State(auth): State<Arc<Authenticator>>, mut req: Request, n
         }
         Err(e) => {
             let mut r = (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"mkts\", charset=\"UTF-8\""));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
             r
         }
     }

@@ -21,7 +21,7 @@ pub mod value;
 pub mod ws;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -30,10 +30,10 @@ use axum::routing::{any, get};
 use axum::Router;
 
 use crate::context::{ServerContext, VERSION};
-use crate::metrics::{disk_usage, EngineSample};
+use crate::metrics::{cached_disk_usage, EngineSample};
 
 /// How long a measured disk usage is reused before `/metrics` measures again.
-pub const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
+pub use crate::metrics::DISK_USAGE_MAX_AGE;
 
 /// The HTTP routes of `listen_port`: `/rpc`, `/ws`, `/heartbeat`, `/metrics`.
 ///
@@ -83,18 +83,7 @@ async fn heartbeat(State(ctx): State<Arc<ServerContext>>) -> Response {
 
 /// Prometheus text exposition.
 async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
-    let cached = *ctx.metrics.disk_usage.lock();
-    let disk = match cached {
-        Some((at, bytes)) if at.elapsed() < DISK_USAGE_MAX_AGE => Some(bytes),
-        _ => {
-            let root = ctx.engine.root().to_path_buf();
-            let bytes = tokio::task::spawn_blocking(move || disk_usage(&root)).await.ok();
-            if let Some(b) = bytes {
-                *ctx.metrics.disk_usage.lock() = Some((Instant::now(), b));
-            }
-            bytes
-        }
-    };
+    let disk = cached_disk_usage(&ctx.metrics, ctx.engine.root()).await;
     let (wal_syncs, wal_records) = ctx.engine.wal_stats();
     let health = ctx.engine.health();
     let sample = EngineSample {

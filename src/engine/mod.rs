@@ -743,6 +743,11 @@ impl Engine {
         self.inner.catalog.read().keys().cloned().collect()
     }
 
+    /// The directory holding a bucket's files (`root/SYM/TF/GROUP`; it may not exist).
+    pub fn bucket_dir(&self, key: &BucketKey) -> PathBuf {
+        catalog::bucket_dir(self.root(), key)
+    }
+
     /// Schema of a bucket.
     pub fn schema(&self, key: &BucketKey) -> Option<BucketSchema> {
         self.bucket(key).map(|b| (*b.schema).clone())

@@ -21,6 +21,8 @@ pub enum Interface {
     Grpc,
     /// MarketStore's WebSocket stream `/ws`.
     Ws,
+    /// The JSON endpoints under `/api/` that the web console uses.
+    HttpApi,
     /// A plugin calling back into the server (shared-library host API, built-in plugins).
     Plugin,
     /// The CLI on a data directory opened in-process (`--dir`).
@@ -36,6 +38,7 @@ impl Interface {
             Interface::JsonRpc => "jsonrpc",
             Interface::Grpc => "grpc",
             Interface::Ws => "ws",
+            Interface::HttpApi => "http_api",
             Interface::Plugin => "plugin",
             Interface::Cli => "cli",
         }

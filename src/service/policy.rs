@@ -165,7 +165,7 @@ mod tests {
         assert_eq!(allowed(&as_role(Role::Admin)), [true; 6]);
         let e = policy.check(&as_role(Role::ReadOnly), Access::Append).unwrap_err();
         assert_eq!((e.code, e.message.as_str()), (ErrorCode::PermissionDenied, "user \"u\" (role read_only) may not write: that needs role read_write"));
-        for i in [Interface::Flight, Interface::FlightSql, Interface::JsonRpc, Interface::Grpc, Interface::Ws, Interface::Plugin] {
+        for i in [Interface::Flight, Interface::FlightSql, Interface::JsonRpc, Interface::Grpc, Interface::Ws, Interface::HttpApi, Interface::Plugin] {
             let e = policy.check(&Caller::anonymous(i), Access::Read).unwrap_err();
             assert_eq!((e.code, e.message.as_str()), (ErrorCode::Unauthenticated, UNAUTHENTICATED));
         }

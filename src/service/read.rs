@@ -231,6 +231,32 @@ impl Service {
         Ok((schema, stream.map_err(ServiceError::from).boxed()))
     }
 
+    /// Run one SQL statement and keep at most `max_rows` rows of its result: the stream is read only that
+    /// far, so a large result costs `max_rows` rows, not the whole set. `true` when rows were left unread.
+    /// A statement that changes data is acknowledged like any other change (`ack: replica`).
+    pub async fn sql_rows(&self, caller: &Caller, text: &str, max_rows: usize) -> Result<(SchemaRef, Vec<RecordBatch>, bool), ServiceError> {
+        let plan = self.authorized_plan(caller, text).await?;
+        let df = self.query.execute_plan(plan.clone()).await?;
+        let (schema, mut stream) = QueryEngine::stream_dataframe(df).await?;
+        let (mut batches, mut rows, mut truncated) = (Vec::new(), 0usize, false);
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            let room = max_rows - rows;
+            if b.num_rows() > room {
+                if room > 0 {
+                    batches.push(b.slice(0, room));
+                }
+                truncated = true;
+                break;
+            }
+            rows += b.num_rows();
+            batches.push(b);
+        }
+        drop(stream);
+        self.acknowledged_if_changed(&plan).await?;
+        Ok((schema, batches, truncated))
+    }
+
     /// Run a statement that changes data (`INSERT INTO "KEY" SELECT …`); rows affected (`-1`: the
     /// statement reports no count).
     pub async fn sql_update(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<i64, ServiceError> {
