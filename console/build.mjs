@@ -1,11 +1,15 @@
 // Build the console into the Rust crate's assets (src/console/assets/), which the server compiles in:
 // `npm ci && npm run build` from console/. The built files are committed, so `cargo build` needs no npm.
 import { build } from "esbuild";
+import { createHash } from "node:crypto";
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
+/** The inputs of the build (tests/python/test_console.py checks the committed bundle against them). */
+const SOURCES = ["build.mjs", "licenses/MIT-fancy-canvas.txt", "package-lock.json", "package.json", "src/index.html", "src/main.ts", "src/style.css"];
+const sha256 = (path) => createHash("sha256").update(readFileSync(path)).digest("hex");
 const out = join(here, "..", "src", "console", "assets");
 mkdirSync(out, { recursive: true });
 
@@ -40,4 +44,6 @@ const text = [
   "",
 ].join("\n");
 writeFileSync(join(out, "licenses.txt"), text);
+// What the bundle was built from, so a test can tell a stale bundle (sources changed, not rebuilt).
+writeFileSync(join(out, "sources.sha256"), SOURCES.map((f) => `${sha256(join(here, f))}  console/${f}\n`).join(""));
 console.log(`built ${out}`);

@@ -44,11 +44,14 @@ pub struct LiveParams {
 /// `GET /api/live`.
 pub async fn live(State(ctx): State<Arc<ServerContext>>, ext: Extensions, q: Result<Query<LiveParams>, QueryRejection>) -> Response {
     let caller = Caller::of_request(Interface::HttpApi, &ext);
-    let p = match q {
-        Ok(Query(p)) => p,
-        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    let t0 = std::time::Instant::now();
+    let r = match q {
+        Ok(Query(p)) => events(&ctx, &caller, p.key.as_deref()),
+        Err(e) => Err(ApiError::bad_request(e.body_text())),
     };
-    match events(&ctx, &caller, p.key.as_deref()) {
+    // Counted when the stream starts (or is refused), not when it ends.
+    super::observe(&ctx, "live", t0, &r);
+    match r {
         Ok(s) => Sse::new(s).keep_alive(KeepAlive::default()).into_response(),
         Err(e) => e.into_response(),
     }

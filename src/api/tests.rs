@@ -1,5 +1,5 @@
-//! The `/api/` and console routes over a real engine on a temporary directory, through the whole HTTP
-//! router of `listen_port` (as `mkts start` serves it).
+//! The `/api/` and console routes over a real engine on a temporary directory, through their routers as
+//! `mkts start` merges them into `listen_port`'s (`crate::server::http_router`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,8 +58,12 @@ async fn write(ctx: &ServerContext, from: i64, n: i64) {
     ctx.service.write(&Caller::anonymous(Interface::Cli), &WriteRequest::new(key, bars(from, n))).await.unwrap();
 }
 
+fn router(ctx: &Arc<ServerContext>) -> axum::Router {
+    super::router(ctx.clone()).merge(crate::console::router(ctx.auth.clone()))
+}
+
 async fn call(ctx: &Arc<ServerContext>, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let resp = crate::server::http_router(ctx).oneshot(req).await.unwrap();
+    let resp = router(ctx).oneshot(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     (parts.status, parts.headers, axum::body::to_bytes(body, usize::MAX).await.unwrap().to_vec())
 }
@@ -155,6 +159,8 @@ async fn sql_returns_exact_values_and_refuses_bad_statements_with_400() {
     }
     let (s, v) = sql(&ctx, r#"{"sql": "SELECT * FROM \"NOPE/1Min/OHLCV\""}"#).await;
     assert_eq!((s, error_code(&v).0), (StatusCode::NOT_FOUND, "not_found"), "{v}");
+    // Each call is counted under the console's interface.
+    assert_eq!(ctx.metrics.calls("http_api", "sql"), 8);
     ctx.engine.shutdown().await.unwrap();
 }
 
@@ -253,7 +259,7 @@ async fn live_streams_each_append_as_a_server_sent_event() {
     let (s, _) = get(&ctx, "/api/live").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
-    let resp = crate::server::http_router(&ctx).oneshot(Request::get("/api/live?key=AAPL/*/OHLCV").body(Body::empty()).unwrap()).await.unwrap();
+    let resp = router(&ctx).oneshot(Request::get("/api/live?key=AAPL/*/OHLCV").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
     let mut body = resp.into_body().into_data_stream();

@@ -6,7 +6,7 @@ are copied there too). The `/api/` errors are checked with plain HTTP as well.
 from __future__ import annotations
 
 import base64
-import json
+import hashlib
 import os
 import re
 import shutil
@@ -251,3 +251,19 @@ def test_with_auth_the_console_and_api_need_credentials(server_factory, browser)
     with pytest.raises(Exception, match="ERR_INVALID_AUTH_CREDENTIALS"):
         anon.new_page().goto(srv.http_url + "/console/")
     anon.close()
+
+
+def test_the_committed_bundle_was_built_from_the_committed_sources():
+    """`npm run build` records what it built from (src/console/assets/sources.sha256): a source changed
+    without rebuilding the bundle fails here. Runs without a server or npm."""
+    repo = Path(__file__).resolve().parents[2]
+    listed = {}
+    for line in (repo / "src/console/assets/sources.sha256").read_text().splitlines():
+        digest, path = line.split("  ", 1)
+        listed[path] = digest
+    sources = {f"console/{p.relative_to(repo / 'console').as_posix()}" for p in (repo / "console/src").rglob("*") if p.is_file()}
+    assert sources <= set(listed), f"not in the build's inputs: {sorted(sources - set(listed))} (add them to SOURCES in console/build.mjs)"
+    stale = [p for p, d in listed.items() if hashlib.sha256((repo / p).read_bytes()).hexdigest() != d]
+    assert not stale, f"changed since the bundle was built: {stale}; run `cd console && npm ci && npm run build`"
+    for src, built in [("console/src/index.html", "index.html"), ("console/src/style.css", "console.css")]:
+        assert (repo / src).read_bytes() == (repo / "src/console/assets" / built).read_bytes(), built
