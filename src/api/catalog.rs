@@ -64,7 +64,7 @@ pub async fn list(State(ctx): State<Arc<ServerContext>>, ext: Extensions) -> Res
 
 async fn list_inner(ctx: &ServerContext, caller: &Caller) -> Result<Value, ApiError> {
     let mut buckets = ctx.service.list_buckets(caller)?;
-    buckets.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+    buckets.sort_by_key(|(k, _)| k.to_string());
     let sizes = sizes(ctx, buckets.iter().map(|(k, _)| k.clone()).collect()).await;
     let out: Vec<Value> = buckets.iter().zip(sizes).map(|((k, i), s)| bucket_json(k, i, s)).collect();
     Ok(json!({ "buckets": out }))
