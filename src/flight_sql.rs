@@ -1,7 +1,7 @@
 //! Arrow Flight SQL over the operations layer: statements, prepared statements (with `$1` parameters),
 //! updates (`INSERT INTO "KEY" SELECT ...`), and the metadata calls (GetCatalogs, GetDbSchemas, GetTables,
 //! GetTableTypes, GetSqlInfo) that ADBC and JDBC drivers need. Every statement runs through
-//! [`crate::service::Service`] as an anonymous Flight SQL caller.
+//! [`crate::service::Service`] as the request's caller (authenticated when `auth:` is configured).
 //!
 //! DoPut is not served here: the server's Flight service (`mkts_flight::MktsFlightService`) takes every
 //! DoPut stream itself and hands Flight SQL updates, bulk ingest and parameter uploads to the Flight

@@ -1,10 +1,10 @@
 //! Arrow Flight and Flight SQL for mkts, served over a narrow backend trait.
 //!
 //! One gRPC service answers both protocols on the same port:
-//! - **Plain Flight** (the contract of `shared/bench/server_client.py`): DoPut to a path descriptor writes a
+//! - **Plain Flight** (the contract in `docs/flight.md`): DoPut to a path descriptor writes a
 //!   bucket; DoGet with a JSON `QueryRequest` ticket (MarketStore's field names) or a bare key reads one;
 //!   GetFlightInfo / GetSchema / ListFlights describe buckets; DoAction runs `create`, `destroy`, `get_info`,
-//!   `delete_range`, `list_symbols`, `server_version`, `replication_status`.
+//!   `delete_range`, `list_symbols`, `server_version`, `plugins`, `replication_status`.
 //! - **Flight SQL**: requests whose ticket or command is a protobuf `Any` of a Flight SQL message are handed
 //!   to a [`FlightSqlService`] (the SQL engine's), except DoPut updates/ingests, which this crate decodes and
 //!   passes to the backend (arrow-flight does not let a service re-wrap a consumed `Streaming`).
