@@ -5,7 +5,7 @@
 //! do not know are warned about by name too (MarketStore silently ignores them, which cost users
 //! afternoons). `replication:` makes the server a master or a read-only replica ([`ReplicationConfig`]).
 //! Booleans accept YAML booleans and MarketStore's string forms (`"true"`, `"1"`, `"t"`, …). The reference
-//! of every key is `docs/configuration.md` (a test keeps it in step with this parser).
+//! of every key is `docs/config.md` (a test keeps it in step with this parser).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -162,7 +162,7 @@ pub struct AuthConfig {
 /// Default `auth.token_ttl`.
 pub const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
-/// The keys this parser applies (each does what its entry in `docs/configuration.md` says).
+/// The keys this parser applies (each does what its entry in `docs/config.md` says).
 pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
@@ -932,10 +932,10 @@ triggers:
         }
     }
 
-    /// `docs/configuration.md` names every key this parser applies or ignores, and no other.
+    /// `docs/config.md` names every key this parser applies or ignores, and no other.
     #[test]
     fn docs_config_reference_matches_the_parser() {
-        let doc = include_str!("../docs/configuration.md");
+        let doc = include_str!("../docs/config.md");
         let documented: std::collections::BTreeSet<&str> = doc
             .lines()
             .filter_map(|l| l.strip_prefix("| `"))
@@ -943,11 +943,11 @@ triggers:
             .filter(|k| !k.contains('.'))
             .collect();
         let known: std::collections::BTreeSet<&str> = KEYS.iter().copied().chain(IGNORED_KEYS.iter().map(|(k, _)| *k)).collect();
-        assert_eq!(documented, known, "docs/configuration.md and src/config.rs disagree");
+        assert_eq!(documented, known, "docs/config.md and src/config.rs disagree");
         for (k, _) in IGNORED_KEYS {
             assert!(!KEYS.contains(k), "{k} is both applied and ignored");
             let line = doc.lines().find(|l| l.starts_with(&format!("| `{k}`"))).unwrap_or_default();
-            assert!(line.contains("ignored"), "docs/configuration.md must say {k} is ignored: {line}");
+            assert!(line.contains("ignored"), "docs/config.md must say {k} is ignored: {line}");
         }
         // A key outside both lists is reported as unknown (so the lists are the parser's whole vocabulary).
         let c = Config::parse("listen_port: 1\nno_such_key: 1\n", Path::new(".")).unwrap();
