@@ -13,8 +13,10 @@ PY_REQ=tests/python/requirements.txt
 if ! command -v chromium >/dev/null 2>&1; then
   echo "== installing chromium (for the console's browser test)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq chromium
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo -E)
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" apt-get install -y -qq chromium
 fi
 
 echo "== python venv: $VENV"
