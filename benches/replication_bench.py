@@ -147,13 +147,14 @@ def main():
     base = Path(tempfile.mkdtemp(prefix="mkts-repl-bench-"))
     rport = free_port()
     rbase = Path(tempfile.mkdtemp(prefix="mkts-repl-bench-", dir=a.replica_dir)) if a.replica_dir else base
+    reps = []
     master = Srv(a.bin, base / "master", f"replication:\n  enabled: true\n  listen_port: {rport}\n")
     try:
         # A: no replica connected.
         appends(master, "WARM/1Min/OHLCV", 50, a.rows)
         lat_a = appends(master, "SOLO/1Min/OHLCV", a.appends, a.rows)
         # B: two replicas, each with a subscriber timestamping arrivals.
-        reps = [Srv(a.bin, rbase / f"replica{i}", f"replication:\n  master_host: \"127.0.0.1:{rport}\"\n  retry_interval: 200ms\n") for i in range(2)]
+        reps += [Srv(a.bin, rbase / f"replica{i}", f"replication:\n  master_host: \"127.0.0.1:{rport}\"\n  retry_interval: 200ms\n") for i in range(2)]
         deadline = time.time() + 120
         while not all(r.status()["replica"]["phase"] == "streaming" and r.status()["replica"]["applied_position"] >= master.status()["position"] for r in reps):
             if time.time() > deadline:
@@ -202,9 +203,9 @@ def main():
             "lag_p50_in_fdatasyncs": pct(lags, 50) * 1e6 / sync,
         }
         print(json.dumps(out))
+    finally:
         for r in reps:
             r.stop()
-    finally:
         master.stop()
         shutil.rmtree(base, ignore_errors=True)
         if a.replica_dir:
