@@ -359,7 +359,8 @@ impl FlightSqlService for FlightSqlHandler {
     }
 
     async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
-        if let Some(ipc) = ticket.statement_handle.strip_prefix(RESULT_PREFIX) {
+        if ticket.statement_handle.starts_with(RESULT_PREFIX) {
+            let ipc = ticket.statement_handle.slice(RESULT_PREFIX.len()..);
             let (schema, batches) = mkts_flight::ipc::decode_stream(ipc).map_err(|e| Status::invalid_argument(format!("statement handle: {e}")))?;
             let schema = schema.ok_or_else(|| Status::invalid_argument("statement handle: empty result stream"))?;
             let batches: Vec<Result<RecordBatch, ServiceError>> = batches.into_iter().map(Ok).collect();

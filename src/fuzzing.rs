@@ -458,7 +458,7 @@ pub fn engine_write(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let h = harness(); // first: it installs the panic hook that lets a guarded decode's panic unwind
     // Decoded as the server decodes client IPC (a malformed stream is an error, see mkts_flight::ipc).
-    let Ok((_, batches)) = mkts_flight::ipc::decode_stream(rest) else { return };
+    let Ok((_, batches)) = mkts_flight::ipc::decode_stream(Bytes::copy_from_slice(rest)) else { return };
     let engine = h.ctx.engine.clone();
     let (key, variable) = match mode % 4 {
         0 => ("AAPL/1Min/OHLCV", None),

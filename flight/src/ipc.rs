@@ -17,7 +17,7 @@
 //! ```
 //! use mkts_flight::ipc::decode_stream;
 //! // Not an IPC stream: a clear error, not a panic or an abort.
-//! assert!(decode_stream(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+//! assert!(decode_stream(bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f])).is_err());
 //! ```
 
 use std::cell::Cell;
@@ -58,8 +58,9 @@ fn malformed() -> ArrowError {
     ArrowError::IpcError("malformed Arrow IPC stream: the decoder rejected it".into())
 }
 
-/// Decode a whole in-memory Arrow IPC stream: its schema (None for empty input) and batches.
-pub fn decode_stream(bytes: &[u8]) -> Result<(Option<SchemaRef>, Vec<RecordBatch>), ArrowError> {
+/// Decode a whole in-memory Arrow IPC stream: its schema (None for empty input) and batches. The batches'
+/// buffers are slices of `bytes` where their alignment allows (no copy of the column data).
+pub fn decode_stream(bytes: bytes::Bytes) -> Result<(Option<SchemaRef>, Vec<RecordBatch>), ArrowError> {
     if bytes.is_empty() {
         return Ok((None, Vec::new()));
     }
@@ -125,7 +126,7 @@ mod tests {
     fn round_trips_a_stream() {
         let schema = Arc::new(Schema::new(vec![Field::new("Epoch", DataType::Int64, false)]));
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).unwrap();
-        let (s, got) = decode_stream(&ipc(&b)).unwrap();
+        let (s, got) = decode_stream(ipc(&b).into()).unwrap();
         assert_eq!(s.unwrap(), schema);
         assert_eq!(got, vec![b]);
         assert!(!in_guarded_decode());
@@ -136,7 +137,7 @@ mod tests {
         // Continuation marker, then a message length near 2^31 with 8 bytes behind it.
         let mut bytes = vec![0xff, 0xff, 0xff, 0xff, 0xf0, 0xff, 0xff, 0x7f];
         bytes.extend_from_slice(&[0u8; 8]);
-        assert!(decode_stream(&bytes).is_err());
+        assert!(decode_stream(bytes.into()).is_err());
     }
 
     #[test]
@@ -145,7 +146,7 @@ mod tests {
         let b = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).unwrap();
         let bytes = ipc(&b);
         for cut in [5, bytes.len() / 2, bytes.len() - 9] {
-            assert!(decode_stream(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(decode_stream(bytes::Bytes::copy_from_slice(&bytes[..cut])).is_err(), "cut at {cut}");
         }
     }
 }

@@ -36,11 +36,11 @@ pub fn to_ipc(batches: &[RecordBatch]) -> Result<Vec<u8>, WireError> {
 }
 
 /// Decode an Arrow IPC stream ([`to_ipc`]); empty bytes are no batches.
-pub fn from_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, WireError> {
+pub fn from_ipc(bytes: &bytes::Bytes) -> Result<Vec<RecordBatch>, WireError> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
-    mkts_flight::ipc::decode_stream(bytes).map(|(_, batches)| batches).map_err(bad)
+    mkts_flight::ipc::decode_stream(bytes.clone()).map(|(_, batches)| batches).map_err(bad)
 }
 
 pub fn unix_nanos(t: SystemTime) -> i64 {
