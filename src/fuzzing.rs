@@ -140,7 +140,7 @@ impl Harness {
             let ticks = BucketKey::parse("TSLA/1Sec/TICK").expect("static key");
             engine.write(&ticks, &seed_ticks(), WriteOptions { variable: Some(true) }).await.expect("seed write");
             let empty = BucketKey::parse("MSFT/1D/OHLCV").expect("static key");
-            let schema = BucketSchema { kind: RecordKind::Fixed, columns: vec![ColumnDef { name: "Close".into(), ty: ColumnType::F64 }] };
+            let schema = BucketSchema { kind: RecordKind::Fixed, columns: vec![ColumnDef::new("Close", ColumnType::F64)] };
             engine.create(&empty, schema).await.expect("seed create");
             let config = Config { root_directory: root.clone(), ..Config::default() };
             ServerContext::new(engine, config, None)
@@ -351,7 +351,7 @@ pub fn csv_control(data: &[u8]) {
         kind: RecordKind::Fixed,
         columns: [("Open", ColumnType::F32), ("High", ColumnType::F32), ("Low", ColumnType::F32), ("Close", ColumnType::F32), ("Volume", ColumnType::I64)]
             .into_iter()
-            .map(|(n, ty)| ColumnDef { name: n.into(), ty })
+            .map(|(n, ty)| ColumnDef::new(n, ty))
             .collect(),
     });
     if let Ok(batches) = crate::cli::transfer::csv_batches(&csv_path, ctl.as_ref(), target.as_ref(), Arc::new(AtomicU64::new(0))) {
@@ -431,10 +431,10 @@ pub fn manifest(data: &[u8]) {
                 .ok()
                 .and_then(|v| serde_json::from_value::<BucketSchema>(v.get("schema")?.clone()).ok());
             let names = match &types {
-                Some(s) => crate::engine::partition::physical_types(s.kind, &s.columns.iter().map(|c| c.ty).collect::<Vec<_>>())
+                Some(s) => crate::engine::partition::physical_layouts(s.kind, &s.columns)
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| format!("c{i:03}.{}", t.file_suffix()))
+                    .map(|(i, l)| crate::engine::partition::column_file_names(i, *l).0)
                     .collect(),
                 None => vec!["c000.i64".to_string()],
             };

@@ -27,7 +27,7 @@ use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, Engine, EngineConfig, RecordKind};
+use crate::engine::{BucketKey, BucketSchema, ColumnDef, Engine, EngineConfig, RecordKind};
 use super::jsonrpc::RpcClient;
 use crate::service::{Caller, CreateRequest, ErrorCode, Interface, Service, ServiceError, WriteRequest};
 
@@ -322,7 +322,7 @@ impl Client {
             Client::Local { service } => service.create(&caller(), &CreateRequest { key: key.clone(), schema }).await.map_err(local),
             Client::Remote { .. } => {
                 let names: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
-                let types: Vec<&str> = schema.columns.iter().map(|c| c.ty.wire_name()).collect();
+                let types: Vec<String> = schema.columns.iter().map(|c| c.type_name()).collect();
                 let body = json!({"key": key.to_string(), "column_names": names, "column_types": types,
                                   "is_variable_length": schema.kind == RecordKind::Variable});
                 self.action("create", body).await.map(|_| ())
@@ -476,8 +476,7 @@ pub fn schema_from_info(v: &Value) -> anyhow::Result<BucketSchema> {
     let mut columns = Vec::new();
     for c in v.get("columns").and_then(Value::as_array).ok_or_else(|| anyhow!("get_info reply without columns"))? {
         let name = c.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
-        let ty = ColumnType::from_wire(c.get("type").and_then(Value::as_str).unwrap_or_default())?;
-        columns.push(ColumnDef { name, ty });
+        columns.push(ColumnDef::parse(name, c.get("type").and_then(Value::as_str).unwrap_or_default())?);
     }
     Ok(BucketSchema { kind: if variable { RecordKind::Variable } else { RecordKind::Fixed }, columns })
 }
@@ -487,12 +486,12 @@ pub fn parse_shape(shape: &str, kind: RecordKind) -> anyhow::Result<BucketSchema
     let mut columns = Vec::new();
     for group in shape.split(':').filter(|g| !g.is_empty()) {
         let (names, ty) = group.rsplit_once('/').ok_or_else(|| anyhow!("shape group {group:?} must be name1,name2/type"))?;
-        let ty = ColumnType::from_wire(ty)?;
+        let col = ColumnDef::parse("", ty)?;
         for n in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if n == "Epoch" || (kind == RecordKind::Variable && n == "Nanoseconds") {
                 continue;
             }
-            columns.push(ColumnDef { name: n.to_string(), ty });
+            columns.push(ColumnDef { name: n.to_string(), ..col.clone() });
         }
     }
     let s = BucketSchema { kind, columns };

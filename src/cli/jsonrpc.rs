@@ -195,7 +195,7 @@ impl RpcClient {
                 continue;
             }
             let ty = u8::try_from(code).ok().and_then(ColumnType::from_marketstore_code).ok_or_else(|| anyhow!("GetInfo: column {name:?} has type code {code}, which mkts cannot store"))?;
-            columns.push(ColumnDef { name, ty });
+            columns.push(ColumnDef::new(name, ty));
         }
         let kind = if r.i64("RecordType", "RecordType").map_err(|e| anyhow!("GetInfo: {e}"))? == Some(1) { RecordKind::Variable } else { RecordKind::Fixed };
         Ok(Ok(RpcInfo {

@@ -679,7 +679,7 @@ mod tests {
         let c = control("firstRowHasColumnNames: true\ntimeFormat: \"2006-01-02 15:04:05\"\ntimeZone: America/New_York\n");
         let target = BucketSchema {
             kind: RecordKind::Variable,
-            columns: vec![ColumnDef { name: "Bid".into(), ty: ColumnType::F32 }, ColumnDef { name: "Ask".into(), ty: ColumnType::F64 }],
+            columns: vec![ColumnDef::new("Bid", ColumnType::F32), ColumnDef::new("Ask", ColumnType::F64)],
         };
         let batches: Vec<RecordBatch> =
             futures::executor::block_on(csv_batches(&csv, Some(&c), Some(&target), Arc::new(AtomicU64::new(0))).expect("reader").try_collect()).expect("rows");

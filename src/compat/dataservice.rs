@@ -7,7 +7,7 @@
 use chrono::{Datelike, Utc};
 
 use crate::context::ServerContext;
-use crate::engine::{ColumnType, RecordKind, EPOCH};
+use crate::engine::{RecordKind, EPOCH};
 use crate::service::request::{parse_columns, parse_key};
 use crate::service::{Caller, CreateRequest, ErrorCode, QueryRequest, ServiceError, SymbolFormat, WriteRequest};
 
@@ -101,8 +101,9 @@ pub fn get_info(ctx: &ServerContext, caller: &Caller, key: &str) -> Info {
     let res = parse_key(key).and_then(|k| ctx.service.get_info(caller, &k).map(|i| (k, i)));
     match res {
         Ok((k, info)) => {
-            let mut dsv = vec![(EPOCH.to_string(), ColumnType::I64.marketstore_code())];
-            dsv.extend(info.schema.columns.iter().map(|c| (c.name.clone(), c.ty.marketstore_code())));
+            // Columns of types MarketStore lacks are left out: its clients cannot read them.
+            let mut dsv = vec![(EPOCH.to_string(), 3)];
+            dsv.extend(info.schema.columns.iter().filter_map(|c| Some((c.name.clone(), c.ty.marketstore_code()?))));
             Info {
                 latest_year: info.years.last().map(|y| *y as i64).unwrap_or_else(|| Utc::now().year() as i64),
                 timeframe_ns: k.tf().nominal_nanos(),

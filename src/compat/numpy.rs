@@ -69,6 +69,8 @@ enum Wire {
     Bool,
     /// Anything else: cast to f8 (or to strings when not numeric).
     Cast(DataType),
+    /// Byte strings: numpy datasets have no type for them.
+    Unsupported,
 }
 
 fn wire_of(dt: &DataType) -> Wire {
@@ -91,6 +93,7 @@ fn wire_of(dt: &DataType) -> Wire {
         DataType::Boolean => Wire::Bool,
         DataType::Float16 | DataType::Decimal128(..) | DataType::Decimal256(..) => Wire::Cast(DataType::Float64),
         DataType::Date32 | DataType::Date64 => Wire::Cast(DataType::Timestamp(TimeUnit::Second, None)),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_) => Wire::Unsupported,
         _ => Wire::Cast(DataType::Utf8),
     }
 }
@@ -103,6 +106,7 @@ fn type_name(w: &Wire) -> String {
         Wire::Bool => "b1".into(),
         // Cast columns are resolved to their target's wire form before naming.
         Wire::Cast(_) => "f8".into(),
+        Wire::Unsupported => "binary".into(),
     }
 }
 
@@ -112,7 +116,27 @@ fn max_chars(arr: &ArrayRef) -> usize {
     (0..s.len()).filter(|&i| s.is_valid(i)).map(|i| s.value(i).chars().count()).max().unwrap_or(0)
 }
 
-fn encode(arr: &ArrayRef, w: &Wire) -> Result<Bytes, String> {
+/// `arr` in its wire form; `name` names the column in errors. Nulls travel only where numpy has a value
+/// for them: NaN in float columns, an empty string in string columns; integer and bool columns holding
+/// nulls are refused (MarketStore's types have no null), naming the column.
+fn encode(name: &str, arr: &ArrayRef, w: &Wire) -> Result<Bytes, String> {
+    if arr.null_count() > 0 {
+        let filled: Option<ArrayRef> = match arr.data_type() {
+            DataType::Float32 => Some(Arc::new(PrimitiveArray::<adt::Float32Type>::from_iter_values(arr.as_primitive::<adt::Float32Type>().iter().map(|v| v.unwrap_or(f32::NAN))))),
+            DataType::Float64 => Some(Arc::new(PrimitiveArray::<adt::Float64Type>::from_iter_values(arr.as_primitive::<adt::Float64Type>().iter().map(|v| v.unwrap_or(f64::NAN))))),
+            _ => None,
+        };
+        match (filled, w) {
+            (Some(f), _) => return encode(name, &f, w),
+            (None, Wire::Utf32(_)) => {}
+            (None, _) => {
+                return Err(format!(
+                    "column {name:?} holds nulls, which MarketStore's {} type cannot carry; read it over Flight or SQL (or select other columns)",
+                    type_name(w)
+                ))
+            }
+        }
+    }
     match w {
         Wire::Raw(_, width) => {
             let data = arr.to_data();
@@ -153,6 +177,7 @@ fn encode(arr: &ArrayRef, w: &Wire) -> Result<Bytes, String> {
             Ok(Bytes::from((0..b.len()).map(|i| b.value(i) as u8).collect::<Vec<u8>>()))
         }
         Wire::Cast(_) => Err("internal: unresolved cast".into()),
+        Wire::Unsupported => Err(format!("column {name:?} is {}, which MarketStore's datasets cannot carry; read it over Flight or SQL (or select other columns)", arr.data_type())),
     }
 }
 
@@ -214,7 +239,7 @@ pub fn pack(parts: Vec<Part>) -> Result<NumpyOut, String> {
                     Some(t) => cast(b.column(i), t).map_err(|e| e.to_string())?,
                     None => b.column(i).clone(),
                 };
-                let bytes = encode(&col, w)?;
+                let bytes = encode(schema.field(i).name(), &col, w)?;
                 if !bytes.is_empty() {
                     out.columns[i].push(bytes);
                 }
@@ -360,7 +385,20 @@ fn split(ds: &NumpyIn<'_>, need_epoch: bool) -> Result<Vec<(String, RecordBatch)
     if starts.is_empty() {
         return Err("dataset has no startindex: which bucket is it for?".into());
     }
-    let fields: Vec<Field> = cols.iter().map(|(n, dt, _)| Field::new(n, dt.clone(), false)).collect();
+    // Strings of MarketStore's width create string16 columns (its `U16`, which GetInfo reports back);
+    // wider numpy strings create utf8 columns (strings of any length).
+    let fields: Vec<Field> = cols
+        .iter()
+        .map(|(n, dt, w)| {
+            let f = Field::new(n, dt.clone(), false);
+            if *dt == DataType::Utf8 {
+                let t = if *w <= crate::engine::STRING16_WIDTH { "string16" } else { "utf8" };
+                f.with_metadata([(crate::engine::TYPE_METADATA.to_string(), t.to_string())].into())
+            } else {
+                f
+            }
+        })
+        .collect();
     let schema = Arc::new(Schema::new(fields));
     let mut out = Vec::with_capacity(starts.len());
     for (key, start) in starts {

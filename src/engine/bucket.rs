@@ -11,13 +11,15 @@ use parking_lot::{Mutex, RwLock};
 use super::catalog::BucketStamp;
 use super::partition::{self, Generation, PartView, Partition, Rows};
 use super::records::DirectEntry;
-use super::{read, BucketKey, BucketRead, BucketSchema, ColumnType, Inner, ReadRequest, RecordKind, Result, TimePoint};
+use super::{read, BucketKey, BucketRead, BucketSchema, Inner, ReadRequest, RecordKind, Result, TimePoint};
 
 /// One bucket: writer-side partitions and the reader-visible snapshot.
 pub(super) struct Bucket {
     pub(super) key: BucketKey,
     /// Shared by every bucket of the same schema loaded from the catalog snapshot.
     pub(super) schema: Arc<BucketSchema>,
+    /// Physical column layouts of the schema (Epoch, [Nanoseconds], data columns), shared with the views.
+    pub(super) layouts: Arc<Vec<partition::Layout>>,
     pub(super) created_lsn: u64,
     pub(super) dir: PathBuf,
     pub(super) parts: Mutex<BTreeMap<i32, Partition>>,
@@ -30,11 +32,13 @@ pub(super) struct Bucket {
 impl Bucket {
     /// A bucket with no partitions loaded yet.
     pub(super) fn new(key: BucketKey, schema: Arc<BucketSchema>, created_lsn: u64, dir: PathBuf) -> Bucket {
-        Bucket { key, schema, created_lsn, dir, parts: Mutex::new(BTreeMap::new()), view: RwLock::new(Arc::new(Vec::new())), stamp: Mutex::new(None) }
+        let layouts = Arc::new(partition::physical_layouts(schema.kind, &schema.columns));
+        Bucket::with_layouts(key, schema, layouts, created_lsn, dir)
     }
 
-    pub(super) fn data_types(&self) -> Vec<ColumnType> {
-        self.schema.columns.iter().map(|c| c.ty).collect()
+    /// A bucket whose partitions were loaded with `layouts` (shared with them).
+    pub(super) fn with_layouts(key: BucketKey, schema: Arc<BucketSchema>, layouts: Arc<Vec<partition::Layout>>, created_lsn: u64, dir: PathBuf) -> Bucket {
+        Bucket { key, schema, layouts, created_lsn, dir, parts: Mutex::new(BTreeMap::new()), view: RwLock::new(Arc::new(Vec::new())), stamp: Mutex::new(None) }
     }
 
     pub(super) fn publish(&self, parts: &BTreeMap<i32, Partition>) {
@@ -77,7 +81,7 @@ impl Bucket {
                 }
             }
             let end = lo.max(start + 1);
-            let slice = if start == 0 && end == rows.len { rows.clone() } else { slice_rows(rows, &self.widths(), start, end) };
+            let slice = if start == 0 && end == rows.len { rows.clone() } else { rows.slice(start, end) };
             out.push((year, slice));
             start = end;
         }
@@ -88,7 +92,7 @@ impl Bucket {
         Ok(match parts.entry(year) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(Partition::open(&self.dir.join(year.to_string()), year, self.schema.kind, &self.data_types())?)
+                v.insert(Partition::open(&self.dir.join(year.to_string()), year, self.schema.kind, self.layouts.clone())?)
             }
         })
     }
@@ -106,7 +110,7 @@ impl Bucket {
             if part.needs_merge(&slice) {
                 out.push(Some(part.prepare_merge(&slice)?));
             } else {
-                part.reserve(slice.len)?;
+                part.reserve(&slice)?;
                 out.push(None);
             }
         }
@@ -145,10 +149,12 @@ impl Bucket {
         let mut parts = self.parts.lock();
         let slices = self.year_slices(rows);
         for (year, slice) in &slices {
-            if let Some(p) = parts.get(year) {
-                if !p.is_append(slice) {
+            if let Some(p) = parts.get_mut(year) {
+                if !p.is_append(slice) || !p.direct_ok(slice)? {
                     return Ok(None);
                 }
+            } else if slice.has_nulls() || self.layouts.iter().any(|l| l.ty.is_var()) {
+                return Ok(None);
             }
         }
         let mut entries = Vec::with_capacity(slices.len());
@@ -184,8 +190,9 @@ impl Bucket {
         result
     }
 
-    pub(super) fn widths(&self) -> Vec<usize> {
-        partition::physical_types(self.schema.kind, &self.data_types()).iter().map(|t| t.width()).collect()
+    /// Bytes per row of the fixed-width files (for retention's byte count).
+    pub(super) fn row_width(&self) -> u64 {
+        self.layouts.iter().map(|l| l.ty.width() as u64).sum()
     }
 
     /// Before logging a range delete: the new generation of every partition that loses rows.
@@ -257,10 +264,6 @@ impl Bucket {
         }
         Ok(())
     }
-}
-
-fn slice_rows(rows: &Rows, widths: &[usize], lo: usize, hi: usize) -> Rows {
-    rows.slice(widths, lo, hi)
 }
 
 fn year_of(t: i64) -> i32 {

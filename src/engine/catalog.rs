@@ -28,8 +28,8 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use super::bucket::Bucket;
-use super::partition::{Manifest, Partition};
-use super::{wal, BucketKey, BucketSchema, ColumnType, DamagedBucket, EngineError, Result};
+use super::partition::{physical_layouts, Manifest, Partition};
+use super::{wal, BucketKey, BucketSchema, DamagedBucket, EngineError, Result};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct BucketFile {
@@ -255,7 +255,7 @@ fn from_snapshot(
     let schema = snap.schemas.get(g.schema as usize)?.clone();
     let key = BucketKey::from_parts(symbol, timeframe, &g.name).ok()?;
     let dir = tf_dir.join(&g.name);
-    let types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
+    let layouts = Arc::new(physical_layouts(schema.kind, &schema.columns));
     let mut parts = BTreeMap::new();
     let mut years = Vec::with_capacity(g.parts.len());
     let group_len = rel.len();
@@ -267,10 +267,10 @@ fn from_snapshot(
             return None;
         }
         let ydir = dir.join(p.year.to_string());
-        parts.insert(p.year, Partition::from_manifest(&ydir, p.year, schema.kind, &types, p.manifest()).ok()?);
+        parts.insert(p.year, Partition::from_manifest(&ydir, p.year, schema.kind, layouts.clone(), p.manifest()).ok()?);
         years.push((p.year, p.mtime));
     }
-    let b = Bucket::new(key, schema, g.created_lsn, dir);
+    let b = Bucket::with_layouts(key, schema, layouts, g.created_lsn, dir);
     b.publish(&parts);
     *b.parts.lock() = parts;
     Some((b, BucketStamp { group: g.mtime, years }))
@@ -314,12 +314,12 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
         return Err(EngineError::Corrupt { path: bf.display().to_string(), reason: format!("implausible created_lsn {}", meta.created_lsn) });
     }
     meta.schema.validate()?;
-    let types: Vec<ColumnType> = meta.schema.columns.iter().map(|c| c.ty).collect();
+    let layouts = Arc::new(physical_layouts(meta.schema.kind, &meta.schema.columns));
     let mut parts = BTreeMap::new();
     for (year, path) in years {
-        parts.insert(year, Partition::load(&path, year, meta.schema.kind, &types)?);
+        parts.insert(year, Partition::load(&path, year, meta.schema.kind, layouts.clone())?);
     }
-    let b = Bucket::new(key, Arc::new(meta.schema), meta.created_lsn, dir.to_path_buf());
+    let b = Bucket::with_layouts(key, Arc::new(meta.schema), layouts, meta.created_lsn, dir.to_path_buf());
     b.publish(&parts);
     *b.parts.lock() = parts;
     Ok(b)
@@ -423,6 +423,10 @@ struct SnapPart {
     last_epoch: Option<i64>,
     #[prost(int32, tag = "9")]
     last_nanos: i32,
+    #[prost(uint32, tag = "10")]
+    format: u32,
+    #[prost(uint32, repeated, tag = "11")]
+    validity: Vec<u32>,
 }
 
 impl SnapPart {
@@ -437,6 +441,8 @@ impl SnapPart {
             first_nanos: m.first.map_or(0, |k| k.1),
             last_epoch: m.last.map(|k| k.0),
             last_nanos: m.last.map_or(0, |k| k.1),
+            format: m.format,
+            validity: m.validity.clone(),
         }
     }
 
@@ -448,6 +454,8 @@ impl SnapPart {
             applied_lsn: self.applied_lsn,
             first: self.first_epoch.map(|e| (e, self.first_nanos)),
             last: self.last_epoch.map(|e| (e, self.last_nanos)),
+            format: self.format,
+            validity: self.validity.clone(),
         }
     }
 }

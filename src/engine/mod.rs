@@ -51,7 +51,8 @@ pub use key::{BucketKey, KeyPattern, KeySelector, TfUnit, Timeframe, DEFAULT_CAT
 pub use normalize::infer_schema;
 pub use partition::PartView;
 pub use read::{decode_string16, TimePoint};
-pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, EPOCH, NANOSECONDS};
+pub use normalize::TYPE_METADATA;
+pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, TsUnit, EPOCH, NANOSECONDS, STRING16_WIDTH};
 
 pub use changes::{Captured, CapturedBucket, Change, ChangeCursor, ChangeGap, ChangeRecord, Origin};
 pub use events::{AppendEvent, Subscription};
@@ -313,7 +314,7 @@ struct PreparedWrite {
 
 /// The queue permits (KiB, at least 1, at most the whole budget) a write holds while queued.
 fn queue_permits(rows: &Rows) -> u32 {
-    let kib = rows.cols.iter().map(|c| c.len()).sum::<usize>() >> 10;
+    let kib = rows.byte_len() >> 10;
     kib.clamp(1, QUEUE_KIB) as u32
 }
 
@@ -645,7 +646,7 @@ impl Engine {
             }
         };
         let rows = normalize::normalize(batch, &schema, key.tf())?;
-        let bytes: usize = rows.cols.iter().map(|c| c.len()).sum();
+        let bytes: usize = rows.byte_len();
         if bytes > MAX_WRITE_BYTES {
             return Err(EngineError::InvalidInput(format!(
                 "one write may carry at most {} MiB of column data, this one has {} MiB; split it",
@@ -938,3 +939,5 @@ pub fn recover_wal(root: &Path) -> Result<wal::Recovery> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_arrow;

@@ -3,16 +3,20 @@
 //! Rules (MarketStore's, minus its bugs — reference §1.10, §14):
 //! - `Epoch` must be int64 seconds or an Arrow timestamp (any unit; sub-second parts feed `Nanoseconds`).
 //! - `Nanoseconds`, when sent, must be int32 in `0..1e9`.
-//! - Every bucket column must be present and no unknown column may be sent; columns are matched by name
-//!   (never by position). Numeric types are cast to the bucket's type (values that do not fit are rejected);
-//!   bool and string columns must be sent as bool and string.
+//! - Every bucket column must be present, except nullable ones (stored as nulls), and no unknown column may
+//!   be sent; columns are matched by name (never by position). Numeric types are cast to the bucket's type
+//!   (values that do not fit are rejected); bool and string columns must be sent as bool and string;
+//!   timestamps may be cast to a finer unit, never a coarser one; dictionary columns are stored as their values.
+//! - Nulls only in nullable columns; `Epoch` and `Nanoseconds` are never null.
 //! - Fixed buckets: Epoch is truncated to the interval start and the last row of an interval wins.
 //! - Variable buckets: rows are stably sorted by (Epoch, Nanoseconds); duplicates are kept.
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::buffer::Buffer;
-use arrow::compute::{cast_with_options, CastOptions};
-use arrow::datatypes::{self as adt, DataType, TimeUnit};
+use std::sync::Arc;
+
+use arrow::array::{new_null_array, Array, ArrayRef, AsArray, FixedSizeBinaryArray, Int32Array, Int64Array, PrimitiveArray, RecordBatch, UInt32Array, UInt8Array};
+use arrow::buffer::ScalarBuffer;
+use arrow::compute::{cast_with_options, take, CastOptions};
+use arrow::datatypes::{self as adt, DataType, Field, TimeUnit};
 
 use super::error::{EngineError, Result};
 use super::key::Timeframe;
@@ -34,10 +38,7 @@ pub fn infer_schema(batch: &RecordBatch, variable: Option<bool>) -> Result<Bucke
         if f.name() == EPOCH || (f.name() == NANOSECONDS && kind == RecordKind::Variable) {
             continue;
         }
-        let ty = ColumnType::from_arrow(f.data_type()).ok_or_else(|| {
-            EngineError::InvalidInput(format!("column {:?} has type {} which cannot be stored", f.name(), f.data_type()))
-        })?;
-        columns.push(ColumnDef { name: f.name().clone(), ty });
+        columns.push(column_of_field(f)?);
     }
     // An Epoch-only bucket is made only by an explicit create (as MarketStore's empty column list); a write
     // with no data column is far more often a mistake than a wish for one, so it does not create a bucket.
@@ -50,6 +51,22 @@ pub fn infer_schema(batch: &RecordBatch, variable: Option<bool>) -> Result<Bucke
     s.validate()?;
     Ok(s)
 }
+
+/// The column a field creates: its Arrow type (or the type named by its `mkts:type` metadata, which the
+/// MarketStore interfaces set to keep `U16` strings as string16) and its nullability.
+pub fn column_of_field(f: &Field) -> Result<ColumnDef> {
+    if let Some(t) = f.metadata().get(TYPE_METADATA) {
+        let mut c = ColumnDef::parse(f.name().clone(), t)?;
+        c.nullable |= f.is_nullable();
+        return Ok(c);
+    }
+    let (ty, tz) = ColumnType::from_arrow(f.data_type())
+        .ok_or_else(|| EngineError::InvalidInput(format!("column {:?} has type {} which cannot be stored", f.name(), f.data_type())))?;
+    Ok(ColumnDef { name: f.name().clone(), ty, nullable: f.is_nullable(), tz })
+}
+
+/// Field metadata key naming the column type a first write creates (`string16`, `utf8`, …).
+pub const TYPE_METADATA: &str = "mkts:type";
 
 fn names_of(batch: &RecordBatch) -> String {
     batch.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(",")
@@ -88,74 +105,128 @@ fn epoch_column(arr: &ArrayRef) -> Result<(Vec<i64>, Option<Vec<i32>>)> {
     })
 }
 
-/// Little-endian bytes of `arr` stored as `ty`. Numeric columns already of the bucket's type are shared,
-/// not copied.
-fn column_bytes(name: &str, arr: &ArrayRef, ty: ColumnType) -> Result<Buffer> {
-    if arr.null_count() > 0 {
-        return Err(EngineError::InvalidInput(format!("column {name:?} contains nulls")));
+/// `arr` as the storage array of column `def` ([`ColumnType::storage_type`]). Arrays already of the
+/// column's type are shared, not copied. Nulls are refused unless the column is nullable; a cast that
+/// cannot represent a value is refused, never turned into a null.
+fn storage_column(def: &ColumnDef, arr: &ArrayRef) -> Result<ArrayRef> {
+    let name = &def.name;
+    let ty = def.ty;
+    // Dictionary-encoded columns are stored as their values.
+    let arr = match arr.data_type() {
+        DataType::Dictionary(_, v) => cast_with_options(arr, v, &CastOptions::default()).map_err(|e| EngineError::InvalidInput(format!("column {name:?}: {e}")))?,
+        _ => arr.clone(),
+    };
+    if arr.null_count() > 0 && !def.nullable {
+        return Err(EngineError::InvalidInput(format!("column {name:?} contains nulls and is not nullable")));
     }
-    let target = ty.arrow_type();
+    let refuse = |what: &str| EngineError::InvalidInput(format!("column {name:?} is {} and can not be stored as {what}", arr.data_type()));
+    // A safe cast turns what it cannot represent into nulls: more nulls after it than before is a refusal.
+    let cast_checked = |to: &DataType| -> Result<ArrayRef> {
+        if arr.data_type() == to {
+            return Ok(arr.clone());
+        }
+        let c = cast_with_options(&arr, to, &CastOptions { safe: true, ..Default::default() }).map_err(|e| EngineError::InvalidInput(format!("column {name:?}: {e}")))?;
+        if c.null_count() > arr.null_count() {
+            return Err(EngineError::InvalidInput(format!("column {name:?}: values do not fit the bucket type {}", ty.wire_name())));
+        }
+        Ok(c)
+    };
+    let nulls = arr.nulls().cloned();
     match ty {
         ColumnType::Bool => {
-            let b = arr.as_boolean_opt().ok_or_else(|| {
-                EngineError::InvalidInput(format!("can not cast to boolean: column {name:?} is {}", arr.data_type()))
-            })?;
-            Ok(Buffer::from_vec((0..b.len()).map(|i| b.value(i) as u8).collect::<Vec<u8>>()))
+            let b = arr.as_boolean_opt().ok_or_else(|| EngineError::InvalidInput(format!("can not cast to boolean: column {name:?} is {}", arr.data_type())))?;
+            let v: Vec<u8> = (0..b.len()).map(|i| b.value(i) as u8).collect();
+            Ok(Arc::new(UInt8Array::new(v.into(), nulls)))
         }
         ColumnType::String16 => {
-            let casted = match arr.data_type() {
-                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-                    cast_with_options(arr, &DataType::Utf8, &CastOptions::default())?
-                }
-                other => {
-                    return Err(EngineError::InvalidInput(format!(
-                        "can not cast to string: column {name:?} is {other}"
-                    )));
-                }
-            };
+            if !matches!(arr.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+                return Err(EngineError::InvalidInput(format!("can not cast to string: column {name:?} is {}", arr.data_type())));
+            }
+            let casted = cast_with_options(&arr, &DataType::Utf8, &CastOptions::default())?;
             let s = casted.as_string::<i32>();
             let mut out = vec![0u8; s.len() * STRING16_WIDTH];
             for i in 0..s.len() {
+                if s.is_null(i) {
+                    continue;
+                }
                 let v = s.value(i);
                 if v.chars().count() > 16 {
-                    return Err(EngineError::InvalidInput(format!(
-                        "column {name:?}: string {v:?} is longer than 16 characters (string16)"
-                    )));
+                    return Err(EngineError::InvalidInput(format!("column {name:?}: string {v:?} is longer than 16 characters (string16)")));
                 }
                 for (j, ch) in v.chars().enumerate() {
                     let o = i * STRING16_WIDTH + j * 4;
                     out[o..o + 4].copy_from_slice(&(ch as u32).to_le_bytes());
                 }
             }
-            Ok(Buffer::from_vec(out))
+            Ok(Arc::new(FixedSizeBinaryArray::try_new(STRING16_WIDTH as i32, out.into(), nulls)?))
+        }
+        ColumnType::Timestamp(unit) => {
+            let target = DataType::Timestamp(unit.arrow(), None);
+            let casted = match arr.data_type() {
+                // Integers are taken as counts of the column's unit.
+                DataType::Int64 => arr.clone(),
+                DataType::Timestamp(from, _) => {
+                    if unit_rank(from) > unit_rank(&unit.arrow()) {
+                        return Err(EngineError::InvalidInput(format!(
+                            "column {name:?} is {} and would lose precision as {}",
+                            arr.data_type(),
+                            ty.wire_name()
+                        )));
+                    }
+                    cast_checked(&target)?
+                }
+                _ => return Err(refuse(&ty.wire_name())),
+            };
+            Ok(reinterpret::<adt::Int64Type>(&casted))
+        }
+        ColumnType::Date32 => match arr.data_type() {
+            DataType::Date32 | DataType::Int32 => Ok(reinterpret::<adt::Int32Type>(&arr)),
+            _ => Err(refuse("date32")),
+        },
+        ColumnType::Decimal128(p, sc) => {
+            let ok = arr.data_type().is_numeric() || matches!(arr.data_type(), DataType::Decimal128(..));
+            if !ok {
+                return Err(refuse(&ty.wire_name()));
+            }
+            cast_checked(&DataType::Decimal128(p, sc))
+        }
+        ColumnType::Utf8 | ColumnType::LargeUtf8 => {
+            if !matches!(arr.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+                return Err(refuse(&ty.wire_name()));
+            }
+            cast_with_options(&arr, &ty.storage_type(), &CastOptions::default())
+                .map_err(|e| EngineError::InvalidInput(format!("column {name:?}: {e} (a year partition of a utf8 column holds at most 2 GiB of strings; large_utf8 has no such bound)")))
+        }
+        ColumnType::Binary => {
+            if !matches!(arr.data_type(), DataType::Binary | DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_) | DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+                return Err(refuse("binary"));
+            }
+            cast_with_options(&arr, &DataType::Binary, &CastOptions::default()).map_err(|e| EngineError::InvalidInput(format!("column {name:?}: {e}")))
         }
         _ => {
-            let src_numeric = arr.data_type().is_numeric();
-            if !src_numeric {
-                return Err(EngineError::InvalidInput(format!(
-                    "column {name:?} is {} and can not be cast to {}",
-                    arr.data_type(),
-                    target
-                )));
+            if !arr.data_type().is_numeric() {
+                return Err(EngineError::InvalidInput(format!("column {name:?} is {} and can not be cast to {}", arr.data_type(), ty.arrow_type())));
             }
-            let casted = if arr.data_type() == &target {
-                arr.clone()
-            } else {
-                let c = cast_with_options(arr, &target, &CastOptions { safe: true, ..Default::default() })
-                    .map_err(|e| EngineError::InvalidInput(format!("column {name:?}: {e}")))?;
-                if c.null_count() > 0 {
-                    return Err(EngineError::InvalidInput(format!(
-                        "column {name:?}: values do not fit the bucket type {}",
-                        ty.wire_name()
-                    )));
-                }
-                c
-            };
-            let data = casted.to_data();
-            let w = ty.width();
-            Ok(data.buffers()[0].slice_with_length(data.offset() * w, data.len() * w))
+            cast_checked(&ty.arrow_type())
         }
     }
+}
+
+/// Order of time units from coarse to fine.
+fn unit_rank(u: &TimeUnit) -> u8 {
+    match u {
+        TimeUnit::Second => 0,
+        TimeUnit::Millisecond => 1,
+        TimeUnit::Microsecond => 2,
+        TimeUnit::Nanosecond => 3,
+    }
+}
+
+/// The same values and nulls as a primitive array of `T` (same width: timestamps as Int64, dates as Int32).
+fn reinterpret<T: adt::ArrowPrimitiveType>(arr: &ArrayRef) -> ArrayRef {
+    let d = arr.to_data();
+    let values = ScalarBuffer::<T::Native>::new(d.buffers()[0].clone(), d.offset(), d.len());
+    Arc::new(PrimitiveArray::<T>::new(values, arr.nulls().cloned()))
 }
 
 /// Validate and convert `batch` to the rows `schema` stores, sorted and (fixed) deduplicated.
@@ -212,8 +283,12 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> R
 
     let mut data_cols = Vec::with_capacity(schema.columns.len());
     for c in &schema.columns {
-        let arr = batch.column_by_name(&c.name).ok_or_else(|| mismatch(format!("missing column {:?}", c.name)))?;
-        data_cols.push(column_bytes(&c.name, arr, c.ty)?);
+        match batch.column_by_name(&c.name) {
+            Some(arr) => data_cols.push(storage_column(c, arr)?),
+            // A write that omits a nullable column stores nulls in it.
+            None if c.nullable => data_cols.push(new_null_array(&c.ty.storage_type(), n)),
+            None => return Err(mismatch(format!("missing column {:?}", c.name))),
+        }
     }
 
     // Order rows. Fast path: already sorted (and, for fixed, unique).
@@ -248,28 +323,18 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> R
         }
     };
 
-    let mut cols: Vec<Buffer> = Vec::with_capacity(2 + data_cols.len());
-    let has_nanos = nanos.is_some();
-    cols.push(Buffer::from_vec(secs));
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(2 + data_cols.len());
+    cols.push(Arc::new(Int64Array::from(secs)));
     if let Some(ns) = nanos {
-        cols.push(Buffer::from_vec(ns));
+        cols.push(Arc::new(Int32Array::from(ns)));
     }
     cols.extend(data_cols);
     let len = match &order {
         None => n,
         Some(o) => {
-            let widths: Vec<usize> = std::iter::once(8)
-                .chain(has_nanos.then_some(4))
-                .chain(schema.columns.iter().map(|c| c.ty.width()))
-                .collect();
-            for (c, w) in cols.iter_mut().zip(widths) {
-                let mut out = Vec::with_capacity(o.len() * w);
-                let src = c.as_slice();
-                for &i in o {
-                    let k = i as usize * w;
-                    out.extend_from_slice(&src[k..k + w]);
-                }
-                *c = Buffer::from_vec(out);
+            let idx = UInt32Array::from(o.clone());
+            for c in cols.iter_mut() {
+                *c = take(c.as_ref(), &idx, None)?;
             }
             o.len()
         }

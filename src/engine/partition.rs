@@ -1,11 +1,18 @@
-//! One year of one bucket: a dense, time-sorted, memory-mapped file per column.
+//! One year of one bucket: Arrow's own buffers, one memory-mapped file each, per column.
 //!
 //! Writers own [`Partition`] (only the engine's writer thread touches it); readers get [`PartView`]s:
 //! immutable `(row count, column buffers)` pairs whose buffers point into the mapped files.
 //!
+//! A column is the files of its Arrow layout in the generation directory: `c<i>.<type>` holds the values
+//! (fixed-width types) or the `n + 1` offsets (`utf8`, `large_utf8`, `binary`, whose bytes are in
+//! `c<i>.data`), and a nullable column gets `c<i>.valid`, its validity bitmap (LSB first, as Arrow), once
+//! the partition receives its first null; until then the column has no nulls in that partition and no
+//! bitmap, exactly as an Arrow array without a validity buffer. The manifest lists which columns have one.
+//!
 //! - In-order appends write past the committed row count with `pwrite` (files grow by doubling with
-//!   `set_len`, never shrink), then publish a view with the larger count. Readers of older views never look
-//!   past their own count, so they are unaffected.
+//!   `fallocate`, never shrink), then publish a view with the larger count. Readers of older views never look
+//!   past their own count, so they are unaffected (a bitmap's last byte is rewritten with the same bits
+//!   for the rows a view can see).
 //! - Out-of-order writes, overwrites and range deletes build a new generation directory `g<N+1>`, fsync it,
 //!   switch the manifest by rename, then publish. The old generation's files are unlinked; mappings held by
 //!   readers stay valid (a mapped file is never truncated).
@@ -15,7 +22,8 @@
 //!   rows within the last [`TAIL_ROWS`] are written in place with `pwrite`. No view ever reads those bytes
 //!   from the mapping (a view's mapped region ends `TAIL_ROWS` before its own row count, and row counts only
 //!   grow within a generation), so snapshots stay consistent. The log holds every overwrite, and replaying
-//!   one in place is idempotent.
+//!   one in place is idempotent. Buckets with variable-length columns never turn hot (a value's length may
+//!   change); their overwrites merge.
 //! - Files are mapped lazily: a partition is mapped when it is first read or written, so a catalog with
 //!   decades of history starts without mapping it; past a budget (half of `vm.max_map_count` by default)
 //!   the engine unmaps the least recently used partitions, and their next use maps them again.
@@ -29,11 +37,14 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arrow::buffer::Buffer;
+use arrow::array::{make_array, Array, ArrayData, ArrayRef, AsArray, MutableArrayData};
+use arrow::buffer::{BooleanBuffer, Buffer};
+use arrow::datatypes::{self as adt};
+use arrow::util::bit_util;
 use serde::{Deserialize, Serialize};
 
 use super::error::{EngineError, Result};
-use super::types::{ColumnType, RecordKind};
+use super::types::{ColumnDef, ColumnType, RecordKind};
 use super::wal::sync_dir;
 
 /// Most rows a partition can hold (a year of nanosecond ticks would be 3e16; this bounds arithmetic on
@@ -43,8 +54,15 @@ const MAX_ROWS: usize = 1 << 48;
 /// Initial capacity of a new column file, in rows.
 const MIN_CAPACITY_ROWS: usize = 1024;
 
+/// Initial capacity of a new data file (variable-length column), in bytes.
+const MIN_DATA_BYTES: usize = 16 << 10;
+
 /// Rows at the end of a hot partition that views copy to the heap and writers may overwrite in place.
 pub const TAIL_ROWS: usize = 128;
+
+/// The newest partition format this build reads: 1 = fixed-width columns only (every release before
+/// validity bitmaps and variable-length columns), 2 = validity bitmaps and offsets + data files.
+pub const FORMAT: u32 = 2;
 
 /// Persisted partition state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,29 +76,108 @@ pub struct Manifest {
     pub first: Option<(i64, i32)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<(i64, i32)>,
+    /// Partition format ([`FORMAT`]); absent (1) when the partition uses nothing newer.
+    #[serde(default, skip_serializing_if = "is_format_1")]
+    pub format: u32,
+    /// Physical columns that have a validity bitmap in this generation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validity: Vec<u32>,
 }
 
-/// Rows to add to a partition, already validated, normalized and sorted (column bytes little-endian,
-/// in the partition's physical column order: Epoch, [Nanoseconds], data columns).
+fn is_format_1(f: &u32) -> bool {
+    *f <= 1
+}
+
+impl Manifest {
+    /// An empty partition's manifest.
+    pub fn empty() -> Manifest {
+        Manifest { generation: 0, rows: 0, applied_lsn: 0, first: None, last: None, format: 0, validity: Vec::new() }
+    }
+}
+
+/// How one physical column is stored: its type and whether it may hold nulls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub ty: ColumnType,
+    pub nullable: bool,
+}
+
+/// Physical layouts of a bucket: Epoch, [Nanoseconds], then the data columns.
+pub fn physical_layouts(kind: RecordKind, data: &[ColumnDef]) -> Vec<Layout> {
+    let mut v = vec![Layout { ty: ColumnType::I64, nullable: false }];
+    if kind == RecordKind::Variable {
+        v.push(Layout { ty: ColumnType::I32, nullable: false });
+    }
+    v.extend(data.iter().map(|c| Layout { ty: c.ty, nullable: c.nullable }));
+    v
+}
+
+/// Rows to add to a partition, already validated, normalized and sorted: one array per physical column
+/// (Epoch, [Nanoseconds], data columns) in its storage type ([`ColumnType::storage_type`]), often the
+/// incoming Arrow array itself.
 #[derive(Debug, Clone)]
 pub struct Rows {
     pub len: usize,
-    /// Little-endian bytes of each physical column (shared, often the incoming Arrow buffer itself).
-    pub cols: Vec<Buffer>,
+    pub cols: Vec<ArrayRef>,
 }
 
 impl Rows {
-    /// Rows `lo..hi` (zero-copy); `widths` are the physical column widths.
-    pub fn slice(&self, widths: &[usize], lo: usize, hi: usize) -> Rows {
-        Rows { len: hi - lo, cols: self.cols.iter().zip(widths).map(|(c, w)| c.slice_with_length(lo * w, (hi - lo) * w)).collect() }
+    /// Rows `lo..hi` (zero-copy).
+    pub fn slice(&self, lo: usize, hi: usize) -> Rows {
+        Rows { len: hi - lo, cols: self.cols.iter().map(|c| c.slice(lo, hi - lo)).collect() }
     }
 
     pub fn epoch(&self, i: usize) -> i64 {
-        i64::from_le_bytes(self.cols[0][i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+        self.cols[0].as_primitive::<adt::Int64Type>().value(i)
     }
     pub fn nanos(&self, i: usize) -> i32 {
-        i32::from_le_bytes(self.cols[1][i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]))
+        self.cols[1].as_primitive::<adt::Int32Type>().value(i)
     }
+
+    /// Bytes of column data the rows carry (values, offsets, string bytes, bitmaps), for write limits and
+    /// queue accounting.
+    pub fn byte_len(&self) -> usize {
+        self.cols.iter().map(|c| array_bytes(c.as_ref())).sum()
+    }
+
+    /// True when any column holds a null.
+    pub fn has_nulls(&self) -> bool {
+        self.cols.iter().any(|c| c.null_count() > 0)
+    }
+}
+
+/// Logical bytes of an array's rows (not of the buffers it shares).
+fn array_bytes(a: &dyn Array) -> usize {
+    let d = a.to_data();
+    let bits = if a.null_count() > 0 { a.len().div_ceil(8) } else { 0 };
+    let w = match d.data_type() {
+        adt::DataType::Utf8 | adt::DataType::Binary => {
+            let o = d.buffers()[0].typed_data::<i32>();
+            return (a.len() + 1) * 4 + (o[d.offset() + a.len()] - o[d.offset()]).max(0) as usize + bits;
+        }
+        adt::DataType::LargeUtf8 => {
+            let o = d.buffers()[0].typed_data::<i64>();
+            return (a.len() + 1) * 8 + (o[d.offset() + a.len()] - o[d.offset()]).max(0) as usize + bits;
+        }
+        adt::DataType::FixedSizeBinary(w) => *w as usize,
+        dt => dt.primitive_width().unwrap_or(8),
+    };
+    a.len() * w + bits
+}
+
+/// The buffers of one physical column in a view: the mapped values (or offsets), the mapped validity
+/// bitmap when the partition has one for it, and the mapped data of a variable-length column.
+#[derive(Debug, Clone)]
+pub struct ColBufs {
+    pub values: Buffer,
+    pub validity: Option<Buffer>,
+    pub data: Option<Buffer>,
+}
+
+/// Rows of a view to read: over the mapped files, or over a hot partition's heap tail.
+pub enum Piece<'a> {
+    Mapped(&'a [ColBufs]),
+    Tail(&'a [ArrayRef]),
 }
 
 /// An immutable view of a partition's committed rows: rows `0..split` zero-copy over the mapped files,
@@ -96,11 +193,13 @@ pub struct PartView {
     /// Epoch of the first and last row (known without mapping).
     pub first: Option<i64>,
     pub last: Option<i64>,
-    /// One buffer per physical column over the mapped file; only rows `0..split` may be read from it.
-    pub cols: Vec<Buffer>,
+    /// Layout of each physical column.
+    pub layouts: Arc<Vec<Layout>>,
+    /// One entry per physical column over the mapped files; only rows `0..split` may be read from them.
+    pub cols: Vec<ColBufs>,
     pub split: usize,
-    /// One buffer per physical column holding rows `split..rows`.
-    pub tail: Vec<Buffer>,
+    /// One storage array per physical column holding rows `split..rows`.
+    pub tail: Vec<ArrayRef>,
 }
 
 impl PartView {
@@ -111,35 +210,40 @@ impl PartView {
 
     /// Epoch of row `i`.
     pub fn epoch(&self, i: usize) -> i64 {
-        if i < self.split { typed::<i64>(&self.cols[0], self.split)[i] } else { typed::<i64>(&self.tail[0], self.rows - self.split)[i - self.split] }
+        if i < self.split { typed::<i64>(&self.cols[0].values, self.split)[i] } else { self.tail[0].as_primitive::<adt::Int64Type>().value(i - self.split) }
     }
 
     /// Nanoseconds of row `i` (variable buckets only).
     pub fn nanos_at(&self, i: usize) -> i32 {
-        if i < self.split { typed::<i32>(&self.cols[1], self.split)[i] } else { typed::<i32>(&self.tail[1], self.rows - self.split)[i - self.split] }
+        if i < self.split { typed::<i32>(&self.cols[1].values, self.split)[i] } else { self.tail[1].as_primitive::<adt::Int32Type>().value(i - self.split) }
     }
 
-    /// Rows `lo..hi` as `(buffers, first row in them, row count)` pieces: one or two (mapped, heap).
-    pub fn pieces(&self, lo: usize, hi: usize) -> Vec<(&[Buffer], usize, usize)> {
+    /// Rows `lo..hi` as `(piece, first row in it, row count)`: one or two (mapped, heap).
+    pub fn pieces(&self, lo: usize, hi: usize) -> Vec<(Piece<'_>, usize, usize)> {
         let mut out = Vec::with_capacity(2);
         if lo < self.split {
             let h = hi.min(self.split);
-            out.push((self.cols.as_slice(), lo, h - lo));
+            out.push((Piece::Mapped(self.cols.as_slice()), lo, h - lo));
         }
         if hi > self.split {
             let l = lo.max(self.split);
-            out.push((self.tail.as_slice(), l - self.split, hi - l));
+            out.push((Piece::Tail(self.tail.as_slice()), l - self.split, hi - l));
         }
         out
     }
 
     /// Every stored Epoch; only for dense views (`split == rows`), i.e. the writer's own.
     fn epochs(&self) -> &[i64] {
-        typed::<i64>(&self.cols[0], self.rows)
+        typed::<i64>(&self.cols[0].values, self.rows)
     }
 
     fn nanos(&self) -> &[i32] {
-        typed::<i32>(&self.cols[1], self.rows)
+        typed::<i32>(&self.cols[1].values, self.rows)
+    }
+
+    /// Physical column `c`, rows `lo..lo+len` of the mapped region, as a storage array (zero-copy).
+    pub fn storage(&self, c: usize, lo: usize, len: usize) -> Result<ArrayRef> {
+        storage_array(self.layouts[c], &self.cols[c], lo, len)
     }
 }
 
@@ -148,18 +252,134 @@ fn typed<T: arrow::datatypes::ArrowNativeType>(b: &Buffer, rows: usize) -> &[T] 
     &s[..rows.min(s.len())]
 }
 
-/// A column file: its path and current mapping. No file descriptor is kept open (a mapping outlives its
-/// descriptor), so thousands of buckets never exhaust the process's open-file limit (MarketStore #183).
-struct ColumnFile {
+/// Rows `lo..lo+len` of one column's buffers as an array of its storage type, without copying. The
+/// offsets and UTF-8 of variable-length columns are validated (a damaged file is an error, never
+/// undefined behaviour).
+pub(crate) fn storage_array(layout: Layout, bufs: &ColBufs, lo: usize, len: usize) -> Result<ArrayRef> {
+    let mut b = ArrayData::builder(layout.ty.storage_type()).len(len).offset(lo).add_buffer(bufs.values.clone());
+    if let Some(d) = &bufs.data {
+        b = b.add_buffer(d.clone());
+    }
+    if let Some(v) = &bufs.validity {
+        b = b.null_bit_buffer(Some(v.clone()));
+    }
+    let data = b.build().map_err(|e| EngineError::Corrupt { path: "(mapped column)".into(), reason: format!("column files do not form an Arrow array: {e}") })?;
+    Ok(make_array(data))
+}
+
+/// A copy of an array on the heap (hot tails must not point into bytes that change in place).
+fn deep_copy(a: &ArrayRef) -> Option<ArrayRef> {
+    let d = a.to_data();
+    let mut m = MutableArrayData::new(vec![&d], false, a.len());
+    m.try_extend(0, 0, a.len()).ok()?;
+    Some(make_array(m.freeze()))
+}
+
+/// One mapped file of a column.
+struct Plane {
     path: PathBuf,
-    width: usize,
     /// `None` until the partition is first read or written.
     buffer: Option<Buffer>,
 }
 
-impl ColumnFile {
+impl Plane {
+    fn new(path: PathBuf) -> Plane {
+        Plane { path, buffer: None }
+    }
     fn mapped(&self) -> Buffer {
         self.buffer.clone().unwrap_or_else(|| Buffer::from_vec(Vec::<u64>::new()))
+    }
+    fn map(&mut self) -> Result<()> {
+        if self.buffer.is_none() {
+            let file = open_rw(&self.path)?;
+            self.buffer = Some(map_file(&file, &self.path)?);
+        }
+        Ok(())
+    }
+    /// Grow to at least `len` bytes (blocks allocated), remapping when mapped.
+    fn grow(&mut self, len: usize) -> Result<()> {
+        let file = open_rw(&self.path)?;
+        allocate(&file, &self.path, len)?;
+        if self.buffer.is_some() {
+            self.buffer = Some(map_file(&file, &self.path)?);
+        }
+        Ok(())
+    }
+    fn write_at(&self, bytes: &[u8], at: usize) -> Result<()> {
+        open_rw(&self.path)?.write_all_at(bytes, at as u64).map_err(|e| EngineError::io(&self.path, e))
+    }
+    fn sync(&self) -> Result<()> {
+        open_rw(&self.path)?.sync_data().map_err(|e| EngineError::io(&self.path, e))
+    }
+    fn len(&self) -> Result<usize> {
+        fs::metadata(&self.path).map(|m| m.len() as usize).map_err(|e| EngineError::io(&self.path, e))
+    }
+}
+
+/// The files of one physical column. No file descriptor is kept open (a mapping outlives its
+/// descriptor), so thousands of buckets never exhaust the process's open-file limit (MarketStore #183).
+struct ColumnFile {
+    layout: Layout,
+    values: Plane,
+    validity: Option<Plane>,
+    data: Option<Plane>,
+    /// Bytes of the data file in use (the offset after the last row); variable-length columns only.
+    data_len: usize,
+    /// Bytes the data file holds (allocated).
+    data_cap: usize,
+}
+
+impl ColumnFile {
+    fn new(gdir: &Path, i: usize, layout: Layout, validity: bool) -> ColumnFile {
+        ColumnFile {
+            layout,
+            values: Plane::new(gdir.join(col_file_name(i, layout.ty))),
+            validity: validity.then(|| Plane::new(gdir.join(format!("c{i:03}.valid")))),
+            data: layout.ty.is_var().then(|| Plane::new(gdir.join(format!("c{i:03}.data")))),
+            data_len: 0,
+            data_cap: 0,
+        }
+    }
+
+    fn width(&self) -> usize {
+        self.layout.ty.width()
+    }
+
+    /// Bytes of the values file holding `rows` rows (offsets files hold one more entry).
+    fn values_bytes(&self, rows: usize) -> Option<usize> {
+        let n = if self.layout.ty.is_var() { rows.checked_add(1)? } else { rows };
+        n.checked_mul(self.width())
+    }
+
+    /// Rows the values file can hold.
+    fn rows_in(&self, values_len: usize) -> usize {
+        let n = values_len / self.width();
+        if self.layout.ty.is_var() { n.saturating_sub(1) } else { n }
+    }
+
+    fn planes(&self) -> impl Iterator<Item = &Plane> {
+        std::iter::once(&self.values).chain(self.validity.as_ref()).chain(self.data.as_ref())
+    }
+
+    fn planes_mut(&mut self) -> impl Iterator<Item = &mut Plane> {
+        std::iter::once(&mut self.values).chain(self.validity.as_mut()).chain(self.data.as_mut())
+    }
+
+    fn bufs(&self) -> ColBufs {
+        ColBufs { values: self.values.mapped(), validity: self.validity.as_ref().map(Plane::mapped), data: self.data.as_ref().map(Plane::mapped) }
+    }
+
+    fn is_mapped(&self) -> bool {
+        self.planes().all(|p| p.buffer.is_some())
+    }
+
+    /// The offset stored for row boundary `i` of a variable-length column (from the file).
+    fn offset_at(&self, i: usize) -> Result<usize> {
+        let w = self.width();
+        let mut b = [0u8; 8];
+        read_at(&self.values.path, &mut b[..w], i * w)?;
+        let v = if w == 4 { i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64 } else { i64::from_le_bytes(b) };
+        usize::try_from(v).map_err(|_| EngineError::Corrupt { path: self.values.path.display().to_string(), reason: format!("negative offset {v}") })
     }
 }
 
@@ -173,6 +393,10 @@ fn read_at(path: &Path, buf: &mut [u8], offset: usize) -> Result<()> {
 
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new().read(true).write(true).open(path).map_err(|e| EngineError::io(path, e))
+}
+
+fn create_rw(path: &Path, truncate: bool) -> Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(truncate).open(path).map_err(|e| EngineError::io(path, e))
 }
 
 /// A new generation's files, written and fsync'd, not yet in use ([`Partition::prepare_merge`]).
@@ -204,15 +428,109 @@ fn allocate(file: &File, path: &Path, len: usize) -> Result<()> {
     }
 }
 
+/// Little-endian value bytes of rows of a fixed-width storage array (shared with the array).
+fn value_bytes(a: &ArrayRef, width: usize) -> Buffer {
+    let d = a.to_data();
+    d.buffers()[0].slice_with_length(d.offset() * width, d.len() * width)
+}
+
+/// The offsets of a variable-length storage array shifted so its first row starts at `base`, as the
+/// `len` little-endian entries after the first (`skip_first`) or all `len + 1`; and its bytes.
+fn var_parts(a: &ArrayRef, base: usize, skip_first: bool) -> Result<(Vec<u8>, Buffer)> {
+    let d = a.to_data();
+    let n = d.len();
+    let from = if skip_first { 1 } else { 0 };
+    let (offs, first, last): (Vec<u8>, usize, usize) = match d.data_type() {
+        adt::DataType::LargeUtf8 => {
+            let o = &d.buffers()[0].typed_data::<i64>()[d.offset()..=d.offset() + n];
+            let (f, l) = (o[0] as usize, o[n] as usize);
+            let shift = base as i64 - o[0];
+            (o[from..].iter().flat_map(|v| (v + shift).to_le_bytes()).collect(), f, l)
+        }
+        _ => {
+            let o = &d.buffers()[0].typed_data::<i32>()[d.offset()..=d.offset() + n];
+            let (f, l) = (o[0] as usize, o[n] as usize);
+            let shift = base as i64 - o[0] as i64;
+            let mut v = Vec::with_capacity((n + 1 - from) * 4);
+            for x in &o[from..] {
+                let s = i32::try_from(*x as i64 + shift).map_err(|_| {
+                    EngineError::InvalidInput("a year partition of a utf8 or binary column holds at most 2 GiB of data (use large_utf8)".into())
+                })?;
+                v.extend_from_slice(&s.to_le_bytes());
+            }
+            (v, f, l)
+        }
+    };
+    Ok((offs, d.buffers()[1].slice_with_length(first, last - first)))
+}
+
+/// Bytes of variable-length data rows of `a` carry.
+fn var_data_len(a: &ArrayRef) -> usize {
+    let d = a.to_data();
+    let n = d.len();
+    match d.data_type() {
+        adt::DataType::LargeUtf8 => {
+            let o = &d.buffers()[0].typed_data::<i64>()[d.offset()..=d.offset() + n];
+            (o[n] - o[0]) as usize
+        }
+        _ => {
+            let o = &d.buffers()[0].typed_data::<i32>()[d.offset()..=d.offset() + n];
+            (o[n] - o[0]) as usize
+        }
+    }
+}
+
+/// The validity bits of `a` (all set when it has no nulls).
+fn validity_bits(a: &ArrayRef) -> BooleanBuffer {
+    match a.nulls() {
+        Some(n) => n.inner().clone(),
+        None => BooleanBuffer::new_set(a.len()),
+    }
+}
+
+/// Write `bits` into the bitmap file `plane` starting at bit `at`, keeping the bits before `at` in the
+/// first byte (read from `old`, the plane's current mapping).
+fn write_bits(plane: &Plane, at: usize, bits: &BooleanBuffer) -> Result<()> {
+    if bits.is_empty() {
+        return Ok(());
+    }
+    let first = at / 8;
+    let keep = at % 8;
+    let mut b = arrow::array::BooleanBufferBuilder::new(keep + bits.len());
+    if keep > 0 {
+        let mut byte = [0u8; 1];
+        read_at(&plane.path, &mut byte, first)?;
+        for k in 0..keep {
+            b.append(bit_util::get_bit(&byte, k));
+        }
+    }
+    b.append_buffer(bits);
+    let out = b.finish();
+    plane.write_at(&out.inner().as_slice()[..(keep + bits.len()).div_ceil(8)], first)
+}
+
+/// Set or clear one bit of a bitmap file (an in-place overwrite of a hot tail row).
+fn write_bit(plane: &Plane, at: usize, valid: bool) -> Result<()> {
+    let mut byte = [0u8; 1];
+    read_at(&plane.path, &mut byte, at / 8)?;
+    if valid {
+        bit_util::set_bit(&mut byte, at % 8);
+    } else {
+        bit_util::unset_bit(&mut byte, at % 8);
+    }
+    plane.write_at(&byte, at / 8)
+}
+
 /// Writer-side state of one partition.
 pub struct Partition {
     pub year: i32,
     dir: PathBuf,
     kind: RecordKind,
-    types: Vec<ColumnType>,
+    layouts: Arc<Vec<Layout>>,
     manifest: Manifest,
     /// The generation in use; newer than the manifest's between a merge and the next checkpoint.
     generation: u64,
+    /// Rows every values (and validity) file can hold.
     capacity: usize,
     files: Vec<ColumnFile>,
     /// The column files were checked and sized ([`Partition::open_files`]); until then only the manifest
@@ -224,6 +542,9 @@ pub struct Partition {
     pub applied_lsn: u64,
     /// True when rows were appended since the last checkpoint.
     pub dirty: bool,
+    /// A file was created in the generation directory since the last checkpoint (its entry needs an fsync
+    /// of the directory).
+    created_files: bool,
     /// Views carry heap copies of the last [`TAIL_ROWS`] rows, so those may be overwritten in place.
     hot: bool,
     /// A bulk append's commit record re-validates its bytes at replay until a checkpoint covers it, so
@@ -236,18 +557,14 @@ pub struct Partition {
     last_used: Arc<AtomicU64>,
 }
 
-/// Physical column types of a bucket: Epoch, [Nanoseconds], then the data columns.
-pub fn physical_types(kind: RecordKind, data: &[ColumnType]) -> Vec<ColumnType> {
-    let mut v = vec![ColumnType::I64];
-    if kind == RecordKind::Variable {
-        v.push(ColumnType::I32);
-    }
-    v.extend_from_slice(data);
-    v
-}
-
 fn col_file_name(i: usize, ty: ColumnType) -> String {
     format!("c{i:03}.{}", ty.file_suffix())
+}
+
+/// The file names a partition of these layouts uses for physical column `i` (values, validity, data),
+/// for tools and tests that look at the files.
+pub fn column_file_names(i: usize, layout: Layout) -> (String, String, Option<String>) {
+    (col_file_name(i, layout.ty), format!("c{i:03}.valid"), layout.ty.is_var().then(|| format!("c{i:03}.data")))
 }
 
 fn map_file(file: &File, path: &Path) -> Result<Buffer> {
@@ -257,7 +574,7 @@ fn map_file(file: &File, path: &Path) -> Result<Buffer> {
     }
     // SAFETY: the file is only ever grown (set_len upward) or unlinked, never truncated, so the mapping stays
     // valid for its lifetime. Bytes change in place only in the tail of a hot partition, which no view reads
-    // from the mapping (module docs).
+    // from the mapping, and in bits of a bitmap's last byte past every view's rows (module docs).
     let mmap = unsafe { memmap2::Mmap::map(file) }.map_err(|e| {
         if e.raw_os_error() == Some(libc::ENOMEM) {
             // Almost always the per-process mapping limit, not memory.
@@ -275,17 +592,16 @@ fn map_file(file: &File, path: &Path) -> Result<Buffer> {
 
 impl Partition {
     /// Open an existing partition directory or create an empty one.
-    pub fn open(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType]) -> Result<Self> {
-        Self::open_with(dir, year, kind, data_types, true)
+    pub fn open(dir: &Path, year: i32, kind: RecordKind, layouts: Arc<Vec<Layout>>) -> Result<Self> {
+        Self::open_with(dir, year, kind, layouts, true)
     }
 
     /// Open an existing partition at start-up: a missing manifest is damage, not a new partition.
-    pub fn load(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType]) -> Result<Self> {
-        Self::open_with(dir, year, kind, data_types, false)
+    pub fn load(dir: &Path, year: i32, kind: RecordKind, layouts: Arc<Vec<Layout>>) -> Result<Self> {
+        Self::open_with(dir, year, kind, layouts, false)
     }
 
-    fn open_with(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType], create: bool) -> Result<Self> {
-        let types = physical_types(kind, data_types);
+    fn open_with(dir: &Path, year: i32, kind: RecordKind, layouts: Arc<Vec<Layout>>, create: bool) -> Result<Self> {
         let mpath = dir.join("manifest.json");
         let existing = match fs::read_to_string(&mpath) {
             Ok(text) => Some(text),
@@ -298,25 +614,25 @@ impl Partition {
         let manifest = if let Some(text) = existing {
             let m = serde_json::from_str::<Manifest>(&text)
                 .map_err(|e| EngineError::Corrupt { path: mpath.display().to_string(), reason: e.to_string() })?;
-            check_manifest(&m, &mpath)?;
+            check_manifest(&m, &mpath, &layouts)?;
             m
         } else {
             fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-            let m = Manifest { generation: 0, rows: 0, applied_lsn: 0, first: None, last: None };
+            let m = Manifest::empty();
             write_manifest(dir, &m)?;
             m
         };
-        Self::with_manifest(dir, year, kind, types, manifest)
+        Self::with_manifest(dir, year, kind, layouts, manifest)
     }
 
     /// A partition whose manifest is already known (the catalog snapshot holds it): nothing is read unless
     /// the manifest predates first/last keys.
-    pub fn from_manifest(dir: &Path, year: i32, kind: RecordKind, data_types: &[ColumnType], manifest: Manifest) -> Result<Self> {
-        check_manifest(&manifest, &dir.join("manifest.json"))?;
-        Self::with_manifest(dir, year, kind, physical_types(kind, data_types), manifest)
+    pub fn from_manifest(dir: &Path, year: i32, kind: RecordKind, layouts: Arc<Vec<Layout>>, manifest: Manifest) -> Result<Self> {
+        check_manifest(&manifest, &dir.join("manifest.json"), &layouts)?;
+        Self::with_manifest(dir, year, kind, layouts, manifest)
     }
 
-    fn with_manifest(dir: &Path, year: i32, kind: RecordKind, types: Vec<ColumnType>, manifest: Manifest) -> Result<Self> {
+    fn with_manifest(dir: &Path, year: i32, kind: RecordKind, layouts: Arc<Vec<Layout>>, manifest: Manifest) -> Result<Self> {
         // The column files are described when first opened ([`Partition::open_files`]): a catalog of many
         // thousands of partitions holds no per-column paths it never uses.
         let (first_key, last_key) = (manifest.first, manifest.last);
@@ -324,7 +640,7 @@ impl Partition {
             year,
             dir: dir.to_path_buf(),
             kind,
-            types,
+            layouts,
             generation: manifest.generation,
             rows: manifest.rows,
             applied_lsn: manifest.applied_lsn,
@@ -333,6 +649,7 @@ impl Partition {
             files: Vec::new(),
             opened: false,
             dirty: false,
+            created_files: false,
             hot: false,
             direct_unchecked: false,
             first_key,
@@ -344,6 +661,10 @@ impl Partition {
             p.open_files()?;
         }
         Ok(p)
+    }
+
+    fn has_var(&self) -> bool {
+        self.layouts.iter().any(|l| l.ty.is_var())
     }
 
     /// Check and size the column files (first use after opening): remove generations a crash left behind,
@@ -365,34 +686,57 @@ impl Partition {
         let gdir = self.gen_dir(self.generation);
         fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
         if self.files.is_empty() {
-            self.files = self.types.iter().enumerate().map(|(i, ty)| ColumnFile { path: gdir.join(col_file_name(i, *ty)), width: ty.width(), buffer: None }).collect();
-        }
-        let mut capacity = usize::MAX;
-        for f in &self.files {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(self.rows == 0)
-                .truncate(false)
-                .open(&f.path)
-                .map_err(|e| EngineError::io(&f.path, e))?;
-            let len = file.metadata().map_err(|e| EngineError::io(&f.path, e))?.len() as usize;
-            if self.rows.checked_mul(f.width).is_none_or(|need| len < need) {
-                return Err(EngineError::Corrupt {
-                    path: f.path.display().to_string(),
-                    reason: format!("file holds {} bytes, manifest says {} rows", len, self.rows),
-                });
+            let with_validity = |i: usize| self.manifest.validity.contains(&(i as u32));
+            self.files = self.layouts.iter().enumerate().map(|(i, l)| ColumnFile::new(&gdir, i, *l, with_validity(i))).collect();
+            // A bitmap the manifest does not list was made after the last checkpoint: replay makes it again.
+            for (i, f) in self.files.iter().enumerate() {
+                if f.validity.is_none() {
+                    let _ = fs::remove_file(gdir.join(format!("c{i:03}.valid")));
+                }
             }
-            capacity = capacity.min(len / f.width);
+        }
+        let rows = self.rows;
+        let mut capacity = usize::MAX;
+        for f in self.files.iter_mut() {
+            let file = if rows == 0 { create_rw(&f.values.path, false)? } else { open_rw(&f.values.path)? };
+            let mut len = file.metadata().map_err(|e| EngineError::io(&f.values.path, e))?.len() as usize;
+            if rows == 0 && f.layout.ty.is_var() && len < f.width() {
+                // An empty offsets file still holds its first offset (0).
+                allocate(&file, &f.values.path, f.width())?;
+                len = f.width();
+            }
+            let short = |path: &Path, len: usize| EngineError::Corrupt { path: path.display().to_string(), reason: format!("file holds {len} bytes, manifest says {rows} rows") };
+            if f.values_bytes(rows).is_none_or(|need| len < need) {
+                return Err(short(&f.values.path, len));
+            }
+            capacity = capacity.min(f.rows_in(len));
+            if let Some(v) = &f.validity {
+                let vlen = v.len()?;
+                if vlen < rows.div_ceil(8) {
+                    return Err(short(&v.path, vlen));
+                }
+                capacity = capacity.min(vlen.saturating_mul(8));
+            }
+            if let Some(d) = &f.data {
+                if rows == 0 {
+                    create_rw(&d.path, false)?;
+                }
+                let dlen = d.len()?;
+                f.data_len = if rows == 0 { 0 } else { f.offset_at(rows)? };
+                if dlen < f.data_len {
+                    return Err(EngineError::Corrupt { path: d.path.display().to_string(), reason: format!("file holds {dlen} bytes, offsets say {}", f.data_len) });
+                }
+                f.data_cap = dlen;
+            }
         }
         self.capacity = if capacity == usize::MAX { 0 } else { capacity };
         if self.rows > 0 && (self.first_key.is_none() || self.last_key.is_none()) {
             let key_at = |i: usize| -> Result<(i64, i32)> {
                 let mut e = [0u8; 8];
-                read_at(&self.files[0].path, &mut e, i * 8)?;
+                read_at(&self.files[0].values.path, &mut e, i * 8)?;
                 let mut n = [0u8; 4];
                 if self.kind == RecordKind::Variable {
-                    read_at(&self.files[1].path, &mut n, i * 4)?;
+                    read_at(&self.files[1].values.path, &mut n, i * 4)?;
                 }
                 Ok((i64::from_le_bytes(e), i32::from_le_bytes(n)))
             };
@@ -406,16 +750,20 @@ impl Partition {
     /// Drop this partition's mappings (readers holding batches keep theirs until they drop them); the next
     /// read or write maps again. Returns the files unmapped.
     pub fn unmap(&mut self) -> usize {
-        let n = self.files.iter().filter(|f| f.buffer.is_some()).count();
+        let mut n = 0;
         for f in &mut self.files {
-            f.buffer = None;
+            for p in f.planes_mut() {
+                if p.buffer.take().is_some() {
+                    n += 1;
+                }
+            }
         }
         n
     }
 
-    /// Mapped column files and the last use, for the engine's unmapping of cold partitions.
+    /// Mapped files and the last use, for the engine's unmapping of cold partitions.
     pub fn mapping_state(&self) -> (usize, u64) {
-        (self.files.iter().filter(|f| f.buffer.is_some()).count(), self.last_used.load(Ordering::Relaxed))
+        (self.files.iter().flat_map(|f| f.planes()).filter(|p| p.buffer.is_some()).count(), self.last_used.load(Ordering::Relaxed))
     }
 
     /// Map the column files (no-op when mapped). The writer maps before every change; readers through
@@ -423,16 +771,15 @@ impl Partition {
     pub fn ensure_mapped(&mut self) -> Result<()> {
         self.open_files()?;
         for f in &mut self.files {
-            if f.buffer.is_none() {
-                let file = open_rw(&f.path)?;
-                f.buffer = Some(map_file(&file, &f.path)?);
+            for p in f.planes_mut() {
+                p.map()?;
             }
         }
         Ok(())
     }
 
     pub fn is_mapped(&self) -> bool {
-        self.opened && self.files.iter().all(|f| f.buffer.is_some())
+        self.opened && self.files.iter().all(ColumnFile::is_mapped)
     }
 
     /// Re-read the first and last keys from the (mapped) files after a change.
@@ -448,32 +795,46 @@ impl Partition {
         self.last_key = Some(key(self.rows - 1));
     }
 
+    fn base_view(&self) -> PartView {
+        let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
+        PartView {
+            year: self.year,
+            rows: self.rows,
+            mapped: false,
+            last_used: self.last_used.clone(),
+            first,
+            last,
+            layouts: self.layouts.clone(),
+            cols: Vec::new(),
+            split: self.rows,
+            tail: Vec::new(),
+        }
+    }
+
     /// The current committed view for readers.
     pub fn view(&self) -> PartView {
-        let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
-        let base = PartView { year: self.year, rows: self.rows, mapped: false, last_used: self.last_used.clone(), first, last, cols: Vec::new(), split: self.rows, tail: Vec::new() };
+        let base = self.base_view();
         if !self.is_mapped() {
             return base;
         }
-        let cols: Vec<Buffer> = self.files.iter().map(|f| f.mapped()).collect();
+        let cols: Vec<ColBufs> = self.files.iter().map(ColumnFile::bufs).collect();
         if !self.hot {
             return PartView { mapped: true, cols, ..base };
         }
         let split = self.rows.saturating_sub(TAIL_ROWS);
-        let tail = cols.iter().zip(&self.files).map(|(b, f)| Buffer::from(&b.as_slice()[split * f.width..self.rows * f.width])).collect();
-        PartView { mapped: true, cols, split, tail, ..base }
+        let tail: Option<Vec<ArrayRef>> =
+            cols.iter().zip(self.layouts.iter()).map(|(b, l)| storage_array(*l, b, split, self.rows - split).ok().and_then(|a| deep_copy(&a))).collect();
+        match tail {
+            Some(tail) => PartView { mapped: true, cols, split, tail, ..base },
+            // Unreachable for files the writer sized itself; a view without the tail rows beats a panic.
+            None => PartView { mapped: true, cols, rows: split, ..base },
+        }
     }
 
     /// All rows straight from the mapping, as the writer (the only one who modifies them) sees them. Only
     /// after [`Partition::ensure_mapped`].
     fn file_view(&self) -> PartView {
-        let (first, last) = (self.first_key.map(|k| k.0), self.last_key.map(|k| k.0));
-        let cols = self.files.iter().map(|f| f.mapped()).collect();
-        PartView { year: self.year, rows: self.rows, mapped: true, last_used: self.last_used.clone(), first, last, cols, split: self.rows, tail: Vec::new() }
-    }
-
-    fn widths(&self) -> Vec<usize> {
-        self.types.iter().map(|t| t.width()).collect()
+        PartView { mapped: true, cols: self.files.iter().map(ColumnFile::bufs).collect(), ..self.base_view() }
     }
 
     /// The generation in use.
@@ -501,20 +862,14 @@ impl Partition {
         }
         self.ensure_mapped()?;
         self.last_used.store(now_millis(), Ordering::Relaxed);
-        let first = (rows.epoch(0), if self.kind == RecordKind::Variable { rows.nanos(0) } else { 0 });
-        let in_order = match self.last_key() {
-            None => true,
-            Some(last) => match self.kind {
-                RecordKind::Fixed => first.0 > last.0,
-                RecordKind::Variable => first >= last,
-            },
-        };
-        if in_order {
+        if self.is_append(rows) {
             self.append(rows)?;
         } else if !self.overwrite_tail_in_place(rows)? {
             // The first overwrite near the end copies the partition once and makes it hot, so the next
             // ones (a live feed re-sending its newest bar) are written in place.
-            let near_end = self.kind == RecordKind::Fixed && first.0 >= self.file_view().epochs()[self.rows.saturating_sub(TAIL_ROWS)];
+            let near_end = self.kind == RecordKind::Fixed
+                && !self.has_var()
+                && rows.epoch(0) >= self.file_view().epochs()[self.rows.saturating_sub(TAIL_ROWS)];
             let next_gen = match prepared.take() {
                 Some(g) => g,
                 None => self.prepare_merge(rows)?,
@@ -530,7 +885,7 @@ impl Partition {
     /// Fixed buckets, hot partitions: when every new row either replaces one of the last [`TAIL_ROWS`] rows
     /// or sorts after all of them, the rows to overwrite and where the appended rows start. `None` otherwise.
     fn tail_plan(&self, rows: &Rows) -> Option<(Vec<usize>, usize)> {
-        if !self.hot || self.direct_unchecked || self.kind != RecordKind::Fixed || self.rows == 0 || !self.is_mapped() {
+        if !self.hot || self.direct_unchecked || self.kind != RecordKind::Fixed || self.rows == 0 || !self.is_mapped() || self.has_var() {
             return None;
         }
         let view = self.file_view();
@@ -558,51 +913,122 @@ impl Partition {
     fn overwrite_tail_in_place(&mut self, rows: &Rows) -> Result<bool> {
         let Some((targets, appended_from)) = self.tail_plan(rows) else { return Ok(false) };
         self.open_files()?;
+        self.ensure_validity(&rows.slice(0, targets.len()))?;
         for (i, f) in self.files.iter().enumerate() {
-            let file = open_rw(&f.path)?;
-            let src = rows.cols[i].as_slice();
+            let w = f.width();
+            let col = &rows.cols[i];
+            let src = value_bytes(col, w);
             for (j, &row) in targets.iter().enumerate() {
-                file.write_all_at(&src[j * f.width..(j + 1) * f.width], (row * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
+                f.values.write_at(&src.as_slice()[j * w..(j + 1) * w], row * w)?;
+                if let Some(v) = &f.validity {
+                    write_bit(v, row, col.is_valid(j))?;
+                }
             }
         }
         self.dirty = true;
         if appended_from < rows.len {
-            let widths = self.widths();
-            self.append(&rows.slice(&widths, appended_from, rows.len))?;
+            self.append(&rows.slice(appended_from, rows.len))?;
         }
         Ok(true)
     }
 
     fn append(&mut self, rows: &Rows) -> Result<()> {
-        self.reserve(rows.len)?;
-        for (i, f) in self.files.iter().enumerate() {
-            let file = open_rw(&f.path)?;
-            file.write_all_at(rows.cols[i].as_slice(), (self.rows * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
+        self.reserve(rows)?;
+        let at = self.rows;
+        for (i, f) in self.files.iter_mut().enumerate() {
+            let col = &rows.cols[i];
+            match &f.data {
+                None => f.values.write_at(value_bytes(col, f.layout.ty.width()).as_slice(), at * f.layout.ty.width())?,
+                Some(d) => {
+                    let (offs, bytes) = var_parts(col, f.data_len, true)?;
+                    d.write_at(bytes.as_slice(), f.data_len)?;
+                    f.values.write_at(&offs, (at + 1) * f.layout.ty.width())?;
+                    f.data_len += bytes.len();
+                }
+            }
+            if let Some(v) = &f.validity {
+                write_bits(v, at, &validity_bits(col))?;
+            }
         }
         self.rows += rows.len;
         self.dirty = true;
         Ok(())
     }
 
-    /// Make room for `extra` more rows past the visible ones, with the disk blocks allocated
-    /// (`fallocate`), so that writing them cannot fail for lack of space. The engine calls this before a
-    /// write is logged: a full disk then fails the write cleanly, with nothing logged.
-    pub fn reserve(&mut self, extra: usize) -> Result<()> {
-        self.open_files()?;
-        let need = self.rows.checked_add(extra).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
-        if need <= self.capacity {
-            return Ok(());
+    /// Create the validity bitmap of every nullable column that `rows` carry nulls for and that has none
+    /// in this generation yet: every stored row valid, blocks allocated, fsync'd with its directory entry
+    /// (it holds the validity of rows the manifest already counts, so it must be durable before use).
+    fn ensure_validity(&mut self, rows: &Rows) -> Result<()> {
+        let gdir = self.gen_dir(self.generation);
+        let mut made = false;
+        for (i, f) in self.files.iter_mut().enumerate() {
+            if f.validity.is_some() || rows.cols[i].null_count() == 0 {
+                continue;
+            }
+            if !f.layout.nullable {
+                return Err(EngineError::InvalidInput("nulls in a column that is not nullable".into()));
+            }
+            let path = gdir.join(format!("c{i:03}.valid"));
+            let file = create_rw(&path, true)?;
+            allocate(&file, &path, self.capacity.max(1).div_ceil(8))?;
+            let mut bytes = vec![0xFFu8; self.rows / 8];
+            if self.rows % 8 != 0 {
+                bytes.push((1u8 << (self.rows % 8)) - 1);
+            }
+            file.write_all_at(&bytes, 0).map_err(|e| EngineError::io(&path, e))?;
+            file.sync_data().map_err(|e| EngineError::io(&path, e))?;
+            let mut plane = Plane::new(path);
+            if f.values.buffer.is_some() {
+                plane.map()?;
+            }
+            f.validity = Some(plane);
+            made = true;
         }
-        let new_cap = need.max(self.capacity.saturating_mul(2)).max(MIN_CAPACITY_ROWS);
-        for f in self.files.iter_mut() {
-            let file = open_rw(&f.path)?;
-            allocate(&file, &f.path, new_cap * f.width)?;
-            if f.buffer.is_some() {
-                f.buffer = Some(map_file(&file, &f.path)?);
+        if made {
+            sync_dir(&gdir)?;
+            self.created_files = true;
+        }
+        Ok(())
+    }
+
+    /// Make room for `rows` past the visible ones, with the disk blocks allocated (`fallocate`), so that
+    /// writing them cannot fail for lack of space; create the validity bitmaps their nulls need. The
+    /// engine calls this before a write is logged: a full disk then fails the write cleanly, with nothing
+    /// logged.
+    pub fn reserve(&mut self, rows: &Rows) -> Result<()> {
+        self.open_files()?;
+        let need = self.rows.checked_add(rows.len).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
+        if need > self.capacity {
+            let new_cap = need.max(self.capacity.saturating_mul(2)).max(MIN_CAPACITY_ROWS);
+            for f in self.files.iter_mut() {
+                let vbytes = f.values_bytes(new_cap).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
+                f.values.grow(vbytes)?;
+                if let Some(v) = &mut f.validity {
+                    v.grow(new_cap.div_ceil(8))?;
+                }
+            }
+            self.capacity = new_cap;
+        }
+        for (i, f) in self.files.iter_mut().enumerate() {
+            if f.data.is_none() {
+                continue;
+            }
+            let add = var_data_len(&rows.cols[i]);
+            let need = f.data_len.checked_add(add).ok_or_else(|| EngineError::InvalidInput("data length overflow".into()))?;
+            if f.layout.ty != ColumnType::LargeUtf8 && need > i32::MAX as usize {
+                return Err(EngineError::InvalidInput(
+                    "a year partition of a utf8 or binary column holds at most 2 GiB of data (use large_utf8)".into(),
+                ));
+            }
+            if need > f.data_cap {
+                let cap = need.max(f.data_cap.saturating_mul(2)).max(MIN_DATA_BYTES);
+                if let Some(d) = &mut f.data {
+                    d.grow(cap)?;
+                }
+                f.data_cap = cap;
             }
         }
-        self.capacity = new_cap;
-        Ok(())
+        self.ensure_validity(rows)
     }
 
     /// How [`Partition::apply_rows`] would apply `rows`: true when it needs a new generation (a merge), so
@@ -611,7 +1037,7 @@ impl Partition {
         if rows.len == 0 || self.is_append(rows) {
             return false;
         }
-        !self.tail_plan(rows).is_some()
+        self.tail_plan(rows).is_none()
     }
 
     /// True when `rows` would be a pure append (every row sorts after the stored ones).
@@ -629,9 +1055,16 @@ impl Partition {
         }
     }
 
+    /// True when a bulk append of `rows` may skip the log ([`Partition::stage_direct_append`]): fixed-width
+    /// columns only, no nulls and no validity bitmap (their bytes are what the commit record checksums).
+    pub fn direct_ok(&mut self, rows: &Rows) -> Result<bool> {
+        self.open_files()?;
+        Ok(!self.has_var() && !rows.has_nulls() && self.files.iter().all(|f| f.validity.is_none()))
+    }
+
     /// Bulk path, step 1: write `rows` past the visible row count and fsync the column files, without
     /// publishing them. Returns what the log record must carry to re-validate the data at replay:
-    /// `(generation, start_row, crc32c over the written column bytes)`.
+    /// `(generation, start_row, crc32c over the written column bytes)`. Only where [`Partition::direct_ok`].
     pub fn stage_direct_append(&mut self, rows: &Rows) -> Result<(u64, usize, u32)> {
         // A bulk append starts from a checkpointed partition, so that replay finds exactly the state it was
         // staged on: the staged rows sit in the files a restart opens, and no earlier record is replayed
@@ -639,14 +1072,14 @@ impl Partition {
         // was in place, which would leave the staged rows behind in the old generation).
         self.checkpoint()?;
         let start = self.rows;
-        self.reserve(rows.len)?;
+        self.reserve(rows)?;
         let mut crc = 0u32;
         for (i, f) in self.files.iter().enumerate() {
-            let file = open_rw(&f.path)?;
-            let bytes = rows.cols[i].as_slice();
-            crc = crc32c::crc32c_append(crc, bytes);
-            file.write_all_at(bytes, (start * f.width) as u64).map_err(|e| EngineError::io(&f.path, e))?;
-            file.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
+            let w = f.width();
+            let bytes = value_bytes(&rows.cols[i], w);
+            crc = crc32c::crc32c_append(crc, bytes.as_slice());
+            f.values.write_at(bytes.as_slice(), start * w)?;
+            f.values.sync()?;
         }
         Ok((self.generation, start, crc))
     }
@@ -664,13 +1097,14 @@ impl Partition {
             });
         }
         self.open_files()?;
-        if start + n > self.capacity {
+        if start + n > self.capacity || self.has_var() || self.files.iter().any(|f| f.validity.is_some()) {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}) beyond the column files") });
         }
         self.ensure_mapped()?;
         let mut got = 0u32;
         for f in &self.files {
-            got = crc32c::crc32c_append(got, &f.mapped().as_slice()[start * f.width..(start + n) * f.width]);
+            let w = f.width();
+            got = crc32c::crc32c_append(got, &f.values.mapped().as_slice()[start * w..(start + n) * w]);
         }
         if got != crc {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}): checksum mismatch") });
@@ -683,11 +1117,12 @@ impl Partition {
         Ok(())
     }
 
-    /// Write `cols` (already merged) as the next generation's files, fsync'd, without switching to it: the
-    /// engine builds it before logging the write (so a full disk fails the write cleanly) and switches with
-    /// [`Partition::commit_generation`] once the record is durable. The manifest moves to it at the next
-    /// checkpoint; until then a crash restarts from the previous generation and replays the log.
-    fn prepare_generation(&self, n: usize, cols: Vec<Vec<u8>>) -> Result<Generation> {
+    /// Write `cols` (the merged rows, one storage array per physical column) as the next generation's
+    /// files, fsync'd, without switching to it: the engine builds it before logging the write (so a full
+    /// disk fails the write cleanly) and switches with [`Partition::commit_generation`] once the record is
+    /// durable. The manifest moves to it at the next checkpoint; until then a crash restarts from the
+    /// previous generation and replays the log.
+    fn prepare_generation(&self, n: usize, cols: Vec<ArrayRef>) -> Result<Generation> {
         let g = self.generation + 1;
         let gdir = self.gen_dir(g);
         let _ = fs::remove_dir_all(&gdir);
@@ -695,21 +1130,35 @@ impl Partition {
             fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
             let cap = n.max(MIN_CAPACITY_ROWS);
             let mut files = Vec::with_capacity(cols.len());
-            for (i, bytes) in cols.iter().enumerate() {
-                let ty = self.types[i];
-                let p = gdir.join(col_file_name(i, ty));
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&p)
-                    .map_err(|e| EngineError::io(&p, e))?;
-                allocate(&file, &p, cap * ty.width())?;
-                file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&p, e))?;
-                file.sync_data().map_err(|e| EngineError::io(&p, e))?;
-                let buffer = map_file(&file, &p)?;
-                files.push(ColumnFile { path: p, width: ty.width(), buffer: Some(buffer) });
+            for (i, col) in cols.iter().enumerate() {
+                let layout = self.layouts[i];
+                let mut f = ColumnFile::new(&gdir, i, layout, col.null_count() > 0);
+                let write = |plane: &Plane, bytes: &[u8], alloc: usize| -> Result<()> {
+                    let file = create_rw(&plane.path, true)?;
+                    allocate(&file, &plane.path, alloc.max(bytes.len()))?;
+                    file.write_all_at(bytes, 0).map_err(|e| EngineError::io(&plane.path, e))?;
+                    file.sync_data().map_err(|e| EngineError::io(&plane.path, e))
+                };
+                let vbytes = f.values_bytes(cap).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
+                match &f.data {
+                    None => write(&f.values, value_bytes(col, layout.ty.width()).as_slice(), vbytes)?,
+                    Some(d) => {
+                        let (offs, bytes) = var_parts(col, 0, false)?;
+                        write(&f.values, &offs, vbytes)?;
+                        let dcap = bytes.len().max(MIN_DATA_BYTES);
+                        write(d, bytes.as_slice(), dcap)?;
+                        f.data_len = bytes.len();
+                        f.data_cap = dcap;
+                    }
+                }
+                if let Some(v) = &f.validity {
+                    let bits = validity_bits(col);
+                    write(v, bits.sliced().as_slice(), cap.div_ceil(8))?;
+                }
+                for p in f.planes_mut() {
+                    p.map()?;
+                }
+                files.push(f);
             }
             sync_dir(&gdir)?;
             Ok(Generation { number: g, rows: n, capacity: cap, files })
@@ -720,10 +1169,16 @@ impl Partition {
         built
     }
 
+    /// The stored rows as storage arrays (zero-copy over the mapping; the writer's own view).
+    fn stored_arrays(&self) -> Result<Vec<ArrayRef>> {
+        let v = self.file_view();
+        (0..self.layouts.len()).map(|c| v.storage(c, 0, self.rows)).collect()
+    }
+
     /// The new generation a merge of `rows` produces (see [`Partition::prepare_generation`]).
     pub fn prepare_merge(&mut self, rows: &Rows) -> Result<Generation> {
         self.ensure_mapped()?;
-        let (n, cols) = self.merged(rows);
+        let (n, cols) = self.merged(rows)?;
         self.prepare_generation(n, cols)
     }
 
@@ -734,14 +1189,13 @@ impl Partition {
         let e = view.epochs();
         let n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
         let key = |i: usize| (e[i], if n.is_empty() { 0 } else { n[i] });
-        let picks: Vec<(bool, u32)> =
-            (0..self.rows).filter(|&i| !(key(i) >= start && key(i) <= end)).map(|i| (false, i as u32)).collect();
-        if picks.len() == self.rows {
+        let keep: Vec<u32> = (0..self.rows).filter(|&i| !(key(i) >= start && key(i) <= end)).map(|i| i as u32).collect();
+        if keep.len() == self.rows {
             return Ok(None);
         }
-        let empty = Rows { len: 0, cols: vec![Buffer::from_vec(Vec::<u8>::new()); self.types.len()] };
-        let cols = self.gather(&view, &empty, &picks);
-        self.prepare_generation(picks.len(), cols).map(Some)
+        let idx = arrow::array::UInt32Array::from(keep);
+        let cols = self.stored_arrays()?.iter().map(|a| arrow::compute::take(a.as_ref(), &idx, None)).collect::<std::result::Result<Vec<_>, _>>()?;
+        self.prepare_generation(idx.len(), cols).map(Some)
     }
 
     /// Switch to a prepared generation (after its log record is durable). The previous generation's files
@@ -763,22 +1217,22 @@ impl Partition {
         self.refresh_bounds();
     }
 
-    /// Rows `rows` merged into the stored ones: `(row count, column bytes)`.
-    fn merged(&self, rows: &Rows) -> (usize, Vec<Vec<u8>>) {
+    /// Rows `rows` merged into the stored ones: `(row count, one storage array per physical column)`.
+    fn merged(&self, rows: &Rows) -> Result<(usize, Vec<ArrayRef>)> {
         let view = self.file_view();
         let old_e = view.epochs();
         let old_n: &[i32] = if self.kind == RecordKind::Variable { view.nanos() } else { &[] };
-        // Plan: a list of (from_new, index) picks in output order.
-        let mut picks: Vec<(bool, u32)> = Vec::with_capacity(self.rows + rows.len);
+        // Plan: (source, row) picks in output order; source 0 = stored, 1 = new.
+        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(self.rows + rows.len);
         let (mut i, mut j) = (0usize, 0usize);
         while i < self.rows || j < rows.len {
             if j >= rows.len {
-                picks.push((false, i as u32));
+                picks.push((0, i));
                 i += 1;
                 continue;
             }
             if i >= self.rows {
-                picks.push((true, j as u32));
+                picks.push((1, j));
                 j += 1;
                 continue;
             }
@@ -786,14 +1240,14 @@ impl Partition {
                 RecordKind::Fixed => {
                     let (a, b) = (old_e[i], rows.epoch(j));
                     if a < b {
-                        picks.push((false, i as u32));
+                        picks.push((0, i));
                         i += 1;
                     } else if a > b {
-                        picks.push((true, j as u32));
+                        picks.push((1, j));
                         j += 1;
                     } else {
                         // Same interval: the new row replaces the stored one.
-                        picks.push((true, j as u32));
+                        picks.push((1, j));
                         i += 1;
                         j += 1;
                     }
@@ -801,36 +1255,22 @@ impl Partition {
                 RecordKind::Variable => {
                     // Stored rows first on ties: ticks keep arrival order.
                     if (old_e[i], old_n[i]) <= (rows.epoch(j), rows.nanos(j)) {
-                        picks.push((false, i as u32));
+                        picks.push((0, i));
                         i += 1;
                     } else {
-                        picks.push((true, j as u32));
+                        picks.push((1, j));
                         j += 1;
                     }
                 }
             }
         }
-        let cols = self.gather(&view, rows, &picks);
-        (picks.len(), cols)
-    }
-
-    fn gather(&self, view: &PartView, rows: &Rows, picks: &[(bool, u32)]) -> Vec<Vec<u8>> {
-        self.types
+        let old = self.stored_arrays()?;
+        let cols = old
             .iter()
-            .enumerate()
-            .map(|(c, ty)| {
-                let w = ty.width();
-                let old = &view.cols[c].as_slice()[..view.rows * w];
-                let new = rows.cols[c].as_slice();
-                let mut out = Vec::with_capacity(picks.len() * w);
-                for &(from_new, idx) in picks {
-                    let k = idx as usize * w;
-                    let src = if from_new { &new[k..k + w] } else { &old[k..k + w] };
-                    out.extend_from_slice(src);
-                }
-                out
-            })
-            .collect()
+            .zip(&rows.cols)
+            .map(|(o, n)| arrow::compute::interleave(&[o.as_ref(), n.as_ref()], &picks))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((picks.len(), cols))
     }
 
     /// Delete stored rows with `start <= (Epoch, Nanoseconds) <= end` (at replay; the engine prepares the
@@ -846,22 +1286,36 @@ impl Partition {
 
     /// Make appended rows durable and record the applied LSN (checkpoint).
     pub fn checkpoint(&mut self) -> Result<()> {
-        if !self.dirty && self.manifest.applied_lsn == self.applied_lsn && self.manifest.rows == self.rows && self.manifest.generation == self.generation {
+        let validity: Vec<u32> =
+            if self.opened { self.files.iter().enumerate().filter(|(_, f)| f.validity.is_some()).map(|(i, _)| i as u32).collect() } else { self.manifest.validity.clone() };
+        if !self.dirty
+            && self.manifest.applied_lsn == self.applied_lsn
+            && self.manifest.rows == self.rows
+            && self.manifest.generation == self.generation
+            && self.manifest.validity == validity
+        {
             return Ok(());
         }
         // Files never checked were never written: nothing of theirs to make durable.
         if self.opened {
             for f in &self.files {
-                open_rw(&f.path)?.sync_data().map_err(|e| EngineError::io(&f.path, e))?;
+                for p in f.planes() {
+                    p.sync()?;
+                }
+            }
+            if self.created_files {
+                sync_dir(&self.gen_dir(self.generation))?;
             }
         }
-        let m = Manifest { generation: self.generation, rows: self.rows, applied_lsn: self.applied_lsn, first: self.first_key, last: self.last_key };
+        let format = if !validity.is_empty() || self.has_var() { FORMAT } else { 0 };
+        let m = Manifest { generation: self.generation, rows: self.rows, applied_lsn: self.applied_lsn, first: self.first_key, last: self.last_key, format, validity };
         write_manifest(&self.dir, &m)?;
         let old = std::mem::replace(&mut self.manifest, m).generation;
         if old != self.generation {
             let _ = fs::remove_dir_all(self.gen_dir(old));
         }
         self.dirty = false;
+        self.created_files = false;
         self.direct_unchecked = false;
         Ok(())
     }
@@ -877,10 +1331,20 @@ impl Partition {
     }
 }
 
-/// Refuse manifests whose numbers no partition can have (they bound arithmetic later).
-fn check_manifest(m: &Manifest, path: &Path) -> Result<()> {
+/// Refuse manifests whose numbers no partition can have (they bound arithmetic later), and formats newer
+/// than this build reads.
+fn check_manifest(m: &Manifest, path: &Path, layouts: &[Layout]) -> Result<()> {
     if m.rows > MAX_ROWS || m.applied_lsn > super::wal::MAX_LSN {
         return Err(EngineError::Corrupt { path: path.display().to_string(), reason: format!("implausible rows {} or applied_lsn {}", m.rows, m.applied_lsn) });
+    }
+    if m.format > FORMAT {
+        return Err(EngineError::Corrupt {
+            path: path.display().to_string(),
+            reason: format!("partition format {} is newer than this build reads ({FORMAT}): upgrade mkts", m.format),
+        });
+    }
+    if let Some(bad) = m.validity.iter().find(|&&c| layouts.get(c as usize).is_none_or(|l| !l.nullable)) {
+        return Err(EngineError::Corrupt { path: path.display().to_string(), reason: format!("validity bitmap listed for column {bad}, which is not nullable") });
     }
     Ok(())
 }

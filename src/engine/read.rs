@@ -1,14 +1,14 @@
-//! Building Arrow batches from partition views without copying numeric column data.
+//! Building Arrow batches from partition views without copying column data (bool and string16 are converted).
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, PrimitiveArray, RecordBatch, StringArray};
-use arrow::buffer::{Buffer, ScalarBuffer};
-use arrow::datatypes::{self as adt, ArrowPrimitiveType, Field, Schema, SchemaRef};
+use arrow::array::{make_array, Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
+use arrow::buffer::BooleanBuffer;
+use arrow::datatypes::{self as adt, Field, Schema, SchemaRef};
 
 use super::error::Result;
-use super::partition::{PartView, Rows};
-use super::types::{epoch_type, BucketSchema, ColumnType, RecordKind, EPOCH, NANOSECONDS, STRING16_WIDTH};
+use super::partition::{storage_array, PartView, Piece, Rows};
+use super::types::{epoch_type, BucketSchema, ColumnType, RecordKind, EPOCH, NANOSECONDS};
 
 /// A point in time: Unix seconds plus nanoseconds (the latter only matters for tick buckets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,7 +25,7 @@ impl TimePoint {
     }
 }
 
-/// Physical column chosen for output: index into the partition's columns and its type.
+/// Physical column chosen for output: index into the partition's columns, its type and read field.
 #[derive(Debug, Clone)]
 pub(crate) struct OutCol {
     pub phys: usize,
@@ -40,7 +40,7 @@ pub(crate) fn projection(schema: &BucketSchema, columns: Option<&[String]>) -> (
     let mut out = vec![OutCol { phys: 0, ty: ColumnType::I64, field: Field::new(EPOCH, epoch_type(), false) }];
     let mut push = |i: usize| {
         let c = &schema.columns[i];
-        out.push(OutCol { phys: base + i, ty: c.ty, field: Field::new(&c.name, c.ty.arrow_type(), false) });
+        out.push(OutCol { phys: base + i, ty: c.ty, field: c.field() });
     };
     match columns {
         None => (0..schema.columns.len()).for_each(&mut push),
@@ -59,37 +59,27 @@ pub(crate) fn projection(schema: &BucketSchema, columns: Option<&[String]>) -> (
     (s, out)
 }
 
-fn prim<T: ArrowPrimitiveType>(buf: &Buffer, lo: usize, len: usize) -> ArrayRef {
-    Arc::new(PrimitiveArray::<T>::new(ScalarBuffer::new(buf.clone(), lo, len), None))
-}
-
-/// A zero-copy (numeric) or converted (bool, string16) array over rows `lo..lo+len` of a column buffer.
-pub(crate) fn column_array(ty: ColumnType, buf: &Buffer, lo: usize, len: usize, is_epoch: bool) -> ArrayRef {
-    if is_epoch {
-        let a = PrimitiveArray::<adt::TimestampSecondType>::new(ScalarBuffer::new(buf.clone(), lo, len), None)
-            .with_timezone("UTC");
-        return Arc::new(a);
+/// A storage array (see [`ColumnType::storage_type`]) as the array reads return: the same buffers under
+/// the read type (timestamps, dates, Epoch), or converted (bool is bit-packed in Arrow, string16 is
+/// UTF-32 on disk).
+pub(crate) fn read_array(ty: ColumnType, field: &Field, storage: ArrayRef) -> Result<ArrayRef> {
+    let target = field.data_type();
+    if storage.data_type() == target {
+        return Ok(storage);
     }
-    match ty {
-        ColumnType::I8 => prim::<adt::Int8Type>(buf, lo, len),
-        ColumnType::I16 => prim::<adt::Int16Type>(buf, lo, len),
-        ColumnType::I32 => prim::<adt::Int32Type>(buf, lo, len),
-        ColumnType::I64 => prim::<adt::Int64Type>(buf, lo, len),
-        ColumnType::U8 => prim::<adt::UInt8Type>(buf, lo, len),
-        ColumnType::U16 => prim::<adt::UInt16Type>(buf, lo, len),
-        ColumnType::U32 => prim::<adt::UInt32Type>(buf, lo, len),
-        ColumnType::U64 => prim::<adt::UInt64Type>(buf, lo, len),
-        ColumnType::F32 => prim::<adt::Float32Type>(buf, lo, len),
-        ColumnType::F64 => prim::<adt::Float64Type>(buf, lo, len),
+    Ok(match ty {
         ColumnType::Bool => {
-            let b = &buf.as_slice()[lo..lo + len];
-            Arc::new(b.iter().map(|v| Some(*v != 0)).collect::<BooleanArray>())
+            let b = storage.as_primitive::<adt::UInt8Type>();
+            let values: BooleanBuffer = b.values().iter().map(|v| *v != 0).collect();
+            Arc::new(BooleanArray::new(values, storage.nulls().cloned()))
         }
         ColumnType::String16 => {
-            let b = &buf.as_slice()[lo * STRING16_WIDTH..(lo + len) * STRING16_WIDTH];
-            Arc::new(b.chunks_exact(STRING16_WIDTH).map(|c| Some(decode_string16(c))).collect::<StringArray>())
+            let f = storage.as_fixed_size_binary();
+            Arc::new((0..f.len()).map(|i| f.is_valid(i).then(|| decode_string16(f.value(i)))).collect::<StringArray>())
         }
-    }
+        // Same width and bytes, another logical type: Int64 → timestamp, Int32 → date32.
+        _ => make_array(storage.to_data().into_builder().data_type(target.clone()).build()?),
+    })
 }
 
 /// Decode a NUL-padded UTF-32LE string16 value.
@@ -135,8 +125,15 @@ fn partition_point_by(len: usize, pred: impl Fn(usize) -> bool) -> usize {
 /// Rows `lo..hi` of a view as batches: one zero-copy over the mapping, plus one over the heap tail of a
 /// hot partition when the range reaches into it.
 pub(crate) fn batches_of(schema: &SchemaRef, cols: &[OutCol], view: &PartView, lo: usize, hi: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
-    for (bufs, first, len) in view.pieces(lo, hi) {
-        let arrays: Vec<ArrayRef> = cols.iter().map(|c| column_array(c.ty, &bufs[c.phys], first, len, c.phys == 0)).collect();
+    for (piece, first, len) in view.pieces(lo, hi) {
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(cols.len());
+        for c in cols {
+            let storage = match &piece {
+                Piece::Mapped(bufs) => storage_array(view.layouts[c.phys], &bufs[c.phys], first, len)?,
+                Piece::Tail(tail) => tail[c.phys].slice(first, len),
+            };
+            arrays.push(read_array(c.ty, &c.field, storage)?);
+        }
         out.push(RecordBatch::try_new(schema.clone(), arrays)?);
     }
     Ok(())
@@ -145,7 +142,6 @@ pub(crate) fn batches_of(schema: &SchemaRef, cols: &[OutCol], view: &PartView, l
 /// The rows of a write as a batch in the bucket's read schema (for triggers).
 pub(crate) fn rows_batch(schema: &BucketSchema, rows: &Rows) -> Result<RecordBatch> {
     let (s, cols) = projection(schema, None);
-    let bufs: Vec<Buffer> = rows.cols.iter().map(|c| Buffer::from(c.as_slice())).collect();
-    let arrays: Vec<ArrayRef> = cols.iter().map(|c| column_array(c.ty, &bufs[c.phys], 0, rows.len, c.phys == 0)).collect();
+    let arrays = cols.iter().map(|c| read_array(c.ty, &c.field, rows.cols[c.phys].clone())).collect::<Result<Vec<_>>>()?;
     Ok(RecordBatch::try_new(s, arrays)?)
 }

@@ -116,7 +116,7 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &
         }
         Op::Write => {
             if let Some(b) = current {
-                let rows = decode_write_payload(rec.payload, &b.widths())
+                let rows = decode_write_payload(rec.payload, &b.layouts)
                     .ok_or_else(|| corrupt(rec.lsn, "write payload does not match the bucket schema"))?;
                 b.apply_write(&rows, rec.lsn, true, Vec::new())?;
             }

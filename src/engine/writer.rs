@@ -128,7 +128,7 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(c) => {
                         if let Cmd::Write { rows, .. } = &c {
-                            bytes += rows.cols.iter().map(|c| c.len()).sum::<usize>();
+                            bytes += rows.byte_len();
                         }
                         group.push(c)
                     }
@@ -322,7 +322,7 @@ impl Writer {
             }
         };
         let lsn = self.take_lsn();
-        encode_write(buf, lsn, &key.to_string(), from.origin, &rows);
+        encode_write(buf, lsn, &key.to_string(), from.origin, &rows, &bucket.layouts);
         pending.push(PendingWrite { lsn, from, bucket, rows, prepared, reply });
     }
 
@@ -642,7 +642,7 @@ impl Writer {
             if first.is_none_or(|f| f >= cutoff) || inner.damaged.read().contains_key(&b.key.to_string()) {
                 continue;
             }
-            let width: u64 = b.widths().iter().map(|w| *w as u64).sum();
+            let width: u64 = b.row_width();
             match self.delete_range_cmd(inner, &b.key, TimePoint::MIN, TimePoint { secs: cutoff - 1, nanos: 999_999_999 }, Applied::LOCAL) {
                 Ok(n) => {
                     inner.retention_rows.fetch_add(n as u64, Ordering::Relaxed);

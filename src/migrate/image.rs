@@ -48,7 +48,7 @@ pub struct Decoded {
 pub fn bucket_schema(h: &Header) -> BucketSchema {
     BucketSchema {
         kind: if h.record_type == RecordType::Variable { RecordKind::Variable } else { RecordKind::Fixed },
-        columns: h.columns.iter().map(|(n, t)| ColumnDef { name: n.clone(), ty: *t }).collect(),
+        columns: h.columns.iter().map(|(n, t)| ColumnDef::new(n.clone(), *t)).collect(),
     }
 }
 
@@ -94,6 +94,8 @@ pub fn column_array(ty: ColumnType, bytes: &[u8]) -> ArrayRef {
         ColumnType::String16 => Arc::new(StringArray::from(
             bytes.chunks_exact(64).map(decode_string16).collect::<Vec<String>>(),
         )),
+        // MarketStore files hold only the types above (its element codes, `header.rs`).
+        other => arrow::array::new_null_array(&other.arrow_type(), bytes.len() / other.width().max(1)),
     }
 }
 

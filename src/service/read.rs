@@ -55,15 +55,23 @@ impl ReadResult {
         if self.single {
             return Ok(first.schema.clone());
         }
+        // Same names and types; a column nullable in one bucket is nullable in the result.
+        let mut fields: Vec<Field> = first.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         for p in &self.parts {
-            if p.schema.fields() != first.schema.fields() {
+            let same = p.schema.fields().len() == fields.len()
+                && p.schema.fields().iter().zip(&fields).all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+            if !same {
                 return Err(ServiceError::invalid(format!(
                     "symbols in a query must have the same data type or be filtered by common columns. symbols=[{}]",
                     p.key.symbol
                 )));
             }
+            for (f, a) in fields.iter_mut().zip(p.schema.fields()) {
+                if a.is_nullable() && !f.is_nullable() {
+                    *f = f.clone().with_nullable(true);
+                }
+            }
         }
-        let mut fields: Vec<Field> = first.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(SYMBOL_COLUMN, DataType::Utf8, false));
         Ok(Arc::new(Schema::new(fields)))
     }
@@ -83,7 +91,12 @@ impl ReadResult {
                 (0..b.num_rows()).step_by(SYMBOL_SLICE_ROWS).map(move |off| (sym.clone(), b.slice(off, SYMBOL_SLICE_ROWS.min(b.num_rows() - off))))
             })
         });
-        let stream = futures::stream::iter(slices).map(|(sym, b)| with_symbol(&b, &sym).map_err(ServiceError::from));
+        let out = schema.clone();
+        let stream = futures::stream::iter(slices).map(move |(sym, b)| {
+            let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+            cols.push(Arc::new(StringArray::from(vec![sym.as_str(); b.num_rows()])));
+            RecordBatch::try_new(out.clone(), cols).map_err(ServiceError::from)
+        });
         Ok((schema, stream.boxed()))
     }
 }

@@ -5,7 +5,7 @@
 use arrow::array::RecordBatch;
 
 use super::error::ServiceError;
-use crate::engine::{BucketKey, BucketSchema, ColumnDef, ColumnType, EngineError, KeySelector, RecordKind, TimePoint, DEFAULT_CATEGORIES, EPOCH, NANOSECONDS};
+use crate::engine::{BucketKey, BucketSchema, ColumnDef, EngineError, KeySelector, RecordKind, TimePoint, DEFAULT_CATEGORIES, EPOCH, NANOSECONDS};
 
 /// A query: a read of buckets (with MarketStore's `functions`) or a SQL statement.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,11 +147,11 @@ pub fn parse_columns(names: &[String], types: &[String], variable: bool) -> Resu
     let kind = if variable { RecordKind::Variable } else { RecordKind::Fixed };
     let mut columns = Vec::with_capacity(names.len());
     for (name, t) in names.iter().zip(types) {
-        let ty = ColumnType::from_wire(t).map_err(|_| ServiceError::invalid(format!("unexpected data type:{t}")))?;
+        let col = ColumnDef::parse(name.clone(), t).map_err(|_| ServiceError::invalid(format!("unexpected data type:{t}")))?;
         if name == EPOCH || (name == NANOSECONDS && kind == RecordKind::Variable) {
             continue;
         }
-        columns.push(ColumnDef { name: name.clone(), ty });
+        columns.push(col);
     }
     Ok(BucketSchema { kind, columns })
 }
@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(c.schema.columns.len(), 1);
         assert_eq!(c.schema.kind, RecordKind::Variable);
         let c = CreateRequest::parse("T/1Min/X", &s(&["Open"]), &s(&["float32"]), false).unwrap();
-        assert_eq!(c.schema.columns[0].ty, ColumnType::F32);
+        assert_eq!(c.schema.columns[0].ty, crate::engine::ColumnType::F32);
         assert_eq!(parse_columns(&s(&["P"]), &s(&["b8"]), false).unwrap_err().message, "unexpected data type:b8");
         assert!(parse_columns(&s(&["P", "Q"]), &s(&["f4"]), false).unwrap_err().message.contains("2 column names but 1"));
     }
