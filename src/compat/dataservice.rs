@@ -21,7 +21,15 @@ pub async fn query(ctx: &ServerContext, caller: &Caller, q: &QueryRequest) -> Re
             vec![Part { key: format!("{sql}:SQL"), schema, batches }]
         }
         QueryRequest::Read(r) => {
-            let res = ctx.service.read(caller, r).await?;
+            // The requested timeframe as it is stored; if no selected bucket exists under it, the one
+            // MarketStore reads for it (§1.11), whose key the reply then carries.
+            let res = match ctx.service.read(caller, r).await {
+                Err(e) if e.code == ErrorCode::NotFound => match super::timeframe::mapped(r) {
+                    Some(m) => ctx.service.read(caller, &m).await?,
+                    None => return Err(e),
+                },
+                other => other?,
+            };
             res.parts.into_iter().map(|p| Part { key: p.key.with_categories(), schema: p.schema, batches: p.batches }).collect()
         }
     };
