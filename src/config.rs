@@ -167,6 +167,7 @@ pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
     "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention", "tls", "auth",
+    "utilities_url",
 ];
 
 /// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
@@ -180,7 +181,6 @@ pub const IGNORED_KEYS: &[(&str, &str)] = &[
     ("init_wal_cache", "the write-ahead log is always replayed and writes are always enabled"),
     ("enable_last_known", "there is no last-known-value cache; queries read the buckets"),
     ("stale_threshold", "there is no last-known-value cache to expire"),
-    ("utilities_url", "there is no separate utilities listener; /heartbeat and /metrics are on listen_port"),
 ];
 
 /// The whole server configuration with defaults applied.
@@ -201,6 +201,9 @@ pub struct Config {
     pub timezone: String,
     pub log_level: String,
     pub stop_grace_period: u64,
+    /// `utilities_url` (`host:port`, MarketStore's key): a second HTTP listener serving `/heartbeat` and
+    /// CPU profiles in pprof format (`/debug/pprof/profile`, `/pprof/profile`). `None`: not served.
+    pub utilities_url: Option<String>,
     pub enable_add: bool,
     pub enable_remove: bool,
     pub queryable: bool,
@@ -243,6 +246,7 @@ impl Default for Config {
             timezone: "UTC".into(),
             log_level: "info".into(),
             stop_grace_period: 0,
+            utilities_url: None,
             enable_add: true,
             enable_remove: true,
             queryable: true,
@@ -399,7 +403,8 @@ impl Config {
                 "wal_rotate_interval" => ignored(k, parse_int::<u64>(k, &sc(k, v)?), &mut c.warnings)?,
                 "disable_variable_compression" | "init_catalog" | "init_wal_cache" | "background_sync" | "wal_bypass"
                 | "enable_last_known" => ignored(k, parse_bool(k, &sc(k, v)?), &mut c.warnings)?,
-                "stale_threshold" | "utilities_url" => ignored(k, sc(k, v).map(|s| s.as_string()), &mut c.warnings)?,
+                "stale_threshold" => ignored(k, sc(k, v).map(|s| s.as_string()), &mut c.warnings)?,
+                "utilities_url" => c.utilities_url = parse_utilities_url(&sc(k, v)?.as_string())?,
                 "sql_memory_limit_mb" => match parse_int::<usize>(k, &sc(k, v)?)? {
                     0 => return Err(ConfigError::Invalid { key: k.clone(), msg: "must be at least 1 (MB)".into() }),
                     mb => c.sql_memory_limit_mb = Some(mb),
@@ -472,6 +477,24 @@ impl Config {
         self.grpc_listen_port
             .map(|p| format!("{}:{}", if self.listen_host.is_empty() { "0.0.0.0" } else { &self.listen_host }, p))
     }
+}
+
+/// `utilities_url`: MarketStore's `host:port` (an optional `http://` is accepted; an empty host listens on
+/// every interface); empty: disabled.
+fn parse_utilities_url(v: &str) -> Result<Option<String>, ConfigError> {
+    let v = v.trim();
+    let v = v.strip_prefix("http://").unwrap_or(v).trim_end_matches('/');
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let bad = |msg: &str| ConfigError::Invalid { key: "utilities_url".into(), msg: format!("{v:?}: {msg}") };
+    let (host, port) = v.rsplit_once(':').ok_or_else(|| bad("expected host:port, e.g. localhost:5994"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port must be a number 0..=65535"))?;
+    if host.contains('/') || host.contains(char::is_whitespace) {
+        return Err(bad("expected host:port, e.g. localhost:5994"));
+    }
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    Ok(Some(format!("{host}:{port}")))
 }
 
 /// Warn that MarketStore key `key` (whose value parsed) has no effect in mkts, and why.
@@ -858,7 +881,7 @@ triggers:
     #[test]
     fn ignored_keys_are_warned_by_name() {
         let y = "listen_port: 1\nwal_rotate_interval: 5\nbackground_sync: true\nwal_bypass: false\ndisable_variable_compression: false\n\
-                 init_catalog: true\ninit_wal_cache: true\nenable_last_known: false\nstale_threshold: 5\nutilities_url: \"localhost:5994\"\n";
+                 init_catalog: true\ninit_wal_cache: true\nenable_last_known: false\nstale_threshold: 5\n";
         let c = Config::parse(y, Path::new(".")).unwrap();
         for (key, why) in IGNORED_KEYS {
             let w = c.warnings.iter().find(|w| w.contains(&format!("{key:?} is accepted but ignored"))).unwrap_or_else(|| panic!("{key}: {:?}", c.warnings));
@@ -870,6 +893,20 @@ triggers:
         // Keys mkts applies are not warned about.
         let c = Config::parse("listen_port: 1\nqueryable: true\nenable_add: false\n", Path::new(".")).unwrap();
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn utilities_url_is_host_and_port() {
+        let p = |y: &str| Config::parse(&format!("listen_port: 1\n{y}"), Path::new("."));
+        assert_eq!(p("utilities_url: localhost:5994\n").unwrap().utilities_url.as_deref(), Some("localhost:5994"));
+        assert_eq!(p("utilities_url: \"http://127.0.0.1:5994/\"\n").unwrap().utilities_url.as_deref(), Some("127.0.0.1:5994"));
+        assert_eq!(p("utilities_url: \":5994\"\n").unwrap().utilities_url.as_deref(), Some("0.0.0.0:5994"));
+        assert_eq!(p("utilities_url: \"\"\n").unwrap().utilities_url, None);
+        assert!(p("utilities_url: localhost:5994\n").unwrap().warnings.is_empty());
+        for bad in ["localhost", "localhost:x", "localhost:70000", "a/b:1"] {
+            let e = p(&format!("utilities_url: \"{bad}\"\n")).unwrap_err().to_string();
+            assert!(e.contains("utilities_url"), "{bad}: {e}");
+        }
     }
 
     #[test]

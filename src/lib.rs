@@ -34,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod timestr;
 pub mod tls;
+pub mod utilities;
 
 /// Server version reported to clients (MarketStore's `version` fields, the `Marketstore-Version` header,
 /// the plugin environment).

@@ -22,6 +22,8 @@ pub struct RunningServer {
     pub grpc_addr: Option<SocketAddr>,
     /// The replication port (a master only).
     pub replication_addr: Option<SocketAddr>,
+    /// The `utilities_url` listener (`/heartbeat`, CPU profiles), when configured.
+    pub utilities_addr: Option<SocketAddr>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The configured triggers and background workers.
@@ -74,7 +76,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         None => None,
     };
+    let utilities_listener = match &config.utilities_url {
+        Some(a) => Some(bind(a, "utilities_url").await?),
+        None => None,
+    };
     let http_addr = http_listener.local_addr()?;
+    let utilities_addr = utilities_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let replication_addr = replication_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
 
@@ -104,6 +111,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 .await;
             if let Err(e) = r {
                 tracing::error!("HTTP server failed: {e}");
+            }
+        }));
+    }
+
+    // utilities_url: /heartbeat and CPU profiles (plain HTTP, no credentials, as MarketStore's).
+    if let Some(listener) = utilities_listener {
+        let router = crate::utilities::router(ctx.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("utilities_url server failed: {e}");
             }
         }));
     }
@@ -179,11 +202,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     tracing::info!(
         http = %http_addr,
         grpc = %grpc_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        utilities = %utilities_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         root = %config.root_directory.display(),
         buckets = ctx.engine.keys().len(),
         "mkts {} ready", crate::context::VERSION
     );
-    Ok(RunningServer { ctx, http_addr, grpc_addr, replication_addr, shutdown_tx, tasks, plugins })
+    Ok(RunningServer { ctx, http_addr, grpc_addr, replication_addr, utilities_addr, shutdown_tx, tasks, plugins })
 }
 
 impl RunningServer {

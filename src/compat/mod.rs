@@ -62,7 +62,7 @@ pub fn http_router(ctx: Arc<ServerContext>) -> Router {
 /// `/heartbeat` (any method): 200 `queryable` once ready, 503 `not queryable` before/while shutting down;
 /// `health` is `degraded` (with `writable`, `halted`, `damaged`, `checkpoint_error`) when the engine
 /// refuses writes, holds a damaged bucket or cannot checkpoint.
-async fn heartbeat(State(ctx): State<Arc<ServerContext>>) -> Response {
+pub async fn heartbeat(State(ctx): State<Arc<ServerContext>>) -> Response {
     let ok = ctx.is_ready();
     // MarketStore's fields first; then what the engine can do right now, so a monitor sees a server that
     // still answers queries but refuses writes, or a damaged bucket.
