@@ -27,18 +27,16 @@
 //! Alpaca gives exchanges, tapes and conditions as letters; they are stored as their ASCII codes in the uint8
 //! columns (`"D"` → 68, tape `"C"` → 67, condition `"@"` → 64).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::feeder::{backoff_delay, parse_duration, parse_time, FeederHandle, Http, Stop};
-use super::polygon::{FLUSH_AFTER, FLUSH_EVENTS, bars_batch, bucket_symbol, gap_before, quotes_batch, spawn_gap_worker, store_all, trades_batch, BarSource, FeedStats, GapJob, MinuteBar, Quote, Recent, Secret, Trade};
-use super::ws::{Frame, WsClient};
+use super::feeder::{parse_duration, parse_time, FeederHandle, Http, Stop};
+use super::polygon::{spawn_gap_worker, BarSource, FeedStats, GapJob, MinuteBar, Quote, Secret, Sink, Trade};
+use super::ws::{read_loop, reconnect_loop, warn_once, Feed, Protocol, Trust, WsClient};
 use super::ContribError;
-use crate::engine::BucketKey;
 use crate::service::Client;
 
 const PLUGIN: &str = "alpaca";
@@ -82,6 +80,8 @@ struct RawConfig {
     query_start: Option<String>,
     #[serde(default)]
     request_interval: Option<serde_json::Value>,
+    #[serde(default)]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// Parsed `alpaca` configuration.
@@ -104,6 +104,8 @@ pub struct AlpacaConfig {
     pub query_start: Option<i64>,
     /// Minimum time between REST requests.
     pub request_interval: Duration,
+    /// CAs a `wss://` server may be signed by (public roots, plus `ca_file`'s).
+    pub trust: Trust,
 }
 
 fn symbols(v: &[String]) -> Vec<String> {
@@ -162,6 +164,7 @@ impl AlpacaConfig {
             base_url,
             query_start,
             request_interval: dur("request_interval", &raw.request_interval, Duration::from_millis(250))?,
+            trust: Trust::new(raw.ca_file.as_deref()).map_err(err)?,
         })
     }
 
@@ -375,115 +378,50 @@ fn fatal(code: i64) -> bool {
     matches!(code, 401 | 402 | 409)
 }
 
-struct Feed<'a> {
-    cfg: &'a AlpacaConfig,
-    jobs: std::sync::mpsc::Sender<GapJob>,
-    client: &'a Client,
-    stats: &'a FeedStats,
-    recent: Recent,
-    keys: HashMap<(String, u8), Option<BucketKey>>,
-    warned: HashSet<String>,
-}
+/// Alpaca's v2 messages and control events.
+struct Alpaca;
 
-impl Feed<'_> {
-    fn key(&mut self, sym: &str, kind: u8) -> Option<BucketKey> {
-        let ck = (sym.to_string(), kind);
-        if let Some(k) = self.keys.get(&ck) {
-            return k.clone();
-        }
-        let (tf, g) = match kind {
-            b'b' => ("1Min", "OHLCV"),
-            b't' => ("1Sec", "TRADE"),
-            _ => ("1Sec", "QUOTE"),
-        };
-        let k = BucketKey::from_parts(&bucket_symbol(sym), tf, g).map_err(|e| tracing::warn!(plugin = PLUGIN, symbol = %sym, "skipped: {e}")).ok();
-        if self.keys.len() > 100_000 {
-            self.keys.clear();
-        }
-        self.keys.insert(ck, k.clone());
-        k
+impl Protocol for Alpaca {
+    type Event = Event;
+    const PLUGIN: &'static str = PLUGIN;
+
+    fn parse(text: &str) -> Result<Vec<Event>, String> {
+        parse_message(text)
     }
 
-    /// Store the events of one message; `checked` holds the symbols whose gap was checked this session.
-    fn handle(&mut self, events: Vec<Event>, checked: &mut HashSet<String>) -> Result<(), ContribError> {
-        let mut bars: HashMap<BucketKey, Vec<MinuteBar>> = HashMap::new();
-        let mut trades: HashMap<BucketKey, Vec<Trade>> = HashMap::new();
-        let mut quotes: HashMap<BucketKey, Vec<Quote>> = HashMap::new();
-        for ev in events {
-            match ev {
-                Event::Error { code, msg } if fatal(code) => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("error {code}: {msg}") }),
-                Event::Error { code, msg } => tracing::warn!(plugin = PLUGIN, "error {code}: {msg}"),
-                Event::Success(m) => tracing::info!(plugin = PLUGIN, "{m}"),
-                Event::Subscription(_) => tracing::info!(plugin = PLUGIN, "subscribed"),
-                Event::Bar { sym, bar } => {
-                    if let Some(k) = self.key(&sym, b'b') {
-                        if !checked.contains(&sym) {
-                            let (gap, done) = gap_before(self.client, &k, bar.t, self.cfg.query_start);
-                            if done {
-                                checked.insert(sym.clone());
-                            }
-                            if let Some((from, to)) = gap {
-                                let _ = self.jobs.send(GapJob { sym: sym.clone(), key: k.clone(), from, to });
-                            }
-                        }
-                        self.stats.last_bar.fetch_max(bar.t.max(0) as u64, Ordering::Relaxed);
-                        bars.entry(k).or_default().push(bar);
-                    }
-                }
-                Event::Trade { sym, trade } => {
-                    if !self.recent.first(trade.id) {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else if let Some(k) = self.key(&sym, b't') {
-                        trades.entry(k).or_default().push(trade);
-                    }
-                }
-                Event::Quote { sym, quote } => {
-                    if !self.recent.first(quote.id) {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else if let Some(k) = self.key(&sym, b'q') {
-                        quotes.entry(k).or_default().push(quote);
-                    }
-                }
-                Event::Skipped(why) => {
-                    if self.warned.len() < 100 && self.warned.insert(why.clone()) {
-                        tracing::warn!(plugin = PLUGIN, "skipped: {why}");
-                    }
-                }
-            }
+    fn is_data(ev: &Event) -> bool {
+        matches!(ev, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. })
+    }
+
+    fn route(&self, ev: Event, sink: &mut Sink<'_>, checked: &mut HashSet<String>) -> Result<(), ContribError> {
+        match ev {
+            Event::Error { code, msg } if fatal(code) => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("error {code}: {msg}") }),
+            Event::Error { code, msg } => tracing::warn!(plugin = PLUGIN, "error {code}: {msg}"),
+            Event::Success(m) => tracing::info!(plugin = PLUGIN, "{m}"),
+            Event::Subscription(_) => tracing::info!(plugin = PLUGIN, "subscribed"),
+            Event::Bar { sym, bar } => sink.bar(&sym, bar, checked),
+            Event::Trade { sym, trade } => sink.trade(&sym, trade),
+            Event::Quote { sym, quote } => sink.quote(&sym, quote),
+            Event::Skipped(why) => warn_once(PLUGIN, &mut sink.warned, format!("skipped: {why}")),
         }
-        let mut items = Vec::with_capacity(bars.len() + trades.len() + quotes.len());
-        for (k, mut b) in bars {
-            b.reverse();
-            b.sort_by_key(|x| x.t);
-            b.dedup_by_key(|x| x.t);
-            items.push((k, bars_batch(&b, false), false));
-        }
-        for (k, mut t) in trades {
-            t.sort_by_key(|x| (x.epoch, x.nanos));
-            items.push((k, trades_batch(&t), true));
-        }
-        for (k, mut q) in quotes {
-            q.sort_by_key(|x| (x.epoch, x.nanos));
-            items.push((k, quotes_batch(&q), true));
-        }
-        store_all(PLUGIN, self.client, self.stats, items);
         Ok(())
     }
+}
 
-    fn session(&mut self, stop: &Stop, got_data: &mut bool) -> Result<bool, ContribError> {
-        let cfg = self.cfg;
+impl Feed<'_, Alpaca> {
+    /// One connection: connected → auth → authenticated → subscribe → subscription, then [`read_loop`].
+    fn session(&mut self, cfg: &AlpacaConfig, stop: &Stop, got_data: &mut bool) -> Result<(), ContribError> {
         let url = cfg.ws_url.as_str();
-        let mut ws = WsClient::connect(PLUGIN, url, cfg.timeout)?;
+        let mut ws = WsClient::connect(PLUGIN, url, cfg.timeout, &cfg.trust)?;
         ws.set_read_timeout(Duration::from_millis(500))?;
         let auth = serde_json::json!({"action": "auth", "key": cfg.key.expose(), "secret": cfg.secret.expose()}).to_string();
-        // connected → auth → authenticated → subscribe → subscription
         let deadline = Instant::now() + cfg.timeout;
         let mut checked = HashSet::new();
         let mut stage = 0; // 0 waiting for connected, 1 for authenticated, 2 for subscription
         while stage < 3 {
             if stop.is_stopped() {
                 ws.close();
-                return Ok(true);
+                return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -516,56 +454,7 @@ impl Feed<'_> {
                 }
             }
         }
-        let (mut last_frame, mut last_ping) = (Instant::now(), Instant::now());
-        let mut pending: Vec<Event> = Vec::new();
-        let mut pending_since = Instant::now();
-        ws.set_read_timeout(Duration::from_millis(50))?;
-        loop {
-            if stop.is_stopped() {
-                self.handle(std::mem::take(&mut pending), &mut checked)?;
-                ws.close();
-                return Ok(true);
-            }
-            let frame = match ws.read() {
-                Ok(f) => f,
-                Err(e) => {
-                    self.handle(std::mem::take(&mut pending), &mut checked)?;
-                    return Err(e);
-                }
-            };
-            if !pending.is_empty() && (!matches!(frame, Frame::Text(_)) || pending.len() >= FLUSH_EVENTS || pending_since.elapsed() >= FLUSH_AFTER) {
-                self.handle(std::mem::take(&mut pending), &mut checked)?;
-            }
-            match frame {
-                Frame::Text(text) => {
-                    last_frame = Instant::now();
-                    self.stats.messages.fetch_add(1, Ordering::Relaxed);
-                    match parse_message(&text) {
-                        Ok(ev) => {
-                            *got_data |= ev.iter().any(|e| matches!(e, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. }));
-                            if pending.is_empty() {
-                                pending_since = Instant::now();
-                            }
-                            pending.extend(ev);
-                        }
-                        Err(m) => {
-                            if self.warned.len() < 100 && self.warned.insert(m.clone()) {
-                                tracing::warn!(plugin = PLUGIN, "unreadable message: {m}");
-                            }
-                        }
-                    }
-                }
-                Frame::Control => last_frame = Instant::now(),
-                Frame::Idle => {}
-            }
-            if last_frame.elapsed() > cfg.ping_interval * 3 {
-                return Err(ContribError::Transport { url: url.into(), msg: format!("no traffic for {:?}", cfg.ping_interval * 3) });
-            }
-            if last_ping.elapsed() >= cfg.ping_interval {
-                ws.ping()?;
-                last_ping = Instant::now();
-            }
-        }
+        read_loop(self, ws, &mut checked, stop, cfg.ping_interval, got_data)
     }
 }
 
@@ -573,31 +462,10 @@ impl Feed<'_> {
 pub fn run(cfg: AlpacaConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedStats>) {
     let rest = AlpacaRest { key: cfg.key.clone(), secret: cfg.secret.clone(), base_url: cfg.base_url.clone(), feed: cfg.feed.clone() };
     let (jobs, gap) = spawn_gap_worker(rest, cfg.timeout, cfg.request_interval, client.clone(), stats.clone(), stop.clone());
-    let mut feed = Feed { cfg: &cfg, jobs, client: &client, stats: &stats, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
+    let mut feed = Feed { proto: Alpaca, sink: Sink::new(PLUGIN, &client, &stats, jobs, cfg.dedupe_window, cfg.query_start, false) };
     tracing::info!(plugin = PLUGIN, feed = %cfg.feed, "streaming from {}", cfg.ws_url);
-    let mut attempt: u32 = 0;
-    while !stop.is_stopped() {
-        let mut got_data = false;
-        match feed.session(&stop, &mut got_data) {
-            Ok(_) => break,
-            Err(ContribError::Auth { msg, .. }) => {
-                tracing::error!(plugin = PLUGIN, "authentication failed ({msg}); check api_key/api_secret (${KEY_ENV}/${SECRET_ENV}) and the feed; not retrying until restart");
-                break;
-            }
-            Err(e) => {
-                if got_data {
-                    attempt = 0;
-                }
-                let d = backoff_delay(attempt, None);
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(plugin = PLUGIN, "connection to {} lost: {e}; reconnecting in {d:?}", cfg.ws_url);
-                if !stop.sleep(d) {
-                    break;
-                }
-                attempt = attempt.saturating_add(1);
-            }
-        }
-    }
+    let hint = format!("check api_key/api_secret (${KEY_ENV}/${SECRET_ENV}) and the feed");
+    reconnect_loop(PLUGIN, std::slice::from_ref(&cfg.ws_url), &hint, &stop, &stats, |_, got_data| feed.session(&cfg, &stop, got_data));
     drop(feed);
     stop.stop();
     if let Some(g) = gap {

@@ -54,8 +54,8 @@ use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, 
 use arrow::datatypes::{DataType, Field, Schema};
 use serde::Deserialize;
 
-use super::feeder::{backoff_delay, fmt_time, parse_duration, parse_time, FeederHandle, Http, Stop};
-use super::ws::{Frame, WsClient};
+use super::feeder::{fmt_time, parse_duration, parse_time, FeederHandle, Http, Stop};
+use super::ws::{read_loop, reconnect_loop, warn_once, Feed, Protocol, Trust, WsClient};
 use super::ContribError;
 use crate::engine::BucketKey;
 use crate::service::{Client, WriteRequest};
@@ -123,6 +123,8 @@ struct RawConfig {
     request_interval: Option<serde_json::Value>,
     #[serde(default)]
     dedupe_window: Option<usize>,
+    #[serde(default)]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// Parsed `polygon` configuration.
@@ -154,6 +156,8 @@ pub struct PolygonConfig {
     pub request_interval: Duration,
     /// How many recent trades/quotes are remembered to drop repeats.
     pub dedupe_window: usize,
+    /// CAs a `wss://` server may be signed by (public roots, plus `ca_file`'s).
+    pub trust: Trust,
 }
 
 fn ws_url(server: &str) -> String {
@@ -237,6 +241,7 @@ impl PolygonConfig {
             timeout: dur("timeout", &raw.timeout, Duration::from_secs(15))?,
             request_interval: dur("request_interval", &raw.request_interval, Duration::from_millis(250))?,
             dedupe_window: raw.dedupe_window.unwrap_or(100_000),
+            trust: Trust::new(raw.ca_file.as_deref()).map_err(err)?,
         })
     }
 
@@ -637,11 +642,6 @@ pub use crate::metrics::FeedStats;
 
 /// How many threads write one flush's buckets at once (their appends share the engine's group commit).
 const WRITE_THREADS: usize = 4;
-/// Events are gathered from consecutive messages for at most this long (or [`FLUSH_EVENTS`]) and written
-/// per bucket together; a pause in the stream flushes at once.
-pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(100);
-/// See [`FLUSH_AFTER`].
-pub(crate) const FLUSH_EVENTS: usize = 50_000;
 
 /// Write every `(bucket, batch, tick bucket?)` of one flush, on up to [`WRITE_THREADS`] threads; failures
 /// are logged per bucket.
@@ -796,35 +796,59 @@ fn gap_worker<S: BarSource>(src: S, timeout: Duration, interval: Duration, clien
     }
 }
 
-enum SessionEnd {
-    Stopped,
+/// What kind of bucket an event goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    Bars,
+    Trades,
+    Quotes,
 }
 
-struct Feed<'a> {
-    cfg: &'a PolygonConfig,
+/// Where the streaming feeders (`polygon`, `alpaca`) put their events: per-bucket batches of bars, trades and
+/// quotes (one schema per bucket, whichever feeder), repeats dropped, the gap before a symbol's first bar
+/// after a (re)connect queued for the REST gap-fill thread. [`Sink::flush`] writes what was gathered.
+pub(crate) struct Sink<'a> {
+    plugin: &'static str,
     client: &'a Client,
     stats: &'a FeedStats,
     jobs: mpsc::Sender<GapJob>,
     recent: Recent,
-    keys: HashMap<(String, &'static str), Option<BucketKey>>,
-    warned: HashSet<String>,
+    query_start: Option<i64>,
+    tick_count: bool,
+    keys: HashMap<(String, Kind), Option<BucketKey>>,
+    /// Warnings already logged.
+    pub warned: HashSet<String>,
+    bars: HashMap<BucketKey, Vec<MinuteBar>>,
+    trades: HashMap<BucketKey, Vec<Trade>>,
+    quotes: HashMap<BucketKey, Vec<Quote>>,
 }
 
-impl Feed<'_> {
-    fn key(&mut self, sym: &str, kind: &'static str) -> Option<BucketKey> {
+impl<'a> Sink<'a> {
+    /// A sink writing through `client`; `dedupe_window` recent trades/quotes are remembered; an empty bars
+    /// bucket is filled from `query_start`; `tick_count` adds the `TickCnt` column.
+    pub fn new(plugin: &'static str, client: &'a Client, stats: &'a FeedStats, jobs: mpsc::Sender<GapJob>, dedupe_window: usize, query_start: Option<i64>, tick_count: bool) -> Self {
+        Sink { plugin, client, stats, jobs, recent: Recent::new(dedupe_window), query_start, tick_count, keys: HashMap::new(), warned: HashSet::new(), bars: HashMap::new(), trades: HashMap::new(), quotes: HashMap::new() }
+    }
+
+    /// The feed's counters.
+    pub fn stats(&self) -> &'a FeedStats {
+        self.stats
+    }
+
+    fn key(&mut self, sym: &str, kind: Kind) -> Option<BucketKey> {
         let cache_key = (sym.to_string(), kind);
         if let Some(k) = self.keys.get(&cache_key) {
             return k.clone();
         }
         let (tf, group) = match kind {
-            "bars" => ("1Min", "OHLCV"),
-            "trades" => ("1Sec", "TRADE"),
-            _ => ("1Sec", "QUOTE"),
+            Kind::Bars => ("1Min", "OHLCV"),
+            Kind::Trades => ("1Sec", "TRADE"),
+            Kind::Quotes => ("1Sec", "QUOTE"),
         };
         let k = match BucketKey::from_parts(&bucket_symbol(sym), tf, group) {
             Ok(k) => Some(k),
             Err(e) => {
-                tracing::warn!(plugin = PLUGIN, symbol = %sym, "skipped: {e}");
+                tracing::warn!(plugin = self.plugin, symbol = %sym, "skipped: {e}");
                 None
             }
         };
@@ -835,87 +859,103 @@ impl Feed<'_> {
         k
     }
 
-    /// Store the events of one message; `checked` holds the symbols whose gap was checked this session.
-    fn handle(&mut self, events: Vec<Event>, checked: &mut HashSet<String>) -> Result<(), ContribError> {
-        let mut bars: HashMap<BucketKey, Vec<MinuteBar>> = HashMap::new();
-        let mut trades: HashMap<BucketKey, Vec<Trade>> = HashMap::new();
-        let mut quotes: HashMap<BucketKey, Vec<Quote>> = HashMap::new();
-        for ev in events {
-            match ev {
-                Event::Status { status, message } => match status.as_str() {
-                    "auth_failed" => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("{status}: {message}") }),
-                    // One `success` per subscribed channel: thousands for a large symbol list.
-                    "success" | "connected" | "auth_success" => tracing::debug!(plugin = PLUGIN, "{status}: {message}"),
-                    _ => tracing::warn!(plugin = PLUGIN, "{status}: {message}"),
-                },
-                Event::Bar { sym, bar } if self.cfg.bars => {
-                    let Some(key) = self.key(&sym, "bars") else { continue };
-                    if !checked.contains(&sym) {
-                        // The first bar after a (re)connect: fill the minutes between the last stored bar and it.
-                        let (gap, done) = gap_before(self.client, &key, bar.t, self.cfg.query_start);
-                        if done {
-                            checked.insert(sym.clone());
-                        }
-                        if let Some((from, to)) = gap {
-                            let _ = self.jobs.send(GapJob { sym: sym.clone(), key: key.clone(), from, to });
-                        }
-                    }
-                    self.stats.last_bar.fetch_max(bar.t.max(0) as u64, Ordering::Relaxed);
-                    bars.entry(key).or_default().push(bar);
-                }
-                Event::Trade { sym, trade } if self.cfg.trades => {
-                    if !self.recent.first(trade.id) {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Some(key) = self.key(&sym, "trades") {
-                        trades.entry(key).or_default().push(trade);
-                    }
-                }
-                Event::Quote { sym, quote } if self.cfg.quotes => {
-                    if !self.recent.first(quote.id) {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Some(key) = self.key(&sym, "quotes") {
-                        quotes.entry(key).or_default().push(quote);
-                    }
-                }
-                Event::Skipped(why) if self.warned.len() < 100 && self.warned.insert(why.clone()) => {
-                    tracing::warn!(plugin = PLUGIN, "skipped: {why}");
-                }
-                _ => {}
+    /// A minute bar; the first of a symbol this session (not yet in `checked`) queues the gap before it.
+    pub fn bar(&mut self, sym: &str, bar: MinuteBar, checked: &mut HashSet<String>) {
+        let Some(key) = self.key(sym, Kind::Bars) else { return };
+        if !checked.contains(sym) {
+            // The first bar after a (re)connect: fill the minutes between the last stored bar and it.
+            let (gap, done) = gap_before(self.client, &key, bar.t, self.query_start);
+            if done {
+                checked.insert(sym.to_string());
+            }
+            if let Some((from, to)) = gap {
+                let _ = self.jobs.send(GapJob { sym: sym.to_string(), key: key.clone(), from, to });
             }
         }
-        let mut items = Vec::with_capacity(bars.len() + trades.len() + quotes.len());
-        for (key, mut b) in bars {
+        self.stats.last_bar.fetch_max(bar.t.max(0) as u64, Ordering::Relaxed);
+        self.bars.entry(key).or_default().push(bar);
+    }
+
+    /// A trade, unless it repeats one of the recent ones.
+    pub fn trade(&mut self, sym: &str, trade: Trade) {
+        if !self.recent.first(trade.id) {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(key) = self.key(sym, Kind::Trades) {
+            self.trades.entry(key).or_default().push(trade);
+        }
+    }
+
+    /// A quote, unless it repeats one of the recent ones.
+    pub fn quote(&mut self, sym: &str, quote: Quote) {
+        if !self.recent.first(quote.id) {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(key) = self.key(sym, Kind::Quotes) {
+            self.quotes.entry(key).or_default().push(quote);
+        }
+    }
+
+    /// Write what was gathered, one batch per bucket, in time order (the last version of a bar wins).
+    pub fn flush(&mut self) {
+        let mut items = Vec::with_capacity(self.bars.len() + self.trades.len() + self.quotes.len());
+        for (key, mut b) in self.bars.drain() {
             // Within one flush the last version of a minute wins.
             b.reverse();
             b.sort_by_key(|x| x.t);
             b.dedup_by_key(|x| x.t);
-            items.push((key, bars_batch(&b, self.cfg.add_bar_tick_count), false));
+            items.push((key, bars_batch(&b, self.tick_count), false));
         }
-        for (key, mut t) in trades {
+        for (key, mut t) in self.trades.drain() {
             t.sort_by_key(|x| (x.epoch, x.nanos));
             items.push((key, trades_batch(&t), true));
         }
-        for (key, mut q) in quotes {
+        for (key, mut q) in self.quotes.drain() {
             q.sort_by_key(|x| (x.epoch, x.nanos));
             items.push((key, quotes_batch(&q), true));
         }
-        store_all(PLUGIN, self.client, self.stats, items);
-        Ok(())
+        store_all(self.plugin, self.client, self.stats, items);
+    }
+}
+
+/// Polygon's messages and control events.
+struct Polygon<'a>(&'a PolygonConfig);
+
+impl Protocol for Polygon<'_> {
+    type Event = Event;
+    const PLUGIN: &'static str = PLUGIN;
+
+    fn parse(text: &str) -> Result<Vec<Event>, String> {
+        parse_message(text)
     }
 
-    /// One connection: handshake, auth, subscribe, then read until an error or stop. Returns whether data
-    /// arrived (the back-off is reset after a productive session).
-    fn session(&mut self, url: &str, stop: &Stop, got_data: &mut bool) -> Result<SessionEnd, ContribError> {
-        let cfg = self.cfg;
-        let mut ws = WsClient::connect(PLUGIN, url, cfg.timeout)?;
+    fn is_data(ev: &Event) -> bool {
+        matches!(ev, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. })
+    }
+
+    fn route(&self, ev: Event, sink: &mut Sink<'_>, checked: &mut HashSet<String>) -> Result<(), ContribError> {
+        let cfg = self.0;
+        match ev {
+            Event::Status { status, message } => match status.as_str() {
+                "auth_failed" => return Err(ContribError::Auth { plugin: PLUGIN, msg: format!("{status}: {message}") }),
+                // One `success` per subscribed channel: thousands for a large symbol list.
+                "success" | "connected" | "auth_success" => tracing::debug!(plugin = PLUGIN, "{status}: {message}"),
+                _ => tracing::warn!(plugin = PLUGIN, "{status}: {message}"),
+            },
+            Event::Bar { sym, bar } if cfg.bars => sink.bar(&sym, bar, checked),
+            Event::Trade { sym, trade } if cfg.trades => sink.trade(&sym, trade),
+            Event::Quote { sym, quote } if cfg.quotes => sink.quote(&sym, quote),
+            Event::Skipped(why) => warn_once(PLUGIN, &mut sink.warned, format!("skipped: {why}")),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Feed<'_, Polygon<'_>> {
+    /// One connection: handshake, auth, subscribe, then [`read_loop`] until an error or stop.
+    fn session(&mut self, url: &str, stop: &Stop, got_data: &mut bool) -> Result<(), ContribError> {
+        let cfg = self.proto.0;
+        let mut ws = WsClient::connect(PLUGIN, url, cfg.timeout, &cfg.trust)?;
         ws.set_read_timeout(Duration::from_millis(500))?;
-        let mut checked = HashSet::new();
-        let mut pending: Vec<Event> = Vec::new();
-        let mut pending_since = Instant::now();
         // `connected`, then `auth_success` (a server may batch or skip the first).
         let mut authed = false;
         let deadline = Instant::now() + cfg.timeout;
@@ -923,7 +963,7 @@ impl Feed<'_> {
         while !authed {
             if stop.is_stopped() {
                 ws.close();
-                return Ok(SessionEnd::Stopped);
+                return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -958,73 +998,7 @@ impl Feed<'_> {
         let subs = cfg.subscriptions();
         ws.send_text(&serde_json::json!({"action": "subscribe", "params": subs}).to_string())?;
         tracing::info!(plugin = PLUGIN, "subscribing to {} channels", subs.split(',').count());
-        let mut last_frame = Instant::now();
-        let mut last_ping = Instant::now();
-        let mut last_log = Instant::now();
-        ws.set_read_timeout(Duration::from_millis(50))?;
-        loop {
-            if stop.is_stopped() {
-                self.handle(std::mem::take(&mut pending), &mut checked)?;
-                ws.close();
-                return Ok(SessionEnd::Stopped);
-            }
-            let frame = match ws.read() {
-                Ok(f) => f,
-                Err(e) => {
-                    // What arrived before the connection broke is stored.
-                    self.handle(std::mem::take(&mut pending), &mut checked)?;
-                    return Err(e);
-                }
-            };
-            if !pending.is_empty() && (!matches!(frame, Frame::Text(_)) || pending.len() >= FLUSH_EVENTS || pending_since.elapsed() >= FLUSH_AFTER) {
-                self.handle(std::mem::take(&mut pending), &mut checked)?;
-            }
-            match frame {
-                Frame::Text(text) => {
-                    last_frame = Instant::now();
-                    self.stats.messages.fetch_add(1, Ordering::Relaxed);
-                    match parse_message(&text) {
-                        Ok(events) => {
-                            if events.iter().any(|e| matches!(e, Event::Bar { .. } | Event::Trade { .. } | Event::Quote { .. })) {
-                                *got_data = true;
-                            }
-                            if pending.is_empty() {
-                                pending_since = Instant::now();
-                            }
-                            pending.extend(events);
-                        }
-                        Err(m) => {
-                            if self.warned.len() < 100 && self.warned.insert(m.clone()) {
-                                tracing::warn!(plugin = PLUGIN, "unreadable message: {m}");
-                            }
-                        }
-                    }
-                }
-                Frame::Control => last_frame = Instant::now(),
-                Frame::Idle => {}
-            }
-            if last_frame.elapsed() > cfg.ping_interval * 3 {
-                return Err(ContribError::Transport { url: url.into(), msg: format!("no traffic for {:?}", cfg.ping_interval * 3) });
-            }
-            if last_ping.elapsed() >= cfg.ping_interval {
-                ws.ping()?;
-                last_ping = Instant::now();
-            }
-            if last_log.elapsed() >= Duration::from_secs(10) {
-                let s = self.stats;
-                tracing::info!(
-                    plugin = PLUGIN,
-                    "{} messages, {} rows written, {} backfilled, {} duplicates dropped, {} reconnects, last bar {}",
-                    s.messages.load(Ordering::Relaxed),
-                    s.rows.load(Ordering::Relaxed),
-                    s.backfilled.load(Ordering::Relaxed),
-                    s.duplicates.load(Ordering::Relaxed),
-                    s.reconnects.load(Ordering::Relaxed),
-                    fmt_time(s.last_bar.load(Ordering::Relaxed) as i64)
-                );
-                last_log = Instant::now();
-            }
-        }
+        read_loop(self, ws, &mut HashSet::new(), stop, cfg.ping_interval, got_data)
     }
 }
 
@@ -1036,36 +1010,11 @@ fn auth_message(key: &str) -> String {
 pub fn run(cfg: PolygonConfig, client: Client, stop: Arc<Stop>, stats: Arc<FeedStats>) {
     let rest = PolygonRest { api_key: cfg.api_key.clone(), base_url: cfg.base_url.clone(), tick_count: cfg.add_bar_tick_count };
     let (tx, gap) = spawn_gap_worker(rest, cfg.timeout, cfg.request_interval, client.clone(), stats.clone(), stop.clone());
-    let mut feed = Feed { cfg: &cfg, client: &client, stats: &stats, jobs: tx, recent: Recent::new(cfg.dedupe_window), keys: HashMap::new(), warned: HashSet::new() };
+    let mut feed = Feed { proto: Polygon(&cfg), sink: Sink::new(PLUGIN, &client, &stats, tx, cfg.dedupe_window, cfg.query_start, cfg.add_bar_tick_count) };
     let types: Vec<&str> = [(cfg.bars, "bars"), (cfg.trades, "trades"), (cfg.quotes, "quotes")].into_iter().filter(|(on, _)| *on).map(|(_, t)| t).collect();
     let what = if cfg.symbols.is_empty() { "all tickers".to_string() } else { format!("{} symbols", cfg.symbols.len()) };
     tracing::info!(plugin = PLUGIN, "streaming {} for {what}", types.join(", "));
-    let mut attempt: u32 = 0;
-    let mut n: usize = 0;
-    while !stop.is_stopped() {
-        let url = cfg.ws_urls[n % cfg.ws_urls.len()].clone();
-        let mut got_data = false;
-        match feed.session(&url, &stop, &mut got_data) {
-            Ok(SessionEnd::Stopped) => break,
-            Err(ContribError::Auth { msg, .. }) => {
-                tracing::error!(plugin = PLUGIN, url = %url, "authentication failed ({msg}); check api_key / ${API_KEY_ENV}; not retrying until restart");
-                break;
-            }
-            Err(e) => {
-                if got_data {
-                    attempt = 0;
-                }
-                let d = backoff_delay(attempt, None);
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(plugin = PLUGIN, "connection to {url} lost: {e}; reconnecting in {d:?}");
-                if !stop.sleep(d) {
-                    break;
-                }
-                attempt = attempt.saturating_add(1);
-                n += 1;
-            }
-        }
-    }
+    reconnect_loop(PLUGIN, &cfg.ws_urls, &format!("check api_key / ${API_KEY_ENV}"), &stop, &stats, |url, got_data| feed.session(url, &stop, got_data));
     drop(feed);
     stop.stop();
     if let Some(g) = gap {
