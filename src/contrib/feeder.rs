@@ -216,6 +216,8 @@ pub struct Http {
     last: Mutex<Option<Instant>>,
     pub requests: AtomicU64,
     pub plugin: &'static str,
+    /// Attempts per request (the first try included), default 8.
+    attempts: u32,
 }
 
 impl Http {
@@ -226,7 +228,13 @@ impl Http {
             .user_agent(format!("mkts/{}", crate::VERSION))
             .build()
             .into();
-        Http { agent, interval, last: Mutex::new(None), requests: AtomicU64::new(0), plugin }
+        Http { agent, interval, last: Mutex::new(None), requests: AtomicU64::new(0), plugin, attempts: 8 }
+    }
+
+    /// Try each request at most `n` times (at least once).
+    pub fn with_attempts(mut self, n: u32) -> Self {
+        self.attempts = n.max(1);
+        self
     }
 
     fn once(&self, url: &str, headers: &[(&str, &str)]) -> Result<String, ContribError> {
@@ -259,7 +267,7 @@ impl Http {
     }
 
     /// GET `url`, retrying rate limits (429, 418), server errors and transport errors with back-off.
-    /// Gives up after 8 attempts, or at once on other 4xx, or when `stop` is set.
+    /// Gives up after 8 attempts ([`Http::with_attempts`]), or at once on other 4xx, or when `stop` is set.
     pub fn get(&self, url: &str, stop: &Stop) -> Result<String, ContribError> {
         self.get_with(url, &[], stop)
     }
@@ -277,7 +285,7 @@ impl Http {
                         ContribError::Transport { .. } => (true, None),
                         _ => (false, None),
                     };
-                    if !retry || attempt >= 7 || stop.is_stopped() {
+                    if !retry || attempt + 1 >= self.attempts || stop.is_stopped() {
                         return Err(e);
                     }
                     let d = backoff_delay(attempt, after);

@@ -9,6 +9,8 @@
 //!   `<SYM>/1Min/OHLCV`, `<SYM>/1Sec/TRADE` and `<SYM>/1Sec/QUOTE`, gaps after a reconnect filled over REST.
 //! - [`bitmexfeeder`] (background worker): BitMEX bucketed trades into `bitmex_<SYM>/<tf>/OHLCV`.
 //! - [`alpaca`] (background worker): Alpaca's v2 market-data WebSocket (`iex`/`sip`) into the same buckets.
+//! - [`alpacabkfeeder`] (background worker): Alpaca's v2 snapshots polled into `<SYM>/<tf>/TICK` on
+//!   MarketStore's schedule, and the daily backfill of bars into `<SYM>/<tf>/OHLCV`.
 //! - [`calendar`]: the NASDAQ regular-session calendar behind `filter: nasdaq`.
 //!
 //! Each plugin is a small testable core (window arithmetic, calendar, response parsing, backfill windows,
@@ -18,6 +20,7 @@
 //! the JSON form of the YAML `config:` map, exactly as MarketStore's `map[string]interface{}`.
 
 pub mod alpaca;
+pub mod alpacabkfeeder;
 pub mod binancefeeder;
 pub mod bitmexfeeder;
 pub mod calendar;
@@ -68,7 +71,7 @@ impl From<arrow::error::ArrowError> for ContribError {
 /// Names of the built-in trigger modules (`ondiskagg.so` is accepted as `ondiskagg`).
 pub const TRIGGERS: &[&str] = &["ondiskagg", "stream"];
 /// Names of the built-in background-worker modules.
-pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "bitmexfeeder", "polygon", "alpaca"];
+pub const BGWORKERS: &[&str] = &["gdaxfeeder", "binancefeeder", "bitmexfeeder", "polygon", "alpaca", "alpacabkfeeder"];
 
 /// `ondiskagg.so`, `/bin/ondiskagg.so`, `ondiskagg` → `ondiskagg`.
 pub fn module_name(module: &str) -> &str {
@@ -133,6 +136,7 @@ pub fn bgworker(module: &str, name: &str, config: &serde_json::Value, client: &C
         "bitmexfeeder" => bitmexfeeder::start(config, client.clone(), name, feed),
         "polygon" => polygon::start(config, client.clone(), name, feed),
         "alpaca" => alpaca::start(config, client.clone(), name, feed),
+        "alpacabkfeeder" => alpacabkfeeder::start(config, client.clone(), name, feed),
         _ => return None,
     })
 }

@@ -20,8 +20,9 @@ import socket
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+from feeder_helpers import JsonHttpServer
 
 T0 = 1704205800  # 2024-01-02 14:30:00 UTC, a trading minute
 
@@ -167,26 +168,8 @@ class FakePolygon:
         self.ws_sock.listen(16)
         self.ws_url = f"ws://127.0.0.1:{self.ws_sock.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
-        fake = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                code, body, headers = fake.route(self.path, self.headers.get("Authorization", ""))
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = JsonHttpServer(lambda path, headers: self.route(path, headers.get("Authorization", "")))
+        self.base_url = self.server.url
 
     def _accept(self):
         while True:
@@ -245,5 +228,5 @@ class FakePolygon:
         return 200, body, {}
 
     def close(self):
-        self.httpd.shutdown()
+        self.server.close()
         self.ws_sock.close()

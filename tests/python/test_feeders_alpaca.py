@@ -9,15 +9,11 @@ Stream format: `[{"T":"success","msg":"connected"}]`; client `{"action":"auth","
 """
 from __future__ import annotations
 
-import json
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-import pyarrow.flight as fl
-
+from feeder_helpers import JsonHttpServer, read
 from polygon_fake import FakePolygon
 
 KEY, SECRET = "AKFAKEKEYID123", "fake-secret-xyz-987"
@@ -86,41 +82,28 @@ class AlpacaRest:
     def __init__(self):
         self.log = []
         self.first = True
-        rest = self
+        self.server = JsonHttpServer(self.route)
+        self.url = self.server.url
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                u = urlparse(self.path)
-                q = {k: v[0] for k, v in parse_qs(u.query).items()}
-                if self.headers.get("APCA-API-KEY-ID") != KEY or self.headers.get("APCA-API-SECRET-KEY") != SECRET:
-                    code, body, hdr = 403, {"message": "forbidden."}, {}
-                elif rest.first:
-                    rest.first = False
-                    code, body, hdr = 429, {"message": "too many requests."}, {"Retry-After": "1"}
-                else:
-                    sym = u.path.split("/")[3]
-                    start = int(datetime.strptime(q["start"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
-                    end = int(datetime.strptime(q["end"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
-                    ms = [m for m in range(0, 100) if start <= T0 + 60 * m <= end]
-                    skip = int(q.get("page_token", "0"))
-                    page = ms[skip:skip + 2]
-                    bars = [{k: v for k, v in bar(m).items() if k not in ("T", "S")} for m in page]
-                    code, body, hdr = 200, {"bars": bars, "symbol": sym, "next_page_token": str(skip + 2) if skip + 2 < len(ms) else None}, {}
-                rest.log.append((u.path, q, code))
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                for k, v in hdr.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def route(self, raw, headers):
+        u = urlparse(raw)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        if headers.get("APCA-API-KEY-ID") != KEY or headers.get("APCA-API-SECRET-KEY") != SECRET:
+            code, body, hdr = 403, {"message": "forbidden."}, {}
+        elif self.first:
+            self.first = False
+            code, body, hdr = 429, {"message": "too many requests."}, {"Retry-After": "1"}
+        else:
+            sym = u.path.split("/")[3]
+            start = int(datetime.strptime(q["start"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+            end = int(datetime.strptime(q["end"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+            ms = [m for m in range(0, 100) if start <= T0 + 60 * m <= end]
+            skip = int(q.get("page_token", "0"))
+            page = ms[skip:skip + 2]
+            bars = [{k: v for k, v in bar(m).items() if k not in ("T", "S")} for m in page]
+            code, body, hdr = 200, {"bars": bars, "symbol": sym, "next_page_token": str(skip + 2) if skip + 2 < len(ms) else None}, {}
+        self.log.append((u.path, q, code))
+        return code, body, hdr
 
 
 def config(fake, creds=f"api_key: {KEY}\n      api_secret: {SECRET}", base_url="http://127.0.0.1:9"):
@@ -138,16 +121,6 @@ def config(fake, creds=f"api_key: {KEY}\n      api_secret: {SECRET}", base_url="
       base_url: {base_url}
       request_interval: 5ms
 """
-
-
-def read(srv, key):
-    c = fl.FlightClient(srv.flight_url)
-    try:
-        return c.do_get(fl.Ticket(json.dumps({"destination": key}).encode())).read_all()
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        c.close()
 
 
 def bars_of(srv):
@@ -196,7 +169,7 @@ def test_alpaca_stream_reconnect_exact_rows(server_factory):
         assert not fake.errors, fake.errors
     finally:
         fake.close()
-        rest.httpd.shutdown()
+        rest.server.close()
 
 
 def test_alpaca_auth_failure_and_insufficient_subscription_stop(server_factory, monkeypatch):

@@ -6,14 +6,12 @@ Retry-After. MarketStore's default `base_timeframe: 1m` is accepted (its own par
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-import pyarrow.flight as fl
+from feeder_helpers import JsonHttpServer, read
 
 
 def bar(t):
@@ -38,33 +36,19 @@ class Bitmex:
         self.log = []
         self.n = 0
         self.lock = threading.Lock()
-        srv = self
+        self.server = JsonHttpServer(self.handle)
+        self.url = self.server.url
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                u = urlparse(self.path)
-                q = {k: v[0] for k, v in parse_qs(u.query).items()}
-                with srv.lock:
-                    srv.n += 1
-                    n = srv.n
-                code, body, headers = srv.route(u.path, q, n)
-                with srv.lock:
-                    srv.log.append((u.path, q, code))
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def handle(self, raw, headers):
+        u = urlparse(raw)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        with self.lock:
+            self.n += 1
+            n = self.n
+        code, body, hdr = self.route(u.path, q, n)
+        with self.lock:
+            self.log.append((u.path, q, code))
+        return code, body, hdr
 
     def route(self, path, q, n):
         if n == 2:
@@ -85,16 +69,6 @@ class Bitmex:
                 row.update(open=b["open"], high=b["high"], low=b["low"], close=b["close"], volume=b["volume"], trades=7)
             out.append(row)
         return 200, out[:count], {}
-
-
-def read(srv, key):
-    c = fl.FlightClient(srv.flight_url)
-    try:
-        return c.do_get(fl.Ticket(json.dumps({"destination": key}).encode())).read_all()
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        c.close()
 
 
 def rows(t):
@@ -152,4 +126,4 @@ def test_bitmex_backfill_pages_429_and_restart(server_factory):
         assert not [q for p, q, c in ex.log[n:] if q.get("symbol") == "XBTUSD"]
         assert rows(read(srv, key)) == want
     finally:
-        ex.httpd.shutdown()
+        ex.server.close()

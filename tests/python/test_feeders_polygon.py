@@ -10,21 +10,10 @@ import re
 import time
 import urllib.request
 
-import pyarrow.flight as fl
-
+from feeder_helpers import read
 from polygon_fake import T0, FakePolygon, am, bar, minutes
 
 KEY = "sekret-KEY-1234567890"
-
-
-def read(srv, key):
-    c = fl.FlightClient(srv.flight_url)
-    try:
-        return c.do_get(fl.Ticket(json.dumps({"destination": key}).encode())).read_all()
-    except Exception:  # noqa: BLE001  (missing bucket)
-        return None
-    finally:
-        c.close()
 
 
 def bars_of(srv, key):
