@@ -167,7 +167,7 @@ pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
     "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention", "tls", "auth",
-    "utilities_url",
+    "utilities_url", "auto_add_columns",
 ];
 
 /// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
@@ -206,6 +206,8 @@ pub struct Config {
     pub utilities_url: Option<String>,
     pub enable_add: bool,
     pub enable_remove: bool,
+    /// A write that carries columns its existing bucket lacks adds them (nullable) instead of being refused.
+    pub auto_add_columns: bool,
     pub queryable: bool,
     /// Memory all SQL statements together may hold, in MB (mkts extension; default a quarter of physical
     /// memory). A statement needing more fails with a clear error; the server stays up.
@@ -249,6 +251,7 @@ impl Default for Config {
             utilities_url: None,
             enable_add: true,
             enable_remove: true,
+            auto_add_columns: false,
             queryable: true,
             sql_memory_limit_mb: None,
             plugin_dir: PathBuf::from("plugins"),
@@ -398,6 +401,7 @@ impl Config {
                 "stop_grace_period" => c.stop_grace_period = parse_int(k, &sc(k, v)?)?,
                 "enable_add" => c.enable_add = parse_bool(k, &sc(k, v)?)?,
                 "enable_remove" => c.enable_remove = parse_bool(k, &sc(k, v)?)?,
+                "auto_add_columns" => c.auto_add_columns = parse_bool(k, &sc(k, v)?)?,
                 "queryable" => c.queryable = parse_bool(k, &sc(k, v)?)?,
                 // Accepted (and checked as MarketStore checks them), but without effect: say so.
                 "wal_rotate_interval" => ignored(k, parse_int::<u64>(k, &sc(k, v)?), &mut c.warnings)?,

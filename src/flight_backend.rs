@@ -11,13 +11,13 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use futures::stream::StreamExt;
-use mkts_flight::ticket::{key_body, CreateAction, DeleteRangeAction, ListSymbolsAction};
+use mkts_flight::ticket::{key_body, AddColumnAction, CreateAction, DeleteRangeAction, DropColumnAction, ListSymbolsAction};
 use mkts_flight::{BackendError, BatchStream, BucketListing, Delivered, FlightBackend, KeyedBatchStream, QueryTicket, SubscribeRequest, SubscriptionStream};
 use serde_json::json;
 use tonic::Code;
 
 use crate::context::{ServerContext, VERSION};
-use crate::engine::{KeyPattern, RecordKind, TimePoint};
+use crate::engine::{KeyPattern, RecordKind, SchemaChange, TimePoint};
 use crate::flight_sql::FlightSqlHandler;
 use crate::service::request::{nanos, parse_key};
 use crate::service::{Access, Caller, CreateRequest, Interface, QueryRequest, ReadRequest, ServiceError, SymbolFormat, WriteRequest};
@@ -278,6 +278,18 @@ impl FlightBackend for EngineFlightBackend {
     }
 }
 
+/// A bucket's data columns as the actions report them: name, type (as `create` takes it) and nullability.
+fn columns_json(schema: &crate::engine::BucketSchema) -> Vec<serde_json::Value> {
+    schema
+        .columns
+        .iter()
+        .map(|c| {
+            let ty = c.type_name();
+            json!({"name": c.name, "type": ty.strip_suffix('?').unwrap_or(&ty), "nullable": c.nullable})
+        })
+        .collect()
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(action: &str, body: &[u8]) -> Result<T, ServiceError> {
     serde_json::from_slice(body).map_err(|e| ServiceError::invalid(format!("{action}: {e}")))
 }
@@ -302,7 +314,7 @@ impl EngineFlightBackend {
             "get_info" => {
                 let key = parse_key(&key_body(body).map_err(ServiceError::invalid)?)?;
                 let info = svc.get_info(caller, &key)?;
-                let cols: Vec<_> = info.schema.columns.iter().map(|c| json!({"name": c.name, "type": c.ty.wire_name()})).collect();
+                let cols = columns_json(&info.schema);
                 Ok(json!({
                     "key": info.key,
                     "timeframe": key.timeframe,
@@ -322,6 +334,19 @@ impl EngineFlightBackend {
                 let end = TimePoint { secs: d.epoch_end, nanos: nanos("epoch_end_nanos", d.epoch_end_nanos.unwrap_or(999_999_999))? };
                 let n = svc.delete_range(caller, &key, start, end).await?;
                 Ok(json!({ "deleted": n }))
+            }
+            "add_column" => {
+                let a: AddColumnAction = json_body("add_column", body)?;
+                let key = parse_key(&a.key)?;
+                let cols = crate::service::request::parse_columns(&a.column_names, &a.column_types, false)?.columns;
+                let schema = svc.alter(caller, &key, SchemaChange::AddColumns(cols)).await?;
+                Ok(json!({ "key": key.to_string(), "columns": columns_json(&schema) }))
+            }
+            "drop_column" => {
+                let a: DropColumnAction = json_body("drop_column", body)?;
+                let key = parse_key(&a.key)?;
+                let schema = svc.alter(caller, &key, SchemaChange::DropColumns(a.column_names)).await?;
+                Ok(json!({ "key": key.to_string(), "columns": columns_json(&schema) }))
             }
             "list_symbols" => {
                 let a: ListSymbolsAction =

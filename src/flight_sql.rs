@@ -336,7 +336,9 @@ impl FlightSqlService for FlightSqlHandler {
         let caller = caller(request.extensions());
         let plan = self.ctx.service.sql_plan(&caller, &query.query).await.map_err(status)?;
         let mut schema = plan.schema().as_arrow().clone();
-        let handle = if has_side_effects(&plan) {
+        // ALTER TABLE plans as its result's shape only (`Service::sql_plan`): it changes a bucket too.
+        let alters = crate::query::alter::schema_change(&query.query).is_ok_and(|c| c.is_some());
+        let handle = if alters || has_side_effects(&plan) {
             // Clients such as ADBC's DBAPI never DoGet the result of an INSERT or CREATE: run it now and put
             // its (tiny) result into the ticket. The FlightInfo then carries that result's schema (a DDL plan's
             // schema is its input's, e.g. the columns of a view, not what CREATE VIEW returns).

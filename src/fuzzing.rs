@@ -433,8 +433,7 @@ pub fn manifest(data: &[u8]) {
             let names = match &types {
                 Some(s) => crate::engine::partition::physical_layouts(s.kind, &s.columns)
                     .iter()
-                    .enumerate()
-                    .map(|(i, l)| crate::engine::partition::column_file_names(i, *l).0)
+                    .map(|l| crate::engine::partition::column_file_names(*l).0)
                     .collect(),
                 None => vec!["c000.i64".to_string()],
             };

@@ -197,6 +197,8 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("destroy", "Destroy a bucket and its data: a bare key or {\"key\"}"),
     ("get_info", "Schema, record type, row count and time span of a bucket: a bare key or {\"key\"}"),
     ("delete_range", "Delete rows with epoch_start <= Epoch <= epoch_end (inclusive): {\"key\", \"epoch_start\", \"epoch_end\"}"),
+    ("add_column", "Add nullable columns to a bucket (stored rows read as null): {\"key\", \"column_names\", \"column_types\"}"),
+    ("drop_column", "Drop columns of a bucket with their data: {\"key\", \"column_names\"}"),
     ("list_symbols", "List symbols ({\"format\": \"symbol\"}, default) or full keys ({\"format\": \"tbk\"})"),
     ("server_version", "The server version"),
     ("replication_status", "Replication role and links: on a master each replica's acknowledged position, lag in records and ms, connected; on a replica its applied and master positions"),

@@ -121,6 +121,21 @@ pub struct DeleteRangeAction {
     pub epoch_end_nanos: Option<i64>,
 }
 
+/// Body of `add_column`: the columns to add, typed as for `create` (they become nullable).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AddColumnAction {
+    pub key: String,
+    pub column_names: Vec<String>,
+    pub column_types: Vec<String>,
+}
+
+/// Body of `drop_column`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DropColumnAction {
+    pub key: String,
+    pub column_names: Vec<String>,
+}
+
 /// Body of `list_symbols`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ListSymbolsAction {

@@ -357,6 +357,43 @@ impl Client {
         }
     }
 
+    /// Add or drop columns of `key`; returns the new data columns as `name:type` strings.
+    pub async fn alter(&mut self, key: &BucketKey, change: crate::engine::SchemaChange) -> anyhow::Result<Vec<String>> {
+        use crate::engine::SchemaChange;
+        match self {
+            Client::Local { service } => {
+                let s = service.alter(&caller(), key, change).await.map_err(local)?;
+                Ok(s.columns.iter().map(|c| format!("{}:{}", c.name, c.type_name())).collect())
+            }
+            Client::Remote { .. } => {
+                let (name, body) = match &change {
+                    SchemaChange::AddColumns(cols) => (
+                        "add_column",
+                        json!({"key": key.to_string(), "column_names": cols.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+                               "column_types": cols.iter().map(ColumnDef::type_name).collect::<Vec<_>>()}),
+                    ),
+                    SchemaChange::DropColumns(names) => ("drop_column", json!({"key": key.to_string(), "column_names": names})),
+                };
+                let v = self.action(name, body).await?;
+                Ok(v.get("columns")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|c| {
+                                let q = if c["nullable"].as_bool().unwrap_or(false) { "?" } else { "" };
+                                format!("{}:{}{q}", c["name"].as_str().unwrap_or(""), c["type"].as_str().unwrap_or(""))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default())
+            }
+            Client::Rpc { rpc } => bail!(
+                "changing columns is not part of MarketStore's JSON-RPC API ({}); connect with --url grpc://host:5995 or --dir",
+                rpc.url()
+            ),
+        }
+    }
+
     /// Bucket description: `{key, timeframe, is_variable_length, columns: [{name, type}], rows, years, first_epoch, last_epoch}`.
     pub async fn info(&mut self, key: &BucketKey) -> anyhow::Result<Value> {
         match self {
@@ -519,6 +556,9 @@ const HELP: &str = r#"Commands (anything else is SQL; quote keys: SELECT * FROM 
   \getinfo KEY                   schema, record type, timeframe, rows, years
   \trim KEY DATE                 delete the rows of KEY from DATE to the end of DATE's year (UTC), as
                                  MarketStore's \trim (which trimmed every bucket; this trims KEY only)
+  \addcolumn KEY SHAPE           add nullable columns (stored rows read as null), e.g.
+                                 \addcolumn AAPL/1Min/OHLCV Vwap/float64:Venue/utf8
+  \dropcolumn KEY NAME[,NAME]    drop columns with their data
   \load KEY FILE.csv [CTL.yaml]  load a CSV (MarketStore control file: firstRowHasColumnNames, timeFormat,
                                  timeZone, columnNameMap)
   \tables                        list tables (bucket keys and */TF/GROUP tables)
@@ -656,6 +696,19 @@ impl Shell {
                 let end = crate::engine::TimePoint { secs: next - 1, nanos: 999_999_999 };
                 let n = self.client.delete_range(&key, start, end).await?;
                 self.print(&format!("trimmed {n} rows of {key} from {} to the end of {year}", args[1]))
+            }
+            "addcolumn" | "dropcolumn" => {
+                if args.len() != 2 {
+                    bail!("\\addcolumn KEY NAME/TYPE[:NAME/TYPE…] or \\dropcolumn KEY NAME[,NAME…]");
+                }
+                let key = key_arg(0)?;
+                let change = if name == "addcolumn" {
+                    crate::engine::SchemaChange::AddColumns(parse_shape(args[1], RecordKind::Fixed)?.columns)
+                } else {
+                    crate::engine::SchemaChange::DropColumns(args[1].split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect())
+                };
+                let cols = self.client.alter(&key, change).await?;
+                self.print(&format!("{key}: {}", cols.join(" ")))
             }
             "getinfo" => {
                 let key = key_arg(0)?;

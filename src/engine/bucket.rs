@@ -21,6 +21,8 @@ pub(super) struct Bucket {
     /// Physical column layouts of the schema (Epoch, [Nanoseconds], data columns), shared with the views.
     pub(super) layouts: Arc<Vec<partition::Layout>>,
     pub(super) created_lsn: u64,
+    /// LSN of the schema change that made `schema` (0: as created); earlier records are not replayed.
+    pub(super) schema_lsn: u64,
     pub(super) dir: PathBuf,
     pub(super) parts: Mutex<BTreeMap<i32, Partition>>,
     pub(super) view: RwLock<Arc<Vec<PartView>>>,
@@ -38,7 +40,7 @@ impl Bucket {
 
     /// A bucket whose partitions were loaded with `layouts` (shared with them).
     pub(super) fn with_layouts(key: BucketKey, schema: Arc<BucketSchema>, layouts: Arc<Vec<partition::Layout>>, created_lsn: u64, dir: PathBuf) -> Bucket {
-        Bucket { key, schema, layouts, created_lsn, dir, parts: Mutex::new(BTreeMap::new()), view: RwLock::new(Arc::new(Vec::new())), stamp: Mutex::new(None) }
+        Bucket { key, schema, layouts, created_lsn, schema_lsn: 0, dir, parts: Mutex::new(BTreeMap::new()), view: RwLock::new(Arc::new(Vec::new())), stamp: Mutex::new(None) }
     }
 
     pub(super) fn publish(&self, parts: &BTreeMap<i32, Partition>) {
@@ -263,6 +265,30 @@ impl Bucket {
             p.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Before a schema change is logged: checkpoint every partition (so no log record of the old columns
+    /// is ever replayed against the new ones) and create the files of the columns `layouts` adds.
+    pub(super) fn prepare_schema(&self, layouts: &[partition::Layout]) -> Result<()> {
+        let added: Vec<partition::Layout> = layouts.iter().filter(|l| !self.layouts.iter().any(|o| o.file == l.file)).copied().collect();
+        let mut parts = self.parts.lock();
+        for p in parts.values_mut() {
+            p.checkpoint()?;
+            p.add_columns(&added)?;
+        }
+        Ok(())
+    }
+
+    /// After a schema change committed: remove the files of the columns it dropped (best effort: files no
+    /// layout names are never read).
+    pub(super) fn remove_dropped_files(&self, layouts: &[partition::Layout]) {
+        let dropped: Vec<partition::Layout> = self.layouts.iter().filter(|o| !layouts.iter().any(|l| l.file == o.file)).copied().collect();
+        if dropped.is_empty() {
+            return;
+        }
+        for p in self.parts.lock().values() {
+            p.remove_columns(&dropped);
+        }
     }
 }
 

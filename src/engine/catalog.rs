@@ -38,6 +38,14 @@ pub(super) struct BucketFile {
     schema: BucketSchema,
     created_lsn: u64,
     created_at: i64,
+    /// LSN of the schema change that made `schema` (0: the schema it was created with). Log records of the
+    /// bucket before it were checkpointed and are skipped at replay.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    schema_lsn: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 pub(super) fn bucket_dir(root: &Path, key: &BucketKey) -> PathBuf {
@@ -53,14 +61,40 @@ pub(super) fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketS
         schema: schema.clone(),
         created_lsn: lsn,
         created_at: Utc::now().timestamp(),
+        schema_lsn: 0,
     };
+    write_bucket_file(&dir, &meta)?;
+    Ok(Bucket::new(key.clone(), Arc::new(schema.clone()), lsn, dir))
+}
+
+/// Atomically replace `bucket.json` (write temp, fsync, rename, fsync directory).
+fn write_bucket_file(dir: &Path, meta: &BucketFile) -> Result<()> {
     let tmp = dir.join("bucket.json.tmp");
-    let text = serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    let text = serde_json::to_vec_pretty(meta).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
     fs::write(&tmp, text).map_err(|e| EngineError::io(&tmp, e))?;
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(&tmp, e))?;
-    fs::rename(&tmp, dir.join("bucket.json")).map_err(|e| EngineError::io(&dir, e))?;
-    wal::sync_dir(&dir)?;
-    Ok(Bucket::new(key.clone(), Arc::new(schema.clone()), lsn, dir))
+    fs::rename(&tmp, dir.join("bucket.json")).map_err(|e| EngineError::io(dir, e))?;
+    wal::sync_dir(dir)
+}
+
+/// Commit a schema change: `bucket.json` gets the new schema and the change's LSN (the commit point; the
+/// new columns' files already exist in every partition), then the bucket is loaded again from its files.
+pub(super) fn commit_schema(dir: &Path, schema: &BucketSchema, lsn: u64) -> Result<Bucket> {
+    let bf = dir.join("bucket.json");
+    let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
+    let mut meta: BucketFile =
+        serde_json::from_str(&text).map_err(|e| EngineError::Corrupt { path: bf.display().to_string(), reason: e.to_string() })?;
+    meta.schema = schema.clone();
+    meta.schema_lsn = lsn;
+    write_bucket_file(dir, &meta)?;
+    load_bucket(dir, year_dirs(dir))
+}
+
+/// The year partition directories of a bucket directory.
+fn year_dirs(dir: &Path) -> Vec<(i32, PathBuf)> {
+    fs::read_dir(dir)
+        .map(|rd| rd.flatten().filter_map(|e| Some((e.file_name().to_string_lossy().parse::<i32>().ok()?, e.path()))).collect())
+        .unwrap_or_default()
 }
 
 pub(super) fn remove_bucket_files(root: &Path, key: &BucketKey) -> Result<()> {
@@ -270,7 +304,8 @@ fn from_snapshot(
         parts.insert(p.year, Partition::from_manifest(&ydir, p.year, schema.kind, layouts.clone(), p.manifest()).ok()?);
         years.push((p.year, p.mtime));
     }
-    let b = Bucket::with_layouts(key, schema, layouts, g.created_lsn, dir);
+    let mut b = Bucket::with_layouts(key, schema, layouts, g.created_lsn, dir);
+    b.schema_lsn = g.schema_lsn;
     b.publish(&parts);
     *b.parts.lock() = parts;
     Some((b, BucketStamp { group: g.mtime, years }))
@@ -319,7 +354,8 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
     for (year, path) in years {
         parts.insert(year, Partition::load(&path, year, meta.schema.kind, layouts.clone())?);
     }
-    let b = Bucket::with_layouts(key, Arc::new(meta.schema), layouts, meta.created_lsn, dir.to_path_buf());
+    let mut b = Bucket::with_layouts(key, Arc::new(meta.schema), layouts, meta.created_lsn, dir.to_path_buf());
+    b.schema_lsn = meta.schema_lsn;
     b.publish(&parts);
     *b.parts.lock() = parts;
     Ok(b)
@@ -398,6 +434,9 @@ struct SnapGroup {
     /// Time of the bucket directory.
     #[prost(sint64, tag = "5")]
     mtime: i64,
+    /// [`BucketFile`]'s `schema_lsn`.
+    #[prost(uint64, tag = "7")]
+    schema_lsn: u64,
     #[prost(message, repeated, tag = "6")]
     parts: Vec<SnapPart>,
 }
@@ -598,12 +637,13 @@ pub(super) fn write_snapshot(
             schema: six,
             created_lsn: b.created_lsn,
             mtime: st.group,
+            schema_lsn: b.schema_lsn,
             parts: parts.values().zip(st.years.iter()).map(|(p, (year, m))| SnapPart::new(*year, *m, p.manifest())).collect(),
         };
         tree.entry(key.symbol.as_str()).or_default().entry(key.timeframe.as_str()).or_default().push(group);
     }
     for k in &reload {
-        let group = SnapGroup { name: k.attr_group.clone(), reload: true, schema: 0, created_lsn: 0, mtime: 0, parts: Vec::new() };
+        let group = SnapGroup { name: k.attr_group.clone(), reload: true, schema: 0, created_lsn: 0, mtime: 0, schema_lsn: 0, parts: Vec::new() };
         tree.entry(k.symbol.as_str()).or_default().entry(k.timeframe.as_str()).or_default().push(group);
     }
     // The directories above every bucket and reload entry.

@@ -35,13 +35,19 @@ pub enum Change {
     Destroy { key: BucketKey },
     /// The rows with `start <= time <= end` were removed (range deletes, SQL `DELETE`, retention).
     DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint },
+    /// The bucket's columns changed to `schema` (columns added or dropped).
+    Alter { key: BucketKey, schema: BucketSchema },
 }
 
 impl Change {
     /// The bucket the change is about.
     pub fn key(&self) -> &BucketKey {
         match self {
-            Change::Create { key, .. } | Change::Write { key, .. } | Change::Destroy { key } | Change::DeleteRange { key, .. } => key,
+            Change::Create { key, .. }
+            | Change::Write { key, .. }
+            | Change::Destroy { key }
+            | Change::DeleteRange { key, .. }
+            | Change::Alter { key, .. } => key,
         }
     }
 

@@ -52,7 +52,7 @@ pub use normalize::infer_schema;
 pub use partition::PartView;
 pub use read::{decode_string16, TimePoint};
 pub use normalize::TYPE_METADATA;
-pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, TsUnit, EPOCH, NANOSECONDS, STRING16_WIDTH};
+pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, SchemaChange, TsUnit, EPOCH, NANOSECONDS, STRING16_WIDTH};
 
 pub use changes::{Captured, CapturedBucket, Change, ChangeCursor, ChangeGap, ChangeRecord, Origin};
 pub use events::{AppendEvent, Subscription};
@@ -101,6 +101,9 @@ pub struct EngineConfig {
     /// Bytes of recent changes kept in memory for followers ([`Engine::changes_after`]); 0 turns the
     /// change feed off (a server nobody replicates from pays nothing for it).
     pub change_window_bytes: usize,
+    /// A write to an existing bucket that carries columns the bucket lacks adds them (nullable) first,
+    /// instead of being refused (`auto_add_columns` in mkts.yml).
+    pub auto_add_columns: bool,
 }
 
 impl EngineConfig {
@@ -118,6 +121,7 @@ impl EngineConfig {
             recover_wal: false,
             retention: Vec::new(),
             change_window_bytes: 0,
+            auto_add_columns: false,
         }
     }
 }
@@ -236,6 +240,7 @@ const STARTUP_HALT: &str = "start-up could not finish";
 struct Inner {
     root: PathBuf,
     policy: Policy,
+    auto_add_columns: bool,
     catalog: RwLock<BTreeMap<BucketKey, Arc<Bucket>>>,
     tx: mpsc::UnboundedSender<Cmd>,
     subscribers: Mutex<Vec<Subscriber>>,
@@ -308,6 +313,8 @@ impl Inner {
 struct PreparedWrite {
     key: BucketKey,
     created_lsn: Option<u64>,
+    /// The schema `rows` are in.
+    schema: Arc<BucketSchema>,
     create: Option<BucketSchema>,
     rows: Rows,
 }
@@ -455,6 +462,7 @@ impl Engine {
             store_id,
             root: root.clone(),
             policy: cfg.policy,
+            auto_add_columns: cfg.auto_add_columns,
             catalog: RwLock::new(catalog),
             tx,
             subscribers: Mutex::new(Vec::new()),
@@ -585,6 +593,9 @@ impl Engine {
     /// durable in the log and visible to readers. Waits while the writer's queue holds more than its byte
     /// budget (backpressure instead of unbounded memory).
     pub async fn write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
+        if let Some(change) = self.columns_to_add(key, batch)? {
+            self.alter_or_raced(key, change).await?;
+        }
         // Large batches are validated and sorted off the async workers.
         let prepared = if batch.num_rows() > 50_000 {
             let (me, key, batch) = (self.clone(), key.clone(), batch.clone());
@@ -612,6 +623,9 @@ impl Engine {
 
     /// Blocking form of [`Engine::write`] for non-async callers (CLI, plugins' threads).
     pub fn write_blocking(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
+        if let Some(change) = self.columns_to_add(key, batch)? {
+            futures::executor::block_on(self.alter_or_raced(key, change))?;
+        }
         let prepared = self.prepare_write(key, batch, opts)?;
         let permit = futures::executor::block_on(self.inner.queue.clone().acquire_many_owned(queue_permits(&prepared.rows)))
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
@@ -634,7 +648,7 @@ impl Engine {
             )));
         }
         let (created_lsn, create, schema) = match self.bucket(key) {
-            Some(b) => (Some(b.created_lsn), None, (*b.schema).clone()),
+            Some(b) => (Some(b.created_lsn), None, b.schema.clone()),
             None => {
                 if !self.inner.policy.enable_add {
                     return Err(EngineError::NotAllowed(format!(
@@ -642,7 +656,7 @@ impl Engine {
                     )));
                 }
                 let s = infer_schema(batch, opts.variable)?;
-                (None, Some(s.clone()), s)
+                (None, Some(s.clone()), Arc::new(s))
             }
         };
         let rows = normalize::normalize(batch, &schema, key.tf())?;
@@ -654,7 +668,7 @@ impl Engine {
                 bytes >> 20
             )));
         }
-        Ok(PreparedWrite { key: key.clone(), created_lsn, create, rows })
+        Ok(PreparedWrite { key: key.clone(), created_lsn, schema, create, rows })
     }
 
     fn send_write(
@@ -666,7 +680,7 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Cmd::Write { key: w.key, created_lsn: w.created_lsn, create: w.create, rows: w.rows, permit: Some(permit), from, reply })
+            .send(Cmd::Write { key: w.key, created_lsn: w.created_lsn, schema: w.schema, create: w.create, rows: w.rows, permit: Some(permit), from, reply })
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         Ok(rx)
     }
@@ -718,6 +732,65 @@ impl Engine {
             .send(Cmd::DeleteRange { key: key.clone(), start, end, from: writer::Applied::LOCAL, reply })
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
+    }
+
+    /// Add or drop columns of a bucket; returns the new schema. Added columns are nullable and read as
+    /// null in the rows stored before; dropping removes a column's data (needs `enable_remove`), adding
+    /// needs `enable_add`. The change is logged and replicated like a write.
+    ///
+    /// ```no_run
+    /// # async fn f(engine: mkts::engine::Engine, key: mkts::engine::BucketKey) -> mkts::engine::Result<()> {
+    /// use mkts::engine::{ColumnDef, ColumnType, SchemaChange};
+    /// engine.alter(&key, SchemaChange::AddColumns(vec![ColumnDef::new("Vwap", ColumnType::F64)])).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn alter(&self, key: &BucketKey, change: SchemaChange) -> Result<BucketSchema> {
+        self.check_open()?;
+        match &change {
+            SchemaChange::AddColumns(_) if !self.inner.policy.enable_add => {
+                return Err(EngineError::NotAllowed("adding columns is disabled (enable_add: false)".into()));
+            }
+            SchemaChange::DropColumns(_) if !self.inner.policy.enable_remove => {
+                return Err(EngineError::NotAllowed("dropping columns is disabled (enable_remove: false)".into()));
+            }
+            _ => {}
+        }
+        let Some(b) = self.bucket(key) else {
+            return Err(self.inner.damage_of(key).unwrap_or_else(|| EngineError::NotFound(key.to_string())));
+        };
+        let schema = b.schema.altered(&change)?;
+        self.send_alter(key, schema, writer::Applied::LOCAL).await
+    }
+
+    async fn send_alter(&self, key: &BucketKey, schema: BucketSchema, from: writer::Applied) -> Result<BucketSchema> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.tx.send(Cmd::Alter { key: key.clone(), schema, from, reply }).map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
+        rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
+    }
+
+    /// With `auto_add_columns`: the columns of `batch` an existing bucket lacks, as a change adding them.
+    fn columns_to_add(&self, key: &BucketKey, batch: &RecordBatch) -> Result<Option<SchemaChange>> {
+        if !self.inner.auto_add_columns {
+            return Ok(None);
+        }
+        let Some(b) = self.bucket(key) else { return Ok(None) };
+        let mut add = Vec::new();
+        for f in batch.schema().fields() {
+            let n = f.name();
+            if n == EPOCH || n == NANOSECONDS || b.schema.column(n).is_some() {
+                continue;
+            }
+            add.push(normalize::column_of_field(f)?);
+        }
+        Ok((!add.is_empty()).then_some(SchemaChange::AddColumns(add)))
+    }
+
+    /// Add columns for a write; another write adding the same columns first is not an error.
+    async fn alter_or_raced(&self, key: &BucketKey, change: SchemaChange) -> Result<()> {
+        match self.alter(key, change).await {
+            Ok(_) | Err(EngineError::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Force a checkpoint (flush partitions, trim the log).
@@ -892,12 +965,13 @@ impl Engine {
                 tx.send(Cmd::DeleteRange { key, start: *start, end: *end, from, reply }).map_err(|_| stopped())?;
                 rx.await.map(|r| r.map(|_| ())).unwrap_or_else(|_| Err(stopped()))
             }
+            Change::Alter { schema, .. } => self.send_alter(&key, schema.clone(), from).await.map(|_| ()),
             Change::Write { batch, .. } => {
                 let Some(b) = self.bucket(&key) else {
                     return Err(EngineError::NotFound(format!("{key} (a replicated write before its create)")));
                 };
                 let rows = normalize::normalize(batch, &b.schema, key.tf())?;
-                let prepared = PreparedWrite { key, created_lsn: Some(b.created_lsn), create: None, rows };
+                let prepared = PreparedWrite { key, created_lsn: Some(b.created_lsn), schema: b.schema.clone(), create: None, rows };
                 self.queue_write(prepared, from).await.map(|_| ())
             }
         }

@@ -62,7 +62,7 @@ pub fn column_of_field(f: &Field) -> Result<ColumnDef> {
     }
     let (ty, tz) = ColumnType::from_arrow(f.data_type())
         .ok_or_else(|| EngineError::InvalidInput(format!("column {:?} has type {} which cannot be stored", f.name(), f.data_type())))?;
-    Ok(ColumnDef { name: f.name().clone(), ty, nullable: f.is_nullable(), tz })
+    Ok(ColumnDef { name: f.name().clone(), ty, nullable: f.is_nullable(), tz, file: None })
 }
 
 /// Field metadata key naming the column type a first write creates (`string16`, `utf8`, …).
@@ -247,7 +247,9 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> R
             // row time, which truncation to the interval discards anyway.
             || (n == NANOSECONDS && schema.kind == RecordKind::Fixed);
         if !known {
-            return Err(mismatch(format!("unknown column {n:?}")));
+            return Err(mismatch(format!(
+                "unknown column {n:?}: add it first (add_column action, ALTER TABLE … ADD COLUMN, \\addcolumn) or set auto_add_columns: true"
+            )));
         }
     }
     let epoch_arr = batch.column_by_name(EPOCH).ok_or_else(|| mismatch("missing column \"Epoch\"".into()))?;
@@ -340,4 +342,27 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> R
         }
     };
     Ok(Rows { len, cols })
+}
+
+/// Rows normalized against `from` mapped onto the columns of `to` (the bucket's columns changed while the
+/// write was queued): columns kept by name, added nullable columns as nulls, dropped ones left out.
+pub(super) fn adapt_rows(rows: Rows, from: &BucketSchema, to: &BucketSchema) -> Result<Rows> {
+    let base = if to.kind == RecordKind::Variable { 2 } else { 1 };
+    let mut cols: Vec<ArrayRef> = rows.cols.iter().take(base).cloned().collect();
+    for c in &to.columns {
+        match from.column(&c.name) {
+            Some((i, old)) if old.ty == c.ty && (c.nullable || !old.nullable) => match rows.cols.get(base + i) {
+                Some(a) => cols.push(a.clone()),
+                None => return Err(EngineError::Aborted("the bucket's columns changed while this write was queued; retry".into())),
+            },
+            None if c.nullable => cols.push(new_null_array(&c.ty.storage_type(), rows.len)),
+            _ => {
+                return Err(EngineError::Aborted(format!(
+                    "column {:?} changed while this write was queued; retry",
+                    c.name
+                )))
+            }
+        }
+    }
+    Ok(Rows { len: rows.len, cols })
 }

@@ -100,15 +100,20 @@ impl Manifest {
 pub struct Layout {
     pub ty: ColumnType,
     pub nullable: bool,
+    /// The column's file index: its files are `c<file>.*`. Stable across schema changes (a dropped column's
+    /// index is never reused by a live column), equal to the column's position for every bucket whose
+    /// schema never changed.
+    pub file: u32,
 }
 
 /// Physical layouts of a bucket: Epoch, [Nanoseconds], then the data columns.
 pub fn physical_layouts(kind: RecordKind, data: &[ColumnDef]) -> Vec<Layout> {
-    let mut v = vec![Layout { ty: ColumnType::I64, nullable: false }];
+    let mut v = vec![Layout { ty: ColumnType::I64, nullable: false, file: 0 }];
     if kind == RecordKind::Variable {
-        v.push(Layout { ty: ColumnType::I32, nullable: false });
+        v.push(Layout { ty: ColumnType::I32, nullable: false, file: 1 });
     }
-    v.extend(data.iter().map(|c| Layout { ty: c.ty, nullable: c.nullable }));
+    let base = v.len() as u32;
+    v.extend(data.iter().zip(base..).map(|(c, pos)| Layout { ty: c.ty, nullable: c.nullable, file: c.file.unwrap_or(pos) }));
     v
 }
 
@@ -330,12 +335,13 @@ struct ColumnFile {
 }
 
 impl ColumnFile {
-    fn new(gdir: &Path, i: usize, layout: Layout, validity: bool) -> ColumnFile {
+    fn new(gdir: &Path, layout: Layout, validity: bool) -> ColumnFile {
+        let (values, valid, data) = column_file_names(layout);
         ColumnFile {
             layout,
-            values: Plane::new(gdir.join(col_file_name(i, layout.ty))),
-            validity: validity.then(|| Plane::new(gdir.join(format!("c{i:03}.valid")))),
-            data: layout.ty.is_var().then(|| Plane::new(gdir.join(format!("c{i:03}.data")))),
+            values: Plane::new(gdir.join(values)),
+            validity: validity.then(|| Plane::new(gdir.join(valid))),
+            data: data.map(|d| Plane::new(gdir.join(d))),
             data_len: 0,
             data_cap: 0,
         }
@@ -557,14 +563,11 @@ pub struct Partition {
     last_used: Arc<AtomicU64>,
 }
 
-fn col_file_name(i: usize, ty: ColumnType) -> String {
-    format!("c{i:03}.{}", ty.file_suffix())
-}
-
-/// The file names a partition of these layouts uses for physical column `i` (values, validity, data),
-/// for tools and tests that look at the files.
-pub fn column_file_names(i: usize, layout: Layout) -> (String, String, Option<String>) {
-    (col_file_name(i, layout.ty), format!("c{i:03}.valid"), layout.ty.is_var().then(|| format!("c{i:03}.data")))
+/// The file names of one physical column in a generation directory: values (or offsets), validity,
+/// and data for variable-length columns. The one place that names column files (tools and tests too).
+pub fn column_file_names(layout: Layout) -> (String, String, Option<String>) {
+    let i = layout.file;
+    (format!("c{i:03}.{}", layout.ty.file_suffix()), format!("c{i:03}.valid"), layout.ty.is_var().then(|| format!("c{i:03}.data")))
 }
 
 fn map_file(file: &File, path: &Path) -> Result<Buffer> {
@@ -686,12 +689,12 @@ impl Partition {
         let gdir = self.gen_dir(self.generation);
         fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
         if self.files.is_empty() {
-            let with_validity = |i: usize| self.manifest.validity.contains(&(i as u32));
-            self.files = self.layouts.iter().enumerate().map(|(i, l)| ColumnFile::new(&gdir, i, *l, with_validity(i))).collect();
+            let with_validity = |l: &Layout| self.manifest.validity.contains(&l.file);
+            self.files = self.layouts.iter().map(|l| ColumnFile::new(&gdir, *l, with_validity(l))).collect();
             // A bitmap the manifest does not list was made after the last checkpoint: replay makes it again.
-            for (i, f) in self.files.iter().enumerate() {
+            for f in &self.files {
                 if f.validity.is_none() {
-                    let _ = fs::remove_file(gdir.join(format!("c{i:03}.valid")));
+                    let _ = fs::remove_file(gdir.join(column_file_names(f.layout).1));
                 }
             }
         }
@@ -968,7 +971,7 @@ impl Partition {
             if !f.layout.nullable {
                 return Err(EngineError::InvalidInput("nulls in a column that is not nullable".into()));
             }
-            let path = gdir.join(format!("c{i:03}.valid"));
+            let path = gdir.join(column_file_names(f.layout).1);
             let file = create_rw(&path, true)?;
             allocate(&file, &path, self.capacity.max(1).div_ceil(8))?;
             let mut bytes = vec![0xFFu8; self.rows / 8];
@@ -1132,7 +1135,7 @@ impl Partition {
             let mut files = Vec::with_capacity(cols.len());
             for (i, col) in cols.iter().enumerate() {
                 let layout = self.layouts[i];
-                let mut f = ColumnFile::new(&gdir, i, layout, col.null_count() > 0);
+                let mut f = ColumnFile::new(&gdir, layout, col.null_count() > 0);
                 let write = |plane: &Plane, bytes: &[u8], alloc: usize| -> Result<()> {
                     let file = create_rw(&plane.path, true)?;
                     allocate(&file, &plane.path, alloc.max(bytes.len()))?;
@@ -1287,7 +1290,7 @@ impl Partition {
     /// Make appended rows durable and record the applied LSN (checkpoint).
     pub fn checkpoint(&mut self) -> Result<()> {
         let validity: Vec<u32> =
-            if self.opened { self.files.iter().enumerate().filter(|(_, f)| f.validity.is_some()).map(|(i, _)| i as u32).collect() } else { self.manifest.validity.clone() };
+            if self.opened { self.files.iter().filter(|f| f.validity.is_some()).map(|f| f.layout.file).collect() } else { self.manifest.validity.clone() };
         if !self.dirty
             && self.manifest.applied_lsn == self.applied_lsn
             && self.manifest.rows == self.rows
@@ -1329,6 +1332,54 @@ impl Partition {
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
+
+    /// Create the files of columns a schema change adds, for every row this partition holds: zero values
+    /// (empty strings for variable-length columns) and a validity bitmap saying every row is null, fsync'd,
+    /// then listed in the manifest. Runs on a checkpointed partition before the change commits; a crash
+    /// before the commit leaves files no layout names (ignored, and recreated by a retry).
+    pub fn add_columns(&mut self, added: &[Layout]) -> Result<()> {
+        if added.is_empty() {
+            return Ok(());
+        }
+        let gdir = self.gen_dir(self.generation);
+        fs::create_dir_all(&gdir).map_err(|e| EngineError::io(&gdir, e))?;
+        let rows = self.manifest.rows;
+        for l in added {
+            let f = ColumnFile::new(&gdir, *l, true);
+            let vbytes = f.values_bytes(rows).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
+            let zeros = |path: &Path, len: usize| -> Result<()> {
+                let file = create_rw(path, true)?;
+                if len > 0 {
+                    allocate(&file, path, len)?;
+                }
+                file.sync_data().map_err(|e| EngineError::io(path, e))
+            };
+            zeros(&f.values.path, vbytes)?;
+            if let Some(v) = &f.validity {
+                zeros(&v.path, rows.div_ceil(8))?;
+            }
+            if let Some(d) = &f.data {
+                zeros(&d.path, 0)?;
+            }
+            if !self.manifest.validity.contains(&l.file) {
+                self.manifest.validity.push(l.file);
+            }
+        }
+        sync_dir(&gdir)?;
+        self.manifest.format = FORMAT;
+        write_manifest(&self.dir, &self.manifest)
+    }
+
+    /// Remove the files of columns a committed schema change dropped (best effort).
+    pub fn remove_columns(&self, dropped: &[Layout]) {
+        let gdir = self.gen_dir(self.generation);
+        for l in dropped {
+            let (values, valid, data) = column_file_names(*l);
+            for name in [Some(values), Some(valid), data].into_iter().flatten() {
+                let _ = fs::remove_file(gdir.join(name));
+            }
+        }
+    }
 }
 
 /// Refuse manifests whose numbers no partition can have (they bound arithmetic later), and formats newer
@@ -1343,7 +1394,9 @@ fn check_manifest(m: &Manifest, path: &Path, layouts: &[Layout]) -> Result<()> {
             reason: format!("partition format {} is newer than this build reads ({FORMAT}): upgrade mkts", m.format),
         });
     }
-    if let Some(bad) = m.validity.iter().find(|&&c| layouts.get(c as usize).is_none_or(|l| !l.nullable)) {
+    // A bitmap of a file index no layout has belongs to a column added by a schema change that did not
+    // commit, or to a dropped one: not ours, ignored.
+    if let Some(bad) = m.validity.iter().find(|&&c| layouts.iter().any(|l| l.file == c && !l.nullable)) {
         return Err(EngineError::Corrupt { path: path.display().to_string(), reason: format!("validity bitmap listed for column {bad}, which is not nullable") });
     }
     Ok(())

@@ -99,7 +99,9 @@ fn corrupt(lsn: u64, reason: &str) -> EngineError {
 
 /// Re-apply one logged record, skipping whatever the durable state already contains.
 fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &BucketKey, rec: &wal::Record<'_>) -> Result<()> {
-    let current = cat.get(key).filter(|b| b.created_lsn <= rec.lsn).cloned();
+    // Records of a bucket before its last schema change were checkpointed before it: nothing to replay,
+    // and their payloads are in the old columns.
+    let current = cat.get(key).filter(|b| b.created_lsn <= rec.lsn && b.schema_lsn < rec.lsn).cloned();
     match rec.op {
         Op::Create => {
             if !cat.contains_key(key) {
@@ -130,6 +132,18 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &
             if let Some(b) = current {
                 let entries = decode_direct(rec.payload).ok_or_else(|| corrupt(rec.lsn, "bad bulk append record"))?;
                 b.commit_direct(&entries, rec.lsn, true)?;
+            }
+        }
+        Op::Alter => {
+            if let Some(b) = current {
+                // Logged, not committed: the added files may be missing or partly written; make them again.
+                let schema: BucketSchema = serde_json::from_slice(rec.payload).map_err(|e| corrupt(rec.lsn, &e.to_string()))?;
+                schema.validate()?;
+                let layouts = super::partition::physical_layouts(schema.kind, &schema.columns);
+                b.prepare_schema(&layouts)?;
+                let nb = super::catalog::commit_schema(&b.dir, &schema, rec.lsn)?;
+                b.remove_dropped_files(&layouts);
+                cat.insert(key.clone(), Arc::new(nb));
             }
         }
         Op::Abort | Op::Mark => {}

@@ -1116,6 +1116,7 @@ fn change_feed_capture_and_durable_origin() {
                 Change::Write { .. } => "write",
                 Change::Destroy { .. } => "destroy",
                 Change::DeleteRange { .. } => "delete",
+                Change::Alter { .. } => "alter",
             })
             .collect();
         assert_eq!(kinds, ["create", "write", "create", "write", "delete", "destroy"]);

@@ -399,3 +399,147 @@ fn every_type_name_reads_back_as_itself() {
     assert_eq!(ColumnDef::parse("t", "timestamp[ms, Europe/London]").unwrap().tz.as_deref(), Some("Europe/London"));
     assert_eq!(ColumnDef::parse("b", "?").unwrap().ty, ColumnType::Bool);
 }
+
+/// `Epoch` plus the given nullable f64/i64/utf8 columns.
+fn batch_of(epochs: &[i64], cols: Vec<(&str, ArrayRef)>) -> RecordBatch {
+    let mut fields = vec![Field::new("Epoch", DataType::Int64, false)];
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(epochs.to_vec()))];
+    for (n, a) in cols {
+        fields.push(Field::new(n, a.data_type().clone(), true));
+        arrays.push(a);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap()
+}
+
+fn read_all(e: &Engine, key: &BucketKey) -> RecordBatch {
+    let r = e.read(&ReadRequest::key(key)).unwrap();
+    concat_batches(&r[0].schema, &r[0].batches).unwrap()
+}
+
+fn names(b: &RecordBatch) -> Vec<String> {
+    b.schema().fields().iter().map(|f| f.name().clone()).collect()
+}
+
+#[test]
+fn columns_added_and_dropped_read_as_null_survive_crashes_and_never_see_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("S/1Min/OHLCV").unwrap();
+    let bdir = dir.path().join("S/1Min/OHLCV");
+    let (a, b, c) = (Y2024 - 60, Y2024, Y2024 + 60); // 2023 and 2024 partitions
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        let close = |v: &[f64]| -> ArrayRef { Arc::new(Float64Array::from(v.to_vec())) };
+        e.write(&key, &batch_of(&[a, b], vec![("Close", close(&[1.0, 2.0]))]), WriteOptions::default()).await.unwrap();
+        // Without auto_add_columns a write with a new column is refused and stores nothing.
+        let extra = batch_of(&[c], vec![("Close", close(&[3.0])), ("Venue", Arc::new(StringArray::from(vec!["X"])))]);
+        let err = e.write(&key, &extra, WriteOptions::default()).await.unwrap_err().to_string();
+        assert!(err.contains("Venue"), "{err}");
+        assert_eq!(read_all(&e, &key).num_rows(), 2);
+
+        let s = e
+            .alter(&key, SchemaChange::AddColumns(vec![ColumnDef::new("Venue", ColumnType::Utf8), ColumnDef::new("Volume", ColumnType::I64)]))
+            .await
+            .unwrap();
+        assert!(s.columns.iter().all(|c| c.nullable));
+        // Refusals: an existing name, dropping Epoch or an unknown column.
+        assert!(matches!(e.alter(&key, SchemaChange::AddColumns(vec![ColumnDef::new("Close", ColumnType::F64)])).await, Err(EngineError::AlreadyExists(_))));
+        assert!(e.alter(&key, SchemaChange::DropColumns(vec!["Epoch".into()])).await.is_err());
+        assert!(matches!(e.alter(&key, SchemaChange::DropColumns(vec!["Nope".into()])).await, Err(EngineError::NotFound(_))));
+        let got = read_all(&e, &key);
+        assert_eq!(names(&got), ["Epoch", "Close", "Venue", "Volume"]);
+        assert_eq!(got.column(2).null_count(), 2);
+        assert_eq!(got.column(3).null_count(), 2);
+        // New rows carry the new columns; an overwrite of an old row (a merge) sets them.
+        e.write(&key, &extra, WriteOptions::default()).await.unwrap();
+        let over = batch_of(&[a], vec![("Close", close(&[1.5])), ("Venue", Arc::new(StringArray::from(vec!["Y"]))), ("Volume", Arc::new(Int64Array::from(vec![7])))]);
+        e.write(&key, &over, WriteOptions::default()).await.unwrap();
+        drop(e); // crash
+    });
+    let expect_added = |e: &Engine| {
+        let got = read_all(e, &key);
+        assert_eq!(names(&got), ["Epoch", "Close", "Venue", "Volume"]);
+        assert_eq!(got.column(1).as_primitive::<arrow::datatypes::Float64Type>().values().to_vec(), [1.5, 2.0, 3.0]);
+        let venue = got.column(2).as_string::<i32>();
+        assert_eq!((0..3).map(|i| venue.is_valid(i).then(|| venue.value(i).to_string())).collect::<Vec<_>>(), [Some("Y".into()), None, Some("X".into())]);
+        let vol = got.column(3).as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!((0..3).map(|i| vol.is_valid(i).then(|| vol.value(i))).collect::<Vec<_>>(), [Some(7), None, None]);
+    };
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        expect_added(&e);
+        // Drop Close, then add a column of the same name and another type: it starts all null, never
+        // reading the dropped column's bytes.
+        e.alter(&key, SchemaChange::DropColumns(vec!["Close".into()])).await.unwrap();
+        assert_eq!(names(&read_all(&e, &key)), ["Epoch", "Venue", "Volume"]);
+        e.alter(&key, SchemaChange::AddColumns(vec![ColumnDef::new("Close", ColumnType::I64)])).await.unwrap();
+        let got = read_all(&e, &key);
+        assert_eq!(names(&got), ["Epoch", "Venue", "Volume", "Close"]);
+        assert_eq!(got.column(3).null_count(), 3);
+        assert_eq!(got.column(2).as_primitive::<arrow::datatypes::Int64Type>().value(0), 7);
+        e.shutdown().await.unwrap();
+    });
+    // The dropped column's files are gone from the partitions.
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bdir.join("2023/manifest.json")).unwrap()).unwrap();
+    let f2023 = std::fs::read_dir(bdir.join(format!("2023/g{}", m["generation"]))).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect::<Vec<_>>();
+    assert!(!f2023.iter().any(|f| f.starts_with("c001.")), "{f2023:?}");
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        let got = read_all(&e, &key);
+        assert_eq!(names(&got), ["Epoch", "Venue", "Volume", "Close"]);
+        assert_eq!(got.column(3).null_count(), 3);
+        e.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn a_logged_schema_change_that_did_not_commit_is_finished_by_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("R/1Min/OHLCV").unwrap();
+    let bdir = dir.path().join("R/1Min/OHLCV");
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        e.write(&key, &batch_of(&[Y2024, Y2024 + 60], vec![("Close", Arc::new(Float64Array::from(vec![1.0, 2.0])))]), WriteOptions::default()).await.unwrap();
+        e.checkpoint().await.unwrap();
+        let before = std::fs::read(bdir.join("bucket.json")).unwrap();
+        e.alter(&key, SchemaChange::AddColumns(vec![ColumnDef::new("Note", ColumnType::Utf8)])).await.unwrap();
+        e.write(&key, &batch_of(&[Y2024 + 120], vec![("Close", Arc::new(Float64Array::from(vec![3.0]))), ("Note", Arc::new(StringArray::from(vec!["n"])))]), WriteOptions::default())
+            .await
+            .unwrap();
+        drop(e); // crash
+        // As if the crash came after the change was logged, before bucket.json and the new files were done.
+        std::fs::write(bdir.join("bucket.json"), before).unwrap();
+        std::fs::remove_file(bdir.join("2024/g0/c002.utf8.off")).unwrap();
+    });
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        let got = read_all(&e, &key);
+        assert_eq!(names(&got), ["Epoch", "Close", "Note"]);
+        let note = got.column(2).as_string::<i32>();
+        assert_eq!((0..3).map(|i| note.is_valid(i).then(|| note.value(i).to_string())).collect::<Vec<_>>(), [None, None, Some("n".into())]);
+        e.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn auto_add_columns_adds_what_a_write_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("A/1Min/OHLCV").unwrap();
+    rt().block_on(async {
+        let mut cfg = EngineConfig::new(dir.path());
+        cfg.auto_add_columns = true;
+        let e = Engine::open(cfg).unwrap();
+        e.write(&key, &batch_of(&[Y2024], vec![("Close", Arc::new(Float64Array::from(vec![1.0])))]), WriteOptions::default()).await.unwrap();
+        // A feed that starts sending a field, and one that stops sending Close (nullable: stored as null).
+        e.write(&key, &batch_of(&[Y2024 + 60], vec![("Close", Arc::new(Float64Array::from(vec![2.0]))), ("Vwap", Arc::new(Float64Array::from(vec![2.5])))]), WriteOptions::default())
+            .await
+            .unwrap();
+        e.write(&key, &batch_of(&[Y2024 + 120], vec![("Vwap", Arc::new(Float64Array::from(vec![3.5])))]), WriteOptions::default()).await.unwrap();
+        let got = read_all(&e, &key);
+        assert_eq!(names(&got), ["Epoch", "Close", "Vwap"]);
+        let close = got.column(1).as_primitive::<arrow::datatypes::Float64Type>();
+        assert_eq!((0..3).map(|i| close.is_valid(i).then(|| close.value(i))).collect::<Vec<_>>(), [Some(1.0), Some(2.0), None]);
+        let vwap = got.column(2).as_primitive::<arrow::datatypes::Float64Type>();
+        assert_eq!((0..3).map(|i| vwap.is_valid(i).then(|| vwap.value(i))).collect::<Vec<_>>(), [None, Some(2.5), Some(3.5)]);
+        e.shutdown().await.unwrap();
+    });
+}

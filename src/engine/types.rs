@@ -407,12 +407,16 @@ pub struct ColumnDef {
     /// Time zone of a `timestamp` column (display only: the stored values are UTC instants).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tz: Option<String>,
+    /// Index of the column's files (`c<file>.*`) once a schema change made it differ from the column's
+    /// position; absent for every bucket whose schema never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<u32>,
 }
 
 impl ColumnDef {
     /// A non-nullable column.
     pub fn new(name: impl Into<String>, ty: ColumnType) -> ColumnDef {
-        ColumnDef { name: name.into(), ty, nullable: false, tz: None }
+        ColumnDef { name: name.into(), ty, nullable: false, tz: None, file: None }
     }
 
     /// The same column, nullable or not.
@@ -438,7 +442,7 @@ impl ColumnDef {
                 .filter(|z| !z.is_empty()),
             _ => None,
         };
-        Ok(ColumnDef { name: name.into(), ty, nullable, tz })
+        Ok(ColumnDef { name: name.into(), ty, nullable, tz, file: None })
     }
 
     /// The type string [`ColumnDef::parse`] reads back: the wire name, the time zone of a timestamp, `?`
@@ -536,6 +540,62 @@ impl BucketSchema {
     pub fn column(&self, name: &str) -> Option<(usize, &ColumnDef)> {
         self.columns.iter().enumerate().find(|(_, c)| c.name == name)
     }
+
+    /// The schema after `change`, checked: added columns get new names and become nullable (rows stored
+    /// before read as null), dropped columns must exist. Every column keeps its file index, and added ones
+    /// take indices no column of this schema uses, so no live column ever reads a dropped column's files.
+    pub fn altered(&self, change: &SchemaChange) -> Result<BucketSchema> {
+        let base = if self.kind == RecordKind::Variable { 2 } else { 1 };
+        let mut columns: Vec<ColumnDef> = self
+            .columns
+            .iter()
+            .zip(base..)
+            .map(|(c, pos)| ColumnDef { file: Some(c.file.unwrap_or(pos)), ..c.clone() })
+            .collect();
+        match change {
+            SchemaChange::AddColumns(add) => {
+                if add.is_empty() {
+                    return Err(EngineError::InvalidInput("add_column: no column given".into()));
+                }
+                let mut next = columns.iter().filter_map(|c| c.file).max().map_or(base, |m| m + 1);
+                for c in add {
+                    if self.column(&c.name).is_some() {
+                        return Err(EngineError::AlreadyExists(format!("column {:?}", c.name)));
+                    }
+                    columns.push(ColumnDef { nullable: true, file: Some(next), ..c.clone() });
+                    next += 1;
+                }
+            }
+            SchemaChange::DropColumns(names) => {
+                if names.is_empty() {
+                    return Err(EngineError::InvalidInput("drop_column: no column given".into()));
+                }
+                for n in names {
+                    if n == EPOCH || (n == NANOSECONDS && self.kind == RecordKind::Variable) {
+                        return Err(EngineError::InvalidInput(format!("column {n:?} cannot be dropped")));
+                    }
+                    let before = columns.len();
+                    columns.retain(|c| &c.name != n);
+                    if columns.len() == before {
+                        return Err(EngineError::NotFound(format!("column {n:?}")));
+                    }
+                }
+            }
+        }
+        let s = BucketSchema { kind: self.kind, columns };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// A change to a bucket's columns ([`crate::engine::Engine::alter`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaChange {
+    /// New columns, nullable: the rows already stored read as null in them.
+    AddColumns(Vec<ColumnDef>),
+    /// Columns removed with their data.
+    DropColumns(Vec<String>),
 }
 
 /// The Arrow type of the `Epoch` column on reads.

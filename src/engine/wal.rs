@@ -29,6 +29,9 @@ pub enum Op {
     /// Sets the upstream position without a change (a replica's snapshot start or end): the payload is
     /// the upstream's name, the record's origin the position. The key is empty.
     Mark = 7,
+    /// A bucket's columns changed: the payload is the new schema (JSON). Every earlier record of the bucket
+    /// was checkpointed before it, so replay never decodes them against the new columns.
+    Alter = 8,
 }
 
 /// Set in a record's op byte when the record ends with an 8-byte origin: the position, in the log of the
@@ -46,6 +49,7 @@ impl Op {
             5 => Op::AppendDirect,
             6 => Op::Abort,
             7 => Op::Mark,
+            8 => Op::Alter,
             _ => return None,
         })
     }

@@ -34,6 +34,9 @@ pub(super) enum Cmd {
     Write {
         key: BucketKey,
         created_lsn: Option<u64>,
+        /// The schema `rows` were normalized against (an existing bucket's, when its columns changed since,
+        /// the rows are mapped onto the new ones).
+        schema: Arc<BucketSchema>,
         create: Option<BucketSchema>,
         rows: Rows,
         /// Holds this write's share of the queue's byte budget until the writer is done with it.
@@ -44,6 +47,8 @@ pub(super) enum Cmd {
     Create { key: BucketKey, schema: BucketSchema, from: Applied, reply: oneshot::Sender<Result<()>> },
     Destroy { key: BucketKey, from: Applied, reply: oneshot::Sender<Result<()>> },
     DeleteRange { key: BucketKey, start: TimePoint, end: TimePoint, from: Applied, reply: oneshot::Sender<Result<usize>> },
+    /// Change a bucket's columns to `schema` (already checked against the current one).
+    Alter { key: BucketKey, schema: BucketSchema, from: Applied, reply: oneshot::Sender<Result<BucketSchema>> },
     /// Set the upstream position without a change (logged as a `Mark` record).
     Mark { origin: Origin, reply: oneshot::Sender<Result<()>> },
     /// Take an image of every bucket between two groups.
@@ -222,8 +227,8 @@ impl Writer {
                 continue;
             }
             match cmd {
-                Cmd::Write { key, created_lsn, create, rows, permit, from, reply } => {
-                    self.write_cmd(inner, &mut buf, &mut pending, key, created_lsn, create, rows, from, reply);
+                Cmd::Write { key, created_lsn, schema, create, rows, permit, from, reply } => {
+                    self.write_cmd(inner, &mut buf, &mut pending, key, created_lsn, schema, create, rows, from, reply);
                     drop(permit);
                 }
                 Cmd::Create { key, schema, from, reply } => {
@@ -242,6 +247,10 @@ impl Writer {
                     self.flush(inner, &mut buf, &mut pending);
                     let _ = reply.send(self.mark_cmd(inner, origin));
                 }
+                Cmd::Alter { key, schema, from, reply } => {
+                    self.flush(inner, &mut buf, &mut pending);
+                    let _ = reply.send(self.alter_cmd(inner, &key, schema, from));
+                }
                 Cmd::Checkpoint { .. } | Cmd::Snapshot | Cmd::Shutdown { .. } | Cmd::Capture { .. } => {}
             }
         }
@@ -257,8 +266,9 @@ impl Writer {
         pending: &mut Vec<PendingWrite>,
         key: BucketKey,
         created_lsn: Option<u64>,
+        schema_used: Arc<BucketSchema>,
         create: Option<BucketSchema>,
-        rows: Rows,
+        mut rows: Rows,
         from: Applied,
         reply: oneshot::Sender<Result<WriteAck>>,
     ) {
@@ -303,6 +313,16 @@ impl Writer {
                 return;
             }
         };
+        if created_lsn.is_some() && !Arc::ptr_eq(&schema_used, &bucket.schema) && *schema_used != *bucket.schema {
+            // The bucket's columns changed while this write was queued.
+            match super::normalize::adapt_rows(rows, &schema_used, &bucket.schema) {
+                Ok(r) => rows = r,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
         // One pending write per bucket: each write is prepared against the state the previous one left.
         if pending.iter().any(|p| Arc::ptr_eq(&p.bucket, &bucket)) {
             self.flush(inner, buf, pending);
@@ -395,6 +415,42 @@ impl Writer {
         inner.advance_origin(from);
         inner.feed(lsn, || Change::DeleteRange { key: key.clone(), start, end });
         Ok(removed)
+    }
+
+    /// Change a bucket's columns: checkpoint it and create the added columns' files (nothing logged yet, so
+    /// a failure changes nothing), log the change, commit it in `bucket.json`, load the bucket again with
+    /// the new columns, and remove the dropped columns' files.
+    fn alter_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, schema: BucketSchema, from: Applied) -> Result<BucketSchema> {
+        if let Some(d) = inner.damage_of(key) {
+            return Err(d);
+        }
+        let Some(b) = inner.catalog.read().get(key).cloned() else {
+            return Err(EngineError::NotFound(key.to_string()));
+        };
+        if *b.schema == schema {
+            inner.advance_origin(from);
+            return Ok(schema);
+        }
+        let layouts = super::partition::physical_layouts(schema.kind, &schema.columns);
+        b.prepare_schema(&layouts)?;
+        let lsn = self.take_lsn();
+        let mut g = wal::Group::default();
+        let json = serde_json::to_vec(&schema).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        wal::encode_record_from(&mut g, lsn, Op::Alter, &key.to_string(), from.origin, |p| p.extend_from_slice(&json));
+        self.log(inner, &mut g)?;
+        let nb = match super::catalog::commit_schema(&b.dir, &schema, lsn) {
+            Ok(nb) => Arc::new(nb),
+            // Logged but not committed: cancel the record (the added files stay unnamed) and keep the bucket
+            // offline until a restart loads whatever bucket.json says.
+            Err(e) => return Err(self.cancel(inner, &b, lsn, e)),
+        };
+        inner.catalog.write().insert(key.clone(), nb);
+        b.remove_dropped_files(&layouts);
+        self.dirty.remove(key);
+        self.snapshot.changed.insert(key.clone());
+        inner.advance_origin(from);
+        inner.feed(lsn, || Change::Alter { key: key.clone(), schema: schema.clone() });
+        Ok(schema)
     }
 
     /// Log a new upstream position (and source) without a change.
@@ -690,6 +746,7 @@ fn reply_err(cmd: Cmd, e: EngineError) {
         Cmd::Create { reply, .. } => drop(reply.send(Err(e))),
         Cmd::Destroy { reply, .. } => drop(reply.send(Err(e))),
         Cmd::DeleteRange { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Alter { reply, .. } => drop(reply.send(Err(e))),
         Cmd::Checkpoint { reply } => {
             if let Some(r) = reply {
                 let _ = r.send(Err(e));

@@ -17,6 +17,7 @@
 //! accepted. The udf crate's `time_bucket(timeframe, ts [, tz])` and `asof_join(...)` are registered, and
 //! MarketStore's functions as table functions over one bucket ([`functions`]).
 
+pub mod alter; // ALTER TABLE "KEY" ADD/DROP COLUMN as bucket schema changes
 pub mod catalog;
 pub mod confine;
 pub mod functions;

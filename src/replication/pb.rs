@@ -93,7 +93,7 @@ pub struct Change {
     /// Unix nanoseconds when the master applied it (for lag figures).
     #[prost(int64, tag = "3")]
     pub applied_at_ns: i64,
-    #[prost(oneof = "change::Op", tags = "4, 5, 6, 7")]
+    #[prost(oneof = "change::Op", tags = "4, 5, 6, 7, 8")]
     pub op: ::core::option::Option<change::Op>,
 }
 /// Nested message and enum types in `Change`.
@@ -108,6 +108,9 @@ pub mod change {
         Destroy(bool),
         #[prost(message, tag = "7")]
         DeleteRange(super::Range),
+        /// The bucket's new schema after columns were added or dropped (BucketSchema as JSON).
+        #[prost(string, tag = "8")]
+        AlterSchemaJson(::prost::alloc::string::String),
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

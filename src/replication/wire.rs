@@ -54,6 +54,7 @@ pub fn encode_change(rec: &ChangeRecord) -> Result<pb::Change, WireError> {
         Change::Create { schema, .. } => Op::CreateSchemaJson(serde_json::to_string(schema).map_err(bad)?),
         Change::Write { batch, .. } => Op::WriteArrowIpc(to_ipc(std::slice::from_ref(batch))?.into()),
         Change::Destroy { .. } => Op::Destroy(true),
+        Change::Alter { schema, .. } => Op::AlterSchemaJson(serde_json::to_string(schema).map_err(bad)?),
         Change::DeleteRange { start, end, .. } => Op::DeleteRange(pb::Range {
             start_secs: start.secs,
             start_nanos: start.nanos,
@@ -72,6 +73,7 @@ pub fn decode_change(m: &pb::Change) -> Result<Vec<Change>, WireError> {
         Op::CreateSchemaJson(s) => vec![Change::Create { key, schema: parse_schema(s)? }],
         Op::WriteArrowIpc(b) => from_ipc(b)?.into_iter().map(|batch| Change::Write { key: key.clone(), batch }).collect(),
         Op::Destroy(_) => vec![Change::Destroy { key }],
+        Op::AlterSchemaJson(s) => vec![Change::Alter { key, schema: parse_schema(s)? }],
         Op::DeleteRange(r) => vec![Change::DeleteRange {
             key,
             start: TimePoint { secs: r.start_secs, nanos: r.start_nanos },

@@ -4,7 +4,7 @@ use super::error::ServiceError;
 use super::policy::Access;
 use super::request::CreateRequest;
 use super::{Caller, Service};
-use crate::engine::{BucketInfo, BucketKey, TimePoint};
+use crate::engine::{BucketInfo, BucketKey, BucketSchema, SchemaChange, TimePoint};
 
 /// What `list_symbols` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,19 @@ impl Service {
         let n = self.engine.delete_range(key, start, end).await?;
         self.acknowledged(0).await?;
         Ok(n)
+    }
+
+    /// Add columns (nullable: stored rows read as null; `enable_add`, role admin) or drop columns with
+    /// their data (`enable_remove`, role admin). Returns the bucket's new schema.
+    pub async fn alter(&self, caller: &Caller, key: &BucketKey, change: SchemaChange) -> Result<BucketSchema, ServiceError> {
+        let access = match change {
+            SchemaChange::AddColumns(_) => Access::Create,
+            SchemaChange::DropColumns(_) => Access::Remove,
+        };
+        self.authorize(caller, access)?;
+        let schema = self.engine.alter(key, change).await?;
+        self.acknowledged(0).await?;
+        Ok(schema)
     }
 
     /// Symbols or keys of every bucket, sorted.

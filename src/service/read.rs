@@ -214,8 +214,23 @@ impl Service {
         }
     }
 
+    /// `ALTER TABLE "KEY" ADD COLUMN …` / `DROP COLUMN …` ([`crate::query::alter`]) run as a schema change;
+    /// its result is one row, `count`: the columns added or dropped. `None` for every other statement.
+    async fn sql_alter(&self, caller: &Caller, text: &str) -> Result<Option<RecordBatch>, ServiceError> {
+        let Some((key, change)) = crate::query::alter::schema_change(text)? else { return Ok(None) };
+        let n = match &change {
+            crate::engine::SchemaChange::AddColumns(c) => c.len(),
+            crate::engine::SchemaChange::DropColumns(c) => c.len(),
+        };
+        self.alter(caller, &key, change).await?;
+        Ok(Some(alter_result(n as u64)))
+    }
+
     /// Run one SQL statement and collect its result (bounded by the SQL memory pool).
     pub async fn sql(&self, caller: &Caller, text: &str) -> Result<(SchemaRef, Vec<RecordBatch>), ServiceError> {
+        if let Some(b) = self.sql_alter(caller, text).await? {
+            return Ok((b.schema(), vec![b]));
+        }
         let plan = self.authorized_plan(caller, text).await?;
         let df = self.query.execute_plan(plan.clone()).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
@@ -228,6 +243,9 @@ impl Service {
     /// A statement that changes data runs to completion first and is acknowledged like any other change
     /// (`ack: replica`) before its (one-row) result is streamed.
     pub async fn sql_stream(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<(SchemaRef, SqlStream), ServiceError> {
+        if let Some(b) = self.sql_alter(caller, text).await? {
+            return Ok((b.schema(), futures::stream::iter([Ok(b)]).boxed()));
+        }
         let plan = self.authorized_plan(caller, text).await?;
         let changes = matches!(confine::effect(&plan), Effect::Append | Effect::Remove);
         let mut df = self.query.execute_plan(plan).await?;
@@ -248,6 +266,9 @@ impl Service {
     /// far, so a large result costs `max_rows` rows, not the whole set. `true` when rows were left unread.
     /// A statement that changes data is acknowledged like any other change (`ack: replica`).
     pub async fn sql_rows(&self, caller: &Caller, text: &str, max_rows: usize) -> Result<(SchemaRef, Vec<RecordBatch>, bool), ServiceError> {
+        if let Some(b) = self.sql_alter(caller, text).await? {
+            return Ok((b.schema(), vec![b], false));
+        }
         let plan = self.authorized_plan(caller, text).await?;
         let df = self.query.execute_plan(plan.clone()).await?;
         let (schema, mut stream) = QueryEngine::stream_dataframe(df).await?;
@@ -273,6 +294,9 @@ impl Service {
     /// Run a statement that changes data (`INSERT INTO "KEY" SELECT …`); rows affected (`-1`: the
     /// statement reports no count).
     pub async fn sql_update(&self, caller: &Caller, text: &str, params: Option<ParamValues>) -> Result<i64, ServiceError> {
+        if let Some(b) = self.sql_alter(caller, text).await? {
+            return Ok(affected_rows(&[b]));
+        }
         let plan = self.authorized_plan(caller, text).await?;
         let mut df = self.query.execute_plan(plan.clone()).await?;
         if let Some(p) = params {
@@ -287,6 +311,17 @@ impl Service {
     /// SQL statements).
     pub async fn sql_plan(&self, caller: &Caller, text: &str) -> Result<LogicalPlan, ServiceError> {
         self.authorize(caller, Access::Read)?;
+        if crate::query::alter::schema_change(text)?.is_some() {
+            // Only the result's shape: the change runs when the statement is executed.
+            return Ok(self.query.logical_plan("SELECT CAST(0 AS BIGINT UNSIGNED) AS count").await?);
+        }
         Ok(self.query.logical_plan(text).await?)
     }
+}
+
+/// The one-row result of an `ALTER TABLE`: `count`, the columns added or dropped (as DataFusion reports
+/// DML counts).
+fn alter_result(n: u64) -> RecordBatch {
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new("count", arrow::datatypes::DataType::UInt64, false)]));
+    RecordBatch::try_new(schema.clone(), vec![Arc::new(arrow::array::UInt64Array::from(vec![n]))]).unwrap_or_else(|_| RecordBatch::new_empty(schema))
 }

@@ -104,11 +104,18 @@ def test_master_and_two_replicas_hold_the_same_data_after_every_kind_of_change(t
     action(c, "delete_range", {"key": "AAPL/1Min/OHLCV", "epoch_start": int(m[1]), "epoch_end": int(m[2])})
     action(c, "destroy", {"key": "GONE/1Min/OHLCV"})
     action(c, "create", {"key": "EMPTY/1Min/OHLCV", "column_names": ["Open", "Volume"], "column_types": ["f4", "i8"]})
+    # Schema changes: a column added (then written), a column dropped.
+    action(c, "add_column", {"key": "AAPL/1Min/OHLCV", "column_names": ["Venue"], "column_types": ["utf8"]})
+    put(c, "AAPL/1Min/OHLCV", pa.table({"Epoch": pa.array([int(m[-1]) + 60]), "Open": pa.array([60.0], pa.float32()),
+                                        "Volume": pa.array([6]), "Venue": pa.array(["IEX"])}))
+    action(c, "drop_column", {"key": "MSFT/1D/OHLCV", "column_names": ["Volume"]})
     wait_caught_up(master, replicas)
     for r in replicas:
         assert_same(master, r)
     aapl = get(client(replicas[0]), destination="AAPL/1Min/OHLCV")
-    assert aapl.column("Open").to_pylist() == [1.0, 4.0, 50.0]
+    assert aapl.column("Open").to_pylist() == [1.0, 4.0, 50.0, 60.0]
+    assert aapl.column("Venue").to_pylist() == [None, None, None, "IEX"]
+    assert get(client(replicas[1]), destination="MSFT/1D/OHLCV").column_names == ["Epoch", "Close"]
     assert get(client(replicas[1]), destination="BTC/1Sec/TICK").num_rows == 40_010
     assert "GONE/1Min/OHLCV" not in everything(replicas[1])
     st = status(master)
