@@ -1,5 +1,5 @@
-//! The `mkts` command: `init`, `start`, `hash-password`, `tool recover-wal`, and (from the SQL tooling)
-//! `connect`, `import`, `export`.
+//! The `mkts` command: `init`, `start`, `hash-password`, `tool recover-wal`, `backfill polygon`, and (from the
+//! SQL tooling) `connect`, `import`, `export`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,12 @@ enum Cmd {
     Export(mkts::cli::transfer::ExportArgs),
     /// Import a MarketStore data directory (its .bin files, then its WAL) into mkts; --verify compares.
     ImportMarketstore(mkts::migrate::ImportMarketstoreArgs),
+    /// Backfill a provider's history into a server (--url grpc://host:5995) or a data directory (--dir), in the
+    /// buckets its feeder writes; a rerun continues after the stored rows.
+    Backfill {
+        #[command(subcommand)]
+        provider: mkts::cli::backfill::BackfillCmd,
+    },
     /// Maintenance of a data directory (the server must be stopped).
     Tool {
         #[command(subcommand)]
@@ -108,6 +114,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Import(args) => mkts::cli::transfer::run_import(args),
         Cmd::Export(args) => mkts::cli::transfer::run_export(args),
         Cmd::ImportMarketstore(args) => Ok(mkts::migrate::run(args)?),
+        Cmd::Backfill { provider: mkts::cli::backfill::BackfillCmd::Polygon(args) } => {
+            init_logging("info");
+            mkts::cli::backfill::run_polygon(args)
+        }
         Cmd::Tool { tool: ToolCmd::RecoverWal { root } } => {
             let rec = mkts::engine::recover_wal(&root).with_context(|| format!("cannot recover the log of {}", root.display()))?;
             if rec.dropped.is_empty() {

@@ -1,6 +1,7 @@
-//! Command-line tools beyond `start`/`init`: the SQL shell (`mkts connect`) and bulk transfer
-//! (`mkts import`, `mkts export`).
+//! Command-line tools beyond `start`/`init`: the SQL shell (`mkts connect`), bulk transfer
+//! (`mkts import`, `mkts export`) and provider backfills (`mkts backfill polygon`).
 
+pub mod backfill;
 pub mod connect;
 pub mod jsonrpc;
 pub mod transfer;

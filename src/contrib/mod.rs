@@ -28,6 +28,7 @@ pub mod feeder;
 pub mod gdaxfeeder;
 pub mod ondiskagg;
 pub mod polygon;
+pub mod polygon_backfill;
 pub mod stream;
 pub mod ws;
 
@@ -51,6 +52,9 @@ pub enum ContribError {
     Transport { url: String, msg: String },
     #[error("unexpected response from {url}: {msg}")]
     Parse { url: String, msg: String },
+    /// Reading or writing the backfill's target (a data directory or a server) failed.
+    #[error("{0}")]
+    Store(String),
     /// The provider refused the credentials (HTTP 401/403, `auth_failed`): not retried until a restart.
     #[error("{plugin}: authentication failed: {msg}")]
     Auth { plugin: &'static str, msg: String },

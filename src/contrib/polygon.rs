@@ -361,7 +361,8 @@ pub fn split_time(t: i64) -> (i64, i32) {
     (ns.div_euclid(1_000_000_000) as i64, ns.rem_euclid(1_000_000_000) as i32)
 }
 
-fn small(v: i64) -> u8 {
+/// A code (exchange, tape, condition) as its `uint8` column stores it; out of range → 0.
+pub(crate) fn small(v: i64) -> u8 {
     u8::try_from(v).unwrap_or(0)
 }
 
@@ -394,7 +395,7 @@ fn parse_event(e: RawEvent) -> Event {
                 Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
                 _ => Vec::new(),
             };
-            if sz <= 0.0 || p <= 0.0 || conds.iter().any(|c| SKIPPED_CONDITIONS.contains(c)) {
+            if !trade_kept(p, sz, &conds) {
                 return Event::Filtered;
             }
             let mut cs = [0u8; 4];
@@ -431,6 +432,11 @@ fn parse_event(e: RawEvent) -> Event {
         }
         other => Event::Skipped(format!("event type {other:?}")),
     }
+}
+
+/// MarketStore's trade filter: size and price positive, none of [`SKIPPED_CONDITIONS`] (stream and backfill).
+pub fn trade_kept(price: f64, size: f64, conds: &[i64]) -> bool {
+    size > 0.0 && price > 0.0 && !conds.iter().any(|c| SKIPPED_CONDITIONS.contains(c))
 }
 
 /// Parse one stream message: a JSON array of events (a single object is accepted too).
@@ -488,10 +494,9 @@ pub fn bars_batch(bars: &[MinuteBar], tick_count: bool) -> Result<RecordBatch, C
     Ok(RecordBatch::try_new(bars_schema(tick_count), cols)?)
 }
 
-/// Trades as a batch of the `1Sec/TRADE` schema (MarketStore's `models.Trade` columns).
-pub fn trades_batch(t: &[Trade]) -> Result<RecordBatch, ContribError> {
-    let u8c = |g: &dyn Fn(&Trade) -> u8| Arc::new(UInt8Array::from_iter_values(t.iter().map(g))) as ArrayRef;
-    let schema = Arc::new(Schema::new(vec![
+/// The `<SYM>/1Sec/TRADE` schema (MarketStore's `models.Trade` columns), streamed or backfilled.
+pub fn trades_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
         Field::new("Epoch", DataType::Int64, false),
         Field::new("Nanoseconds", DataType::Int32, false),
         Field::new("Price", DataType::Float64, false),
@@ -502,9 +507,14 @@ pub fn trades_batch(t: &[Trade]) -> Result<RecordBatch, ContribError> {
         Field::new("Cond2", DataType::UInt8, false),
         Field::new("Cond3", DataType::UInt8, false),
         Field::new("Cond4", DataType::UInt8, false),
-    ]));
+    ]))
+}
+
+/// Trades as a batch of [`trades_schema`].
+pub fn trades_batch(t: &[Trade]) -> Result<RecordBatch, ContribError> {
+    let u8c = |g: &dyn Fn(&Trade) -> u8| Arc::new(UInt8Array::from_iter_values(t.iter().map(g))) as ArrayRef;
     Ok(RecordBatch::try_new(
-        schema,
+        trades_schema(),
         vec![
             Arc::new(Int64Array::from_iter_values(t.iter().map(|x| x.epoch))),
             Arc::new(Int32Array::from_iter_values(t.iter().map(|x| x.nanos))),
@@ -520,9 +530,9 @@ pub fn trades_batch(t: &[Trade]) -> Result<RecordBatch, ContribError> {
     )?)
 }
 
-/// Quotes as a batch of the `1Sec/QUOTE` schema (MarketStore's `models.Quote` columns).
-pub fn quotes_batch(q: &[Quote]) -> Result<RecordBatch, ContribError> {
-    let schema = Arc::new(Schema::new(vec![
+/// The `<SYM>/1Sec/QUOTE` schema (MarketStore's `models.Quote` columns), streamed or backfilled.
+pub fn quotes_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
         Field::new("Epoch", DataType::Int64, false),
         Field::new("Nanoseconds", DataType::Int32, false),
         Field::new("BidPrice", DataType::Float64, false),
@@ -532,9 +542,13 @@ pub fn quotes_batch(q: &[Quote]) -> Result<RecordBatch, ContribError> {
         Field::new("BidExchange", DataType::UInt8, false),
         Field::new("AskExchange", DataType::UInt8, false),
         Field::new("Cond", DataType::UInt8, false),
-    ]));
+    ]))
+}
+
+/// Quotes as a batch of [`quotes_schema`].
+pub fn quotes_batch(q: &[Quote]) -> Result<RecordBatch, ContribError> {
     Ok(RecordBatch::try_new(
-        schema,
+        quotes_schema(),
         vec![
             Arc::new(Int64Array::from_iter_values(q.iter().map(|x| x.epoch))),
             Arc::new(Int32Array::from_iter_values(q.iter().map(|x| x.nanos))),

@@ -10,6 +10,13 @@ REST: `GET /v2/aggs/ticker/{sym}/range/1/minute/{from_ms}/{to_ms}` → `{"ticker
 `page_size` bars and a `next_url` on Polygon's own host (the client must rebase it and add its key itself);
 `Authorization: Bearer KEY` required (401 `{"status":"ERROR","error":"Unknown API Key"}` otherwise); the first
 `rate_limit_first` requests get a 429 with `Retry-After: 1`.
+
+REST v3 (the backfill): `GET /v3/trades/{sym}` and `/v3/quotes/{sym}` with `timestamp.gte`, `timestamp.lt` (ns),
+`order=asc`, `sort=timestamp`, `limit` → `{"results":[...],"status":"OK","request_id","next_url"}`, rows in
+Polygon's field names (`sip_timestamp`, `participant_timestamp`, `price`, `size`, `exchange`, `tape`,
+`conditions`, `id`, `sequence_number`; quotes `bid_price`, `ask_size`, ...) from `ticks[(kind, sym)]`; the
+`next_url` carries an opaque `cursor` only, on Polygon's host. `hold` = (kind, offset): the request for the page
+starting at that offset waits until `release` is set (a test kills the client meanwhile).
 """
 from __future__ import annotations
 
@@ -152,8 +159,12 @@ class WsConn:
 
 
 class FakePolygon:
-    def __init__(self, key: str, ws_scripts, page_size: int = 4, rate_limit_first: int = 1):
+    def __init__(self, key: str, ws_scripts, page_size: int = 4, rate_limit_first: int = 1, ticks=None):
         self.key = key
+        self.ticks = ticks or {}  # (kind "trades"|"quotes", sym) -> rows in Polygon's v3 format
+        self.hold = None  # (kind, offset)
+        self.held = threading.Event()
+        self.release = threading.Event()
         self.ws_scripts = list(ws_scripts)
         self.connections = 0
         self.rest_log: list[tuple[str, dict, int]] = []
@@ -210,6 +221,8 @@ class FakePolygon:
                 self.rest_log.append((u.path, q, 429))
                 return 429, {"status": "ERROR", "request_id": "r", "error": "You've exceeded the maximum requests per minute, please wait or upgrade your subscription to continue."}, {"Retry-After": "1"}
         parts = u.path.split("/")
+        if len(parts) == 4 and parts[1] == "v3" and parts[2] in ("trades", "quotes"):
+            return self.v3(parts[2], parts[3], u.path, q)
         # /v2/aggs/ticker/{sym}/range/1/minute/{from}/{to}
         if len(parts) != 10 or parts[1:4] != ["v2", "aggs", "ticker"] or parts[5:8] != ["range", "1", "minute"]:
             return 404, {"status": "NOT_FOUND", "message": "Not found"}, {}
@@ -227,6 +240,26 @@ class FakePolygon:
             self.rest_log.append((u.path, q, 200))
         return 200, body, {}
 
+    def v3(self, kind: str, sym: str, path: str, q: dict):
+        if "cursor" in q:
+            q = dict(q, **json.loads(base64.urlsafe_b64decode(q["cursor"].encode()).decode()))
+        gte, lt, limit, off = int(q["timestamp.gte"]), int(q["timestamp.lt"]), int(q.get("limit", 1000)), int(q.get("offset", 0))
+        assert q.get("order") == "asc" and q.get("sort") == "timestamp", q
+        rows = sorted((r for r in self.ticks.get((kind, sym), []) if gte <= r["sip_timestamp"] < lt), key=lambda r: r["sip_timestamp"])
+        with self.lock:
+            self.rest_log.append((path, q, 200))
+        if self.hold == (kind, off) and not self.release.is_set():
+            self.held.set()
+            self.release.wait()
+        page = rows[off: off + limit]
+        body = {"results": page, "status": "OK", "request_id": f"req-{off}"}
+        if off + limit < len(rows):
+            cur = base64.urlsafe_b64encode(json.dumps({"timestamp.gte": gte, "timestamp.lt": lt, "limit": limit, "offset": off + limit,
+                                                       "order": "asc", "sort": "timestamp"}).encode()).decode()
+            body["next_url"] = f"https://api.polygon.io/v3/{kind}/{sym}?cursor={cur}"
+        return 200, body, {}
+
     def close(self):
+        self.release.set()
         self.server.close()
         self.ws_sock.close()
