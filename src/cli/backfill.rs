@@ -3,8 +3,9 @@
 //! (`--url grpc://host:5995`, written through its Flight operations layer, policy and replication included),
 //! a data directory (`--dir`, the server stopped) or the data directory of a server's `mkts.yml` (`--config`,
 //! MarketStore's `-config`; its `polygon` worker's `api_key`, `base_url` and `add_bar_tick_count` are the
-//! defaults), in the buckets and schemas the `polygon` stream writes. A rerun continues after the rows
-//! already stored; Ctrl-C stops after the page in flight is written.
+//! defaults), in the buckets and schemas the `polygon` stream writes. Checkpoints (`--state-dir`, default
+//! `~/.cache/mkts/backfill`) let a rerun continue where a killed run stopped; Ctrl-C stops after the page in
+//! flight is written.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::connect::{Client, Protocol, RemoteArgs};
 use crate::contrib::feeder::{parse_duration, Stop};
 use crate::contrib::polygon::{PolygonConfig, Secret, API_KEY_ENV, DEFAULT_URL};
-use crate::contrib::polygon_backfill::{Backfill, Done, Options, Progress, Store};
+use crate::contrib::polygon_backfill::{Backfill, Checkpoint, Done, Options, Progress, Store};
 use crate::contrib::ContribError;
 use crate::engine::{BucketKey, BucketSchema};
 
@@ -79,6 +80,10 @@ pub struct PolygonArgs {
     /// polygon worker's api_key, base_url and add_bar_tick_count as defaults.
     #[arg(short = 'c', long)]
     pub config: Option<PathBuf>,
+    /// Where the per-range checkpoints that let a rerun continue are kept (default
+    /// ~/.cache/mkts/backfill; `none`: not kept, a rerun compares with the stored rows from the start).
+    #[arg(long)]
+    pub state_dir: Option<String>,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -92,6 +97,12 @@ fn day(s: &str, what: &str) -> anyhow::Result<i64> {
 struct ClientStore {
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// Where checkpoints are kept (`None`: not kept).
+    state_dir: Option<PathBuf>,
+    /// The server or data directory written to, as checkpoints name it.
+    target: String,
+    /// A failure to save a checkpoint was logged.
+    warned: bool,
 }
 
 fn store_err(e: anyhow::Error) -> ContribError {
@@ -125,10 +136,10 @@ impl Store for ClientStore {
         }
     }
 
-    fn rows_at(&mut self, key: &BucketKey, secs: i64) -> Result<Vec<RecordBatch>, ContribError> {
+    fn rows_between(&mut self, key: &BucketKey, from: i64, to: i64) -> Result<Vec<RecordBatch>, ContribError> {
         let client = &mut self.client;
-        // `< secs + 1`, not `<= secs`: for a tick bucket the latter stops at (secs, 0 ns).
-        let sql = format!("SELECT * FROM \"{key}\" WHERE \"Epoch\" >= to_timestamp({secs}) AND \"Epoch\" < to_timestamp({})", secs + 1);
+        // `< to`, never `<= to - 1`: for a tick bucket the latter stops at (to - 1, 0 ns).
+        let sql = format!("SELECT * FROM \"{key}\" WHERE \"Epoch\" >= to_timestamp({from}) AND \"Epoch\" < to_timestamp({to})");
         self.rt.block_on(async { client.sql(&sql).await.map(|(_, b)| b).map_err(store_err) })
     }
 
@@ -140,6 +151,39 @@ impl Store for ClientStore {
             let stored = client.write_stream(key, stream).await.map_err(|e| store_err(e.context(format!("writing {key}"))))?;
             Ok(if stored == 0 { n } else { stored })
         })
+    }
+
+    fn checkpoint(&mut self, id: &str) -> Option<Checkpoint> {
+        let path = self.checkpoint_path(id)?;
+        let text = std::fs::read_to_string(&path).ok()?;
+        let (target, c): (String, Checkpoint) = serde_json::from_str(&text).ok()?;
+        (target == self.target).then_some(c)
+    }
+
+    fn save_checkpoint(&mut self, id: &str, c: &Checkpoint) {
+        let Some(path) = self.checkpoint_path(id) else { return };
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::json!([self.target, c]).to_string();
+        let r = std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).and_then(|_| std::fs::write(&tmp, text)).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = r
+            && !self.warned
+        {
+            self.warned = true;
+            tracing::warn!("cannot save the backfill checkpoint {}: {e} (a rerun compares with the stored rows instead)", path.display());
+        }
+    }
+}
+
+impl ClientStore {
+    /// `<state dir>/<target>__<symbol>__<kind>__<from>_<to>.json`, names made of letters, digits, `.`, `-`, `_`.
+    fn checkpoint_path(&self, id: &str) -> Option<PathBuf> {
+        let dir = self.state_dir.as_ref()?;
+        let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect::<String>();
+        let mut name = format!("{}__{}", clean(&self.target), clean(id));
+        if name.len() > 200 {
+            name = name.split_off(name.len() - 200);
+        }
+        Some(dir.join(format!("{name}.json")))
     }
 }
 
@@ -263,10 +307,10 @@ pub fn run_polygon(args: PolygonArgs) -> anyhow::Result<()> {
         request_interval,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    if let Some(u) = &args.url {
-        if matches!(Protocol::of_url(u)?, Protocol::JsonRpc(_)) {
-            bail!("--url {u}: the backfill writes over Flight; give the gRPC port (grpc://host:5995), --dir or --config");
-        }
+    if let Some(u) = &args.url
+        && matches!(Protocol::of_url(u)?, Protocol::JsonRpc(_))
+    {
+        bail!("--url {u}: the backfill writes over Flight; give the gRPC port (grpc://host:5995), --dir or --config");
     }
     let dir = args.dir.clone().or(config_root);
     let client = rt.block_on(Client::from_args(args.url.as_deref(), dir.as_deref(), &args.remote))?;
@@ -279,14 +323,24 @@ pub fn run_polygon(args: PolygonArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let mut store = ClientStore { rt, client };
+    let target = match (&args.url, &dir) {
+        (Some(u), _) => u.trim().to_string(),
+        (None, Some(d)) => std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()).display().to_string(),
+        (None, None) => String::new(),
+    };
+    let state_dir = match args.state_dir.as_deref() {
+        Some("none") => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/mkts/backfill")),
+    };
+    let mut store = ClientStore { rt, client, state_dir, target, warned: false };
     let bf = Backfill::new(&opts, &stop);
     let kinds = [opts.bars, opts.trades, opts.quotes].iter().filter(|b| **b).count() as u64;
     let mut bar = Bar::new(opts.symbols.len() as u64 * kinds, from, to);
     let t0 = Instant::now();
     let res = bf.run(&mut store, &mut |p| bar.event(p));
     bar.pb.finish_and_clear();
-    let ClientStore { rt, client } = store;
+    let ClientStore { rt, client, .. } = store;
     rt.block_on(client.close())?;
     let done = match res {
         Ok(done) => done,

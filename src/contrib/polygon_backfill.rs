@@ -15,11 +15,14 @@
 //! written as it arrives. `429` and `5xx` are retried with back-off (`Retry-After` honoured); a `401`/`403`
 //! ends the run with one error.
 //!
-//! **Resume.** A rerun continues after what is stored of the range `[from, to)`: bars after the last
-//! stored bar in it; trades and quotes from the last stored row's time in it, where the rows at exactly that
-//! time that are already stored are skipped (compared by value, counted), so neither a page cut inside one
-//! timestamp nor a rerun of a finished range stores a row twice. Pages are written in time order as they
-//! arrive, so what is stored of a killed run is a prefix of the range: no gap either.
+//! **Resume, gaps, duplicates.** After each page the run saves a checkpoint (the time its rows reached,
+//! [`Checkpoint`]); a rerun of the same range continues from there, and a finished range is skipped. What
+//! makes reruns safe is not the checkpoint but the comparison with stored rows: when the bucket already holds
+//! rows in the range (a killed run's, or the stream's), each fetched page of trades or quotes is compared by
+//! time and value with the stored rows of its time span, and a fetched row that is stored already is not
+//! written again (counted: two identical trades in one nanosecond stay two). So a lost checkpoint costs
+//! requests, never a gap or a duplicate; bars land in a fixed bucket, one row per minute, and cannot double.
+//! Pages are asked for in time order and each is written before the next is fetched.
 //!
 //! **Schemas.** Batches are built by the stream's own functions ([`super::polygon::trades_batch`], …) and
 //! a missing bucket is created from them as the stream's first write creates it; a stored bucket with other
@@ -49,11 +52,25 @@ pub trait Store {
     fn schema(&mut self, key: &BucketKey) -> Result<Option<BucketSchema>, ContribError>;
     /// The last stored `Epoch` second `t` with `from <= t < to`, `None` when there is none.
     fn last_in(&mut self, key: &BucketKey, from: i64, to: i64) -> Result<Option<i64>, ContribError>;
-    /// The bucket's rows whose `Epoch` second is `secs`.
-    fn rows_at(&mut self, key: &BucketKey, secs: i64) -> Result<Vec<RecordBatch>, ContribError>;
+    /// The bucket's rows whose `Epoch` second `t` has `from <= t < to`.
+    fn rows_between(&mut self, key: &BucketKey, from: i64, to: i64) -> Result<Vec<RecordBatch>, ContribError>;
     /// Write one batch (a missing bucket is created from the batch as the streaming feeder's first write
     /// creates it: ticks when it carries `Nanoseconds`); returns the rows stored.
     fn write(&mut self, key: &BucketKey, batch: RecordBatch) -> Result<u64, ContribError>;
+    /// The checkpoint saved under `id` (one symbol, data type and range of one target), if any.
+    fn checkpoint(&mut self, id: &str) -> Option<Checkpoint>;
+    /// Save a checkpoint (a failure is the store's to report; the run goes on).
+    fn save_checkpoint(&mut self, id: &str, c: &Checkpoint);
+}
+
+/// How far a run got: every row of the range up to `upto` (seconds, nanoseconds) is stored; `complete`
+/// when the whole range is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The time of the last row fetched and stored (or found stored).
+    pub upto: (i64, i32),
+    /// The range is done.
+    pub complete: bool,
 }
 
 /// What a run reports as it goes (for a progress bar).
@@ -279,47 +296,44 @@ fn row_keys(b: &RecordBatch, schema: &Schema) -> Result<Vec<((i64, i32), String)
     Ok(out)
 }
 
-/// Where a tick bucket's backfill resumes: the last stored time and the rows stored at exactly that time.
-struct Resume {
-    at: (i64, i32),
-    stored: HashMap<String, usize>,
+/// Fetched rows compared with stored ones (see the module doc): the stored rows of the seconds a page spans,
+/// by time and value, counted.
+#[derive(Default)]
+struct Dedupe {
+    /// Stored rows not matched yet; after a page only those of its last second are kept (the next page starts
+    /// at or after it).
+    stored: HashMap<((i64, i32), String), usize>,
+    /// Seconds up to this one (inclusive) have been looked up.
+    looked: Option<i64>,
 }
 
-impl Resume {
-    /// The resume point of `key` within `[from, to)`, `None` when nothing of the range is stored.
-    fn load(store: &mut dyn Store, key: &BucketKey, schema: &Schema, from: i64, to: i64) -> Result<Option<Resume>, ContribError> {
-        let Some(last) = store.last_in(key, from, to)? else { return Ok(None) };
-        let mut rows = Vec::new();
-        for b in store.rows_at(key, last)? {
-            rows.extend(row_keys(&b, schema)?.into_iter().filter(|r| r.0 .0 == last));
-        }
-        let Some(at) = rows.iter().map(|r| r.0).max() else { return Ok(None) };
-        let mut stored = HashMap::new();
-        for (t, k) in rows {
-            if t == at {
-                *stored.entry(k).or_insert(0) += 1;
-            }
-        }
-        Ok(Some(Resume { at, stored }))
-    }
-
-    /// Keep the rows of `b` after the resume point, and those at it that are not stored yet.
-    fn filter(&mut self, b: RecordBatch, schema: &Schema) -> Result<RecordBatch, ContribError> {
+impl Dedupe {
+    /// Drop the rows of `b` (in time order) that are stored already.
+    fn filter(&mut self, store: &mut dyn Store, key: &BucketKey, b: RecordBatch, schema: &Schema) -> Result<RecordBatch, ContribError> {
         let keys = row_keys(&b, schema)?;
+        let (Some(first), Some(last)) = (keys.first().map(|k| k.0 .0), keys.last().map(|k| k.0 .0)) else { return Ok(b) };
+        let lo = self.looked.map_or(first, |l| first.max(l + 1));
+        if lo <= last {
+            for sb in store.rows_between(key, lo, last + 1)? {
+                for (t, k) in row_keys(&sb, schema)? {
+                    if t.0 >= lo && t.0 <= last {
+                        *self.stored.entry((t, k)).or_insert(0) += 1;
+                    }
+                }
+            }
+            self.looked = Some(last);
+        }
         let keep: Vec<bool> = keys
             .into_iter()
-            .map(|(t, k)| match t.cmp(&self.at) {
-                std::cmp::Ordering::Less => false,
-                std::cmp::Ordering::Greater => true,
-                std::cmp::Ordering::Equal => match self.stored.get_mut(&k) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        false
-                    }
-                    _ => true,
-                },
+            .map(|tk| match self.stored.get_mut(&tk) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
             })
             .collect();
+        self.stored.retain(|(t, _), n| t.0 == last && *n > 0);
         Ok(arrow::compute::filter_record_batch(&b, &arrow::array::BooleanArray::from(keep))?)
     }
 }
@@ -416,6 +430,22 @@ impl<'a> Backfill<'a> {
         Ok(out)
     }
 
+    /// The checkpoint id of one symbol and data type of this run's range.
+    fn id(&self, sym: &str, kind: &str) -> String {
+        let o = self.opts;
+        format!("polygon {sym} {kind} {} {}{}", o.from, o.to, if kind == "bars" && !o.adjusted { " unadjusted" } else { "" })
+    }
+
+    /// The saved checkpoint of `id`, unless the bucket holds nothing of the range up to it any more (dropped
+    /// since): then the run starts over.
+    fn checkpoint(&self, store: &mut dyn Store, key: &BucketKey, id: &str, exists: bool) -> Result<Option<Checkpoint>, ContribError> {
+        let Some(c) = store.checkpoint(id) else { return Ok(None) };
+        if c.complete && c.upto.0 < self.opts.from {
+            return Ok(Some(c)); // a range without rows
+        }
+        Ok(if exists && store.last_in(key, self.opts.from, c.upto.0 + 1)?.is_some() { Some(c) } else { None })
+    }
+
     fn bars(&self, store: &mut dyn Store, sym: &str, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Done, ContribError> {
         let o = self.opts;
         let key = BucketKey::from_parts(&bucket_symbol(sym), "1Min", "OHLCV")?;
@@ -434,17 +464,23 @@ impl<'a> Backfill<'a> {
         if let Some(s) = &stored {
             check_schema(&key, s, &bucket_schema_of(&bars_schema(tick_count))?)?;
         }
+        let id = self.id(sym, "bars");
+        let cp = self.checkpoint(store, &key, &id, stored.is_some())?;
         let from = o.from + (-o.from).rem_euclid(60);
         let end = o.to - 1;
-        let last = if stored.is_some() { store.last_in(&key, from, o.to)? } else { None };
-        let start = last.map_or(from, |l| l + 60);
-        let mut done = Done { symbol: sym.into(), kind: "bars", rows: 0, pages: 0, start, resumed: last.is_some() };
-        progress(Progress::Begin { symbol: sym, kind: "bars", start });
+        let start = match cp {
+            Some(c) if c.complete => o.to,
+            Some(c) => c.upto.0 + 60,
+            None => from,
+        };
+        let mut done = Done { symbol: sym.into(), kind: "bars", rows: 0, pages: 0, start: start.min(o.to), resumed: cp.is_some() };
+        progress(Progress::Begin { symbol: sym, kind: "bars", start: done.start });
         if start > end {
             return Ok(done);
         }
         let first = format!("{}/v2/aggs/ticker/{sym}/range/1/minute/{}/{}?adjusted={}&sort=asc&limit={}", o.base_url, start * 1000, end * 1000 + 999, o.adjusted, o.limit.min(50_000));
         let mut rows = 0;
+        let mut upto = (start - 60, 0);
         done.pages = self.pages(first, &mut |body, url| {
             let p = parse_aggs(body, url)?;
             let mut bars: Vec<MinuteBar> = p.bars.into_iter().filter(|b| b.t >= start && b.t <= end && b.t % 60 == 0).collect();
@@ -454,12 +490,15 @@ impl<'a> Backfill<'a> {
             if let Some(last) = bars.last().map(|b| b.t) {
                 n = store.write(&key, bars_batch(&bars, tick_count)?)?;
                 rows += n;
-                progress(Progress::Page { rows: n, upto: last });
-            } else {
-                progress(Progress::Page { rows: n, upto: if p.next_url.is_some() { start } else { end } });
+                upto = (last, 0);
+                store.save_checkpoint(&id, &Checkpoint { upto, complete: false });
             }
+            progress(Progress::Page { rows: n, upto: upto.0.max(start) });
             Ok(p.next_url)
         })?;
+        if !self.stop.is_stopped() {
+            store.save_checkpoint(&id, &Checkpoint { upto, complete: true });
+        }
         done.rows = rows;
         Ok(done)
     }
@@ -473,18 +512,30 @@ impl<'a> Backfill<'a> {
         if let Some(s) = &stored {
             check_schema(&key, s, &bucket_schema_of(&schema)?)?;
         }
-        let mut resume = if stored.is_some() { Resume::load(store, &key, &schema, o.from, o.to)? } else { None };
+        let id = self.id(sym, kind);
+        let cp = self.checkpoint(store, &key, &id, stored.is_some())?;
         let ns = |(s, n): (i64, i32)| s as i128 * 1_000_000_000 + n as i128;
-        let start_ns = resume.as_ref().map_or(o.from as i128 * 1_000_000_000, |r| ns(r.at));
-        let start = (start_ns / 1_000_000_000) as i64;
-        let mut done = Done { symbol: sym.into(), kind, rows: 0, pages: 0, start, resumed: resume.is_some() };
-        progress(Progress::Begin { symbol: sym, kind, start });
         let end_ns = o.to as i128 * 1_000_000_000;
+        let start_ns = match cp {
+            Some(c) if c.complete => end_ns,
+            Some(c) => ns(c.upto),
+            None => o.from as i128 * 1_000_000_000,
+        };
+        // Compare with stored rows when the range holds any (a killed run's, the stream's).
+        let mut dedupe = match (&stored, cp) {
+            (_, Some(_)) => Some(Dedupe::default()),
+            (Some(_), None) => store.last_in(&key, o.from, o.to)?.map(|_| Dedupe::default()),
+            (None, None) => None,
+        };
+        let start = (start_ns.min(end_ns) / 1_000_000_000) as i64;
+        let mut done = Done { symbol: sym.into(), kind, rows: 0, pages: 0, start, resumed: cp.is_some() };
+        progress(Progress::Begin { symbol: sym, kind, start });
         if start_ns >= end_ns {
             return Ok(done);
         }
         let first = format!("{}/v3/{path}/{sym}?timestamp.gte={start_ns}&timestamp.lt={end_ns}&order=asc&sort=timestamp&limit={}", o.base_url, o.limit.min(50_000));
         let mut rows = 0;
+        let mut upto = ((start_ns / 1_000_000_000) as i64, (start_ns % 1_000_000_000) as i32);
         done.pages = self.pages(first, &mut |body, url| {
             let (batch, next) = if trades {
                 let (mut t, next) = parse_trades(body, url)?;
@@ -497,9 +548,9 @@ impl<'a> Backfill<'a> {
                 q.sort_by_key(|x| (x.epoch, x.nanos));
                 (quotes_batch(&q)?, next)
             };
-            let upto = row_times(&batch)?.last().map(|t| t.0);
-            let batch = match resume.as_mut() {
-                Some(r) => r.filter(batch, &schema)?,
+            let last = row_times(&batch)?.last().copied();
+            let batch = match dedupe.as_mut() {
+                Some(d) => d.filter(store, &key, batch, &schema)?,
                 None => batch,
             };
             let mut n = 0;
@@ -507,9 +558,16 @@ impl<'a> Backfill<'a> {
                 n = store.write(&key, batch)?;
                 rows += n;
             }
-            progress(Progress::Page { rows: n, upto: upto.unwrap_or(if next.is_some() { start } else { o.to - 1 }) });
+            if let Some(l) = last {
+                upto = l;
+                store.save_checkpoint(&id, &Checkpoint { upto, complete: false });
+            }
+            progress(Progress::Page { rows: n, upto: upto.0 });
             Ok(next)
         })?;
+        if !self.stop.is_stopped() {
+            store.save_checkpoint(&id, &Checkpoint { upto, complete: true });
+        }
         done.rows = rows;
         Ok(done)
     }
@@ -540,23 +598,52 @@ mod tests {
         assert!(parse_trades(r#"{"status":"ERROR","error":"Unknown API Key"}"#, "u").is_err());
     }
 
-    #[test]
-    fn resume_skips_rows_stored_at_the_last_time() {
-        let t = |nanos: i32, price: f64| Trade { epoch: 10, nanos, price, size: 1, exchange: 1, tape: 1, conds: [0; 4], id: 0 };
-        let stored = trades_batch(&[t(5, 1.0), t(7, 2.0), t(7, 3.0)]).unwrap();
-        let schema = stored.schema();
-        let rows = row_keys(&stored, &schema).unwrap();
-        let at = rows.iter().map(|r| r.0).max().unwrap();
-        let mut r = Resume { at, stored: HashMap::new() };
-        for (tm, k) in rows {
-            if tm == at {
-                *r.stored.entry(k).or_insert(0) += 1;
-            }
+    /// Buckets in memory.
+    #[derive(Default)]
+    struct Mem(HashMap<String, Vec<RecordBatch>>);
+
+    impl Store for Mem {
+        fn schema(&mut self, _: &BucketKey) -> Result<Option<BucketSchema>, ContribError> {
+            Ok(None)
         }
-        // A rerun from (10, 7): 2.0 and 3.0 are stored, 4.0 at the same nanosecond and later rows are new.
-        let fetched = trades_batch(&[t(7, 2.0), t(7, 3.0), t(7, 4.0), t(8, 1.0)]).unwrap();
-        let kept = r.filter(fetched, &schema).unwrap();
-        let prices: Vec<f64> = kept.column(2).as_primitive::<arrow::datatypes::Float64Type>().values().to_vec();
-        assert_eq!(prices, vec![4.0, 1.0]);
+        fn last_in(&mut self, _: &BucketKey, _: i64, _: i64) -> Result<Option<i64>, ContribError> {
+            Ok(None)
+        }
+        fn rows_between(&mut self, key: &BucketKey, from: i64, to: i64) -> Result<Vec<RecordBatch>, ContribError> {
+            let mut out = Vec::new();
+            for b in self.0.get(&key.to_string()).into_iter().flatten() {
+                let keep: Vec<bool> = row_times(b)?.iter().map(|t| t.0 >= from && t.0 < to).collect();
+                out.push(arrow::compute::filter_record_batch(b, &arrow::array::BooleanArray::from(keep))?);
+            }
+            Ok(out)
+        }
+        fn write(&mut self, key: &BucketKey, batch: RecordBatch) -> Result<u64, ContribError> {
+            let n = batch.num_rows() as u64;
+            self.0.entry(key.to_string()).or_default().push(batch);
+            Ok(n)
+        }
+        fn checkpoint(&mut self, _: &str) -> Option<Checkpoint> {
+            None
+        }
+        fn save_checkpoint(&mut self, _: &str, _: &Checkpoint) {}
+    }
+
+    #[test]
+    fn stored_rows_are_not_written_again_and_twins_are_counted() {
+        let t = |nanos: i32, price: f64| Trade { epoch: 10, nanos, price, size: 1, exchange: 1, tape: 1, conds: [0; 4], id: 0 };
+        let key = BucketKey::parse("A/1Sec/TRADE").unwrap();
+        let mut store = Mem::default();
+        store.write(&key, trades_batch(&[t(5, 1.0), t(7, 2.0), t(7, 3.0)]).unwrap()).unwrap();
+        let schema = trades_schema();
+        let mut d = Dedupe::default();
+        let prices = |b: &RecordBatch| b.column(2).as_primitive::<arrow::datatypes::Float64Type>().values().to_vec();
+        // 2.0 and 3.0 at (10, 7) are stored; 4.0 at the same nanosecond and 1.0 later are new.
+        let kept = d.filter(&mut store, &key, trades_batch(&[t(7, 2.0), t(7, 3.0), t(7, 4.0), t(8, 1.0)]).unwrap(), &schema).unwrap();
+        assert_eq!(prices(&kept), vec![4.0, 1.0]);
+        store.write(&key, kept).unwrap();
+        // The next page starts in the same second: a second 2.0 at (10, 7) is a trade of its own, and what this
+        // run wrote is not mistaken for stored rows.
+        let kept = d.filter(&mut store, &key, trades_batch(&[t(7, 2.0), t(8, 1.0), t(9, 5.0)]).unwrap(), &schema).unwrap();
+        assert_eq!(prices(&kept), vec![2.0, 1.0, 5.0]);
     }
 }

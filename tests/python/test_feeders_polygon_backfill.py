@@ -14,6 +14,7 @@ import threading
 
 import pyarrow as pa
 import pyarrow.flight as fl
+import pytest
 
 from conftest import mkts_bin
 from feeder_helpers import read, wait_until
@@ -99,8 +100,18 @@ def rows_of(srv, key, cols, ticks=True):
     return list(zip(*data))
 
 
+STATE = {"dir": "none"}
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path):
+    """Checkpoints of each test in its own directory."""
+    STATE["dir"] = str(tmp_path / "backfill-state")
+    yield
+
+
 def backfill_cmd(target, *extra, base_url=None, day_from="2024-01-02", day_to="2024-01-03"):
-    cmd = [mkts_bin(), "backfill", "polygon", *target, "--from", day_from, "--to", day_to, *extra]
+    cmd = [mkts_bin(), "backfill", "polygon", *target, "--from", day_from, "--to", day_to, "--state-dir", STATE["dir"], *extra]
     if base_url:
         cmd += ["--base-url", base_url]
     return cmd
@@ -225,9 +236,11 @@ def stream_trade(i, sym, ns, p, s, x=4, c=(0,)):
 
 def test_streamed_and_backfilled_buckets_merge(server_factory):
     """The stream creates MSFT/1Sec/TRADE, the backfill AAPL's; each then writes into the other's bucket (over
-    Flight while streaming, then in-process with --config while the server is stopped): no schema error."""
+    Flight while streaming, then in-process with --config while the server is stopped): no schema error, and a
+    streamed trade the backfill fetches again is not stored twice."""
     go = threading.Event()
     D3 = D2 + 86400
+    s0 = stream_trade(0, "MSFT", (T0 + 60) * NS, 101.1 + 200, 110, c=())  # the same trade the backfill fetches
     s1 = stream_trade(1, "MSFT", (D2 + 100) * NS, 300.5, 7, x=11, c=(12,))
     s2 = stream_trade(2, "AAPL", (D2 + 200) * NS, 150.25, 3, c=(0, 37))
     s3 = stream_trade(3, "MSFT", (D2 + 300) * NS, 301.0, 9)
@@ -235,7 +248,7 @@ def test_streamed_and_backfilled_buckets_merge(server_factory):
     def script(conn):
         if not conn.login(KEY):
             return
-        conn.send([s1, am("AAPL", D2 + 600)])
+        conn.send([s0, s1, am("AAPL", D2 + 600)])
         go.wait(120)
         conn.send([s2, s3, am("MSFT", D2 + 660)])
         conn.idle()
@@ -262,7 +275,7 @@ def test_streamed_and_backfilled_buckets_merge(server_factory):
       base_url: {fake.base_url}
 """
         srv = server_factory(config_extra=cfg)
-        wait_until(lambda: read(srv, "MSFT/1Sec/TRADE") is not None and read(srv, "AAPL/1Min/OHLCV") is not None, 60, "the streamed MSFT trade and AAPL bar")
+        wait_until(lambda: (t := read(srv, "MSFT/1Sec/TRADE")) is not None and t.num_rows == 2 and read(srv, "AAPL/1Min/OHLCV") is not None, 60, "the streamed MSFT trades and AAPL bar")
         rc, out, err = run(backfill_cmd(["--url", srv.flight_url], "--symbols", "AAPL,MSFT", "--bars", "--trades", base_url=fake.base_url))
         assert rc == 0, out + err
         go.set()
@@ -281,7 +294,7 @@ def test_streamed_and_backfilled_buckets_merge(server_factory):
         # The server stopped: --config writes into its data directory with its polygon worker's key and base_url.
         assert srv.stop() == 0
         rc, out, err = run([mkts_bin(), "backfill", "polygon", "--config", str(srv.config_path), "--symbols", "AAPL", "--trades",
-                            "--from", "2024-01-04", "--to", "2024-01-05"], key=None)
+                            "--from", "2024-01-04", "--to", "2024-01-05", "--state-dir", STATE["dir"]], key=None)
         assert rc == 0, out + err
         assert "AAPL trades: 2 rows" in err, err
         srv.start()
@@ -294,3 +307,48 @@ def test_streamed_and_backfilled_buckets_merge(server_factory):
 def expected_trades_day(rows, day):
     return [(r["sip_timestamp"] // NS, r["sip_timestamp"] % NS, r["price"], r["size"], r["exchange"], r["tape"], 0, 0, 0, 0)
             for r in sorted(rows, key=lambda r: r["sip_timestamp"]) if day * NS <= r["sip_timestamp"] < (day + 86400) * NS]
+
+
+def test_add_bar_tick_count_stream_gap_fill_and_backfill(server_factory):
+    """`add_bar_tick_count: true`: the bars bucket has TickCnt int32; streamed `AM` (no `n`) stores 0, REST
+    aggregates (gap fill and backfill) their `n`. The backfill follows the stored bucket without being told."""
+    from polygon_fake import minutes
+
+    def c1(conn):
+        if conn.login(KEY):
+            for t in minutes(0, 1):
+                conn.send([am("AAPL", t)])
+            conn.drop()
+
+    def c2(conn):
+        if conn.login(KEY):
+            for t in minutes(5, 6):
+                conn.send([am("AAPL", t)])
+            conn.idle()
+
+    fake = FakePolygon(KEY, [c1, c2], page_size=500, rate_limit_first=0)
+    try:
+        cfg = f"""bgworkers:
+  - module: polygon
+    name: Polygon
+    config:
+      api_key: {KEY}
+      data_types: [bars]
+      symbols: [AAPL]
+      ws_servers: {fake.ws_url}
+      base_url: {fake.base_url}
+      add_bar_tick_count: true
+"""
+        srv = server_factory(config_extra=cfg)
+        cols = ("Open", "High", "Low", "Close", "Volume", "TickCnt")
+        row = lambda t, n: (t, bar("AAPL", t)["o"], bar("AAPL", t)["h"], bar("AAPL", t)["l"], bar("AAPL", t)["c"], bar("AAPL", t)["v"], n)  # noqa: E731
+        streamed = [row(t, 0) for t in minutes(0, 1)] + [row(t, bar("AAPL", t)["n"]) for t in minutes(2, 4)] + [row(t, 0) for t in minutes(5, 6)]
+        wait_until(lambda: rows_of(srv, "AAPL/1Min/OHLCV", cols, ticks=False) == streamed, 60, "streamed bars, 2..4 over REST", dump=srv.log)
+        assert str(read(srv, "AAPL/1Min/OHLCV").schema.field("TickCnt").type) == "int32"
+        rc, out, err = run(backfill_cmd(["--url", srv.flight_url], "--symbols", "AAPL", "--bars", base_url=fake.base_url))
+        assert rc == 0, out + err
+        # The stored bars of the range are fetched again (REST's TickCnt replaces the streamed 0), the rest filled.
+        assert rows_of(srv, "AAPL/1Min/OHLCV", cols, ticks=False) == [row(t, bar("AAPL", t)["n"]) for t in range(D1, D2, 60) if bar("AAPL", t)]
+        assert "write failed" not in srv.log()
+    finally:
+        fake.close()
