@@ -20,8 +20,9 @@
 //! `query_start`. Requests cover windows of the exchange's page size (Coinbase 300, Binance 1000 bars) and
 //! only closed bars (open time + timeframe ≤ now) are written. **Rate limits.** Requests are paced by
 //! `request_interval`; `429` and Binance's `418` wait for `Retry-After` (or 1 s, doubling up to 60 s) and
-//! retry; `5xx` and transport errors retry with the same back-off; other `4xx` skip the symbol for this round
-//! and are logged. **Follow.** Once caught up the feeder sleeps until the next bar closes (+ `poll_delay`)
+//! retry; `5xx` and transport errors retry with the same back-off; `401`/`403` (a key refused, an address
+//! banned) are logged once and end the worker until the server is restarted; other `4xx` skip the symbol for
+//! this round and are logged. **Follow.** Once caught up the feeder sleeps until the next bar closes (+ `poll_delay`)
 //! and asks again; at the live edge the cursor only advances past bars actually received, so a bar the
 //! exchange publishes late is not skipped.
 
@@ -417,6 +418,16 @@ pub fn spawn<E: Exchange>(exchange: E, cfg: FeederConfig, client: Client, name: 
     FeederHandle { stop, thread }
 }
 
+/// Whether the provider refused the client (HTTP 401/403): retrying cannot help.
+fn refused(e: &ContribError) -> bool {
+    matches!(e, ContribError::Http { status: 401 | 403, .. })
+}
+
+/// Log a refusal once and end the worker (until the server is restarted).
+fn refused_stop(plugin: &'static str, e: &ContribError) {
+    tracing::error!(plugin, "{e}: access refused; not retrying until the server is restarted");
+}
+
 /// The feeder loop: resolve symbols, backfill every symbol window by window, then follow closed bars.
 pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop, feed: &crate::metrics::FeedStats) {
     let plugin = ex.plugin();
@@ -425,6 +436,7 @@ pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop
     let symbols = loop {
         match ex.symbols(&http, cfg, stop) {
             Ok(s) => break s,
+            Err(e) if refused(&e) => return refused_stop(plugin, &e),
             Err(e) => {
                 tracing::warn!(plugin, "cannot list symbols: {e}");
                 if !stop.sleep(Duration::from_secs(10)) {
@@ -503,6 +515,7 @@ pub fn run<E: Exchange>(ex: &E, cfg: &FeederConfig, client: &Client, stop: &Stop
                         tracing::debug!(plugin, bucket = %key, "{msg}");
                     }
                 }
+                Err(e) if refused(&e) => return refused_stop(plugin, &e),
                 Err(e) => {
                     tracing::warn!(plugin, symbol = %sym, "window {} .. {} failed: {e}", fmt_time(start), fmt_time(end));
                 }

@@ -127,3 +127,73 @@ def test_bitmex_backfill_pages_429_and_restart(server_factory):
         assert rows(read(srv, key)) == want
     finally:
         ex.server.close()
+
+
+def bitmex_config(ex, start, end, symbols="[XBTUSD]"):
+    fmt = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    return f"""bgworkers:
+  - module: bitmexfeeder.so
+    name: BitmexFetcher
+    config:
+      symbols: {symbols}
+      query_start: "{fmt(start)}"
+      query_end: "{fmt(end)}"
+      base_url: {ex.url}
+      request_interval: 5ms
+"""
+
+
+def test_bitmex_stopped_mid_backfill_resumes_without_gap_or_duplicate(server_factory):
+    """The server stops while the feeder is backing off a failing page; restarted, it continues right after the
+    last stored bar. `base_timeframe` is left out: the default (MarketStore's `1m`, which its parser rejected)
+    works."""
+    class Flaky(Bitmex):
+        healthy = False
+
+        def route(self, path, q, n):
+            pages = [1 for p, qq, c in self.log if c == 200 and qq.get("symbol") == "XBTUSD"]
+            if not self.healthy and len(pages) >= 1:
+                return 503, {"error": {"message": "The system is currently overloaded. Please try again later.", "name": "HTTPError"}}, {}
+            return super().route(path, q, n)
+
+    ex = Flaky()
+    try:
+        now = int(time.time())
+        end = now - now % 60 - 3600
+        while bar(end) is None:
+            end -= 60
+        start = end - 1200 * 60
+        srv = server_factory(config_extra=bitmex_config(ex, start, end))
+        key = "bitmex_XBTUSD/1Min/OHLCV"
+        want = [b for b in (bar(t) for t in range(start, end + 1, 60)) if b]
+        wait_until(lambda: any(c == 503 for _, _, c in ex.log), 60, "a failing second page")
+        first = rows(read(srv, key))
+        assert first == want[:len(first)] and 0 < len(first) < len(want)
+        assert srv.stop() == 0  # interrupts the back-off
+        ex.healthy = True
+        n = len(ex.log)
+        srv.start()
+        wait_until(lambda: (t := read(srv, key)) is not None and rows(t) == want, 60, "the rest of the backfill")
+        after = [q for p, q, c in ex.log[n:] if c == 200 and q.get("symbol") == "XBTUSD"]
+        # Bucket ends: the first request after the restart covers the bar right after the last stored one.
+        assert parse_iso(after[0]["startTime"]) == first[-1]["t"] + 120, (after[0], first[-1])
+    finally:
+        ex.server.close()
+
+
+def test_bitmex_403_is_one_line_and_stops(server_factory):
+    class Banned(Bitmex):
+        def route(self, path, q, n):
+            return 403, {"error": {"message": "Forbidden", "name": "HTTPError"}}, {}
+
+    ex = Banned()
+    try:
+        now = int(time.time())
+        srv = server_factory(config_extra=bitmex_config(ex, now - 7200, now - 3600, symbols="[XBTUSD, ETHUSD]"))
+        wait_until(lambda: "access refused" in srv.log(), 60, "the refusal")
+        lines = [ln for ln in srv.log().splitlines() if "HTTP 403" in ln]
+        assert len(lines) == 1 and "not retrying" in lines[0], lines
+        assert len(ex.log) == 1, ex.log  # not retried, the second symbol not tried: the worker has ended
+        assert read(srv, "bitmex_XBTUSD/1Min/OHLCV") is None
+    finally:
+        ex.server.close()
