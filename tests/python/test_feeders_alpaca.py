@@ -193,3 +193,37 @@ def test_alpaca_auth_failure_and_insufficient_subscription_stop(server_factory, 
             srv.stop()
         finally:
             fake.close()
+
+
+def test_alpaca_stop_and_restart_resumes_without_gap_or_duplicate(server_factory):
+    """Stopped after minutes 0..2 and restarted: the stream resumes at minute 7, minutes 3..6 come over REST, the
+    trades are not written twice."""
+    def first(conn):
+        if login(conn):
+            conn.send([bar(0), bar(1), bar(2)])
+            conn.send([TR1, TR2])
+            conn.idle()
+
+    def after_restart(conn):
+        if login(conn):
+            conn.send([bar(7), bar(8)])
+            conn.idle()
+
+    fake = FakePolygon(KEY, [first, after_restart])
+    rest = AlpacaRest()
+    try:
+        srv = server_factory(config_extra=config(fake, base_url=rest.url))
+        tr_rows = lambda: (t := read(srv, "AAPL/1Sec/TRADE")) is not None and t.num_rows  # noqa: E731
+        wait_until(lambda: bars_of(srv) == [want_bar(m) for m in range(3)] and tr_rows() == 2, 60, "bars 0..2 and two trades")
+        assert not rest.log, "nothing to fill before the first bar of an empty bucket"
+        assert srv.stop() == 0
+        srv.start()
+        wait_until(lambda: bars_of(srv) == [want_bar(m) for m in range(9)], 60, "bars 0..8 after the restart (3..6 over REST)")
+        ok = [q for p, q, c in rest.log if c == 200]
+        assert ok[0]["start"] == iso(T0 + 180) and ok[0]["end"] == iso(T0 + 360), ok
+        assert read(srv, "AAPL/1Sec/TRADE").num_rows == 2
+        assert fake.connections == 2
+        assert KEY not in srv.log() and SECRET not in srv.log()
+    finally:
+        fake.close()
+        rest.server.close()
