@@ -173,6 +173,7 @@ class FakePolygon:
         self.lock = threading.Lock()
         self.errors: list[str] = []
         self.ws_messages: list = []  # every text message clients sent
+        self.ws_status = 101  # another status answers the WebSocket upgrade with that HTTP error
         self.ws_sock = socket.socket()
         self.ws_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.ws_sock.bind(("127.0.0.1", 0))
@@ -197,7 +198,7 @@ class FakePolygon:
     def _run(self, s, script):
         conn = WsConn(s, self.ws_messages)
         try:
-            if conn.handshake():
+            if conn.handshake(self.ws_status):
                 script(conn)
         except (ConnectionError, OSError):
             pass

@@ -227,3 +227,30 @@ def test_polygon_rest_401_disables_gap_fill_once(server_factory):
         assert KEY not in srv.log()
     finally:
         fake.close()
+
+
+def test_polygon_and_alpaca_handshake_403_is_one_line_and_no_retry(server_factory):
+    """The WebSocket upgrade itself refused (HTTP 403, as a proxy or an expired plan answers): one line, no retry."""
+    for module, cfg in (("polygon", lambda f: config(f)),
+                        ("alpaca", lambda f: f"""bgworkers:
+  - module: alpaca
+    name: Alpaca
+    config:
+      api_key: {KEY}
+      api_secret: s3cr3t-value
+      ws_server: {f.ws_url}/v2/iex
+      trade_symbols: [AAPL]
+      base_url: http://127.0.0.1:9
+""")):
+        fake = FakePolygon(KEY, [lambda conn: None])
+        fake.ws_status = 403
+        try:
+            srv = server_factory(config_extra=cfg(fake))
+            wait_until(lambda: "authentication failed" in srv.log(), 30, f"{module}: the refusal")
+            lines = [ln for ln in srv.log().splitlines() if "authentication failed" in ln]
+            assert len(lines) == 1 and "HTTP 403" in lines[0] and "not retrying" in lines[0], lines
+            assert fake.connections == 1
+            assert KEY not in srv.log() and "s3cr3t-value" not in srv.log()
+            srv.stop()
+        finally:
+            fake.close()
