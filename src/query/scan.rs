@@ -155,20 +155,14 @@ fn string_of(v: &ScalarValue) -> Option<String> {
     }
 }
 
-fn next_ns(t: TimePoint) -> TimePoint {
-    if t.nanos >= 999_999_999 {
-        TimePoint { secs: t.secs.saturating_add(1), nanos: 0 }
-    } else {
-        TimePoint { secs: t.secs, nanos: t.nanos + 1 }
-    }
+/// The first instant of second `s`.
+fn second_start(s: i64) -> TimePoint {
+    TimePoint { secs: s, nanos: 0 }
 }
 
-fn prev_ns(t: TimePoint) -> TimePoint {
-    if t.nanos <= 0 {
-        TimePoint { secs: t.secs.saturating_sub(1), nanos: 999_999_999 }
-    } else {
-        TimePoint { secs: t.secs, nanos: t.nanos - 1 }
-    }
+/// The last instant of second `s` (every tick whose `Epoch` reads as `s`).
+fn second_end(s: i64) -> TimePoint {
+    TimePoint { secs: s, nanos: 999_999_999 }
 }
 
 impl Pushdown {
@@ -219,18 +213,20 @@ impl Pushdown {
                 };
                 if col == EPOCH {
                     let Some(t) = time_of(lit) else { return false };
+                    // The column holds whole seconds (a tick's sub-second part is its own `Nanoseconds`
+                    // column), so a row at (s, 500 ns) has `Epoch` = s: bounds apply to the second.
+                    let whole = t.nanos == 0;
                     match op {
-                        Operator::Eq => {
-                            self.narrow_start(t);
-                            self.narrow_end(t);
+                        Operator::Eq if whole => {
+                            self.narrow_start(second_start(t.secs));
+                            self.narrow_end(second_end(t.secs));
                         }
-                        Operator::Gt => self.narrow_start(next_ns(t)),
-                        Operator::GtEq => self.narrow_start(t),
-                        Operator::Lt => self.narrow_end(prev_ns(t)),
-                        Operator::LtEq => self.narrow_end(t),
+                        Operator::Gt => self.narrow_start(second_start(t.secs.saturating_add(1))),
+                        Operator::GtEq => self.narrow_start(second_start(if whole { t.secs } else { t.secs.saturating_add(1) })),
+                        Operator::Lt => self.narrow_end(second_end(if whole { t.secs.saturating_sub(1) } else { t.secs })),
+                        Operator::LtEq => self.narrow_end(second_end(t.secs)),
                         _ => return false,
                     }
-                    // A nanosecond-precision bound on a seconds column: the engine range stays a superset.
                     return true;
                 }
                 if col == SYMBOL && op == Operator::Eq {
@@ -243,8 +239,8 @@ impl Pushdown {
             Expr::Between(Between { expr, negated: false, low, high }) if column_name(expr) == Some(EPOCH) => {
                 match (literal(low).and_then(time_of), literal(high).and_then(time_of)) {
                     (Some(lo), Some(hi)) => {
-                        self.narrow_start(lo);
-                        self.narrow_end(hi);
+                        self.narrow_start(second_start(if lo.nanos == 0 { lo.secs } else { lo.secs.saturating_add(1) }));
+                        self.narrow_end(second_end(hi.secs));
                         true
                     }
                     _ => false,

@@ -80,3 +80,23 @@ def test_sql_ticks_view(server):
             with pytest.raises(dbapi.Error, match=says):
                 cur.execute(sql)
                 cur.fetchall()
+
+
+def test_sql_epoch_bounds_on_a_tick_bucket_apply_to_the_whole_second(server):
+    """`Epoch` of a tick bucket reads as whole seconds: `Epoch <= s` holds every tick of second s, `Epoch < s`
+    none of them, whatever their Nanoseconds (the bounds are pushed into the scan, which must agree)."""
+    c = fl.FlightClient(server.flight_url)
+    put(c, "B/1Sec/TICK", pa.table({"Epoch": pa.array([10, 10, 11, 11, 12]), "Price": pa.array([1.0, 2.0, 3.0, 4.0, 5.0]),
+                                     "Nanoseconds": pa.array([0, 500, 0, 999_999_999, 7], pa.int32())}))
+    q = lambda where: get(c, sql=f'SELECT "Price" FROM "B/1Sec/TICK" WHERE {where} ORDER BY "Price"').column("Price").to_pylist()
+    assert q('"Epoch" <= to_timestamp_seconds(11)') == [1.0, 2.0, 3.0, 4.0]
+    assert q('"Epoch" < to_timestamp_seconds(11)') == [1.0, 2.0]
+    assert q('"Epoch" >= to_timestamp_seconds(11)') == [3.0, 4.0, 5.0]
+    assert q('"Epoch" > to_timestamp_seconds(10)') == [3.0, 4.0, 5.0]
+    assert q('"Epoch" = to_timestamp_seconds(11)') == [3.0, 4.0]
+    assert q('"Epoch" BETWEEN to_timestamp_seconds(10) AND to_timestamp_seconds(11)') == [1.0, 2.0, 3.0, 4.0]
+    assert q("\"Epoch\" <= TIMESTAMP '1970-01-01T00:00:11.5Z'") == [1.0, 2.0, 3.0, 4.0]
+    assert q("\"Epoch\" > TIMESTAMP '1970-01-01T00:00:10.5Z'") == [3.0, 4.0, 5.0]
+    # DELETE uses the same bounds: every tick of second 10 goes, nothing of 11.
+    get(c, sql='DELETE FROM "B/1Sec/TICK" WHERE "Epoch" < to_timestamp_seconds(11)')
+    assert q("true") == [3.0, 4.0, 5.0]
