@@ -47,6 +47,8 @@ enum Cmd {
         #[command(subcommand)]
         provider: mkts::cli::backfill::BackfillCmd,
     },
+    /// Estimate the storage a data set needs (MarketStore's `estimate`, with mkts's layout).
+    Estimate(mkts::cli::estimate::EstimateArgs),
     /// Maintenance of a data directory (the server must be stopped).
     Tool {
         #[command(subcommand)]
@@ -62,6 +64,20 @@ enum ToolCmd {
         /// The data directory (`root_directory` of mkts.yml).
         #[arg(long)]
         root: PathBuf,
+    },
+    /// Check every checksum and manifest of a stopped data directory without changing it (log records,
+    /// catalog snapshot, bucket.json, manifests, column file sizes, row order); non-zero exit on damage.
+    #[command(visible_aliases = ["ic", "integritycheck"])]
+    Integrity {
+        /// The data directory (`root_directory` of mkts.yml).
+        #[arg(value_name = "ROOT", required_unless_present = "dir", conflicts_with = "dir")]
+        root: Option<PathBuf>,
+        /// The data directory, as MarketStore's `--dir`.
+        #[arg(long, short = 'd')]
+        dir: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -131,6 +147,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("damaged segment kept as {}", q.display());
             }
             println!("writes inside the dropped bytes are lost; `mkts start` now replays everything else");
+            Ok(())
+        }
+        Cmd::Estimate(args) => Ok(mkts::cli::estimate::run(&args)?),
+        Cmd::Tool { tool: ToolCmd::Integrity { root, dir, json } } => {
+            let root = root.or(dir).context("give the data directory")?;
+            let rep = mkts::engine::check_integrity(&root).with_context(|| format!("cannot check {}", root.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                for f in &rep.damage {
+                    println!("DAMAGED {}: {}", f.path, f.what);
+                }
+                for f in &rep.notes {
+                    println!("note    {}: {}", f.path, f.what);
+                }
+                println!(
+                    "checked {}: {} buckets, {} year partitions, {} rows, {} column files, {} log records in {} segments: {}",
+                    root.display(),
+                    rep.buckets,
+                    rep.partitions,
+                    rep.rows,
+                    rep.column_files,
+                    rep.log_records,
+                    rep.log_segments,
+                    if rep.intact() { "intact".to_string() } else { format!("{} damaged", rep.damage.len()) }
+                );
+            }
+            if !rep.intact() {
+                bail!("{} is damaged ({} problems); see above", root.display(), rep.damage.len());
+            }
             Ok(())
         }
         Cmd::Init { dir, force } => {

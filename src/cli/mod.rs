@@ -3,6 +3,7 @@
 
 pub mod backfill;
 pub mod connect;
+pub mod estimate;
 pub mod jsonrpc;
 pub mod transfer;
 

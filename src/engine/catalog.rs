@@ -362,6 +362,26 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
 }
 
 
+/// A bucket directory's `bucket.json`: its key and schema, checked as [`load_bucket`] checks them (for
+/// `mkts tool integrity`, which reads without loading).
+pub(super) fn read_bucket_file(dir: &Path) -> Result<(BucketKey, BucketSchema)> {
+    let bf = dir.join("bucket.json");
+    let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
+    let meta: BucketFile =
+        serde_json::from_str(&text).map_err(|e| EngineError::Corrupt { path: bf.display().to_string(), reason: e.to_string() })?;
+    let key = BucketKey::parse(&meta.key)?;
+    if meta.created_lsn > wal::MAX_LSN {
+        return Err(EngineError::Corrupt { path: bf.display().to_string(), reason: format!("implausible created_lsn {}", meta.created_lsn) });
+    }
+    meta.schema.validate()?;
+    Ok((key, meta.schema))
+}
+
+/// Whether the catalog snapshot passes its checksum and decodes; `None` when there is none.
+pub(super) fn snapshot_intact(root: &Path) -> Option<bool> {
+    root.join(SNAPSHOT_FILE).exists().then(|| read_snapshot(root).is_some())
+}
+
 // ---- The catalog snapshot ----
 
 /// The snapshot's file name in the root (dot-prefixed: never taken for a symbol).

@@ -22,6 +22,7 @@ mod catalog; // bucket directories on disk, loading them, the catalog snapshot
 pub mod changes; // applied changes, in log order, for followers; upstream positions
 pub mod error;
 mod events; // appended batches to subscribers
+pub mod integrity; // `mkts tool integrity`: read-only checks of a stopped data directory
 pub mod key;
 mod normalize; // client batches to validated, sorted rows
 pub mod partition; // one year of one bucket: mapped column files, generations, manifest
@@ -54,6 +55,7 @@ pub use read::{decode_string16, TimePoint};
 pub use normalize::TYPE_METADATA;
 pub use types::{epoch_type, BucketSchema, ColumnDef, ColumnType, RecordKind, SchemaChange, TsUnit, EPOCH, NANOSECONDS, STRING16_WIDTH};
 
+pub use integrity::{check_integrity, Finding, IntegrityReport};
 pub use changes::{Captured, CapturedBucket, Change, ChangeCursor, ChangeGap, ChangeRecord, Origin};
 pub use events::{AppendEvent, Subscription};
 pub use retention::RetentionRule;

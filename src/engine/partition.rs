@@ -1384,7 +1384,7 @@ impl Partition {
 
 /// Refuse manifests whose numbers no partition can have (they bound arithmetic later), and formats newer
 /// than this build reads.
-fn check_manifest(m: &Manifest, path: &Path, layouts: &[Layout]) -> Result<()> {
+pub(crate) fn check_manifest(m: &Manifest, path: &Path, layouts: &[Layout]) -> Result<()> {
     if m.rows > MAX_ROWS || m.applied_lsn > super::wal::MAX_LSN {
         return Err(EngineError::Corrupt { path: path.display().to_string(), reason: format!("implausible rows {} or applied_lsn {}", m.rows, m.applied_lsn) });
     }
