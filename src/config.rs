@@ -176,7 +176,7 @@ pub const IGNORED_KEYS: &[(&str, &str)] = &[
     ("wal_rotate_interval", "mkts checkpoints every 10 s and whenever a log segment passes 256 MiB, then trims the log"),
     ("background_sync", "every write is fsync'd (group commit) before it is acknowledged; there is no background flusher"),
     ("wal_bypass", "every write goes through the write-ahead log; it cannot be bypassed"),
-    ("disable_variable_compression", "variable-length buckets are stored uncompressed"),
+    ("disable_variable_compression", "the server stores variable-length buckets uncompressed; `mkts import-marketstore --config` reads the key to decode MarketStore's files"),
     ("init_catalog", "the catalog is always loaded at start-up"),
     ("init_wal_cache", "the write-ahead log is always replayed and writes are always enabled"),
     ("enable_last_known", "there is no last-known-value cache; queries read the buckets"),
