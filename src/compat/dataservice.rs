@@ -17,7 +17,8 @@ use super::numpy::{pack, unpack, NumpyIn, NumpyOut, Part};
 pub async fn query(ctx: &ServerContext, caller: &Caller, q: &QueryRequest) -> Result<NumpyOut, ServiceError> {
     let parts = match q {
         QueryRequest::Sql(sql) => {
-            let (schema, batches) = ctx.service.sql(caller, sql).await?;
+            // MarketStore's SQL subset (its time literals, BETWEEN, select-list functions), else mkts's SQL.
+            let (schema, batches) = super::sql::run(&ctx.service, caller, sql).await?;
             vec![Part { key: format!("{sql}:SQL"), schema, batches }]
         }
         QueryRequest::Read(r) => {

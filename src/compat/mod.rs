@@ -17,6 +17,7 @@ pub mod dataservice;
 pub mod grpc;
 pub mod numpy;
 pub mod rpc;
+pub mod sql;
 pub mod timeframe;
 pub mod value;
 pub mod ws;
