@@ -235,7 +235,13 @@ fn candle(
     let [o, h, l, c] = ohlc;
     let order = order_by(&epoch, nanos.as_deref(), true);
     let mut bucket_args = vec![lit(tf.to_string()), ident(&epoch)];
-    if let Some(tz) = &opts.timezone {
+    // As MarketStore's candler (`CandleDuration.Truncate`): days, months and years follow the wall clock
+    // of the configured zone; seconds, minutes, hours and weeks are Go's `Time.Truncate`, multiples of the
+    // duration counted in absolute time (so 4H bars start at 00:00, 04:00 … UTC in any zone, weeks on
+    // Monday 00:00 UTC).
+    if let Some(tz) = &opts.timezone
+        && matches!(tf.unit, crate::timeframe::Unit::Day | crate::timeframe::Unit::Month | crate::timeframe::Unit::Year)
+    {
         bucket_args.push(lit(tz.clone()));
     }
     let bucket = TimeBucket::udf().call(bucket_args).alias("Epoch");

@@ -235,6 +235,35 @@ async fn candlecandler_daily_in_new_york() {
 }
 
 #[tokio::test]
+async fn candlecandler_intraday_in_new_york_is_absolute_as_marketstore() {
+    // MarketStore truncates sub-day windows in absolute time (Go's Time.Truncate): 4H bars start at
+    // 00:00, 04:00 ... UTC whatever the zone, not at New York midnight (05:00 UTC).
+    let ctx = SessionContext::new();
+    let batch = bars_batch(&[
+        (ts("2024-01-02 03:59:00"), 1.0, 2.0, 0.5, 1.5, 10),
+        (ts("2024-01-02 04:00:00"), 1.5, 3.0, 1.0, 2.5, 20),
+        (ts("2024-01-02 05:30:00"), 2.5, 2.75, 2.0, 2.25, 30),
+    ]);
+    let input = table(&ctx, "bars", batch).await;
+    let b = collect(
+        apply_functions(
+            &ctx,
+            input,
+            &calls(&["candlecandler('4H',Open,High,Low,Close,Sum::Volume)"]),
+            Some("America/New_York"),
+        )
+        .await
+        .expect("apply"),
+    )
+    .await;
+    assert_eq!(
+        ints(&b, "Epoch"),
+        [ts("2024-01-02 00:00:00"), ts("2024-01-02 04:00:00")]
+    );
+    assert_eq!(floats(&b, "Volume_SUM"), [10.0, 50.0]);
+}
+
+#[tokio::test]
 async fn candlecandler_empty_input_gives_empty_output() {
     let ctx = SessionContext::new();
     let input = table(&ctx, "bars", bars_batch(&[])).await;
