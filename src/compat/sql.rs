@@ -2,7 +2,10 @@
 //!
 //! A statement is parsed and rewritten to MarketStore's semantics, then run by the SQL engine:
 //! - time literals compared with `Epoch` (`=`, `<`, `<=`, `>`, `>=`, `BETWEEN`) in MarketStore's layouts
-//!   `2006-01-02-15:04:05[.fraction]`, `2006-01-02-15:04:05 MST`, `2006-01-02-15:04`, `2006-01-02` (UTC);
+//!   `2006-01-02-15:04:05[.fraction]`, `2006-01-02-15:04:05 MST`, `2006-01-02-15:04`, `2006-01-02` (UTC),
+//!   and, as mkts's SQL reads them (not MarketStore), RFC 3339 (`2023-12-01T00:00:00Z`, any offset) and
+//!   `2023-12-01T00:00:00` / `2023-12-01 00:00:00[.fraction]` (UTC); any other string is MarketStore's
+//!   error `unable to convert string to date`;
 //!   epoch integers above [`NANOS_THRESHOLD`] are nanoseconds, others seconds;
 //! - `BETWEEN a AND b` is exclusive at both ends (`> a AND < b`), as MarketStore's; `NOT BETWEEN` is its
 //!   complement (`<= a OR >= b`);
@@ -54,11 +57,18 @@ pub enum Translated {
     Function { scan: String, key: BucketKey, function: String, limit: Option<usize>, alias: Option<String> },
 }
 
-/// Nanoseconds since the Unix epoch of a MarketStore time literal (UTC).
+/// Nanoseconds since the Unix epoch of a MarketStore time literal (UTC), or of an ISO 8601 time as
+/// mkts's SQL takes them (see the module docs).
 pub fn parse_time(s: &str) -> Result<i64, MarketstoreSqlError> {
     use chrono::NaiveDateTime;
     let bad = || MarketstoreSqlError::Date(s.to_string());
     let t = s.trim();
+    if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) {
+        return dt.timestamp_nanos_opt().ok_or_else(bad);
+    }
+    if let Ok(dt) = NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f").or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f")) {
+        return dt.and_utc().timestamp_nanos_opt().ok_or_else(bad);
+    }
     // `2006-01-02-15:04:05 MST`: an abbreviation unknown to the layout is a zero offset, as Go parses it.
     let t = match t.rsplit_once(' ') {
         Some((head, zone)) if (3..=5).contains(&zone.len()) && zone.chars().all(|c| c.is_ascii_uppercase()) => head,
@@ -261,6 +271,11 @@ mod tests {
         assert_eq!(parse_time("2000-01-05-12:30:01.5").unwrap(), 947_075_401_500_000_000);
         assert_eq!(parse_time("2000-01-05-12:30:01 UTC").unwrap(), 947_075_401_000_000_000);
         assert_eq!(parse_time("2000-01-05 12:30"), Err(MarketstoreSqlError::Date("2000-01-05 12:30".into())));
+        // ISO 8601 as mkts's SQL reads it (the migration notebook's `'2023-12-01T00:00:00Z'`).
+        assert_eq!(parse_time("2000-01-05T12:30:00Z").unwrap(), 947_075_400_000_000_000);
+        assert_eq!(parse_time("2000-01-05T07:30:00-05:00").unwrap(), 947_075_400_000_000_000);
+        assert_eq!(parse_time("2000-01-05T12:30:00").unwrap(), 947_075_400_000_000_000);
+        assert_eq!(parse_time("2000-01-05 12:30:01.5").unwrap(), 947_075_401_500_000_000);
         // Seconds past 2262 do not fit in nanoseconds: refused, not wrapped.
         assert_eq!(epoch_nanos(32_503_680_000), None);
         assert_eq!(epoch_nanos(947_075_400), Some(947_075_400_000_000_000));
