@@ -78,6 +78,9 @@ enum ToolCmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// The server's `timezone` (mkts.yml): where fixed buckets of a day or longer start their intervals.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
     },
 }
 
@@ -150,9 +153,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Estimate(args) => Ok(mkts::cli::estimate::run(&args)?),
-        Cmd::Tool { tool: ToolCmd::Integrity { root, dir, json } } => {
+        Cmd::Tool { tool: ToolCmd::Integrity { root, dir, json, timezone } } => {
             let root = root.or(dir).context("give the data directory")?;
-            let rep = mkts::engine::check_integrity(&root).with_context(|| format!("cannot check {}", root.display()))?;
+            let tz = mkts_udf::parse_timezone(Some(&timezone)).map_err(|e| anyhow::anyhow!("--timezone: {e}"))?;
+            let rep = mkts::engine::check_integrity(&root, tz).with_context(|| format!("cannot check {}", root.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else {

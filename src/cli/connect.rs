@@ -226,8 +226,16 @@ impl Client {
 
     /// Open a data directory in-process.
     pub fn open(dir: &Path) -> anyhow::Result<Client> {
-        let engine = Engine::open(EngineConfig::new(dir)).map_err(|e| anyhow!("cannot open {}: {e}", dir.display()))?;
-        Ok(Client::Local { service: Box::new(Service::new(engine, chrono_tz::UTC, None)) })
+        Client::open_in_zone(dir, chrono_tz::UTC)
+    }
+
+    /// [`Client::open`] for a server that runs with `timezone: tz` (where fixed day-and-longer intervals
+    /// start, and the zone of function windows).
+    pub fn open_in_zone(dir: &Path, tz: chrono_tz::Tz) -> anyhow::Result<Client> {
+        let mut cfg = EngineConfig::new(dir);
+        cfg.timezone = mkts_udf::parse_timezone(Some(tz.name())).ok().flatten();
+        let engine = Engine::open(cfg).map_err(|e| anyhow!("cannot open {}: {e}", dir.display()))?;
+        Ok(Client::Local { service: Box::new(Service::new(engine, tz, None)) })
     }
 
     /// From `--url`/`--dir`.

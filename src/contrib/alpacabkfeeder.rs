@@ -785,9 +785,12 @@ impl Shared {
                 syms.sort_by(|a, b| a.0.cmp(&b.0));
                 for (sym, mut bars) in syms {
                     let Some((key, last)) = keys.get(&sym) else { continue };
+                    // The bucket's own intervals (a 1D bar at the zone's midnight under `timezone`), so that
+                    // the stored Epoch is the one compared with `last`.
                     let tf = key.tf();
+                    let tz = self.client.timezone();
                     for b in bars.iter_mut() {
-                        b.t = tf.truncate(b.t);
+                        b.t = tf.truncate_in(b.t, tz);
                     }
                     bars.retain(|b| last.is_none_or(|l| b.t > l) && b.t >= cfg.backfill_since);
                     bars.sort_by_key(|b| b.t);

@@ -300,14 +300,15 @@ fn year_start(y: i32) -> i64 {
     Utc.with_ymd_and_hms(y, 1, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(i64::MAX)
 }
 
-pub(super) fn read_bucket(b: &Bucket, req: &ReadRequest) -> Result<BucketRead> {
+/// `tz`: [`super::EngineConfig::timezone`], where day-and-longer intervals start.
+pub(super) fn read_bucket(b: &Bucket, req: &ReadRequest, tz: Option<chrono_tz::Tz>) -> Result<BucketRead> {
     let mut snap = b.snapshot();
     let (schema, cols) = read::projection(&b.schema, req.columns.as_deref());
     let mut start = req.start.unwrap_or(TimePoint::MIN);
     let end = req.end.unwrap_or(TimePoint::MAX);
     if b.schema.kind == RecordKind::Fixed && start.secs != i64::MIN {
         // Fixed buckets filter at interval granularity: a start inside an interval includes its bar.
-        start = TimePoint::secs(b.key.tf().truncate(start.secs));
+        start = TimePoint::secs(b.key.tf().truncate_in(start.secs, tz));
     }
     // Partitions that can hold rows of the range (by their first/last Epoch) must be mapped to be read.
     let overlaps = |p: &PartView| p.rows > 0 && p.first.is_none_or(|f| f <= end.secs) && p.last.is_none_or(|l| l >= start.secs);

@@ -70,8 +70,9 @@ fn finding(path: &Path, what: impl Into<String>) -> Finding {
 }
 
 /// Check every checksum and manifest of the data directory `root` (see the module docs). Takes the
-/// directory's lock, so it refuses to run beside a server; writes nothing.
-pub fn check_integrity(root: &Path) -> Result<IntegrityReport> {
+/// directory's lock, so it refuses to run beside a server; writes nothing. `tz`: the `timezone` the server
+/// runs with ([`super::EngineConfig::timezone`]), where fixed day-and-longer intervals start.
+pub fn check_integrity(root: &Path, tz: Option<chrono_tz::Tz>) -> Result<IntegrityReport> {
     let meta = fs::metadata(root).map_err(|e| EngineError::io(root, e))?;
     if !meta.is_dir() {
         return Err(EngineError::InvalidInput(format!("{} is not a directory", root.display())));
@@ -114,7 +115,7 @@ pub fn check_integrity(root: &Path) -> Result<IntegrityReport> {
     for sym in subdirs(root) {
         for tf in subdirs(&sym) {
             for group in subdirs(&tf) {
-                check_bucket(root, &group, &mut rep);
+                check_bucket(root, &group, tz, &mut rep);
             }
         }
     }
@@ -135,7 +136,7 @@ fn subdirs(p: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn check_bucket(root: &Path, dir: &Path, rep: &mut IntegrityReport) {
+fn check_bucket(root: &Path, dir: &Path, tz: Option<chrono_tz::Tz>, rep: &mut IntegrityReport) {
     let rel = dir.strip_prefix(root).unwrap_or(dir).to_string_lossy().into_owned();
     let years: Vec<(i32, PathBuf)> = subdirs(dir).into_iter().filter_map(|p| Some((p.file_name()?.to_str()?.parse::<i32>().ok()?, p))).collect();
     if !dir.join("bucket.json").exists() {
@@ -183,7 +184,7 @@ fn check_bucket(root: &Path, dir: &Path, rep: &mut IntegrityReport) {
         }
         if ok && m.rows > 0 {
             let nanos_path = (schema.kind == RecordKind::Variable).then(|| files[1].values.as_path());
-            if let Err(f) = check_rows(&files[0].values, nanos_path, &m, year, schema.kind, tf) {
+            if let Err(f) = check_rows(&files[0].values, nanos_path, &m, year, schema.kind, (tf, tz)) {
                 rep.damage.push(f);
             }
         }
@@ -291,7 +292,7 @@ impl Column {
     }
 }
 
-fn check_rows(epoch_path: &Path, nanos_path: Option<&Path>, m: &Manifest, year: i32, kind: RecordKind, tf: super::Timeframe) -> std::result::Result<(), Finding> {
+fn check_rows(epoch_path: &Path, nanos_path: Option<&Path>, m: &Manifest, year: i32, kind: RecordKind, (tf, tz): (super::Timeframe, Option<chrono_tz::Tz>)) -> std::result::Result<(), Finding> {
     let lo = chrono::NaiveDate::from_ymd_opt(year, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| d.and_utc().timestamp());
     let hi = chrono::NaiveDate::from_ymd_opt(year + 1, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| d.and_utc().timestamp());
     let (Some(lo), Some(hi)) = (lo, hi) else {
@@ -316,8 +317,9 @@ fn check_rows(epoch_path: &Path, nanos_path: Option<&Path>, m: &Manifest, year: 
         if !(lo..hi).contains(&e) {
             return Err(bad(format!("row {i}: Epoch {e} is outside the year {year}")));
         }
-        if kind == RecordKind::Fixed && tf.truncate(e) != e {
-            return Err(bad(format!("row {i}: Epoch {e} is not the start of its {tf} interval")));
+        if kind == RecordKind::Fixed && tf.truncate_in(e, tz) != e {
+            let zone = tz.map_or("UTC", |z| z.name());
+            return Err(bad(format!("row {i}: Epoch {e} is not the start of its {tf} interval (timezone {zone}; give --timezone as the server's mkts.yml)")));
         }
         let cur = (e, n);
         if i > 0 && !(if kind == RecordKind::Fixed { prev < cur } else { prev <= cur }) {

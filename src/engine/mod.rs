@@ -106,6 +106,10 @@ pub struct EngineConfig {
     /// A write to an existing bucket that carries columns the bucket lacks adds them (nullable) first,
     /// instead of being refused (`auto_add_columns` in mkts.yml).
     pub auto_add_columns: bool,
+    /// MarketStore's `timezone` (mkts.yml): a fixed bucket of a day or longer (`1D`, `1W`, `1M`, `1Y`)
+    /// stores each row at the start of its interval on this zone's calendar (a `1D` row at the zone's
+    /// midnight, a UTC epoch like every other). `None`: UTC. Sub-day intervals do not depend on it.
+    pub timezone: Option<chrono_tz::Tz>,
 }
 
 impl EngineConfig {
@@ -124,6 +128,7 @@ impl EngineConfig {
             retention: Vec::new(),
             change_window_bytes: 0,
             auto_add_columns: false,
+            timezone: None,
         }
     }
 }
@@ -243,6 +248,8 @@ struct Inner {
     root: PathBuf,
     policy: Policy,
     auto_add_columns: bool,
+    /// [`EngineConfig::timezone`].
+    timezone: Option<chrono_tz::Tz>,
     catalog: RwLock<BTreeMap<BucketKey, Arc<Bucket>>>,
     tx: mpsc::UnboundedSender<Cmd>,
     subscribers: Mutex<Vec<Subscriber>>,
@@ -465,6 +472,7 @@ impl Engine {
             root: root.clone(),
             policy: cfg.policy,
             auto_add_columns: cfg.auto_add_columns,
+            timezone: cfg.timezone,
             catalog: RwLock::new(catalog),
             tx,
             subscribers: Mutex::new(Vec::new()),
@@ -560,6 +568,12 @@ impl Engine {
     /// The data directory.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// The zone of day-and-longer fixed intervals ([`EngineConfig::timezone`]; `None`: UTC): a fixed
+    /// bucket of timeframe `tf` stores a row written at `t` at `tf.truncate_in(t, engine.timezone())`.
+    pub fn timezone(&self) -> Option<chrono_tz::Tz> {
+        self.inner.timezone
     }
 
     /// The active policy.
@@ -661,7 +675,7 @@ impl Engine {
                 (None, Some(s.clone()), Arc::new(s))
             }
         };
-        let rows = normalize::normalize(batch, &schema, key.tf())?;
+        let rows = normalize::normalize(batch, &schema, key.tf(), self.inner.timezone)?;
         let bytes: usize = rows.byte_len();
         if bytes > MAX_WRITE_BYTES {
             return Err(EngineError::InvalidInput(format!(
@@ -893,7 +907,7 @@ impl Engine {
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             let Some(b) = self.bucket(&key) else { continue };
-            out.push(read_bucket(&b, req)?);
+            out.push(read_bucket(&b, req, self.inner.timezone)?);
         }
         Ok(out)
     }
@@ -972,7 +986,7 @@ impl Engine {
                 let Some(b) = self.bucket(&key) else {
                     return Err(EngineError::NotFound(format!("{key} (a replicated write before its create)")));
                 };
-                let rows = normalize::normalize(batch, &b.schema, key.tf())?;
+                let rows = normalize::normalize(batch, &b.schema, key.tf(), self.inner.timezone)?;
                 let prepared = PreparedWrite { key, created_lsn: Some(b.created_lsn), schema: b.schema.clone(), create: None, rows };
                 self.queue_write(prepared, from).await.map(|_| ())
             }

@@ -8,7 +8,8 @@
 //!   (values that do not fit are rejected); bool and string columns must be sent as bool and string;
 //!   timestamps may be cast to a finer unit, never a coarser one; dictionary columns are stored as their values.
 //! - Nulls only in nullable columns; `Epoch` and `Nanoseconds` are never null.
-//! - Fixed buckets: Epoch is truncated to the interval start and the last row of an interval wins.
+//! - Fixed buckets: Epoch is truncated to the interval start (days and longer on the calendar of
+//!   `EngineConfig::timezone`) and the last row of an interval wins.
 //! - Variable buckets: rows are stably sorted by (Epoch, Nanoseconds); duplicates are kept.
 
 use std::sync::Arc;
@@ -230,7 +231,7 @@ fn reinterpret<T: adt::ArrowPrimitiveType>(arr: &ArrayRef) -> ArrayRef {
 }
 
 /// Validate and convert `batch` to the rows `schema` stores, sorted and (fixed) deduplicated.
-pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> Result<Rows> {
+pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe, tz: Option<chrono_tz::Tz>) -> Result<Rows> {
     let bs = batch.schema();
     let mismatch = |reason: String| EngineError::SchemaMismatch {
         incoming: names_of(batch),
@@ -279,7 +280,7 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe) -> R
         });
     } else {
         for s in secs.iter_mut() {
-            *s = tf.truncate(*s);
+            *s = tf.truncate_in(*s, tz);
         }
     }
 

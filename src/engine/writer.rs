@@ -472,7 +472,7 @@ impl Writer {
             if inner.damaged.read().contains_key(&key.to_string()) {
                 continue;
             }
-            let read = super::bucket::read_bucket(&b, &ReadRequest::key(&key))?;
+            let read = super::bucket::read_bucket(&b, &ReadRequest::key(&key), inner.timezone)?;
             buckets.push(CapturedBucket { key, schema: (*b.schema).clone(), batches: read.batches });
         }
         Ok(Captured { lsn, buckets })

@@ -232,7 +232,7 @@ async fn connect(t: &Target) -> Result<Client, MigrateError> {
         },
         (None, Some(d)) => {
             std::fs::create_dir_all(d).map_err(|e| MigrateError::Io { path: d.clone(), source: e })?;
-            Client::open(d).map_err(dest)
+            Client::open_in_zone(d, t.settings.tz).map_err(dest)
         }
         (None, None) => Err(MigrateError::Config("no destination".into())),
     }

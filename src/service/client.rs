@@ -74,6 +74,11 @@ impl Client {
         self.service.sql(&self.caller, text).await
     }
 
+    /// The server's `timezone` for day-and-longer intervals ([`crate::engine::Engine::timezone`]).
+    pub fn timezone(&self) -> Option<chrono_tz::Tz> {
+        self.service.engine().timezone()
+    }
+
     /// [`Service::get_info`] as this caller.
     pub fn info(&self, key: &BucketKey) -> Result<BucketInfo, ServiceError> {
         self.service.get_info(&self.caller, key)

@@ -6,6 +6,9 @@ midnight in the configured zone and an `M` window on the 1st of the month there;
 `Min`, `H`, `W`) is Go's `Time.Truncate`, a multiple of the duration in absolute time, whatever the zone.
 The expected windows are computed here from those rules with zoneinfo, independently of the server.
 Storage stays UTC epochs: the rows read back are the rows written.
+
+A fixed `1D` bucket stores a row at the zone's midnight of its local date, as MarketStore's slot index
+(`dayOfYear` in the zone, utils/io/timeindex.go).
 """
 from __future__ import annotations
 
@@ -83,3 +86,56 @@ def test_intraday_candles_are_absolute_as_go_truncate(cli):
 def test_rows_are_stored_as_utc_epochs(cli):
     a = cli.query(pymkts.Params("A", "1Min", "OHLCV")).first().array
     assert a["Epoch"].tolist() == (T0 + 60 * np.arange(N)).tolist()
+
+
+def utc(y, mo, d, h=0, mi=0):
+    return int(dt.datetime(y, mo, d, h, mi, tzinfo=dt.timezone.utc).timestamp())
+
+
+def test_fixed_1d_bucket_stores_rows_at_new_york_midnight(cli, kind):
+    # Each row lands at the New York midnight of its New York date; the last row of a day wins.
+    written = [utc(2024, 1, 2, 0, 0),    # 2024-01-01 19:00 EST -> Jan 1
+               utc(2024, 1, 2, 4, 59),   # 2024-01-01 23:59 EST -> Jan 1 (wins)
+               utc(2024, 1, 2, 5, 0),    # 2024-01-02 00:00 EST -> Jan 2
+               utc(2024, 3, 10, 12, 0),  # spring forward: the day starts at 05:00 UTC
+               utc(2024, 3, 11, 3, 59),  # 2024-03-10 23:59 EDT -> Mar 10 (wins)
+               utc(2024, 7, 2, 3, 0),    # 2024-07-01 23:00 EDT -> Jul 1
+               utc(2024, 11, 3, 23, 0)]  # fall back: 2024-11-03 18:00 EST -> Nov 3, 04:00 UTC
+    a = np.zeros(len(written), dtype=OHLCV)
+    a["Epoch"] = written
+    a["Open"] = np.arange(len(written), dtype="f4")
+    a["Close"] = a["Open"]
+    a["Volume"] = 1
+    ok_write(kind, cli.write(a, "D/1D/OHLCV"))
+    r = cli.query(pymkts.Params("D", "1D", "OHLCV"))
+    got = r.first().array
+    want = {}
+    for i, t in enumerate(written):
+        want[ny_midnight(t)] = float(i)
+    assert got["Epoch"].tolist() == sorted(want)
+    assert got["Epoch"].tolist() == [utc(2024, 1, 1, 5), utc(2024, 1, 2, 5), utc(2024, 3, 10, 5),
+                                    utc(2024, 7, 1, 4), utc(2024, 11, 3, 4)]
+    assert got["Open"].tolist() == [want[e] for e in sorted(want)]
+    # A range starting inside a New York day includes that day's bar.
+    r = cli.query(pymkts.Params("D", "1D", "OHLCV", start=utc(2024, 3, 10, 20), end=utc(2024, 7, 2)))
+    assert r.first().array["Epoch"].tolist() == [utc(2024, 3, 10, 5), utc(2024, 7, 1, 4)]
+
+
+def test_integrity_checks_day_rows_in_the_servers_zone(server_factory):
+    # 1D rows at New York midnight are interval starts under --timezone America/New_York, not under UTC.
+    import subprocess
+    from conftest import mkts_bin
+
+    srv = server_factory(config_extra="timezone: America/New_York\n")
+    cli = pymkts.Client(srv.rpc_url)
+    a = np.zeros(2, dtype=OHLCV)
+    a["Epoch"] = [utc(2024, 1, 2, 12), utc(2024, 1, 3, 12)]
+    ok_write("rpc", cli.write(a, "D/1D/OHLCV"))
+    assert cli.query(pymkts.Params("D", "1D", "OHLCV")).first().array["Epoch"].tolist() == [utc(2024, 1, 2, 5), utc(2024, 1, 3, 5)]
+    assert srv.stop() == 0
+    ok = subprocess.run([mkts_bin(), "tool", "integrity", str(srv.root), "--timezone", "America/New_York"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "intact" in ok.stdout
+    bad = subprocess.run([mkts_bin(), "tool", "integrity", str(srv.root)], capture_output=True, text=True)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "is not the start of its 1D interval (timezone UTC; give --timezone" in bad.stdout

@@ -121,6 +121,36 @@ impl Timeframe {
         self.next_wall(start).unwrap_or(i64::MAX)
     }
 
+    /// Start (UTC seconds) of the window containing `t` with days, weeks, months and years on the wall
+    /// clock of `tz` (its midnight, Monday, 1st and Jan 1, DST-aware: the same windows as
+    /// [`Bucketer`] draws for them); seconds, minutes and hours, and `tz = None`, as
+    /// [`Timeframe::truncate`]. This is how MarketStore's `timezone` places day-and-longer intervals.
+    /// A time outside the calendar's range is returned unchanged.
+    ///
+    /// ```
+    /// use mkts_udf::Timeframe;
+    /// let ny = Some(chrono_tz::America::New_York);
+    /// let d = Timeframe::parse("1D").unwrap();
+    /// assert_eq!(d.truncate_in(1_704_153_600, ny), 1_704_085_200); // 2024-01-02 00:00Z → 2024-01-01 00:00 EST
+    /// assert_eq!(d.window_end_in(1_704_085_200, ny), 1_704_171_600);
+    /// assert_eq!(Timeframe::parse("1H").unwrap().truncate_in(1_704_153_601, ny), 1_704_153_600);
+    /// ```
+    pub fn truncate_in(&self, t: i64, tz: Option<Tz>) -> i64 {
+        match tz {
+            Some(tz) if !self.is_sub_day() => calendar_range(*self, tz, t).map(|(start, _)| start).unwrap_or(t),
+            _ => self.truncate(t),
+        }
+    }
+
+    /// End (exclusive, UTC seconds) of the window that starts at `start`, as [`Timeframe::truncate_in`]
+    /// draws them; `i64::MAX` past the calendar.
+    pub fn window_end_in(&self, start: i64, tz: Option<Tz>) -> i64 {
+        match tz {
+            Some(tz) if !self.is_sub_day() => calendar_range(*self, tz, start).map(|(_, end)| end).unwrap_or(i64::MAX),
+            _ => self.window_end(start),
+        }
+    }
+
     /// Build a timeframe; `n` must be ≥ 1.
     pub fn new(n: i64, unit: Unit) -> Result<Self> {
         if !(1..=1_000_000).contains(&n) {
@@ -480,5 +510,30 @@ mod tests {
         assert_eq!(b("3M", "2024-05-15 12:00:00"), ts("2024-04-01 00:00:00"));
         assert_eq!(b("1Y", "2024-05-15 12:00:00"), ts("2024-01-01 00:00:00"));
         assert_eq!(b("1H", "1969-12-31 23:30:00"), ts("1969-12-31 23:00:00"));
+    }
+
+    /// `truncate_in`/`window_end_in` under New York: days from local midnight across both DST changes
+    /// (23- and 25-hour days), weeks from Monday local midnight, months from the local 1st; hours are
+    /// multiples of an hour from the Unix epoch in any zone; no zone is `truncate`.
+    #[test]
+    fn zoned_intervals() {
+        let ny = Some(chrono_tz::America::New_York);
+        let tf = |s: &str| s.parse::<Timeframe>().unwrap_or(Timeframe { n: 1, unit: Unit::Sec });
+        let d = tf("1D");
+        // 2024-03-10 (spring forward): 05:00Z to 04:00Z next day.
+        assert_eq!(d.truncate_in(ts("2024-03-10 12:00:00"), ny), ts("2024-03-10 05:00:00"));
+        assert_eq!(d.window_end_in(ts("2024-03-10 05:00:00"), ny), ts("2024-03-11 04:00:00"));
+        // 2024-11-03 (fall back): 04:00Z to 05:00Z next day.
+        assert_eq!(d.truncate_in(ts("2024-11-04 04:59:59"), ny), ts("2024-11-03 04:00:00"));
+        assert_eq!(d.window_end_in(ts("2024-11-03 04:00:00"), ny), ts("2024-11-04 05:00:00"));
+        // 00:00Z is the evening before in New York.
+        assert_eq!(d.truncate_in(ts("2024-07-02 00:00:00"), ny), ts("2024-07-01 04:00:00"));
+        assert_eq!(d.truncate_in(ts("2024-07-02 00:00:00"), None), ts("2024-07-02 00:00:00"));
+        // Monday 2024-07-01 00:00 EDT.
+        assert_eq!(tf("1W").truncate_in(ts("2024-07-08 03:59:59"), ny), ts("2024-07-01 04:00:00"));
+        assert_eq!(tf("1M").truncate_in(ts("2024-07-01 03:00:00"), ny), ts("2024-06-01 04:00:00"));
+        assert_eq!(tf("1M").window_end_in(ts("2024-06-01 04:00:00"), ny), ts("2024-07-01 04:00:00"));
+        assert_eq!(tf("4H").truncate_in(ts("2024-07-01 05:00:00"), ny), ts("2024-07-01 04:00:00"));
+        assert_eq!(tf("4H").window_end_in(ts("2024-07-01 04:00:00"), ny), ts("2024-07-01 08:00:00"));
     }
 }
