@@ -1,9 +1,9 @@
 //! The NASDAQ (US equities) regular-session calendar behind `filter: nasdaq`.
 //!
-//! Regular hours are 09:30–16:00 America/New_York (13:00 on early-close days), evaluated in New York time
-//! whatever the server's `timezone` (MarketStore silently disabled the filter unless the server ran in New
-//! York time). Holidays follow the exchanges' rules and are computed, not listed, so the calendar does not
-//! run out: New Year's Day, Martin Luther King Jr. Day (from 1998), Washington's Birthday, Good Friday,
+//! Regular hours are 09:30–16:00 America/New_York (13:00 on early-close days), evaluated in New York time.
+//! `ondiskagg` applies the filter only when the server's `timezone` is America/New_York, as MarketStore
+//! (which warned and disabled it otherwise). Holidays follow the exchanges' rules and are computed, not
+//! listed, so the calendar does not run out: New Year's Day, Martin Luther King Jr. Day (from 1998), Washington's Birthday, Good Friday,
 //! Memorial Day, Juneteenth (from 2022), Independence Day, Labor Day, Thanksgiving and Christmas, with
 //! Saturday holidays observed on Friday and Sunday holidays on Monday (except New Year's Day on a Saturday,
 //! which is not observed). Unscheduled closures since 1990 (national mournings, 9/11, Hurricane Sandy) are

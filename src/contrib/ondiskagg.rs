@@ -16,8 +16,10 @@
 //!
 //! **Windows and labels.** A bar covers `[start, start + D)` and is labelled with `start` (left-closed,
 //! left-labelled: pandas' `resample(D)` default for minutes, hours and days). Windows are the engine's own
-//! intervals: minutes/hours aligned to the Unix epoch, days to UTC midnight, weeks to Monday 00:00 UTC,
-//! months and years to the UTC calendar (MarketStore issue #184: a 5Min bar labelled 09:30 holds 09:30–09:34).
+//! intervals ([`Timeframe::truncate_in`] in [`crate::engine::Engine::timezone`]): minutes and hours aligned
+//! to the Unix epoch; days, weeks (from Monday), months and years on the calendar of the server's
+//! `timezone` (midnight in that zone, UTC by default), as MarketStore draws day-and-longer windows in its
+//! zone (MarketStore issue #184: a 5Min bar labelled 09:30 holds 09:30–09:34).
 //!
 //! **Bars → bars** (the base schema has `Open`, `High`, `Low`, `Close`): `Open` = first, `High` = max,
 //! `Low` = min, `Close` = last, `Volume` = sum; every other column takes the window's last value, unless
@@ -29,8 +31,9 @@
 //! `Size`, optional), in tick order (time, then arrival).
 //!
 //! **`filter: nasdaq`** keeps, for destinations of one day or longer, only rows inside the NASDAQ regular
-//! session ([`Nasdaq`](super::calendar::Nasdaq), New York time whatever the server timezone), as
-//! MarketStore does; intraday destinations aggregate every row.
+//! session ([`Nasdaq`](super::calendar::Nasdaq)); intraday destinations aggregate every row. As in
+//! MarketStore, the filter applies only when the server's `timezone` is `America/New_York` (the calendar's
+//! zone): under any other zone (UTC included) a warning is logged at start and no row is filtered.
 //!
 //! **Scale** (MarketStore issue #183, 1,500 symbols of 1Min bars). `fire` only records the dirty time range
 //! of the bucket (merged per bucket) and returns; a fixed set of workers (`workers`, default 2) recomputes
@@ -187,11 +190,13 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Aggregate rows (in time order) into windows of `tf`, keeping only windows starting in `[w_lo, w_hi]`.
+/// Aggregate rows (in time order) into windows of `tf` (days and longer on the calendar of `tz`, as
+/// [`Timeframe::truncate_in`]), keeping only windows starting in `[w_lo, w_hi]`.
 /// Returns `None` when nothing remains. This is the pure core: no engine involved.
 pub async fn aggregate_batches(
     batches: &[RecordBatch],
     tf: Timeframe,
+    tz: Option<chrono_tz::Tz>,
     w_lo: i64,
     w_hi: i64,
     session_filter: bool,
@@ -228,7 +233,7 @@ pub async fn aggregate_batches(
             .column_by_name(EPOCH)
             .and_then(|c| c.as_primitive_opt::<TimestampSecondType>())
             .ok_or_else(|| ContribError::Aggregate("Epoch column is missing or not timestamp[s]".into()))?;
-        let w: Vec<i64> = ep.values().iter().map(|t| tf.truncate(*t)).collect();
+        let w: Vec<i64> = ep.values().iter().map(|t| tf.truncate_in(*t, tz)).collect();
         let keep: BooleanArray = ep
             .values()
             .iter()
@@ -319,6 +324,12 @@ pub async fn aggregate_batches(
     Ok(Some(arrow::compute::concat_batches(&out_schema, &result)?))
 }
 
+/// Whether `filter: nasdaq` filters under the server zone `tz`: only in the calendar's own zone, as
+/// MarketStore (`None` is UTC).
+fn nasdaq_applies(tz: Option<chrono_tz::Tz>) -> bool {
+    tz == Some(chrono_tz::America::New_York)
+}
+
 /// Windows per read chunk: about a month of windows, at least one (bounds memory per recomputation).
 fn windows_per_chunk(tf: Timeframe) -> i64 {
     let secs = tf.fixed_seconds().unwrap_or(31 * 86400).max(1);
@@ -337,6 +348,7 @@ pub async fn recompute(client: &Client, cfg: &AggConfig, key: &BucketKey, head: 
     let arrow_schema = schema.arrow_schema();
     let has = |n: &str| arrow_schema.column_with_name(n).is_some();
     let ticks = !["Open", "High", "Low", "Close"].iter().all(|c| has(c));
+    let tz = client.timezone();
     let mut written = 0;
     for (dname, dtf) in &cfg.destinations {
         // Bars only aggregate upwards; never write a bucket onto itself.
@@ -347,9 +359,9 @@ pub async fn recompute(client: &Client, cfg: &AggConfig, key: &BucketKey, head: 
         if &dkey == key {
             continue;
         }
-        let session_filter = cfg.filter == Some(Filter::Nasdaq) && dtf.nominal_nanos() >= 86_400_000_000_000;
-        let first_w = dtf.truncate(head);
-        let last_w = dtf.truncate(tail);
+        let session_filter = cfg.filter == Some(Filter::Nasdaq) && nasdaq_applies(tz) && dtf.nominal_nanos() >= 86_400_000_000_000;
+        let first_w = dtf.truncate_in(head, tz);
+        let last_w = dtf.truncate_in(tail, tz);
         let per = windows_per_chunk(*dtf);
         let mut ws = first_w;
         while ws <= last_w {
@@ -358,7 +370,7 @@ pub async fn recompute(client: &Client, cfg: &AggConfig, key: &BucketKey, head: 
             let mut chunk_last = ws;
             for _ in 0..per {
                 chunk_last = we;
-                we = dtf.window_end(we);
+                we = dtf.window_end_in(we, tz);
                 if we > last_w {
                     break;
                 }
@@ -372,7 +384,7 @@ pub async fn recompute(client: &Client, cfg: &AggConfig, key: &BucketKey, head: 
                 Err(e) => return Err(e.into()),
             };
             let batches: Vec<RecordBatch> = read.parts.into_iter().flat_map(|r| r.batches).collect();
-            if let Some(bars) = aggregate_batches(&batches, *dtf, ws, chunk_last, session_filter, cfg).await? {
+            if let Some(bars) = aggregate_batches(&batches, *dtf, tz, ws, chunk_last, session_filter, cfg).await? {
                 drop(batches);
                 let n = bars.num_rows();
                 client.write(&WriteRequest { key: dkey.clone(), batch: bars, variable: Some(false) }).await?;
@@ -438,6 +450,14 @@ impl OnDiskAgg {
 
     /// Spawn the workers on the current tokio runtime. They run until the runtime stops.
     pub fn start(&self, client: Client) {
+        let tz = client.timezone();
+        if self.shared.cfg.filter == Some(Filter::Nasdaq) && !nasdaq_applies(tz) {
+            tracing::warn!(
+                "ondiskagg: filter: nasdaq applies only when the server's timezone is America/New_York (as in MarketStore); \
+                 timezone is {}, so no rows are filtered",
+                tz.map_or("UTC", |z| z.name())
+            );
+        }
         for i in 0..self.shared.cfg.workers {
             let (s, e) = (self.shared.clone(), client.clone());
             tokio::spawn(async move { worker(i, s, e).await });
@@ -664,7 +684,7 @@ mod tests {
         let b = bars(&ep, &[1., 2., 3., 4., 5., 6., 7.], &[10., 20., 30., 40., 50., 60., 70.], &[0.5, 1.5, 0.1, 3.5, 4.5, 5.5, 6.5], &[1.1, 2.1, 3.1, 4.1, 5.1, 6.1, 7.1], &[1, 2, 3, 4, 5, 6, 7]);
         let c = cfg(serde_json::json!({"destinations": ["5Min"]}));
         let tf = Timeframe::parse("5Min").unwrap();
-        let out = aggregate_batches(&[b], tf, 0, i64::MAX, false, &c).await.unwrap().unwrap();
+        let out = aggregate_batches(&[b], tf, None, 0, i64::MAX, false, &c).await.unwrap().unwrap();
         assert_eq!(out.num_rows(), 2);
         let e = out.column(0).as_primitive::<arrow::datatypes::Int64Type>();
         assert_eq!(e.values().to_vec(), vec![t0, t0 + 300]);
@@ -698,7 +718,7 @@ mod tests {
         )
         .unwrap();
         let c = cfg(serde_json::json!({"destinations": ["1Min"]}));
-        let out = aggregate_batches(&[b], Timeframe::parse("1Min").unwrap(), 0, i64::MAX, false, &c).await.unwrap().unwrap();
+        let out = aggregate_batches(&[b], Timeframe::parse("1Min").unwrap(), None, 0, i64::MAX, false, &c).await.unwrap().unwrap();
         assert_eq!(out.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(), vec!["Epoch", "Open", "High", "Low", "Close"]);
         let f = |i: usize| out.column(i).as_any().downcast_ref::<Float64Array>().unwrap().values().to_vec();
         assert_eq!(f(1), vec![3.0, 9.0]);
@@ -713,7 +733,7 @@ mod tests {
         let ep = [1_704_204_000, 1_704_205_800, 1_704_225_540, 1_704_549_600];
         let b = bars(&ep, &[1., 2., 3., 4.], &[5., 6., 7., 8.], &[1., 2., 3., 4.], &[1., 2., 3., 4.], &[10, 20, 30, 40]);
         let c = cfg(serde_json::json!({"destinations": ["1D"], "filter": "nasdaq"}));
-        let out = aggregate_batches(&[b], Timeframe::parse("1D").unwrap(), 0, i64::MAX, true, &c).await.unwrap().unwrap();
+        let out = aggregate_batches(&[b], Timeframe::parse("1D").unwrap(), None, 0, i64::MAX, true, &c).await.unwrap().unwrap();
         assert_eq!(out.num_rows(), 1);
         assert_eq!(out.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 1_704_153_600);
         assert_eq!(out.column(1).as_any().downcast_ref::<Float32Array>().unwrap().value(0), 2.0);
@@ -728,9 +748,9 @@ mod tests {
         ]));
         let b = RecordBatch::try_new(schema, vec![Arc::new(TimestampSecondArray::from(vec![60]).with_timezone("UTC")), Arc::new(Float64Array::from(vec![1.0]))]).unwrap();
         let c = cfg(serde_json::json!({"destinations": ["5Min"]}));
-        assert!(aggregate_batches(&[b], Timeframe::parse("5Min").unwrap(), 0, i64::MAX, false, &c).await.is_err());
+        assert!(aggregate_batches(&[b], Timeframe::parse("5Min").unwrap(), None, 0, i64::MAX, false, &c).await.is_err());
         let c = cfg(serde_json::json!({"destinations": ["5Min"], "price_column": "Bid"}));
-        assert!(aggregate_batches(&[b_clone()], Timeframe::parse("5Min").unwrap(), 0, i64::MAX, false, &c).await.unwrap().is_some());
+        assert!(aggregate_batches(&[b_clone()], Timeframe::parse("5Min").unwrap(), None, 0, i64::MAX, false, &c).await.unwrap().is_some());
     }
 
     fn b_clone() -> RecordBatch {

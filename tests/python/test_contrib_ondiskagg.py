@@ -2,7 +2,8 @@
 
 The 5Min/1H/1D buckets must equal `DataFrame.resample(D, label="left", closed="left")` of the stored 1Min bars
 (first/max/min/last/sum), including out-of-order batches and overwritten bars; ticks aggregate into bars;
-`filter: nasdaq` keeps only regular-session minutes in daily bars; a WebSocket subscriber and a Flight
+`filter: nasdaq` under this UTC server is warned and filters nothing, as MarketStore (it applies only under
+`timezone: America/New_York`: test_marketstore_timezone.py); a WebSocket subscriber and a Flight
 subscription receive the stream trigger's pushes.
 """
 from __future__ import annotations
@@ -212,12 +213,10 @@ def test_ondiskagg_matches_pandas_and_streams(server_factory):
     want5["Volume"] = want5["Volume"].astype("u8")
     wait_equal(c, "TCK/5Min/OHLCV", want5)
 
-    # filter: nasdaq — daily bars from the regular session only (2024-01-02 EST: 14:30–21:00 UTC).
+    # filter: nasdaq under timezone UTC: as MarketStore, a start-up warning and every row aggregated.
     put(c, "NQA/1Min/NQ", frame(full))
-    session = full[(full.index.tz_convert("America/New_York").time >= pd.Timestamp("09:30").time())
-                   & (full.index.tz_convert("America/New_York").time < pd.Timestamp("16:00").time())]
-    session = session[session.index.tz_convert("America/New_York").dayofweek < 5]
-    wait_equal(c, "NQA/1D/NQ", resample(session, "1D"))
+    wait_equal(c, "NQA/1D/NQ", resample(full, "1D"))
+    assert "filter: nasdaq applies only when the server's timezone is America/New_York" in srv.log()
 
     # Stream: the newest row of each write reaches /ws (1Min at once; complete 5Min bars too) and Flight.
     last = full.index[-1]

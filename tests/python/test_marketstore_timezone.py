@@ -8,7 +8,8 @@ The expected windows are computed here from those rules with zoneinfo, independe
 Storage stays UTC epochs: the rows read back are the rows written.
 
 A fixed `1D` bucket stores a row at the zone's midnight of its local date, as MarketStore's slot index
-(`dayOfYear` in the zone, utils/io/timeindex.go).
+(`dayOfYear` in the zone, utils/io/timeindex.go), and the ondiskagg trigger draws day windows there;
+`filter: nasdaq` applies (MarketStore applies it only in the calendar's own zone).
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import datetime as dt
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import pandas as pd
+import pyarrow.flight as fl
 import pymarketstore as pymkts
 import pytest
 
+from test_contrib_ondiskagg import D0, frame, minute_bars, put, resample, wait_equal
 from test_pymarketstore import ok_write, OHLCV
 
 NY = ZoneInfo("America/New_York")
@@ -119,6 +123,40 @@ def test_fixed_1d_bucket_stores_rows_at_new_york_midnight(cli, kind):
     # A range starting inside a New York day includes that day's bar.
     r = cli.query(pymkts.Params("D", "1D", "OHLCV", start=utc(2024, 3, 10, 20), end=utc(2024, 7, 2)))
     assert r.first().array["Epoch"].tolist() == [utc(2024, 3, 10, 5), utc(2024, 7, 1, 4)]
+
+
+ONDISKAGG_NY = """timezone: America/New_York
+triggers:
+  - module: ondiskagg
+    on: "*/1Min/OHLCV"
+    config:
+      destinations: [1H, 1D]
+  - module: ondiskagg
+    on: "*/1Min/NQ"
+    config:
+      destinations: [1D]
+      filter: nasdaq
+"""
+
+
+def test_ondiskagg_day_windows_and_nasdaq_filter_in_new_york(server_factory):
+    srv = server_factory(config_extra=ONDISKAGG_NY)
+    c = fl.FlightClient(srv.flight_url)
+    full = minute_bars(D0, 3 * 1440, seed=7)  # 2024-01-02 .. 2024-01-04 UTC
+    put(c, "AAPL/1Min/OHLCV", frame(full))
+    ny = full.tz_convert("America/New_York")
+    days = resample(ny, "1D").tz_convert("UTC")
+    # Four New York days (Jan 1 evening .. Jan 4 evening), each at its New York midnight.
+    assert [int(t.timestamp()) for t in days.index] == [utc(2024, 1, d, 5) for d in (1, 2, 3, 4)]
+    wait_equal(c, "AAPL/1D/OHLCV", days)
+    wait_equal(c, "AAPL/1H/OHLCV", resample(full, "1h"))  # hours: absolute, as in UTC
+
+    # filter: nasdaq in the calendar's own zone: the regular session only (09:30-16:00 New York).
+    put(c, "NQA/1Min/NQ", frame(full))
+    t = ny.index
+    session = ny[(t.time >= pd.Timestamp("09:30").time()) & (t.time < pd.Timestamp("16:00").time()) & (t.dayofweek < 5)]
+    wait_equal(c, "NQA/1D/NQ", resample(session, "1D").tz_convert("UTC"))
+    assert "filter: nasdaq applies only" not in srv.log()
 
 
 def test_integrity_checks_day_rows_in_the_servers_zone(server_factory):
