@@ -167,7 +167,7 @@ pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
     "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention", "tls", "auth",
-    "utilities_url", "auto_add_columns",
+    "utilities_url", "auto_add_columns", "local_socket",
 ];
 
 /// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
@@ -208,6 +208,9 @@ pub struct Config {
     pub enable_remove: bool,
     /// A write that carries columns its existing bucket lacks adds them (nullable) instead of being refused.
     pub auto_add_columns: bool,
+    /// `local_socket` as written: `None` = `$TMPDIR/mkts-<hash of the root's absolute path>.sock`, `""` or `off` = no same-host reads
+    /// (see [`Config::local_socket_path`]).
+    pub local_socket: Option<String>,
     pub queryable: bool,
     /// Memory all SQL statements together may hold, in MB (mkts extension; default a quarter of physical
     /// memory). A statement needing more fails with a clear error; the server stays up.
@@ -252,6 +255,7 @@ impl Default for Config {
             enable_add: true,
             enable_remove: true,
             auto_add_columns: false,
+            local_socket: None,
             queryable: true,
             sql_memory_limit_mb: None,
             plugin_dir: PathBuf::from("plugins"),
@@ -402,6 +406,7 @@ impl Config {
                 "enable_add" => c.enable_add = parse_bool(k, &sc(k, v)?)?,
                 "enable_remove" => c.enable_remove = parse_bool(k, &sc(k, v)?)?,
                 "auto_add_columns" => c.auto_add_columns = parse_bool(k, &sc(k, v)?)?,
+                "local_socket" => c.local_socket = Some(sc(k, v)?.as_string()),
                 "queryable" => c.queryable = parse_bool(k, &sc(k, v)?)?,
                 // Accepted (and checked as MarketStore checks them), but without effect: say so.
                 "wal_rotate_interval" => ignored(k, parse_int::<u64>(k, &sc(k, v)?), &mut c.warnings)?,
@@ -472,6 +477,24 @@ impl Config {
     }
 
     /// `host:port` to bind for HTTP.
+    /// The Unix socket of same-host reads ([`crate::local`]), `None` when switched off.
+    pub fn local_socket_path(&self) -> Option<PathBuf> {
+        match self.local_socket.as_deref().map(str::trim) {
+            // Outside the data directory (copies and backups of a root must not meet a socket), named after
+            // it so each root has its own; clients find it with the Flight action `local_socket`.
+            None => {
+                use std::hash::{Hash, Hasher};
+                let abs = std::path::absolute(&self.root_directory).unwrap_or_else(|_| self.root_directory.clone());
+                let mut h = std::hash::DefaultHasher::new();
+                abs.hash(&mut h);
+                Some(std::env::temp_dir().join(format!("mkts-{:016x}.sock", h.finish())))
+            }
+            // YAML 1.1 reads a bare `off` as false.
+            Some("") | Some("off") | Some("false") => None,
+            Some(p) => Some(PathBuf::from(p)),
+        }
+    }
+
     pub fn http_addr(&self) -> String {
         format!("{}:{}", if self.listen_host.is_empty() { "0.0.0.0" } else { &self.listen_host }, self.listen_port)
     }
@@ -902,6 +925,14 @@ triggers:
     #[test]
     fn utilities_url_is_host_and_port() {
         let p = |y: &str| Config::parse(&format!("listen_port: 1\n{y}"), Path::new("."));
+        let d = p("root_directory: /d\n").unwrap().local_socket_path().unwrap();
+        assert!(d.starts_with(std::env::temp_dir()) && d.to_string_lossy().ends_with(".sock"), "{d:?}");
+        assert_eq!(p("root_directory: /d\n").unwrap().local_socket_path(), Some(d.clone()));
+        assert_ne!(p("root_directory: /e\n").unwrap().local_socket_path(), Some(d));
+        assert_eq!(p("local_socket: /run/m.sock\n").unwrap().local_socket_path(), Some(PathBuf::from("/run/m.sock")));
+        for off in ["off", "false", "\"\"", "\"off\""] {
+            assert_eq!(p(&format!("local_socket: {off}\n")).unwrap().local_socket_path(), None, "{off}");
+        }
         assert_eq!(p("utilities_url: localhost:5994\n").unwrap().utilities_url.as_deref(), Some("localhost:5994"));
         assert_eq!(p("utilities_url: \"http://127.0.0.1:5994/\"\n").unwrap().utilities_url.as_deref(), Some("127.0.0.1:5994"));
         assert_eq!(p("utilities_url: \":5994\"\n").unwrap().utilities_url.as_deref(), Some("0.0.0.0:5994"));

@@ -32,6 +32,8 @@ pub struct ServerContext {
     pub replication: Arc<Replication>,
     ready: AtomicBool,
     pub started: Instant,
+    /// The bound socket of same-host reads (absolute path), once listening.
+    pub local_socket: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl ServerContext {
@@ -60,6 +62,7 @@ impl ServerContext {
             replication,
             ready: AtomicBool::new(false),
             started: Instant::now(),
+            local_socket: std::sync::OnceLock::new(),
         })
     }
 

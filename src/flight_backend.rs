@@ -359,6 +359,13 @@ impl EngineFlightBackend {
                 svc.authorize(caller, Access::Read)?;
                 Ok(self.ctx.replication.status_json(&self.ctx.engine))
             }
+            "local_socket" => {
+                svc.authorize(caller, Access::Read)?;
+                match self.ctx.local_socket.get() {
+                    Some(p) => Ok(json!({ "path": p.display().to_string() })),
+                    None => Err(ServiceError::new(crate::service::ErrorCode::NotFound, "this server offers no same-host reads (local_socket is off or could not be bound)")),
+                }
+            }
             "plugins" => {
                 svc.authorize(caller, Access::Read)?;
                 let list: Vec<serde_json::Value> = self.ctx.metrics.plugins().iter().map(|p| p.summary()).collect();

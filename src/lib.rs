@@ -24,6 +24,7 @@ pub mod flight_sql;
 /// Entry points of the fuzz targets (`fuzz/`) and their replay test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod local;
 pub mod metrics;
 /// `mkts import-marketstore`: reads MarketStore's files; used only by the binary.
 pub mod migrate;

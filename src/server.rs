@@ -82,6 +82,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Some(a) => Some(bind(a, "utilities_url").await?),
         None => None,
     };
+    // Same-host reads: a socket in use by a live server is an error like a port in use; one that cannot be
+    // made (a read-only directory, a path too long) only costs the fast path, so it is a warning.
+    let local_listener = match config.local_socket_path() {
+        Some(p) => match crate::local::bind(&p).await {
+            Ok(l) => Some((l, p)),
+            Err(crate::local::BindError::InUse(e)) => return Err(anyhow!(e)),
+            Err(crate::local::BindError::Unusable(e)) => {
+                tracing::warn!("same-host reads off: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let http_addr = http_listener.local_addr()?;
     let utilities_addr = utilities_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let replication_addr = replication_listener.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -163,6 +176,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 tracing::error!("gRPC server failed: {e}");
             }
         }));
+    }
+
+    if let Some((listener, path)) = local_listener {
+        let abs = if path.is_absolute() { path.clone() } else { std::env::current_dir().map(|d| d.join(&path)).unwrap_or_else(|_| path.clone()) };
+        let _ = ctx.local_socket.set(abs);
+        tasks.push(tokio::spawn(crate::local::serve(ctx.clone(), listener, path, shutdown_rx.clone())));
     }
 
     // Replication: serve the master's port, or follow the master.

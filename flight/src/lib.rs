@@ -202,6 +202,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("list_symbols", "List symbols ({\"format\": \"symbol\"}, default) or full keys ({\"format\": \"tbk\"})"),
     ("server_version", "The server version"),
     ("replication_status", "Replication role and links: on a master each replica's acknowledged position, lag in records and ms, connected; on a replica its applied and master positions"),
+    ("local_socket", "The Unix socket of same-host reads ({\"path\"}, absolute), or NOT_FOUND when the server has none; a client on the same machine maps the files of its reads (docs/local-reads.md)"),
     ("plugins", "Configured triggers and background workers with their state: up, fired, dropped, queued, errors, restarts"),
 ];
 

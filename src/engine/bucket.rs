@@ -300,8 +300,29 @@ fn year_start(y: i32) -> i64 {
     Utc.with_ymd_and_hms(y, 1, 1, 0, 0, 0).single().map(|d| d.timestamp()).unwrap_or(i64::MAX)
 }
 
+/// What a read of one bucket covers: the snapshot, the output columns, and `(view index, lo, hi)` row
+/// ranges in order. Shared by [`read_bucket`] and same-host reads ([`super::local`]).
+pub(super) struct Selection {
+    pub snap: Arc<Vec<PartView>>,
+    pub schema: arrow::datatypes::SchemaRef,
+    pub cols: Vec<read::OutCol>,
+    pub ranges: Vec<(usize, usize, usize)>,
+}
+
 /// `tz`: [`super::EngineConfig::timezone`], where day-and-longer intervals start.
 pub(super) fn read_bucket(b: &Bucket, req: &ReadRequest, tz: Option<chrono_tz::Tz>) -> Result<BucketRead> {
+    let Selection { snap, schema, cols, ranges } = select(b, req, tz)?;
+    let mut batches = Vec::with_capacity(ranges.len());
+    let mut rows = 0;
+    for (i, lo, hi) in ranges {
+        read::batches_of(&schema, &cols, &snap[i], lo, hi, &mut batches)?;
+        rows += hi - lo;
+    }
+    Ok(BucketRead { key: b.key.clone(), kind: b.schema.kind, schema, batches, rows })
+}
+
+/// The partitions and row ranges `req` reads from `b` (mapping the partitions it needs).
+pub(super) fn select(b: &Bucket, req: &ReadRequest, tz: Option<chrono_tz::Tz>) -> Result<Selection> {
     let mut snap = b.snapshot();
     let (schema, cols) = read::projection(&b.schema, req.columns.as_deref());
     let mut start = req.start.unwrap_or(TimePoint::MIN);
@@ -355,13 +376,7 @@ pub(super) fn read_bucket(b: &Bucket, req: &ReadRequest, tz: Option<chrono_tz::T
             ranges = kept;
         }
     }
-    let mut batches = Vec::with_capacity(ranges.len());
-    let mut rows = 0;
-    for (i, lo, hi) in ranges {
-        read::batches_of(&schema, &cols, &snap[i], lo, hi, &mut batches)?;
-        rows += hi - lo;
-    }
-    Ok(BucketRead { key: b.key.clone(), kind: b.schema.kind, schema, batches, rows })
+    Ok(Selection { snap, schema, cols, ranges })
 }
 
 /// Keep at most `budget` column files mapped: unmap the least recently used partitions (down to 80% of the

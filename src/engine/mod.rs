@@ -24,6 +24,7 @@ pub mod error;
 mod events; // appended batches to subscribers
 pub mod integrity; // `mkts tool integrity`: read-only checks of a stopped data directory
 pub mod key;
+mod local; // same-host reads: a snapshot's files for another process to map
 mod normalize; // client batches to validated, sorted rows
 pub mod partition; // one year of one bucket: mapped column files, generations, manifest
 mod read; // Arrow arrays over partition views
@@ -48,6 +49,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{EngineError, Result};
+pub use local::{LocalColumn, LocalFile, LocalPiece, LocalRead};
 pub use key::{BucketKey, KeyPattern, KeySelector, TfUnit, Timeframe, DEFAULT_CATEGORIES};
 pub use normalize::infer_schema;
 pub use partition::PartView;
@@ -886,6 +888,17 @@ impl Engine {
     /// Errors with [`EngineError::NotFound`] when no selected bucket exists; a bucket with no rows in range
     /// yields an empty result for that bucket.
     pub fn read(&self, req: &ReadRequest) -> Result<Vec<BucketRead>> {
+        self.selected(req)?.iter().map(|b| read_bucket(b, req, self.inner.timezone)).collect()
+    }
+
+    /// Like [`Engine::read`], but the rows come as the open files of the snapshot for a process on this host
+    /// to map ([`local`]); hot tails and columns not stored in Arrow's layout come as batches.
+    pub fn local_read(&self, req: &ReadRequest) -> Result<Vec<LocalRead>> {
+        self.selected(req)?.iter().map(|b| local::local_bucket(b, req, self.inner.timezone)).collect()
+    }
+
+    /// The buckets a read selects; `NotFound` when none exists.
+    fn selected(&self, req: &ReadRequest) -> Result<Vec<Arc<Bucket>>> {
         if !self.inner.policy.queryable {
             return Err(EngineError::NotAllowed("server is not queryable".into()));
         }
@@ -904,12 +917,7 @@ impl Engine {
             let sym = req.selector.symbols.as_ref().map(|s| s.join(",")).unwrap_or_else(|| "*".into());
             return Err(EngineError::NotFound(format!("{sym}/{}/{}", req.selector.timeframe, req.selector.attr_group)));
         }
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            let Some(b) = self.bucket(&key) else { continue };
-            out.push(read_bucket(&b, req, self.inner.timezone)?);
-        }
-        Ok(out)
+        Ok(keys.iter().filter_map(|k| self.bucket(k)).collect())
     }
 
     /// Follow the changes applied after log position `after` (see [`changes`]): the feed must be on

@@ -177,6 +177,8 @@ pub struct ColBufs {
     pub values: Buffer,
     pub validity: Option<Buffer>,
     pub data: Option<Buffer>,
+    /// The files behind `values`, `validity`, `data` (for same-host readers that map them themselves).
+    pub ids: [Option<Arc<FileId>>; 3],
 }
 
 /// Rows of a view to read: over the mapped files, or over a hot partition's heap tail.
@@ -285,11 +287,31 @@ struct Plane {
     path: PathBuf,
     /// `None` until the partition is first read or written.
     buffer: Option<Buffer>,
+    /// The mapped file's identity (set with `buffer`).
+    id: Option<Arc<FileId>>,
+}
+
+/// Which file a mapped buffer came from: its path and inode. A same-host reader ([`crate::engine::Engine::local_read`])
+/// opens the path and keeps the file only if it is this inode, i.e. the file of the view it was given (a
+/// newer generation's file at a reused path would be another inode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileId {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    fn of(file: &File, path: &Path) -> Result<Arc<FileId>> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata().map_err(|e| EngineError::io(path, e))?;
+        Ok(Arc::new(FileId { path: path.to_path_buf(), dev: m.dev(), ino: m.ino() }))
+    }
 }
 
 impl Plane {
     fn new(path: PathBuf) -> Plane {
-        Plane { path, buffer: None }
+        Plane { path, buffer: None, id: None }
     }
     fn mapped(&self) -> Buffer {
         self.buffer.clone().unwrap_or_else(|| Buffer::from_vec(Vec::<u64>::new()))
@@ -298,6 +320,7 @@ impl Plane {
         if self.buffer.is_none() {
             let file = open_rw(&self.path)?;
             self.buffer = Some(map_file(&file, &self.path)?);
+            self.id = Some(FileId::of(&file, &self.path)?);
         }
         Ok(())
     }
@@ -307,6 +330,7 @@ impl Plane {
         allocate(&file, &self.path, len)?;
         if self.buffer.is_some() {
             self.buffer = Some(map_file(&file, &self.path)?);
+            self.id = Some(FileId::of(&file, &self.path)?);
         }
         Ok(())
     }
@@ -372,7 +396,12 @@ impl ColumnFile {
     }
 
     fn bufs(&self) -> ColBufs {
-        ColBufs { values: self.values.mapped(), validity: self.validity.as_ref().map(Plane::mapped), data: self.data.as_ref().map(Plane::mapped) }
+        ColBufs {
+            values: self.values.mapped(),
+            validity: self.validity.as_ref().map(Plane::mapped),
+            data: self.data.as_ref().map(Plane::mapped),
+            ids: [self.values.id.clone(), self.validity.as_ref().and_then(|p| p.id.clone()), self.data.as_ref().and_then(|p| p.id.clone())],
+        }
     }
 
     fn is_mapped(&self) -> bool {

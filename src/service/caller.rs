@@ -27,6 +27,8 @@ pub enum Interface {
     Plugin,
     /// The CLI on a data directory opened in-process (`--dir`).
     Cli,
+    /// Same-host reads on the Unix socket (`local_socket`).
+    Local,
 }
 
 impl Interface {
@@ -41,6 +43,7 @@ impl Interface {
             Interface::HttpApi => "http_api",
             Interface::Plugin => "plugin",
             Interface::Cli => "cli",
+            Interface::Local => "local",
         }
     }
 }

@@ -180,6 +180,20 @@ impl Service {
         Ok(ReadResult { single, parts })
     }
 
+    /// A same-host read ([`crate::local`]): the open files of `req`'s snapshot for the caller to map, and
+    /// batches for what is not on disk in Arrow's layout. Functions and `epoch_ns` compute new arrays, so
+    /// they are refused here (Flight reads offer both).
+    pub fn local_read(&self, caller: &Caller, req: &ReadRequest) -> Result<Vec<crate::engine::LocalRead>, ServiceError> {
+        if !req.functions.is_empty() {
+            return Err(ServiceError::invalid("functions run on the server: read them over Flight"));
+        }
+        if req.epoch_ns {
+            return Err(ServiceError::invalid("epoch_ns is not offered on same-host reads: the files hold Epoch and Nanoseconds as stored"));
+        }
+        self.authorize(caller, Access::Read)?;
+        Ok(self.engine.local_read(&req.to_engine())?)
+    }
+
     /// Blocking form of [`Service::read`] without `functions`, for threads outside the runtime (plugins).
     pub fn read_blocking(&self, caller: &Caller, req: &ReadRequest) -> Result<ReadResult, ServiceError> {
         if !req.functions.is_empty() {
