@@ -340,15 +340,7 @@ fn load_dir(root: &Path, dir: &Path) -> Found {
 }
 
 fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
-    let bf = dir.join("bucket.json");
-    let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
-    let meta: BucketFile =
-        serde_json::from_str(&text).map_err(|e| EngineError::Corrupt { path: bf.display().to_string(), reason: e.to_string() })?;
-    let key = BucketKey::parse(&meta.key)?;
-    if meta.created_lsn > wal::MAX_LSN {
-        return Err(EngineError::Corrupt { path: bf.display().to_string(), reason: format!("implausible created_lsn {}", meta.created_lsn) });
-    }
-    meta.schema.validate()?;
+    let (key, meta) = checked_bucket_file(dir)?;
     let layouts = Arc::new(physical_layouts(meta.schema.kind, &meta.schema.columns));
     let mut parts = BTreeMap::new();
     for (year, path) in years {
@@ -361,10 +353,14 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
     Ok(b)
 }
 
-
 /// A bucket directory's `bucket.json`: its key and schema, checked as [`load_bucket`] checks them (for
 /// `mkts tool integrity`, which reads without loading).
 pub(super) fn read_bucket_file(dir: &Path) -> Result<(BucketKey, BucketSchema)> {
+    checked_bucket_file(dir).map(|(key, meta)| (key, meta.schema))
+}
+
+/// `bucket.json` parsed, its key, log position and schema checked.
+fn checked_bucket_file(dir: &Path) -> Result<(BucketKey, BucketFile)> {
     let bf = dir.join("bucket.json");
     let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
     let meta: BucketFile =
@@ -374,7 +370,7 @@ pub(super) fn read_bucket_file(dir: &Path) -> Result<(BucketKey, BucketSchema)> 
         return Err(EngineError::Corrupt { path: bf.display().to_string(), reason: format!("implausible created_lsn {}", meta.created_lsn) });
     }
     meta.schema.validate()?;
-    Ok((key, meta.schema))
+    Ok((key, meta))
 }
 
 /// Whether the catalog snapshot passes its checksum and decodes; `None` when there is none.
