@@ -149,7 +149,11 @@ async fn answer(ctx: &ServerContext, body: &[u8]) -> Result<Vec<LocalRead>, Serv
         QueryRequest::Read(r) => r,
         QueryRequest::Sql(_) => return Err(ServiceError::invalid("SQL runs on the server: send it over Flight SQL or a {\"sql\"} Flight ticket")),
     };
-    ctx.service.local_read(&caller, &read)
+    // Opening files (and waiting out a generation switch) blocks: off the async threads.
+    let service = ctx.service.clone();
+    tokio::task::spawn_blocking(move || service.local_read(&caller, &read))
+        .await
+        .map_err(|e| ServiceError::new(ErrorCode::Internal, format!("local read task: {e}")))?
 }
 
 async fn send_error(stream: &mut UnixStream, e: &ServiceError) -> std::io::Result<()> {

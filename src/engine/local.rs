@@ -65,7 +65,12 @@ pub struct LocalFile {
 /// The files (or batches) of `req`'s rows of bucket `b`.
 pub(super) fn local_bucket(b: &Bucket, req: &ReadRequest, tz: Option<chrono_tz::Tz>) -> Result<LocalRead> {
     let mut last_err = None;
-    for _ in 0..OPEN_ATTEMPTS {
+    for attempt in 0..OPEN_ATTEMPTS {
+        if attempt > 0 {
+            // The writer removes a replaced generation before it publishes the view of the new one
+            // (Partition::commit_generation, then Bucket::publish): wait for that publish.
+            std::thread::sleep(std::time::Duration::from_micros(250 << attempt));
+        }
         let sel = select(b, req, tz)?;
         match pieces(&sel) {
             Ok((pieces, rows)) => return Ok(LocalRead { key: b.key.clone(), schema: sel.schema, pieces, rows }),
