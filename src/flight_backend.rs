@@ -225,6 +225,12 @@ impl FlightBackend for EngineFlightBackend {
         Ok(self.ctx.service.write(caller, &w).await.map_err(err)?.rows)
     }
 
+    async fn submit_write(&self, caller: &Caller, key: &str, batch: RecordBatch) -> Result<mkts_flight::PendingAck, BackendError> {
+        let w = WriteRequest::new(parse_key(key).map_err(err)?, batch);
+        let pending = self.ctx.service.submit_write(caller, &w).await.map_err(err)?;
+        Ok(Box::pin(async move { pending.await.map(|ack| ack.rows).map_err(err) }))
+    }
+
     async fn subscribe(&self, caller: &Caller, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError> {
         self.ctx.service.authorize(caller, Access::Read).map_err(err)?;
         let pat = KeyPattern::parse(&req.pattern).map_err(|e| err(e.into()))?;

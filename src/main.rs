@@ -79,8 +79,9 @@ enum ToolCmd {
         #[arg(long)]
         json: bool,
         /// The server's `timezone` (mkts.yml): where fixed buckets of a day or longer start their intervals.
-        #[arg(long, default_value = "UTC")]
-        timezone: String,
+        /// Default: the zone recorded in the data directory (`.timezone`), else UTC.
+        #[arg(long)]
+        timezone: Option<String>,
     },
 }
 
@@ -155,7 +156,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Estimate(args) => Ok(mkts::cli::estimate::run(&args)?),
         Cmd::Tool { tool: ToolCmd::Integrity { root, dir, json, timezone } } => {
             let root = root.or(dir).context("give the data directory")?;
-            let tz = mkts_udf::parse_timezone(Some(&timezone)).map_err(|e| anyhow::anyhow!("--timezone: {e}"))?;
+            let tz = match timezone {
+                Some(z) => mkts_udf::parse_timezone(Some(&z)).map_err(|e| anyhow::anyhow!("--timezone: {e}"))?,
+                None => mkts::engine::recorded_timezone(&root),
+            };
             let rep = mkts::engine::check_integrity(&root, tz).with_context(|| format!("cannot check {}", root.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);

@@ -130,6 +130,13 @@ pub struct BucketListing {
     pub rows: i64,
 }
 
+/// The acknowledgement of a submitted write ([`FlightBackend::submit_write`]): rows stored, once durable.
+pub type PendingAck = futures::future::BoxFuture<'static, Result<usize, BackendError>>;
+
+/// Batches of one DoPut stream handed to the backend but not acknowledged yet, at most (the engine's
+/// write queue bounds their bytes as well).
+const PUT_IN_FLIGHT: usize = 256;
+
 /// What the Flight service needs from the server. Implemented in `mkts` over the engine and SQL.
 ///
 /// Every call is made on behalf of a [`FlightBackend::Caller`], which the backend builds from the gRPC
@@ -154,6 +161,14 @@ pub trait FlightBackend: Send + Sync + 'static {
     async fn describe(&self, caller: &Self::Caller, q: QueryTicket) -> Result<(SchemaRef, Option<i64>), BackendError>;
     /// Durably write one batch to `key`; returns rows stored once they are durable.
     async fn write(&self, caller: &Self::Caller, key: &str, batch: RecordBatch) -> Result<usize, BackendError>;
+    /// [`FlightBackend::write`] in two steps, for a DoPut stream of many batches: check the batch and hand
+    /// it on (writes submitted one after another are applied in that order), then the returned future
+    /// gives the rows stored once they are durable. Batches submitted while earlier ones wait for their
+    /// fsync may share the next one. The default writes fully before returning.
+    async fn submit_write(&self, caller: &Self::Caller, key: &str, batch: RecordBatch) -> Result<PendingAck, BackendError> {
+        let rows = self.write(caller, key, batch).await;
+        Ok(Box::pin(futures::future::ready(rows)))
+    }
     /// Appended batches of keys matching `req.pattern` (`*` per segment), until dropped. `peer` names the
     /// client (its address) for logs.
     async fn subscribe(&self, caller: &Self::Caller, req: SubscribeRequest, peer: &str) -> Result<SubscriptionStream, BackendError>;
@@ -396,21 +411,40 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
         let mut batches = ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input));
         let backend = self.backend.clone();
-        // Each batch is written (durably) before the next is read: the PutResult acknowledges durable rows.
+        // Batches are handed to the backend as they arrive, in order, without waiting for the previous
+        // one's fsync, so a stream of appends shares fsyncs (group commit); one PutResult per batch, in
+        // order, each sent once that batch is durable. After a refused batch the ones before it are still
+        // acknowledged, then the error ends the call; nothing after it is written.
         let out = async_stream(move |tx| async move {
-            while let Some(b) = batches.next().await {
-                let r = match b {
-                    Ok(batch) => backend
-                        .write(&caller, &key, batch)
-                        .await
-                        .map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) })
-                        .map_err(Status::from),
-                    Err(e) => Err(decode_error(e)),
-                };
-                let stop = r.is_err();
-                if tx.send(r).await.is_err() || stop {
-                    break;
+            let ack = |r: Result<usize, BackendError>| r.map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) }).map_err(Status::from);
+            let mut in_flight = futures::stream::FuturesOrdered::new();
+            let mut refused: Option<Status> = None;
+            let mut input_done = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(r) = in_flight.next(), if !in_flight.is_empty() => {
+                        let r = ack(r);
+                        let stop = r.is_err();
+                        if tx.send(r).await.is_err() || stop {
+                            return;
+                        }
+                    }
+                    b = batches.next(), if !input_done && refused.is_none() && in_flight.len() < PUT_IN_FLIGHT => {
+                        match b {
+                            None => input_done = true,
+                            Some(Err(e)) => refused = Some(decode_error(e)),
+                            Some(Ok(batch)) => match backend.submit_write(&caller, &key, batch).await {
+                                Ok(pending) => in_flight.push_back(pending),
+                                Err(e) => refused = Some(Status::from(e)),
+                            },
+                        }
+                    }
+                    else => break,
                 }
+            }
+            if let Some(e) = refused {
+                let _ = tx.send(Err(e)).await;
             }
         });
         Ok(Response::new(out))

@@ -226,7 +226,8 @@ impl Client {
 
     /// Open a data directory in-process.
     pub fn open(dir: &Path) -> anyhow::Result<Client> {
-        Client::open_in_zone(dir, chrono_tz::UTC)
+        // The zone the server that wrote the directory ran with, so day bars land where it put them.
+        Client::open_in_zone(dir, crate::engine::recorded_timezone(dir).unwrap_or(chrono_tz::UTC))
     }
 
     /// [`Client::open`] for a server that runs with `timezone: tz` (where fixed day-and-longer intervals

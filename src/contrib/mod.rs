@@ -123,7 +123,7 @@ pub fn trigger(module: &str, config: &serde_json::Value, client: &Client, bus: &
             a.start(client.clone());
             BuiltinTrigger::OnDiskAgg(a)
         }),
-        "stream" => stream::StreamTrigger::from_config(config, bus.gate().clone()).map(|s| {
+        "stream" => stream::StreamTrigger::from_config(config, bus.gate().clone(), client.timezone()).map(|s| {
             s.start();
             BuiltinTrigger::Stream(s)
         }),

@@ -19,7 +19,8 @@
 //! **Shelf.** Bars of timeframes above 1Min (`5Min`, `1H`, `1D`, typically written by `ondiskagg`) are held
 //! until their window closes — per bucket only the latest version is kept — and pushed once, complete, when
 //! the window ends (for `1D` and longer with `filter: nasdaq`, at that day's NASDAQ close, which MarketStore
-//! only knew on early-close days). A bar whose window has already closed (a backfill, a correction) is
+//! only knew on early-close days). Day-and-longer windows end at midnights of the server's `timezone`, as
+//! MarketStore draws them. A bar whose window has already closed (a backfill, a correction) is
 //! pushed at once; MarketStore dropped those silently. `shelf: false` pushes every write at once.
 //!
 //! **Filter.** With `filter: nasdaq`, rows of intraday timeframes are pushed only when their time is inside
@@ -95,6 +96,9 @@ struct RawConfig {
 pub struct StreamConfig {
     pub filter: Option<Filter>,
     pub shelf: bool,
+    /// The server's `timezone` (not a plugin key): day-and-longer windows close at its midnights, as the
+    /// buckets' own intervals are drawn ([`Timeframe::truncate_in`]). `None` is UTC.
+    pub tz: Option<chrono_tz::Tz>,
 }
 
 impl StreamConfig {
@@ -108,7 +112,7 @@ impl StreamConfig {
                 return Err(ContribError::Config { plugin: PLUGIN, msg: format!("unknown filter {other:?} (only \"nasdaq\")") });
             }
         };
-        Ok(StreamConfig { filter, shelf: raw.shelf.unwrap_or(true) })
+        Ok(StreamConfig { filter, shelf: raw.shelf.unwrap_or(true), tz: None })
     }
 }
 
@@ -129,8 +133,8 @@ pub fn decide(cfg: &StreamConfig, tf: Timeframe, t: i64, now: i64) -> Decision {
     let nasdaq = cfg.filter == Some(Filter::Nasdaq);
     if nasdaq {
         if daily {
-            // A daily bar is labelled with its UTC date; the market day is that date.
-            let date = Utc.timestamp_opt(tf.truncate(t), 0).single().map(|d| d.date_naive());
+            // A daily bar starts at its day's midnight in the server zone; the market day is that date.
+            let date = local_date(tf.truncate_in(t, cfg.tz), cfg.tz);
             if !date.is_some_and(Nasdaq::is_market_day) {
                 return Decision::Drop;
             }
@@ -141,15 +145,24 @@ pub fn decide(cfg: &StreamConfig, tf: Timeframe, t: i64, now: i64) -> Decision {
     if !cfg.shelf || tf.nominal_nanos() <= 60_000_000_000 {
         return Decision::Push;
     }
-    let ws = tf.truncate(t);
-    let mut deadline = tf.window_end(ws);
+    let ws = tf.truncate_in(t, cfg.tz);
+    let mut deadline = tf.window_end_in(ws, cfg.tz);
     if nasdaq && tf == (Timeframe { n: 1, unit: crate::engine::TfUnit::Day }) {
-        let date = Utc.timestamp_opt(ws, 0).single().map(|d| d.date_naive());
+        let date = local_date(ws, cfg.tz);
         if let Some((_, close)) = date.and_then(Nasdaq::session) {
             deadline = close;
         }
     }
     if deadline <= now { Decision::Push } else { Decision::Hold(deadline) }
+}
+
+/// The calendar date of Unix second `t` on the wall clock of `tz` (UTC when `None`).
+fn local_date(t: i64, tz: Option<chrono_tz::Tz>) -> Option<chrono::NaiveDate> {
+    let utc = Utc.timestamp_opt(t, 0).single()?;
+    Some(match tz {
+        Some(tz) => utc.with_timezone(&tz).date_naive(),
+        None => utc.date_naive(),
+    })
 }
 
 /// The `stream` trigger.
@@ -167,9 +180,11 @@ fn now_secs() -> i64 {
 }
 
 impl StreamTrigger {
-    /// Build from the plugin `config:` map, publishing on `hub` (the bus's gate).
-    pub fn from_config(v: &serde_json::Value, hub: Arc<StreamGate>) -> Result<Self, ContribError> {
-        Ok(StreamTrigger { cfg: StreamConfig::from_json(v)?, hub, shelf: Arc::default(), wake: Arc::default() })
+    /// Build from the plugin `config:` map, publishing on `hub` (the bus's gate); `tz` is the server's
+    /// `timezone`.
+    pub fn from_config(v: &serde_json::Value, hub: Arc<StreamGate>, tz: Option<chrono_tz::Tz>) -> Result<Self, ContribError> {
+        let cfg = StreamConfig { tz, ..StreamConfig::from_json(v)? };
+        Ok(StreamTrigger { cfg, hub, shelf: Arc::default(), wake: Arc::default() })
     }
 
     /// Install on the gate (the gated feed now carries only this trigger's pushes) and start the shelf
@@ -254,18 +269,29 @@ mod tests {
 
     #[test]
     fn decisions() {
-        let plain = StreamConfig { filter: None, shelf: true };
+        let plain = StreamConfig { filter: None, shelf: true, tz: None };
         let t = 1_710_167_400; // 2024-03-11 14:30 UTC (10:30 New York)
         assert_eq!(decide(&plain, tf("1Min"), t, t + 5), Decision::Push);
         assert_eq!(decide(&plain, tf("5Min"), t, t + 5), Decision::Hold(t + 300));
         assert_eq!(decide(&plain, tf("5Min"), t, t + 300), Decision::Push);
         assert_eq!(decide(&StreamConfig { shelf: false, ..plain }, tf("1H"), t, t), Decision::Push);
-        let nq = StreamConfig { filter: Some(Filter::Nasdaq), shelf: true };
+        let nq = StreamConfig { filter: Some(Filter::Nasdaq), shelf: true, tz: None };
         assert_eq!(decide(&nq, tf("1Min"), t - 4 * 3600, t), Decision::Drop); // 06:30 New York
         let day = 1_710_115_200; // 2024-03-11 00:00 UTC
         assert_eq!(decide(&nq, tf("1D"), day, t), Decision::Hold(1_710_187_200)); // 16:00 New York
         assert_eq!(decide(&plain, tf("1D"), day, t), Decision::Hold(day + 86400));
         assert_eq!(decide(&nq, tf("1D"), day - 86400, t), Decision::Drop); // a Sunday
+        // Under timezone: America/New_York a 1D bar starts at New York's midnight and closes at the next one
+        // (or at 16:00 New York with the filter); intraday windows are as under UTC.
+        let ny = StreamConfig { tz: Some(chrono_tz::America::New_York), ..plain };
+        let ny_midnight = 1_710_129_600; // 2024-03-11 00:00 New York (EDT) = 04:00 UTC
+        assert_eq!(decide(&ny, tf("1D"), ny_midnight, t), Decision::Hold(ny_midnight + 86400));
+        assert_eq!(decide(&ny, tf("1D"), ny_midnight - 1, t), Decision::Push); // 2024-03-10 ended at ny_midnight
+        assert_eq!(decide(&ny, tf("5Min"), t, t + 5), Decision::Hold(t + 300));
+        let ny_nq = StreamConfig { filter: Some(Filter::Nasdaq), ..ny };
+        assert_eq!(decide(&ny_nq, tf("1D"), ny_midnight, t), Decision::Hold(1_710_187_200));
+        // 2024-03-11 02:00 UTC is still Sunday 2024-03-10 in New York: not a market day.
+        assert_eq!(decide(&ny_nq, tf("1D"), day + 7200, t), Decision::Drop);
     }
 
     #[tokio::test]
@@ -274,7 +300,7 @@ mod tests {
         use arrow::datatypes::{Field, Schema};
         let hub = Arc::new(StreamGate::default());
         let mut rx = hub.subscribe();
-        let s = StreamTrigger::from_config(&serde_json::json!({}), hub.clone()).unwrap();
+        let s = StreamTrigger::from_config(&serde_json::json!({}), hub.clone(), None).unwrap();
         s.start();
         let schema = Arc::new(Schema::new(vec![Field::new(EPOCH, crate::engine::epoch_type(), false), Field::new("Close", DataType::Float64, false)]));
         let mk = |ep: Vec<i64>, c: Vec<f64>| RecordBatch::try_new(schema.clone(), vec![Arc::new(TimestampSecondArray::from(ep).with_timezone("UTC")), Arc::new(Float64Array::from(c))]).unwrap();

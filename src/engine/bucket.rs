@@ -9,7 +9,7 @@ use chrono::{Datelike, TimeZone, Utc};
 use parking_lot::{Mutex, RwLock};
 
 use super::catalog::BucketStamp;
-use super::partition::{self, Generation, PartView, Partition, Rows};
+use super::partition::{self, Ahead, Generation, PartView, Partition, Rows};
 use super::records::DirectEntry;
 use super::{read, BucketKey, BucketRead, BucketSchema, Inner, ReadRequest, RecordKind, Result, TimePoint};
 
@@ -43,9 +43,14 @@ impl Bucket {
         Bucket { key, schema, layouts, created_lsn, schema_lsn: 0, dir, parts: Mutex::new(BTreeMap::new()), view: RwLock::new(Arc::new(Vec::new())), stamp: Mutex::new(None) }
     }
 
-    pub(super) fn publish(&self, parts: &BTreeMap<i32, Partition>) {
+    /// Make the partitions' current state the view readers snapshot, then remove the generations it
+    /// replaced (after, not before: a reader of the published view finds every file it names).
+    pub(super) fn publish(&self, parts: &mut BTreeMap<i32, Partition>) {
         let v: Vec<PartView> = parts.values().map(|p| p.view()).collect();
         *self.view.write() = Arc::new(v);
+        for p in parts.values_mut() {
+            p.remove_retired();
+        }
     }
 
     pub(super) fn snapshot(&self) -> Arc<Vec<PartView>> {
@@ -61,7 +66,7 @@ impl Bucket {
                 p.ensure_mapped()?;
             }
         }
-        self.publish(&parts);
+        self.publish(&mut parts);
         Ok(())
     }
 
@@ -119,6 +124,30 @@ impl Bucket {
         Ok(out)
     }
 
+    /// When `rows` are a pure append inside one year of the stored rows: that year's [`Ahead`] after them
+    /// (so that a following append can be logged in the same group, see [`Bucket::prepare_append_after`]).
+    pub(super) fn appended(&self, rows: &Rows) -> Option<Ahead> {
+        let slices = self.year_slices(rows);
+        let [(year, slice)] = slices.as_slice() else { return None };
+        let parts = self.parts.lock();
+        let stored_after = parts.get(year).is_none_or(|p| p.is_append(slice));
+        stored_after.then(|| Ahead { year: *year, ..Ahead::default() }.then(self.schema.kind, slice))
+    }
+
+    /// [`Bucket::prepare_write`] for rows that go after the appends `ahead` of the same group, inside its
+    /// year: reserve their space past those appends. `None` when they do not follow `ahead` that way
+    /// (the caller logs the group first and prepares them against the applied state).
+    pub(super) fn prepare_append_after(&self, rows: &Rows, ahead: &Ahead) -> Result<Option<Ahead>> {
+        let slices = self.year_slices(rows);
+        let [(year, slice)] = slices.as_slice() else { return Ok(None) };
+        if *year != ahead.year || !ahead.followed_by(self.schema.kind, slice) {
+            return Ok(None);
+        }
+        let mut parts = self.parts.lock();
+        self.part(&mut parts, *year)?.reserve_after(slice, ahead)?;
+        Ok(Some(ahead.then(self.schema.kind, slice)))
+    }
+
     /// Apply sorted rows, splitting them by UTC year; `prepared` comes from [`Bucket::prepare_write`]
     /// (empty at replay, where merges are built as they come).
     pub(super) fn apply_write(&self, rows: &Rows, lsn: u64, replay: bool, prepared: Vec<Option<Generation>>) -> Result<()> {
@@ -141,7 +170,7 @@ impl Bucket {
                 }
             }
         }
-        self.publish(&parts);
+        self.publish(&mut parts);
         result
     }
 
@@ -188,7 +217,7 @@ impl Bucket {
                 break;
             }
         }
-        self.publish(&parts);
+        self.publish(&mut parts);
         result
     }
 
@@ -223,7 +252,7 @@ impl Bucket {
         for p in parts.values_mut() {
             p.applied_lsn = p.applied_lsn.max(lsn);
         }
-        self.publish(&parts);
+        self.publish(&mut parts);
         removed
     }
 
@@ -237,7 +266,7 @@ impl Bucket {
             }
             removed += p.delete_range((start.secs, start.nanos), (end.secs, end.nanos), lsn)?;
         }
-        self.publish(&parts);
+        self.publish(&mut parts);
         Ok(removed)
     }
 
@@ -256,7 +285,7 @@ impl Bucket {
                 tracing::warn!(key = %self.key, year = y, "cannot remove an empty year partition: {e}");
             }
         }
-        self.publish(&parts);
+        self.publish(&mut parts);
     }
 
     pub(super) fn checkpoint(&self) -> Result<()> {
@@ -415,7 +444,7 @@ pub(super) fn unmap_coldest(inner: &Inner, budget: usize) {
                 unmapped += p.unmap();
             }
         }
-        b.publish(&parts);
+        b.publish(&mut parts);
     }
     tracing::debug!(unmapped, budget, "unmapped the least recently used partitions");
 }

@@ -306,7 +306,7 @@ fn from_snapshot(
     }
     let mut b = Bucket::with_layouts(key, schema, layouts, g.created_lsn, dir);
     b.schema_lsn = g.schema_lsn;
-    b.publish(&parts);
+    b.publish(&mut parts);
     *b.parts.lock() = parts;
     Some((b, BucketStamp { group: g.mtime, years }))
 }
@@ -348,7 +348,7 @@ fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
     }
     let mut b = Bucket::with_layouts(key, Arc::new(meta.schema), layouts, meta.created_lsn, dir.to_path_buf());
     b.schema_lsn = meta.schema_lsn;
-    b.publish(&parts);
+    b.publish(&mut parts);
     *b.parts.lock() = parts;
     Ok(b)
 }

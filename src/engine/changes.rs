@@ -218,18 +218,8 @@ pub(super) fn read_origin(root: &Path) -> Result<Option<Origin>> {
 
 /// Replace the origin file durably (temp file, fsync, rename, fsync the directory).
 pub(super) fn write_origin(root: &Path, origin: &Origin) -> Result<()> {
-    let path = root.join(ORIGIN_FILE);
-    let tmp = root.join(format!("{ORIGIN_FILE}.tmp"));
     let bytes = serde_json::to_vec(origin).map_err(|e| EngineError::Unavailable(e.to_string()))?;
-    (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })()
-    .map_err(|e| EngineError::io(&path, e))?;
-    super::wal::sync_dir(root)
+    super::wal::replace_file(root, ORIGIN_FILE, &bytes).map_err(|e| EngineError::io(root.join(ORIGIN_FILE), e))
 }
 
 /// The file naming this data directory's store id.
@@ -248,15 +238,7 @@ pub(super) fn store_id(root: &Path) -> Result<String> {
     let mut raw = [0u8; 16];
     getrandom::fill(&mut raw).map_err(|e| EngineError::Unavailable(format!("no randomness for a store id: {e}")))?;
     let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = root.join(format!("{STORE_ID_FILE}.tmp"));
-    let written = (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(id.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(root)?.sync_all()
-    })();
+    let written = super::wal::replace_file(root, STORE_ID_FILE, id.as_bytes());
     // A read-only or full root still starts (read-only): the id then lasts for this run only, so a
     // replica of it takes an image again after the next start.
     if let Err(e) = written {

@@ -67,8 +67,8 @@ pub(super) fn local_bucket(b: &Bucket, req: &ReadRequest, tz: Option<chrono_tz::
     let mut last_err = None;
     for attempt in 0..OPEN_ATTEMPTS {
         if attempt > 0 {
-            // The writer removes a replaced generation before it publishes the view of the new one
-            // (Partition::commit_generation, then Bucket::publish): wait for that publish.
+            // A snapshot taken just before the writer published a new generation may name files it
+            // removed right after (Bucket::publish): the next snapshot names the new ones.
             std::thread::sleep(std::time::Duration::from_micros(250 << attempt));
         }
         let sel = select(b, req, tz)?;

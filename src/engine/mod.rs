@@ -34,6 +34,7 @@ mod retention; // how long buckets keep rows
 pub mod types;
 pub mod wal; // the write-ahead log: segments, frames, scan, trim
 mod writer; // the single writer thread: prepare, log, apply, checkpoint
+pub mod zone; // the zone day-and-longer intervals were placed in, recorded in the root
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -61,6 +62,7 @@ pub use integrity::{check_integrity, Finding, IntegrityReport};
 pub use changes::{Captured, CapturedBucket, Change, ChangeCursor, ChangeGap, ChangeRecord, Origin};
 pub use events::{AppendEvent, Subscription};
 pub use retention::RetentionRule;
+pub use zone::recorded_timezone;
 
 use bucket::{read_bucket, Bucket};
 use events::Subscriber;
@@ -150,6 +152,18 @@ pub struct WriteAck {
     pub rows: usize,
     /// Log sequence number of the write.
     pub lsn: u64,
+}
+
+/// A write handed to the writer ([`Engine::submit_write`]); [`PendingWrite::durable`] waits for its log
+/// fsync and apply.
+#[must_use = "a submitted write is acknowledged only once durable() resolves"]
+pub struct PendingWrite(oneshot::Receiver<Result<WriteAck>>);
+
+impl PendingWrite {
+    /// The write's acknowledgement, once it is in the fsync'd log and applied.
+    pub async fn durable(self) -> Result<WriteAck> {
+        self.0.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
+    }
 }
 
 /// A read: which buckets, which time range (inclusive), which rows and columns.
@@ -390,6 +404,7 @@ impl Engine {
         );
         let snapshot_due = !loaded.snapshot || loaded.from_files > 0 || !loaded.damaged.is_empty();
         let mut catalog = loaded.catalog;
+        zone::check_and_record(&root, cfg.timezone, catalog.values().map(|b| b.as_ref()))?;
         let mut damaged: BTreeMap<String, DamagedBucket> = loaded.damaged.into_iter().map(|d| (d.key.clone(), d)).collect();
         let mut max_lsn = 0u64;
         for b in catalog.values() {
@@ -611,6 +626,15 @@ impl Engine {
     /// durable in the log and visible to readers. Waits while the writer's queue holds more than its byte
     /// budget (backpressure instead of unbounded memory).
     pub async fn write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
+        self.submit_write(key, batch, opts).await?.durable().await
+    }
+
+    /// [`Engine::write`] in two steps, for callers that pipeline writes: this validates the batch and hands
+    /// it to the writer (in call order: writes submitted one after another are logged and applied in that
+    /// order), and the returned [`PendingWrite`] resolves once it is durable. Writes submitted while
+    /// earlier ones wait for their fsync share the next one (group commit), so a stream of batches is
+    /// acknowledged at the log's rate, not one fsync per batch.
+    pub async fn submit_write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<PendingWrite> {
         if let Some(change) = self.columns_to_add(key, batch)? {
             self.alter_or_raced(key, change).await?;
         }
@@ -623,11 +647,16 @@ impl Engine {
         } else {
             self.prepare_write(key, batch, opts)?
         };
-        self.queue_write(prepared, writer::Applied::LOCAL).await
+        self.enqueue_write(prepared, writer::Applied::LOCAL).await
     }
 
     /// Wait for the write's share of the queue's byte budget, hand it to the writer, wait for the ack.
     async fn queue_write(&self, prepared: PreparedWrite, from: writer::Applied) -> Result<WriteAck> {
+        self.enqueue_write(prepared, from).await?.durable().await
+    }
+
+    /// Wait for the write's share of the queue's byte budget and hand it to the writer.
+    async fn enqueue_write(&self, prepared: PreparedWrite, from: writer::Applied) -> Result<PendingWrite> {
         let permit = self
             .inner
             .queue
@@ -635,8 +664,7 @@ impl Engine {
             .acquire_many_owned(queue_permits(&prepared.rows))
             .await
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
-        let rx = self.send_write(prepared, permit, from)?;
-        rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())))
+        Ok(PendingWrite(self.send_write(prepared, permit, from)?))
     }
 
     /// Blocking form of [`Engine::write`] for non-async callers (CLI, plugins' threads).

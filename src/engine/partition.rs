@@ -499,6 +499,51 @@ fn var_parts(a: &ArrayRef, base: usize, skip_first: bool) -> Result<(Vec<u8>, Bu
     Ok((offs, d.buffers()[1].slice_with_length(first, last - first)))
 }
 
+/// True when every row of `rows` (sorted) goes after a row keyed `last`: fixed buckets hold one row per
+/// interval, so the first new one must be later; ticks at the same time keep arrival order.
+fn sorts_after(kind: RecordKind, last: (i64, i32), rows: &Rows) -> bool {
+    match kind {
+        RecordKind::Fixed => rows.epoch(0) > last.0,
+        RecordKind::Variable => (rows.epoch(0), rows.nanos(0)) >= last,
+    }
+}
+
+/// Appends to one partition logged in the current group but not applied yet: what a further append in
+/// the same group must reserve room after ([`Partition::reserve_after`]).
+#[derive(Debug, Clone, Default)]
+pub struct Ahead {
+    pub year: i32,
+    /// Rows of those appends, and bytes of variable-length data per physical column.
+    pub rows: usize,
+    pub data: Vec<usize>,
+    /// `(Epoch, Nanoseconds)` of their last row.
+    pub last: (i64, i32),
+}
+
+impl Ahead {
+    /// Whether `rows` (sorted, non-empty) go after these appends.
+    pub fn followed_by(&self, kind: RecordKind, rows: &Rows) -> bool {
+        rows.len > 0 && sorts_after(kind, self.last, rows)
+    }
+
+    /// These appends and then `rows`.
+    pub fn then(&self, kind: RecordKind, rows: &Rows) -> Ahead {
+        let data = rows
+            .cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| self.data.get(i).copied().unwrap_or(0) + if is_var_array(c) { var_data_len(c) } else { 0 })
+            .collect();
+        let last_row = rows.len - 1;
+        let last = (rows.epoch(last_row), if kind == RecordKind::Variable { rows.nanos(last_row) } else { 0 });
+        Ahead { year: self.year, rows: self.rows + rows.len, data, last }
+    }
+}
+
+fn is_var_array(a: &ArrayRef) -> bool {
+    matches!(a.data_type(), adt::DataType::Utf8 | adt::DataType::LargeUtf8 | adt::DataType::Binary)
+}
+
 /// Bytes of variable-length data rows of `a` carry.
 fn var_data_len(a: &ArrayRef) -> usize {
     let d = a.to_data();
@@ -590,6 +635,10 @@ pub struct Partition {
     last_key: Option<(i64, i32)>,
     /// Milliseconds since the Unix epoch of the last read or write (for unmapping the coldest).
     last_used: Arc<AtomicU64>,
+    /// Generations replaced since the last publish of the bucket's view: their directories are removed
+    /// only once no published view names them ([`Partition::remove_retired`]), so a same-host reader that
+    /// opens the files of the current view never finds them gone.
+    retired: Vec<u64>,
 }
 
 /// The file names of one physical column in a generation directory: values (or offsets), validity,
@@ -687,6 +736,7 @@ impl Partition {
             first_key,
             last_key,
             last_used: Arc::new(AtomicU64::new(now_millis())),
+            retired: Vec::new(),
         };
         // Older manifests do not carry the bounds: read them from the column files now.
         if p.rows > 0 && (p.first_key.is_none() || p.last_key.is_none()) {
@@ -1028,8 +1078,15 @@ impl Partition {
     /// engine calls this before a write is logged: a full disk then fails the write cleanly, with nothing
     /// logged.
     pub fn reserve(&mut self, rows: &Rows) -> Result<()> {
+        self.reserve_after(rows, &Ahead::default())
+    }
+
+    /// [`Partition::reserve`] for `rows` that will be appended after the appends in `ahead` (logged in the
+    /// same group, applied first), so that every write of the group finds its space reserved.
+    pub fn reserve_after(&mut self, rows: &Rows, ahead: &Ahead) -> Result<()> {
         self.open_files()?;
-        let need = self.rows.checked_add(rows.len).ok_or_else(|| EngineError::InvalidInput("row count overflow".into()))?;
+        let overflow = || EngineError::InvalidInput("row count overflow".into());
+        let need = self.rows.checked_add(ahead.rows).and_then(|n| n.checked_add(rows.len)).ok_or_else(overflow)?;
         if need > self.capacity {
             let new_cap = need.max(self.capacity.saturating_mul(2)).max(MIN_CAPACITY_ROWS);
             for f in self.files.iter_mut() {
@@ -1045,8 +1102,8 @@ impl Partition {
             if f.data.is_none() {
                 continue;
             }
-            let add = var_data_len(&rows.cols[i]);
-            let need = f.data_len.checked_add(add).ok_or_else(|| EngineError::InvalidInput("data length overflow".into()))?;
+            let add = var_data_len(&rows.cols[i]).checked_add(ahead.data.get(i).copied().unwrap_or(0));
+            let need = add.and_then(|a| f.data_len.checked_add(a)).ok_or_else(|| EngineError::InvalidInput("data length overflow".into()))?;
             if f.layout.ty != ColumnType::LargeUtf8 && need > i32::MAX as usize {
                 return Err(EngineError::InvalidInput(
                     "a year partition of a utf8 or binary column holds at most 2 GiB of data (use large_utf8)".into(),
@@ -1074,17 +1131,7 @@ impl Partition {
 
     /// True when `rows` would be a pure append (every row sorts after the stored ones).
     pub fn is_append(&self, rows: &Rows) -> bool {
-        if rows.len == 0 {
-            return false;
-        }
-        let first = (rows.epoch(0), if self.kind == RecordKind::Variable { rows.nanos(0) } else { 0 });
-        match self.last_key() {
-            None => true,
-            Some(last) => match self.kind {
-                RecordKind::Fixed => first.0 > last.0,
-                RecordKind::Variable => first >= last,
-            },
-        }
+        rows.len > 0 && self.last_key().is_none_or(|last| sorts_after(self.kind, last, rows))
     }
 
     /// True when a bulk append of `rows` may skip the log ([`Partition::stage_direct_append`]): fixed-width
@@ -1244,9 +1291,17 @@ impl Partition {
         // The new files were written whole: nothing a bulk append record checks lives in them.
         self.direct_unchecked = false;
         if old != self.manifest.generation {
-            let _ = fs::remove_dir_all(self.gen_dir(old));
+            self.retired.push(old);
         }
         self.refresh_bounds();
+    }
+
+    /// Remove the directories of generations replaced before the view just published (see `retired`).
+    /// Readers that mapped their files keep them: an unlinked file lives while it is mapped or open.
+    pub fn remove_retired(&mut self) {
+        for g in std::mem::take(&mut self.retired) {
+            let _ = fs::remove_dir_all(self.gen_dir(g));
+        }
     }
 
     /// Rows `rows` merged into the stored ones: `(row count, one storage array per physical column)`.

@@ -188,6 +188,54 @@ fn group_commit_shares_fsyncs() {
     });
 }
 
+/// Appends to one bucket submitted without waiting for each other share fsyncs; writes that are not
+/// appends after the group's (an overwrite, ticks, another year) still see the rows before them; all of it
+/// replays after a crash exactly as acknowledged.
+#[test]
+fn appends_to_one_bucket_share_fsyncs_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = BucketKey::parse("ONE/1Min/OHLCV").unwrap();
+    let tick = BucketKey::parse("ONE/1Sec/TICK").unwrap();
+    let y2025 = 1_735_689_600i64;
+    rt().block_on(async {
+        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        e.write(&key, &bars(&[0], &[0.0]), WriteOptions::default()).await.unwrap();
+        e.write(&tick, &ticks(&[0], &[5], &[0.5]), WriteOptions::default()).await.unwrap();
+        let (s0, r0) = e.wal_stats();
+        let mut pending = Vec::new();
+        for i in 1..=100i64 {
+            pending.push(e.submit_write(&key, &bars(&[i * 60], &[i as f32]), WriteOptions::default()).await.unwrap());
+            // Ticks at the same second as the last one keep arrival order.
+            pending.push(e.submit_write(&tick, &ticks(&[i / 2], &[5], &[i as f32]), WriteOptions::default()).await.unwrap());
+        }
+        // An overwrite of an interval the pending appends wrote, then an append into the next year.
+        pending.push(e.submit_write(&key, &bars(&[30 * 60], &[-30.0]), WriteOptions::default()).await.unwrap());
+        pending.push(e.submit_write(&key, &bars(&[y2025], &[2025.0]), WriteOptions::default()).await.unwrap());
+        pending.push(e.submit_write(&key, &bars(&[101 * 60], &[101.0]), WriteOptions::default()).await.unwrap());
+        for p in pending {
+            assert_eq!(p.durable().await.unwrap().rows, 1);
+        }
+        let (s1, r1) = e.wal_stats();
+        assert_eq!(r1 - r0, 203);
+        assert!(s1 - s0 < 203, "expected appends to one bucket to share fsyncs, got {} syncs for 203 writes", s1 - s0);
+        drop(e); // no checkpoint: everything comes back from the log
+    });
+    let mut want_e: Vec<i64> = (0..=101).map(|i| i * 60).collect();
+    let mut want_v: Vec<f32> = (0..=101).map(|i| i as f32).collect();
+    want_v[30] = -30.0;
+    want_e.push(y2025);
+    want_v.push(2025.0);
+    let check = |e: &Engine| {
+        assert_eq!(read_all(e, &key), (want_e.clone(), want_v.clone()));
+        assert_eq!(read_all(e, &tick).1, std::iter::once(0.5).chain((1..=100).map(|i| i as f32)).collect::<Vec<_>>());
+    };
+    rt().block_on(async {
+        let e = reopen(dir.path());
+        check(&e);
+        e.shutdown().await.unwrap();
+    });
+}
+
 /// Open again once the previous ("crashed", i.e. dropped) engine's writer thread has released the lock.
 fn reopen(dir: &std::path::Path) -> Engine {
     reopen_with(EngineConfig::new(dir))
@@ -309,7 +357,7 @@ fn tail_overwrites_are_in_place_and_keep_snapshots() {
     });
     // After a restart (replay or checkpoint), the last values stand.
     rt().block_on(async {
-        let e = Engine::open(EngineConfig::new(dir.path())).unwrap();
+        let e = reopen(dir.path()); // the writer thread may still hold the lock for a moment after shutdown
         let (eps, vals) = read_all(&e, &key);
         assert_eq!(eps.len(), n as usize + 1);
         assert_eq!(&vals[n as usize - 1..], &[-6.0, -5.0]);
@@ -1161,4 +1209,44 @@ fn change_feed_capture_and_durable_origin() {
     let r = reopen(replica_dir.path());
     assert_eq!(r.origin(), Origin { source: store, position: applied });
     drop(r);
+}
+
+/// The zone day bars were placed in is recorded in the root: a restart under another zone is refused
+/// while a fixed day-and-longer bucket holds rows, and the zone is simply re-recorded when none does.
+#[test]
+fn the_recorded_timezone_guards_day_bars() {
+    let dir = tempfile::tempdir().unwrap();
+    let ny = Some(chrono_tz::America::New_York);
+    let in_zone = |tz: Option<chrono_tz::Tz>| {
+        let mut cfg = EngineConfig::new(dir.path());
+        cfg.timezone = tz;
+        cfg
+    };
+    let minute = BucketKey::parse("M/1Min/OHLCV").unwrap();
+    let daily = BucketKey::parse("D/1D/OHLCV").unwrap();
+    rt().block_on(async {
+        // Only sub-day rows: changing the zone changes nothing stored, so it is allowed and recorded.
+        let e = reopen_with(in_zone(None));
+        e.write(&minute, &bars(&[60], &[1.0]), WriteOptions::default()).await.unwrap();
+        e.shutdown().await.unwrap();
+        drop(e);
+        assert_eq!(zone::recorded_timezone(dir.path()), Some(chrono_tz::UTC));
+        let e = reopen_with(in_zone(ny));
+        assert_eq!(zone::recorded_timezone(dir.path()), ny);
+        // 2024-01-02 12:00 UTC is stored at 2024-01-02 00:00 New York (05:00 UTC).
+        e.write(&daily, &bars(&[1_704_196_800], &[2.0]), WriteOptions::default()).await.unwrap();
+        assert_eq!(read_all(&e, &daily), (vec![1_704_171_600], vec![2.0]));
+        e.shutdown().await.unwrap();
+        drop(e);
+    });
+    // UTC would read that bar as starting 05:00 into its day: refused, nothing changed.
+    let err = try_reopen(in_zone(None)).err().expect("a zone change over stored day bars is refused").to_string();
+    assert!(err.contains("America/New_York") && err.contains("D/1D/OHLCV") && err.contains("timezone: America/New_York"), "{err}");
+    assert_eq!(zone::recorded_timezone(dir.path()), ny);
+    rt().block_on(async {
+        let e = reopen_with(in_zone(ny));
+        assert_eq!(read_all(&e, &daily), (vec![1_704_171_600], vec![2.0]));
+        assert_eq!(read_all(&e, &minute), (vec![60], vec![1.0]));
+        e.shutdown().await.unwrap();
+    });
 }

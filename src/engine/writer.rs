@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use super::bucket::{unmap_coldest, Bucket};
 use super::catalog::{create_bucket_files, remove_bucket_files, write_snapshot, Stamps};
 use super::events::publish_event;
-use super::partition::{Generation, Rows};
+use super::partition::{Ahead, Generation, Rows};
 use super::records::{encode_direct, encode_range, encode_write, DIRECT_APPEND_ROWS};
 use super::changes::{write_origin, Captured, CapturedBucket, Change, Origin};
 use super::wal::{self, Op, WalWriter};
@@ -79,6 +79,9 @@ struct PendingWrite {
     rows: Rows,
     /// Per year slice: the merged generation built before logging, when the slice needs one.
     prepared: Vec<Option<Generation>>,
+    /// When this write and every earlier one of the group to its bucket are pure appends inside one year:
+    /// where they end, so a further append to the bucket can share the group's fsync.
+    appends: Option<Ahead>,
     reply: oneshot::Sender<Result<WriteAck>>,
 }
 
@@ -323,10 +326,6 @@ impl Writer {
                 }
             }
         }
-        // One pending write per bucket: each write is prepared against the state the previous one left.
-        if pending.iter().any(|p| Arc::ptr_eq(&p.bucket, &bucket)) {
-            self.flush(inner, buf, pending);
-        }
         if rows.len >= DIRECT_APPEND_ROWS {
             self.flush(inner, buf, pending);
             if let Some(r) = self.direct_write(inner, &bucket, &rows, from) {
@@ -334,16 +333,38 @@ impl Writer {
                 return;
             }
         }
-        let prepared = match bucket.prepare_write(&rows) {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
+        // A write is prepared against the state the group's earlier writes to its bucket leave. Appends
+        // after appends inside one year only need their space reserved past those, so they join the
+        // group (a stream of appends to one bucket shares fsyncs); anything else waits for the group to be
+        // logged and applied.
+        let mut joined = None;
+        if let Some(prev) = pending.iter().rev().find(|p| Arc::ptr_eq(&p.bucket, &bucket)) {
+            let ahead = prev.appends.clone();
+            match ahead.map(|a| bucket.prepare_append_after(&rows, &a)).transpose() {
+                Ok(Some(Some(after))) => joined = Some(after),
+                Ok(_) => self.flush(inner, buf, pending),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
             }
+        }
+        let (prepared, appends) = match joined {
+            Some(after) => (vec![None], Some(after)),
+            None => match bucket.prepare_write(&rows) {
+                Ok(p) => {
+                    let appends = if p.iter().all(Option::is_none) { bucket.appended(&rows) } else { None };
+                    (p, appends)
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            },
         };
         let lsn = self.take_lsn();
         encode_write(buf, lsn, &key.to_string(), from.origin, &rows, &bucket.layouts);
-        pending.push(PendingWrite { lsn, from, bucket, rows, prepared, reply });
+        pending.push(PendingWrite { lsn, from, bucket, rows, prepared, appends, reply });
     }
 
     fn create_cmd(&mut self, inner: &Arc<Inner>, key: &BucketKey, schema: &BucketSchema, from: Applied) -> Result<()> {
@@ -542,8 +563,19 @@ impl Writer {
             }
             return;
         }
+        // Buckets an apply failure took offline in this group: later writes to them were prepared after
+        // the failed one, so they are cancelled too (replay then skips them all).
+        let mut failed: Vec<Arc<Bucket>> = Vec::new();
         for p in pending.drain(..) {
-            self.apply_one(inner, p);
+            if failed.iter().any(|b| Arc::ptr_eq(b, &p.bucket)) {
+                let e = self.cancel(inner, &p.bucket, p.lsn, EngineError::Aborted("an earlier write to the bucket in the same log group failed".into()));
+                let _ = p.reply.send(Err(e));
+                continue;
+            }
+            let bucket = p.bucket.clone();
+            if !self.apply_one(inner, p) {
+                failed.push(bucket);
+            }
         }
     }
 
@@ -577,7 +609,8 @@ impl Writer {
         })
     }
 
-    fn apply_one(&mut self, inner: &Arc<Inner>, p: PendingWrite) {
+    /// Apply a logged write and answer it; false when it failed (and was cancelled).
+    fn apply_one(&mut self, inner: &Arc<Inner>, p: PendingWrite) -> bool {
         match p.bucket.apply_write(&p.rows, p.lsn, false, p.prepared) {
             Ok(()) => {
                 self.dirty.insert(p.bucket.key.clone());
@@ -585,10 +618,12 @@ impl Writer {
                 inner.advance_origin(p.from);
                 announce(inner, &p.bucket, &p.rows, p.lsn, p.from.publish);
                 let _ = p.reply.send(Ok(WriteAck { rows: p.rows.len, lsn: p.lsn }));
+                true
             }
             Err(e) => {
                 let e = self.cancel(inner, &p.bucket, p.lsn, e);
                 let _ = p.reply.send(Err(e));
+                false
             }
         }
     }

@@ -41,6 +41,14 @@ pub struct Service {
     ack_gate: Option<std::sync::Arc<dyn AckGate>>,
 }
 
+/// Wait until the change at `upto` (and every change before it) may be acknowledged under `gate`.
+async fn acknowledged(engine: &Engine, gate: Option<&dyn AckGate>, upto: u64) -> Result<(), ServiceError> {
+    match gate {
+        None => Ok(()),
+        Some(g) => g.wait(upto.max(engine.last_change_lsn())).await.map_err(|m| ServiceError::new(ErrorCode::Unavailable, m)),
+    }
+}
+
 /// What a change waits for after it is durable here and before it is acknowledged to its caller
 /// (`replication.ack: replica`: a replica's acknowledgement of every log position up to it).
 pub trait AckGate: Send + Sync {
@@ -80,13 +88,7 @@ impl Service {
 
     /// Wait for the ack gate (if any) to allow acknowledging everything logged so far, `upto` at least.
     async fn acknowledged(&self, upto: u64) -> Result<(), ServiceError> {
-        match &self.ack_gate {
-            None => Ok(()),
-            Some(g) => {
-                let lsn = upto.max(self.engine.last_change_lsn());
-                g.wait(lsn).await.map_err(|m| ServiceError::new(ErrorCode::Unavailable, m))
-            }
-        }
+        acknowledged(&self.engine, self.ack_gate.as_deref(), upto).await
     }
 
     fn acknowledged_blocking(&self, upto: u64) -> Result<(), ServiceError> {

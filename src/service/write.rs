@@ -18,10 +18,26 @@ impl Service {
     /// Write one batch; returns once the rows are durable and visible. A write racing a recreate of its
     /// bucket fails `Aborted` (nothing stored, safe to retry).
     pub async fn write(&self, caller: &Caller, w: &WriteRequest) -> Result<WriteAck, ServiceError> {
+        self.submit_write(caller, w).await?.await
+    }
+
+    /// [`Service::write`] in two steps, for interfaces that pipeline a stream of writes (a Flight DoPut
+    /// of many batches): this checks and hands the write to the engine, in call order
+    /// ([`crate::engine::Engine::submit_write`]); the returned future resolves when it may be
+    /// acknowledged (durable, and held by a replica under `replication.ack: replica`).
+    pub async fn submit_write(
+        &self,
+        caller: &Caller,
+        w: &WriteRequest,
+    ) -> Result<impl std::future::Future<Output = Result<WriteAck, ServiceError>> + Send + 'static, ServiceError> {
         self.authorize_write(caller, w)?;
-        let ack = self.engine.write(&w.key, &w.batch, WriteOptions { variable: w.variable }).await?;
-        self.acknowledged(ack.lsn).await?;
-        Ok(ack)
+        let pending = self.engine.submit_write(&w.key, &w.batch, WriteOptions { variable: w.variable }).await?;
+        let (engine, gate) = (self.engine.clone(), self.ack_gate.clone());
+        Ok(async move {
+            let ack = pending.durable().await?;
+            super::acknowledged(&engine, gate.as_deref(), ack.lsn).await?;
+            Ok(ack)
+        })
     }
 
     /// Blocking form of [`Service::write`], for threads outside the runtime (plugins, the CLI).

@@ -195,6 +195,74 @@ def test_large_results_stream_in_bounded_messages(server):
     assert sum(chunks) == n and len(chunks) > 1
 
 
+def wal_syncs(srv) -> int:
+    import urllib.request
+    with urllib.request.urlopen(f"{srv.http_url}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("mkts_wal_syncs"):
+                return int(float(line.split()[-1]))
+    raise AssertionError("no mkts_wal_syncs in /metrics")
+
+
+def stream_put(c, key, batches):
+    """One DoPut stream of `batches`; the PutResults and the error that ended the call, if any."""
+    w, r = c.do_put(fl.FlightDescriptor.for_path(key), batches[0].schema)
+    err = None
+    try:
+        for b in batches:
+            w.write_batch(b)
+        w.done_writing()
+    except ERR as e:  # the server may end the call before it has read everything
+        err = e
+    acks = []
+    try:
+        while True:
+            buf = r.read()
+            if buf is None:
+                break
+            acks.append(json.loads(buf.to_pybytes()))
+    except StopIteration:
+        pass
+    except ERR as e:
+        err = e
+    try:
+        w.close()
+    except ERR as e:
+        err = err or e
+    return acks, err
+
+
+def test_put_stream_acknowledges_every_batch_in_order_and_shares_fsyncs(server):
+    c = client(server)
+    n = 200
+    batches = [bars(Y2024 + 60 * np.arange(60 * i, 60 * (i + 1)), volume=np.full(60, i)).to_batches()[0] for i in range(n)]
+    before = wal_syncs(server)
+    acks, err = stream_put(c, "PIPE/1Min/OHLCV", batches)
+    assert err is None
+    assert acks == [{"rows": 60}] * n
+    got = get(c, destination="PIPE/1Min/OHLCV")
+    assert got.column("Epoch").cast(pa.int64()).to_pylist() == [Y2024 + 60 * i for i in range(60 * n)]
+    assert got.column("Volume").to_pylist() == [i for i in range(n) for _ in range(60)]
+    # Batches that arrive while earlier ones wait for their fsync are logged with them (one bucket, in order).
+    assert wal_syncs(server) - before < n
+
+
+def test_put_stream_stops_at_a_refused_batch_after_acknowledging_the_ones_before(server):
+    c = client(server)
+    t = bars([0, 60], [1, 2])
+    put(c, "PSTOP/1Min/OHLCV", t.cast(pa.schema([f.with_nullable(False) for f in t.schema])))
+    good = [bars([120 + 60 * i], [10 + i]).to_batches()[0] for i in range(3)]
+    bad = pa.record_batch({"Epoch": pa.array([600]), "Open": pa.array([None], pa.float32()), "Volume": pa.array([1])},
+                          schema=good[0].schema)
+    after = bars([660], [99]).to_batches()[0]
+    acks, err = stream_put(c, "PSTOP/1Min/OHLCV", good + [bad, after])
+    assert acks == [{"rows": 1}] * 3
+    assert err is not None and "nulls" in str(err)
+    got = get(c, destination="PSTOP/1Min/OHLCV")
+    assert got.column("Epoch").cast(pa.int64()).to_pylist() == [0, 60, 120, 180, 240]
+    assert got.column("Open").to_pylist() == [1, 2, 10, 11, 12]
+
+
 def test_create_delete_range_destroy_actions(server):
     c = client(server)
     action(c, "create", {"key": "C/1Min/OHLCV", "column_names": ["Open", "Close"], "column_types": ["f4", "f8"], "is_variable_length": False})

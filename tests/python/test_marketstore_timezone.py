@@ -171,9 +171,41 @@ def test_integrity_checks_day_rows_in_the_servers_zone(server_factory):
     ok_write("rpc", cli.write(a, "D/1D/OHLCV"))
     assert cli.query(pymkts.Params("D", "1D", "OHLCV")).first().array["Epoch"].tolist() == [utc(2024, 1, 2, 5), utc(2024, 1, 3, 5)]
     assert srv.stop() == 0
-    ok = subprocess.run([mkts_bin(), "tool", "integrity", str(srv.root), "--timezone", "America/New_York"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "intact" in ok.stdout
-    bad = subprocess.run([mkts_bin(), "tool", "integrity", str(srv.root)], capture_output=True, text=True)
+    # The zone is recorded in the data directory: the check uses it unless told otherwise.
+    for zone in ([], ["--timezone", "America/New_York"]):
+        ok = subprocess.run([mkts_bin(), "tool", "integrity", str(srv.root), *zone], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "intact" in ok.stdout
+    bad = subprocess.run([mkts_bin(), "tool", "integrity", str(srv.root), "--timezone", "UTC"], capture_output=True, text=True)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "is not the start of its 1D interval (timezone UTC; give --timezone" in bad.stdout
+
+
+def test_the_zone_is_recorded_with_the_data(server_factory, tmp_path):
+    # MarketStore re-reads every stored day when `timezone` changes; mkts records the zone and refuses.
+    import subprocess
+    from conftest import Server, mkts_bin
+
+    srv = server_factory(config_extra="timezone: America/New_York\n")
+    cli = pymkts.Client(srv.rpc_url)
+    a = np.zeros(1, dtype=OHLCV)
+    a["Epoch"] = [utc(2024, 1, 2, 12)]
+    ok_write("rpc", cli.write(a, "D/1D/OHLCV"))
+    assert srv.stop() == 0
+    assert (srv.root / ".timezone").read_text() == "America/New_York"
+    (tmp_path / "utc").mkdir()
+    utc_srv = Server(tmp_path / "utc", root=srv.root)
+    with pytest.raises(RuntimeError) as e:
+        utc_srv.start(timeout=20)
+    assert "placed at midnights of America/New_York (D/1D/OHLCV)" in str(e.value)
+    assert "timezone: America/New_York" in str(e.value)
+    # `connect --dir` opens the directory in the recorded zone: a bar written there lands on New York's day.
+    cols = ", ".join(f"arrow_cast(1.5, 'Float32') AS \"{c}\"" for c in ("Open", "High", "Low", "Close"))
+    sql = f'INSERT INTO "D/1D/OHLCV" SELECT to_timestamp_seconds({utc(2024, 1, 4, 2)}) AS "Epoch", {cols}, arrow_cast(7, \'Int64\') AS "Volume"'
+    p = subprocess.run([mkts_bin(), "connect", "--dir", str(srv.root), "-c", sql], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    srv.start()
+    r = pymkts.Client(srv.rpc_url).query(pymkts.Params("D", "1D", "OHLCV")).first().array
+    # 2024-01-04 02:00 UTC is 2024-01-03 21:00 in New York.
+    assert r["Epoch"].tolist() == [utc(2024, 1, 2, 5), utc(2024, 1, 3, 5)]
+    assert r["Volume"].tolist() == [0, 7]

@@ -204,31 +204,23 @@ async fn tickcandler_orders_by_epoch_and_nanoseconds() {
     assert_eq!(floats(&b, "Size_SUM"), [21.0, 4.0]);
 }
 
+/// One `candlecandler` call over `rows` (Epoch, OHLC, Volume) under the server zone `tz`.
+async fn candles_in(rows: &[(i64, f32, f32, f32, f32, i64)], call: &str, tz: &str) -> RecordBatch {
+    let ctx = SessionContext::new();
+    let input = table(&ctx, "bars", bars_batch(rows)).await;
+    collect(apply_functions(&ctx, input, &calls(&[call]), Some(tz)).await.expect("apply")).await
+}
+
 #[tokio::test]
 async fn candlecandler_daily_in_new_york() {
     // Daily bars follow local midnight: 2024-01-02 23:30 EST is 2024-01-03 04:30 UTC.
-    let ctx = SessionContext::new();
-    let batch = bars_batch(&[
+    let rows = [
         (ts("2024-01-02 14:30:00"), 1.0, 2.0, 0.5, 1.5, 10),
         (ts("2024-01-03 04:30:00"), 1.5, 3.0, 1.0, 2.5, 20),
         (ts("2024-01-03 05:00:00"), 2.5, 2.75, 2.0, 2.25, 30),
-    ]);
-    let input = table(&ctx, "bars", batch).await;
-    let b = collect(
-        apply_functions(
-            &ctx,
-            input,
-            &calls(&["candlecandler('1D',Open,High,Low,Close,Sum::Volume)"]),
-            Some("America/New_York"),
-        )
-        .await
-        .expect("apply"),
-    )
-    .await;
-    assert_eq!(
-        ints(&b, "Epoch"),
-        [ts("2024-01-02 05:00:00"), ts("2024-01-03 05:00:00")]
-    );
+    ];
+    let b = candles_in(&rows, "candlecandler('1D',Open,High,Low,Close,Sum::Volume)", "America/New_York").await;
+    assert_eq!(ints(&b, "Epoch"), [ts("2024-01-02 05:00:00"), ts("2024-01-03 05:00:00")]);
     assert_eq!(floats(&b, "Open"), [1.0, 2.5]);
     assert_eq!(floats(&b, "Close"), [2.5, 2.25]);
     assert_eq!(floats(&b, "Volume_SUM"), [30.0, 30.0]);
@@ -238,28 +230,13 @@ async fn candlecandler_daily_in_new_york() {
 async fn candlecandler_intraday_in_new_york_is_absolute_as_marketstore() {
     // MarketStore truncates sub-day windows in absolute time (Go's Time.Truncate): 4H bars start at
     // 00:00, 04:00 ... UTC whatever the zone, not at New York midnight (05:00 UTC).
-    let ctx = SessionContext::new();
-    let batch = bars_batch(&[
+    let rows = [
         (ts("2024-01-02 03:59:00"), 1.0, 2.0, 0.5, 1.5, 10),
         (ts("2024-01-02 04:00:00"), 1.5, 3.0, 1.0, 2.5, 20),
         (ts("2024-01-02 05:30:00"), 2.5, 2.75, 2.0, 2.25, 30),
-    ]);
-    let input = table(&ctx, "bars", batch).await;
-    let b = collect(
-        apply_functions(
-            &ctx,
-            input,
-            &calls(&["candlecandler('4H',Open,High,Low,Close,Sum::Volume)"]),
-            Some("America/New_York"),
-        )
-        .await
-        .expect("apply"),
-    )
-    .await;
-    assert_eq!(
-        ints(&b, "Epoch"),
-        [ts("2024-01-02 00:00:00"), ts("2024-01-02 04:00:00")]
-    );
+    ];
+    let b = candles_in(&rows, "candlecandler('4H',Open,High,Low,Close,Sum::Volume)", "America/New_York").await;
+    assert_eq!(ints(&b, "Epoch"), [ts("2024-01-02 00:00:00"), ts("2024-01-02 04:00:00")]);
     assert_eq!(floats(&b, "Volume_SUM"), [10.0, 50.0]);
 }
 
