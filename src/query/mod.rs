@@ -312,14 +312,7 @@ impl QueryEngine {
     pub async fn apply_functions(&self, input: BucketRead, functions: &[String]) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
         let ctx = self.context();
         let symbol = input.key.symbol.clone();
-        // A bucket read is in time order: saying so lets DataFusion aggregate the candlers' windows as they
-        // stream by (sorted group-by, first/last values without a sort) instead of hashing every row.
-        let order: Vec<datafusion::logical_expr::SortExpr> = [crate::engine::EPOCH, crate::engine::NANOSECONDS]
-            .into_iter()
-            .filter(|c| input.schema.field_with_name(c).is_ok())
-            .map(|c| datafusion::prelude::ident(c).sort(true, false))
-            .collect();
-        let mem = MemTable::try_new(input.schema.clone(), vec![input.batches])?.with_sort_order(vec![order]);
+        let mem = MemTable::try_new(input.schema.clone(), vec![input.batches])?;
         let df = ctx.read_table(Arc::new(mem))?;
         let mut opts = mkts_udf::ApplyOptions::default();
         if self.tz != chrono_tz::UTC {
