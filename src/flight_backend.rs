@@ -368,7 +368,9 @@ impl EngineFlightBackend {
             "local_socket" => {
                 svc.authorize(caller, Access::Read)?;
                 match self.ctx.local_socket.get() {
-                    Some(p) => Ok(json!({ "path": p.display().to_string() })),
+                    // The store id lets a client check that the socket it reaches at this path belongs to
+                    // this server (the same path on another host, or another root's, would not).
+                    Some(p) => Ok(json!({ "path": p.display().to_string(), "store_id": self.ctx.engine.store_id() })),
                     None => Err(ServiceError::new(crate::service::ErrorCode::NotFound, "this server offers no same-host reads (local_socket is off or could not be bound)")),
                 }
             }

@@ -11,9 +11,12 @@
 //! - reply: `u32` length, then the JSON header (below); then, when it lists `fds > 0`, messages of a `u32`
 //!   count each carrying that many descriptors (`SCM_RIGHTS`, at most [`FDS_PER_MESSAGE`]); then the Arrow
 //!   IPC stream of each bucket (its schema and its inline batches), as long as the header says.
-//! - header: `{"buckets": [{"key", "rows", "ipc": <bytes>, "pieces": [{"inline": <batch index>} |
+//! - header: `{"store_id", "buckets": [{"key", "rows", "ipc": <bytes>, "pieces": [{"inline": <batch index>} |
 //!   {"offset", "rows", "columns": [{"values": [fd, bytes], "validity": [fd, bytes] | null, "data": [fd,
-//!   bytes] | null}]}]}], "fds": n}` or `{"error": {"code", "message"}}`. Each column of a mapped piece is
+//!   bytes] | null}]}]}], "fds": n}` or `{"error": {"code", "message"}, "store_id"}`. `store_id` is the
+//!   server's ([`crate::engine::Engine::store_id`], also in the `local_socket` action's reply), so a client
+//!   can tell that the socket it reached is the server it asked (not another root's, or another host's at
+//!   the same path). Each column of a mapped piece is
 //!   Arrow's buffers for its field in the schema: the first `bytes` of descriptor `fd` (an index into the
 //!   descriptors of this reply), rows `offset..offset + rows`.
 //!
@@ -125,13 +128,13 @@ async fn connection(ctx: &ServerContext, mut stream: UnixStream) -> std::io::Res
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_REQUEST {
             let e = ServiceError::invalid(format!("request of {len} bytes: at most {MAX_REQUEST}"));
-            return send_error(&mut stream, &e).await;
+            return send_error(&mut stream, &e, ctx.engine.store_id()).await;
         }
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
         match answer(ctx, &body).await {
-            Ok(reads) => send_reads(&mut stream, &reads).await?,
-            Err(e) => send_error(&mut stream, &e).await?,
+            Ok(reads) => send_reads(&mut stream, &reads, ctx.engine.store_id()).await?,
+            Err(e) => send_error(&mut stream, &e, ctx.engine.store_id()).await?,
         }
     }
 }
@@ -156,9 +159,9 @@ async fn answer(ctx: &ServerContext, body: &[u8]) -> Result<Vec<LocalRead>, Serv
         .map_err(|e| ServiceError::new(ErrorCode::Internal, format!("local read task: {e}")))?
 }
 
-async fn send_error(stream: &mut UnixStream, e: &ServiceError) -> std::io::Result<()> {
+async fn send_error(stream: &mut UnixStream, e: &ServiceError, store_id: &str) -> std::io::Result<()> {
     // Snake case of the code's words: `not_found`, `invalid_argument`, `permission_denied`, …
-    let header = json!({"error": {"code": e.code.as_str().replace(' ', "_"), "message": e.message}});
+    let header = json!({"error": {"code": e.code.as_str().replace(' ', "_"), "message": e.message}, "store_id": store_id});
     write_frame(stream, &header).await
 }
 
@@ -170,7 +173,7 @@ async fn write_frame(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> 
 }
 
 /// The header, the descriptors and the IPC streams of `reads`.
-async fn send_reads<'r>(stream: &mut UnixStream, reads: &'r [LocalRead]) -> std::io::Result<()> {
+async fn send_reads<'r>(stream: &mut UnixStream, reads: &'r [LocalRead], store_id: &str) -> std::io::Result<()> {
     let mut fds: Vec<&'r LocalFile> = Vec::new();
     let mut ipcs: Vec<Vec<u8>> = Vec::with_capacity(reads.len());
     let mut buckets = Vec::with_capacity(reads.len());
@@ -208,7 +211,7 @@ async fn send_reads<'r>(stream: &mut UnixStream, reads: &'r [LocalRead]) -> std:
         buckets.push(json!({"key": r.key.to_string(), "rows": r.rows, "ipc": bytes.len(), "pieces": pieces}));
         ipcs.push(bytes);
     }
-    write_frame(stream, &json!({"buckets": buckets, "fds": fds.len()})).await?;
+    write_frame(stream, &json!({"buckets": buckets, "fds": fds.len(), "store_id": store_id})).await?;
     for chunk in fds.chunks(FDS_PER_MESSAGE) {
         let raw: Vec<RawFd> = chunk.iter().map(|f| f.file.as_raw_fd()).collect();
         send_fds(stream, &raw).await?;

@@ -13,6 +13,9 @@ soon as they are mapped. Protocol: ``src/local.rs`` in the mkts repository; user
     c = mkts_local.Client.discover("grpc://localhost:5995")      # or Client("/data/mkts.sock")
     t = c.read("AAPL/1Min/OHLCV", start=1704067200, end=1735689599)   # pyarrow.Table
     df = c.read_pandas("AAPL/1Min/OHLCV")                           # DatetimeIndex "Epoch"
+
+    r = mkts_local.Reader("grpc://db-host:5995")   # same-host socket when it is this server's, else Flight
+    t = r.read("AAPL/1Min/OHLCV")                  # r.local says which path answered
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Iterable, Optional
 
 import pyarrow as pa
 
-__all__ = ["Client", "MktsLocalError"]
+__all__ = ["Client", "MktsLocalError", "Reader"]
 
 # Descriptors per message the server sends at most (src/local.rs FDS_PER_MESSAGE).
 _FDS_PER_MESSAGE = 250
@@ -43,9 +46,12 @@ class MktsLocalError(Exception):
 class Client:
     """One connection to a server's same-host read socket (not thread-safe: one request at a time)."""
 
-    def __init__(self, path: str, authorization: Optional[str] = None):
+    def __init__(self, path: str, authorization: Optional[str] = None, store_id: Optional[str] = None):
+        """``store_id``: the server's (from its ``local_socket`` action, as :meth:`discover` passes it); a
+        reply from a socket of another store is refused (``wrong_server``) instead of read."""
         self.path = path
         self.authorization = authorization
+        self.store_id = store_id
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
 
@@ -60,8 +66,8 @@ class Client:
             options = fl.FlightCallOptions(headers=[(b"authorization", authorization.encode())])
         with fl.FlightClient(flight_url, **flight_kwargs) as f:
             result = list(f.do_action(fl.Action("local_socket", b""), options=options))
-        path = json.loads(result[0].body.to_pybytes())["path"]
-        return cls(path, authorization)
+        answer = json.loads(result[0].body.to_pybytes())
+        return cls(answer["path"], authorization, answer.get("store_id"))
 
     def close(self) -> None:
         self.sock.close()
@@ -87,36 +93,12 @@ class Client:
     def read_many(self, key: str, start: Optional[int] = None, end: Optional[int] = None, limit: Optional[int] = None,
                   from_start: bool = False, columns: Optional[Iterable[str]] = None) -> dict:
         """Every bucket a key selects (``A,B/1Min/OHLCV``, ``*/1Min/OHLCV``): ``{key: pyarrow.Table}``."""
-        q: dict = {"destination": key}
-        if start is not None:
-            q["epoch_start"] = int(start)
-        if end is not None:
-            q["epoch_end"] = int(end)
-        if limit is not None:
-            q["limit_record_count"] = int(limit)
-            q["limit_from_start"] = bool(from_start)
-        if columns is not None:
-            q["columns"] = list(columns)
-        return self._request(q)
+        return self._request(_ticket(key, start, end, limit, from_start, columns))
 
     def read_pandas(self, key: str, **kw):
         """:meth:`read` as a pandas DataFrame indexed by ``Epoch`` (a UTC-naive ``DatetimeIndex``, as
         pymarketstore's DataFrames)."""
-        import numpy as np
-        import pandas as pd
-
-        t = self.read(key, **kw)
-        epoch = t.column("Epoch")
-        df = t.drop_columns(["Epoch"]).to_pandas(split_blocks=True)
-        if pa.types.is_integer(epoch.type):
-            secs = epoch.to_numpy()
-            idx = pd.DatetimeIndex(secs.astype("datetime64[s]").astype("datetime64[ns]"), name="Epoch")
-        else:
-            idx = pd.DatetimeIndex(epoch.to_numpy(), name="Epoch")
-            if idx.tz is not None:
-                idx = idx.tz_convert("UTC").tz_localize(None)
-        df.index = idx
-        return df
+        return _pandas(self.read(key, **kw))
 
     # -- protocol ----------------------------------------------------------------------------------
 
@@ -127,6 +109,11 @@ class Client:
         body = json.dumps(req).encode()
         self.sock.sendall(struct.pack("<I", len(body)) + body)
         header = json.loads(self._recv_exact(struct.unpack("<I", self._recv_exact(4))[0]))
+        if self.store_id is not None and header.get("store_id") != self.store_id:
+            # Another server's socket at this path (another root, or this path on another host than the
+            # server's): its rows are not the ones asked for. The connection is not used again.
+            self.sock.close()
+            raise MktsLocalError("wrong_server", f"{self.path} belongs to store {header.get('store_id')!r}, not {self.store_id!r}")
         if "error" in header:
             raise MktsLocalError(header["error"].get("code", "unknown"), header["error"].get("message", ""))
         fds = self._recv_fds(header["fds"])
@@ -202,3 +189,99 @@ def _assemble(bucket: dict, ipc: bytes, fds, maps) -> pa.Table:
             arrays.append(arr)
         batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
     return pa.Table.from_batches(batches, schema=schema)
+
+
+def _ticket(key, start=None, end=None, limit=None, from_start=False, columns=None) -> dict:
+    """The Flight ticket (MarketStore's query fields) of a read; the socket takes the same."""
+    q: dict = {"destination": key}
+    if start is not None:
+        q["epoch_start"] = int(start)
+    if end is not None:
+        q["epoch_end"] = int(end)
+    if limit is not None:
+        q["limit_record_count"] = int(limit)
+        q["limit_from_start"] = bool(from_start)
+    if columns is not None:
+        q["columns"] = list(columns)
+    return q
+
+
+def _pandas(t: pa.Table):
+    """A read as a pandas DataFrame indexed by ``Epoch`` (a UTC-naive ``DatetimeIndex``)."""
+    import pandas as pd
+
+    epoch = t.column("Epoch")
+    df = t.drop_columns(["Epoch"]).to_pandas(split_blocks=True)
+    if pa.types.is_integer(epoch.type):
+        secs = epoch.to_numpy()
+        idx = pd.DatetimeIndex(secs.astype("datetime64[s]").astype("datetime64[ns]"), name="Epoch")
+    else:
+        idx = pd.DatetimeIndex(epoch.to_numpy(), name="Epoch")
+        if idx.tz is not None:
+            idx = idx.tz_convert("UTC").tz_localize(None)
+    df.index = idx
+    return df
+
+
+class Reader:
+    """Reads one server's buckets the fastest way this machine allows: through its same-host socket when
+    the server offers one, it is reachable from here and it answers as that server (its store id), else
+    over Flight (a DoGet of the same ticket: the same schema and rows). A socket that stops answering, or
+    turns out to be another server's, is given up for Flight for the rest of the reader's life.
+    ``local`` is true while reads go through the socket; ``why_not_local`` says why they do not."""
+
+    def __init__(self, flight_url: str, authorization: Optional[str] = None, **flight_kwargs):
+        import pyarrow.flight as fl
+
+        self._headers = [(b"authorization", authorization.encode())] if authorization else []
+        self._flight = fl.FlightClient(flight_url, **flight_kwargs)
+        self._client: Optional[Client] = None
+        self.why_not_local: Optional[str] = None
+        try:
+            self._client = Client.discover(flight_url, authorization, **flight_kwargs)
+        except (MktsLocalError, OSError, fl.FlightError, pa.ArrowException) as e:
+            self.why_not_local = f"{type(e).__name__}: {e}"
+
+    @property
+    def local(self) -> bool:
+        return self._client is not None
+
+    def read(self, key: str, start: Optional[int] = None, end: Optional[int] = None, limit: Optional[int] = None,
+             from_start: bool = False, columns: Optional[Iterable[str]] = None) -> pa.Table:
+        """One bucket's rows (as :meth:`Client.read`, or as the Flight DoGet of the same ticket)."""
+        if self._client is not None:
+            try:
+                return self._client.read(key, start, end, limit, from_start, columns)
+            except MktsLocalError as e:
+                if e.code != "wrong_server":
+                    raise
+                self._give_up(e)
+            except OSError as e:  # the socket went away (server restarted, socket removed)
+                self._give_up(e)
+        import pyarrow.flight as fl
+
+        ticket = fl.Ticket(json.dumps(_ticket(key, start, end, limit, from_start, columns)).encode())
+        return self._flight.do_get(ticket, options=fl.FlightCallOptions(headers=self._headers)).read_all()
+
+    def read_pandas(self, key: str, **kw):
+        """:meth:`read` as a pandas DataFrame indexed by ``Epoch`` (as :meth:`Client.read_pandas`)."""
+        return _pandas(self.read(key, **kw))
+
+    def _give_up(self, e: Exception) -> None:
+        self.why_not_local = f"{type(e).__name__}: {e}"
+        try:
+            self._client.close()
+        except OSError:
+            pass
+        self._client = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._flight.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -274,3 +274,47 @@ def test_with_auth_the_socket_needs_credentials(server_factory):
         with pytest.raises(mkts_local.MktsLocalError) as e:
             lc.read(KEY)
         assert e.value.code == "not_found"
+
+
+def test_reader_uses_the_socket_and_falls_back_to_flight_without_one(server_factory):
+    on = server_factory(f"local_socket: {short_socket()}\n")
+    off = server_factory("local_socket: off\n")
+    for s in (on, off):
+        put(client(s), KEY, bars(Y2024 - 600, 30))
+    with mkts_local.Reader(on.flight_url) as r:
+        assert r.local and r.why_not_local is None
+        assert r.read(KEY, start=Y2024 - 300).equals(get(client(on), destination=KEY, epoch_start=Y2024 - 300))
+    with mkts_local.Reader(off.flight_url) as r:
+        assert not r.local and "no same-host reads" in r.why_not_local
+        assert r.read(KEY, start=Y2024 - 300).equals(get(client(off), destination=KEY, epoch_start=Y2024 - 300))
+        assert r.read_pandas(KEY).index[0] == pd.Timestamp(Y2024 - 600, unit="s")
+
+
+def test_a_socket_of_another_store_is_refused_and_the_reader_falls_back(server_factory):
+    # What a client sees when the path a server advertises is, where the client runs, another server's
+    # socket (another root's, or the same path on another host): that server's store id, not the asked one's.
+    a = server_factory(f"local_socket: {short_socket()}\n")
+    b = server_factory(f"local_socket: {short_socket()}\n")
+    put(client(a), KEY, bars(Y2024, 10, base=100.0))
+    put(client(b), KEY, bars(Y2024, 10, base=200.0))
+    a_id = action(client(a), "local_socket")["store_id"]
+    b_path = action(client(b), "local_socket")["path"]
+    assert a_id != action(client(b), "local_socket")["store_id"]
+    with pytest.raises(mkts_local.MktsLocalError, match="belongs to store") as e:
+        mkts_local.Client(b_path, store_id=a_id).read(KEY)
+    assert e.value.code == "wrong_server"
+    with mkts_local.Reader(a.flight_url) as r:
+        r._client.close()
+        r._client = mkts_local.Client(b_path, store_id=a_id)  # as if a's path led to b's socket
+        assert r.read(KEY).equals(get(client(a), destination=KEY))
+        assert not r.local and "belongs to store" in r.why_not_local
+        assert r.read(KEY).column("Open").to_pylist()[0] == 100.0
+
+
+def test_an_unreachable_socket_falls_back_to_flight(srv):
+    # The advertised path does not exist where the client runs (a server on another host).
+    put(client(srv), KEY, bars(Y2024, 5))
+    os.remove(action(client(srv), "local_socket")["path"])
+    with mkts_local.Reader(srv.flight_url) as r:
+        assert not r.local and ("FileNotFoundError" in r.why_not_local or "ConnectionRefusedError" in r.why_not_local)
+        assert r.read(KEY).equals(get(client(srv), destination=KEY))
