@@ -27,6 +27,7 @@ import pyarrow.flight as fl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 from conftest import Server  # noqa: E402
+from test_flight_core import put  # noqa: E402
 
 Y2015 = 1_420_070_400  # 2015-01-01
 YEAR_ROWS = 525_600
@@ -38,14 +39,6 @@ def bars(t0: int, n: int, seed: int) -> pa.Table:
     close = (100 + np.cumsum(rng.standard_normal(n) * 0.01)).astype(np.float32)
     return pa.table({"Epoch": t0 + 60 * np.arange(n, dtype=np.int64), "Open": close, "High": close + 0.01,
                      "Low": close - 0.01, "Close": close, "Volume": rng.integers(1, 1000, n, dtype=np.int64)})
-
-
-def put(c: fl.FlightClient, key: str, t: pa.Table) -> None:
-    w, r = c.do_put(fl.FlightDescriptor.for_path(key), t.schema)
-    w.write_table(t)
-    w.done_writing()
-    r.read()
-    w.close()
 
 
 def timed(fn, reps: int) -> float:

@@ -131,7 +131,7 @@ impl Bucket {
         let [(year, slice)] = slices.as_slice() else { return None };
         let parts = self.parts.lock();
         let stored_after = parts.get(year).is_none_or(|p| p.is_append(slice));
-        stored_after.then(|| Ahead { year: *year, ..Ahead::default() }.then(self.schema.kind, slice))
+        stored_after.then(|| Ahead { year: *year, ..Ahead::default() }.then(self.schema.kind, &self.layouts, slice))
     }
 
     /// [`Bucket::prepare_write`] for rows that go after the appends `ahead` of the same group, inside its
@@ -145,7 +145,7 @@ impl Bucket {
         }
         let mut parts = self.parts.lock();
         self.part(&mut parts, *year)?.reserve_after(slice, ahead)?;
-        Ok(Some(ahead.then(self.schema.kind, slice)))
+        Ok(Some(ahead.then(self.schema.kind, &self.layouts, slice)))
     }
 
     /// Apply sorted rows, splitting them by UTC year; `prepared` comes from [`Bucket::prepare_write`]

@@ -526,22 +526,19 @@ impl Ahead {
         rows.len > 0 && sorts_after(kind, self.last, rows)
     }
 
-    /// These appends and then `rows`.
-    pub fn then(&self, kind: RecordKind, rows: &Rows) -> Ahead {
+    /// These appends and then `rows` (of a partition whose physical columns are `layouts`).
+    pub fn then(&self, kind: RecordKind, layouts: &[Layout], rows: &Rows) -> Ahead {
         let data = rows
             .cols
             .iter()
+            .zip(layouts)
             .enumerate()
-            .map(|(i, c)| self.data.get(i).copied().unwrap_or(0) + if is_var_array(c) { var_data_len(c) } else { 0 })
+            .map(|(i, (c, l))| self.data.get(i).copied().unwrap_or(0) + if l.ty.is_var() { var_data_len(c) } else { 0 })
             .collect();
         let last_row = rows.len - 1;
         let last = (rows.epoch(last_row), if kind == RecordKind::Variable { rows.nanos(last_row) } else { 0 });
         Ahead { year: self.year, rows: self.rows + rows.len, data, last }
     }
-}
-
-fn is_var_array(a: &ArrayRef) -> bool {
-    matches!(a.data_type(), adt::DataType::Utf8 | adt::DataType::LargeUtf8 | adt::DataType::Binary)
 }
 
 /// Bytes of variable-length data rows of `a` carry.
