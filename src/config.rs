@@ -167,7 +167,7 @@ pub const KEYS: &[&str] = &[
     "root_directory", "listen_host", "listen_port", "grpc_listen_port", "grpc_max_send_msg_size", "grpc_max_recv_msg_size",
     "timezone", "log_level", "stop_grace_period", "enable_add", "enable_remove", "queryable", "sql_memory_limit_mb",
     "plugin_dir", "triggers", "bgworkers", "max_request_mb", "subscriber_queue_mb", "replication", "retention", "tls", "auth",
-    "utilities_url", "auto_add_columns", "local_socket",
+    "utilities_url", "auto_add_columns", "local_socket", "tiering",
 ];
 
 /// MarketStore keys mkts accepts (the value is still checked) but does not act on, with why; each is
@@ -233,6 +233,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// `replication:` (none: a standalone server).
     pub replication: Option<ReplicationConfig>,
+    /// `tiering:` (mkts key): sealed years moved to object storage as Parquet. `None`: all years local.
+    pub tiering: Option<crate::engine::TierConfig>,
     /// Where the file was read from (for resolving relative paths).
     pub base_dir: PathBuf,
     /// Problems that do not stop the server (unknown keys), logged once logging is up.
@@ -267,6 +269,7 @@ impl Default for Config {
             tls: None,
             auth: None,
             replication: None,
+            tiering: None,
             base_dir: PathBuf::from("."),
             warnings: Vec::new(),
         }
@@ -295,6 +298,49 @@ fn parse_retention(v: &serde_json::Value) -> Result<Vec<crate::engine::Retention
             crate::engine::RetentionRule::parse(&field("on")?, &field("keep")?).map_err(|err| bad(format!("entry {i}: {err}")))
         })
         .collect()
+}
+
+/// `tiering: {store, after, cache_bytes, s3: {…}}`. `store` is `file:///dir` (a relative `file://dir` is
+/// taken from the config file's directory) or `s3://bucket/prefix`; `s3` takes object_store's S3 settings
+/// (`endpoint`, `region`, `allow_http`, `access_key_id`, `secret_access_key`, …); values are never logged.
+fn parse_tiering(v: &serde_json::Value, base_dir: &Path, warnings: &mut Vec<String>) -> Result<crate::engine::TierConfig, ConfigError> {
+    let m = obj("tiering", v)?;
+    let store = str_field(m, "store").filter(|s| !s.trim().is_empty()).ok_or_else(|| ConfigError::Invalid {
+        key: "tiering.store".into(),
+        msg: "required: file:///dir or s3://bucket/prefix".into(),
+    })?;
+    let store = match store.strip_prefix("file://") {
+        Some(rest) if !rest.starts_with('/') => format!("file://{}", base_dir.join(rest).display()),
+        _ => store,
+    };
+    let mut t = crate::engine::TierConfig::new(store);
+    for (k, val) in m {
+        let key = format!("tiering.{k}");
+        match k.as_str() {
+            "store" => {}
+            "after" => {
+                let s: Scalar = serde_json::from_value(val.clone()).map_err(|_| ConfigError::Invalid { key: key.clone(), msg: "expected a duration such as 1y or 90d".into() })?;
+                t.after = crate::engine::RetentionRule::parse("*/*/*", &s.as_string()).map_err(|e| ConfigError::Invalid { key: key.clone(), msg: e.to_string() })?.keep;
+            }
+            "cache_bytes" => t.cache_bytes = parse_int::<usize>(&key, &serde_json::from_value(val.clone()).map_err(|_| ConfigError::Invalid { key: key.clone(), msg: "expected a number of bytes".into() })?)?,
+            "s3" => {
+                for (sk, sv) in obj(&key, val)? {
+                    let value = match sv {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Bool(b) => b.to_string(),
+                        serde_json::Value::Number(n) => n.to_string(),
+                        _ => return Err(ConfigError::Invalid { key: format!("tiering.s3.{sk}"), msg: "expected a scalar".into() }),
+                    };
+                    if sk.parse::<object_store::aws::AmazonS3ConfigKey>().is_err() {
+                        return Err(ConfigError::Invalid { key: format!("tiering.s3.{sk}"), msg: "not an S3 setting (endpoint, region, allow_http, access_key_id, secret_access_key, …)".into() });
+                    }
+                    t.s3.push((sk.clone(), value));
+                }
+            }
+            _ => warnings.push(format!("unknown configuration key \"{key}\" is ignored")),
+        }
+    }
+    Ok(t)
 }
 
 /// Default `max_request_mb`: a pymarketstore bulk write of ~10 symbol-years of 1Min bars.
@@ -425,6 +471,7 @@ impl Config {
                 "max_request_mb" => c.max_request_mb = parse_positive(k, &sc(k, v)?)?,
                 "subscriber_queue_mb" => c.subscriber_queue_mb = parse_positive(k, &sc(k, v)?)?,
                 "retention" => c.retention = parse_retention(v)?,
+                "tiering" => c.tiering = Some(parse_tiering(v, base_dir, &mut c.warnings)?),
                 "tls" => c.tls = Some(parse_tls(v, base_dir, &mut c.warnings)?),
                 "auth" => c.auth = Some(parse_auth(v, &mut c.warnings)?),
                 other => c.warnings.push(format!("unknown configuration key {other:?} is ignored")),

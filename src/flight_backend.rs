@@ -262,7 +262,13 @@ impl FlightBackend for EngineFlightBackend {
         let buckets = self.ctx.service.list_buckets(caller).map_err(err)?;
         Ok(buckets
             .into_iter()
-            .map(|(k, info)| BucketListing { key: k.to_string(), schema: info.schema.arrow_schema(), rows: info.rows as i64 })
+            .map(|(k, info)| BucketListing {
+                key: k.to_string(),
+                schema: info.schema.arrow_schema(),
+                rows: info.rows as i64,
+                bytes: info.partitions.iter().map(|p| p.bytes).sum::<u64>().try_into().unwrap_or(i64::MAX),
+                app_metadata: serde_json::to_vec(&json!({ "partitions": info.partitions })).unwrap_or_default(),
+            })
             .collect())
     }
 
@@ -331,6 +337,7 @@ impl EngineFlightBackend {
                     "years": info.years,
                     "first_epoch": info.first_epoch,
                     "last_epoch": info.last_epoch,
+                    "partitions": info.partitions,
                 }))
             }
             "delete_range" => {

@@ -43,6 +43,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     ecfg.policy = Policy { enable_add: config.enable_add, enable_remove: config.enable_remove, queryable: config.queryable };
     ecfg.retention = config.retention.clone();
     ecfg.auto_add_columns = config.auto_add_columns;
+    ecfg.tiering = config.tiering.clone();
     ecfg.timezone = mkts_udf::parse_timezone(Some(&config.timezone)).map_err(|e| anyhow!("timezone: {e}"))?;
     if let Some(r) = &config.replication {
         if r.enabled {

@@ -128,6 +128,10 @@ pub struct BucketListing {
     pub key: String,
     pub schema: SchemaRef,
     pub rows: i64,
+    /// Bytes stored, local and in object storage (`FlightInfo.total_bytes`).
+    pub bytes: i64,
+    /// JSON sent as the FlightInfo's `app_metadata` (mkts: `{"partitions": [{year, tier, rows, bytes}]}`).
+    pub app_metadata: Vec<u8>,
 }
 
 /// The acknowledgement of a submitted write ([`FlightBackend::submit_write`]): rows stored, once durable.
@@ -527,6 +531,8 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
                         i.with_descriptor(FlightDescriptor::new_path(vec![b.key.clone()]))
                             .with_endpoint(FlightEndpoint::new().with_ticket(ticket))
                             .with_total_records(b.rows)
+                            .with_total_bytes(b.bytes)
+                            .with_app_metadata(b.app_metadata.clone())
                             .with_ordered(true)
                     })
                     .map_err(|e| Status::internal(e.to_string()))

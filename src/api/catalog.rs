@@ -44,6 +44,7 @@ fn bucket_json(key: &BucketKey, info: &BucketInfo, size: u64) -> Value {
         "first_epoch": info.first_epoch,
         "last_epoch": info.last_epoch,
         "size_bytes": size,
+        "partitions": info.partitions,
     })
 }
 

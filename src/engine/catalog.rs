@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bucket::Bucket;
 use super::partition::{physical_layouts, Manifest, Partition};
+use super::tier::{ColdManifest, ColdStore};
 use super::{wal, BucketKey, BucketSchema, DamagedBucket, EngineError, Result};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,7 +53,7 @@ pub(super) fn bucket_dir(root: &Path, key: &BucketKey) -> PathBuf {
     root.join(&key.symbol).join(&key.timeframe).join(&key.attr_group)
 }
 
-pub(super) fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketSchema, lsn: u64) -> Result<Bucket> {
+pub(super) fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketSchema, lsn: u64, store: Option<&Arc<ColdStore>>) -> Result<Bucket> {
     let dir = bucket_dir(root, key);
     fs::create_dir_all(&dir).map_err(|e| EngineError::io(&dir, e))?;
     let meta = BucketFile {
@@ -64,7 +65,7 @@ pub(super) fn create_bucket_files(root: &Path, key: &BucketKey, schema: &BucketS
         schema_lsn: 0,
     };
     write_bucket_file(&dir, &meta)?;
-    Ok(Bucket::new(key.clone(), Arc::new(schema.clone()), lsn, dir))
+    Ok(Bucket::new(key.clone(), Arc::new(schema.clone()), lsn, dir, store))
 }
 
 /// Atomically replace `bucket.json` (write temp, fsync, rename, fsync directory).
@@ -79,7 +80,7 @@ fn write_bucket_file(dir: &Path, meta: &BucketFile) -> Result<()> {
 
 /// Commit a schema change: `bucket.json` gets the new schema and the change's LSN (the commit point; the
 /// new columns' files already exist in every partition), then the bucket is loaded again from its files.
-pub(super) fn commit_schema(dir: &Path, schema: &BucketSchema, lsn: u64) -> Result<Bucket> {
+pub(super) fn commit_schema(dir: &Path, schema: &BucketSchema, lsn: u64, store: Option<&Arc<ColdStore>>) -> Result<Bucket> {
     let bf = dir.join("bucket.json");
     let text = fs::read_to_string(&bf).map_err(|e| EngineError::io(&bf, e))?;
     let mut meta: BucketFile =
@@ -87,7 +88,7 @@ pub(super) fn commit_schema(dir: &Path, schema: &BucketSchema, lsn: u64) -> Resu
     meta.schema = schema.clone();
     meta.schema_lsn = lsn;
     write_bucket_file(dir, &meta)?;
-    load_bucket(dir, year_dirs(dir))
+    load_bucket(dir, year_dirs(dir), store)
 }
 
 /// The year partition directories of a bucket directory.
@@ -97,8 +98,17 @@ fn year_dirs(dir: &Path) -> Vec<(i32, PathBuf)> {
         .unwrap_or_default()
 }
 
-pub(super) fn remove_bucket_files(root: &Path, key: &BucketKey) -> Result<()> {
+pub(super) fn remove_bucket_files(root: &Path, key: &BucketKey, store: Option<&Arc<ColdStore>>) -> Result<()> {
     let dir = bucket_dir(root, key);
+    // Cold objects first: while cold.json is there, a crash before the files are gone leaves the
+    // destroy to replay, which deletes whatever objects are left.
+    let cold = ColdManifest::load(&dir).unwrap_or_default();
+    if !cold.years.is_empty() || !cold.pending.is_empty() {
+        let store = store.ok_or_else(|| EngineError::Unavailable(format!("{key}: its cold years are in object storage, but tiering is not configured")))?;
+        for o in cold.years.iter().map(|c| &c.object).chain(cold.pending.iter()) {
+            store.delete(o)?;
+        }
+    }
     // Rename first so a crash mid-delete never leaves a half bucket that loads.
     let trash = root.join(format!(".trash-{}-{}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or(0)));
     if dir.exists() {
@@ -164,7 +174,7 @@ struct Part {
 /// Load every bucket under `root`, from the catalog snapshot where its directory times still match, from
 /// the files elsewhere; buckets that fail to load are returned as damaged, with the reason. Symbols are
 /// loaded on several threads.
-pub(super) fn load_catalog(root: &Path) -> Result<Loaded> {
+pub(super) fn load_catalog(root: &Path, store: Option<&Arc<ColdStore>>) -> Result<Loaded> {
     let root_fd = open_dir(root);
     let snap = root_fd.as_ref().and_then(|_| read_snapshot(root));
     let mut symbols: Vec<String> = subdirs(root).iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
@@ -181,8 +191,8 @@ pub(super) fn load_catalog(root: &Path) -> Result<Loaded> {
                     for name in names {
                         let known = snap.zip(root_fd).and_then(|(sn, fd)| Some((sn, fd, sn.symbol(name)?)));
                         match known {
-                            Some((sn, fd, sym)) => load_symbol_from_snapshot(root, fd.as_fd(), sym, sn, &mut part),
-                            None => walk_symbol(root, &root.join(name), &mut part.found),
+                            Some((sn, fd, sym)) => load_symbol_from_snapshot(root, fd.as_fd(), sym, sn, &mut part, store),
+                            None => walk_symbol(root, &root.join(name), &mut part.found, store),
                         }
                     }
                     part
@@ -226,10 +236,10 @@ pub(super) fn load_catalog(root: &Path) -> Result<Loaded> {
 }
 
 /// A symbol directory without a usable snapshot entry: every bucket from its files.
-fn walk_symbol(root: &Path, sym_dir: &Path, out: &mut Vec<Found>) {
+fn walk_symbol(root: &Path, sym_dir: &Path, out: &mut Vec<Found>, store: Option<&Arc<ColdStore>>) {
     for t in subdirs(sym_dir) {
         for g in subdirs(&t) {
-            out.push(load_dir(root, &g));
+            out.push(load_dir(root, &g, store));
         }
     }
 }
@@ -237,10 +247,10 @@ fn walk_symbol(root: &Path, sym_dir: &Path, out: &mut Vec<Found>) {
 /// One symbol directory with a snapshot entry: each level whose directory time matches is taken from the
 /// snapshot, anything else from the files. Times are read relative to the root's descriptor (short path
 /// lookups, no per-directory path allocation).
-fn load_symbol_from_snapshot(root: &Path, root_fd: BorrowedFd<'_>, sym: &SnapSymbol, snap: &Snapshot, part: &mut Part) {
+fn load_symbol_from_snapshot(root: &Path, root_fd: BorrowedFd<'_>, sym: &SnapSymbol, snap: &Snapshot, part: &mut Part, store: Option<&Arc<ColdStore>>) {
     let sym_dir = root.join(&sym.name);
     if mtime_at(root_fd, &sym.name) != Some(sym.mtime) {
-        walk_symbol(root, &sym_dir, &mut part.found);
+        walk_symbol(root, &sym_dir, &mut part.found, store);
         return;
     }
     part.dirs.push((sym.name.clone(), sym.mtime));
@@ -253,7 +263,7 @@ fn load_symbol_from_snapshot(root: &Path, root_fd: BorrowedFd<'_>, sym: &SnapSym
         let tf_dir = sym_dir.join(&tf.name);
         if mtime_at(root_fd, &rel) != Some(tf.mtime) {
             for g in subdirs(&tf_dir) {
-                part.found.push(load_dir(root, &g));
+                part.found.push(load_dir(root, &g, store));
             }
             continue;
         }
@@ -263,10 +273,10 @@ fn load_symbol_from_snapshot(root: &Path, root_fd: BorrowedFd<'_>, sym: &SnapSym
             rel.truncate(tf_len);
             rel.push('/');
             rel.push_str(&g.name);
-            let found = if g.reload { None } else { from_snapshot(root_fd, &mut rel, &sym.name, &tf.name, g, &tf_dir, snap) };
+            let found = if g.reload { None } else { from_snapshot(root_fd, &mut rel, &sym.name, &tf.name, g, &tf_dir, snap, store) };
             part.found.push(match found {
                 Some((b, st)) => Found::Bucket(b, Some(st)),
-                None => load_dir(root, &tf_dir.join(&g.name)),
+                None => load_dir(root, &tf_dir.join(&g.name), store),
             });
         }
     }
@@ -282,6 +292,7 @@ fn from_snapshot(
     g: &SnapGroup,
     tf_dir: &Path,
     snap: &Snapshot,
+    store: Option<&Arc<ColdStore>>,
 ) -> Option<(Bucket, BucketStamp)> {
     if mtime_at(root_fd, rel) != Some(g.mtime) {
         return None;
@@ -304,8 +315,10 @@ fn from_snapshot(
         parts.insert(p.year, Partition::from_manifest(&ydir, p.year, schema.kind, layouts.clone(), p.manifest()).ok()?);
         years.push((p.year, p.mtime));
     }
-    let mut b = Bucket::with_layouts(key, schema, layouts, g.created_lsn, dir);
+    let cold: ColdManifest = if g.cold.is_empty() { ColdManifest::default() } else { serde_json::from_str(&g.cold).ok()? };
+    let mut b = Bucket::with_layouts(key, schema, layouts, g.created_lsn, dir, store);
     b.schema_lsn = g.schema_lsn;
+    *b.cold.get_mut() = cold;
     b.publish(&mut parts);
     *b.parts.lock() = parts;
     Some((b, BucketStamp { group: g.mtime, years }))
@@ -313,7 +326,7 @@ fn from_snapshot(
 
 /// One directory listing decides: a bucket (bucket.json), a damaged one (years without bucket.json, or a
 /// load error), or not a bucket at all.
-fn load_dir(root: &Path, dir: &Path) -> Found {
+fn load_dir(root: &Path, dir: &Path, store: Option<&Arc<ColdStore>>) -> Found {
     let Ok(rd) = fs::read_dir(dir) else { return Found::Nothing };
     let mut has_meta = false;
     let mut years = Vec::new();
@@ -333,21 +346,31 @@ fn load_dir(root: &Path, dir: &Path) -> Found {
     if !has_meta {
         return Found::Damaged(DamagedBucket { key, reason: "bucket.json is missing".into(), at_load: true });
     }
-    match load_bucket(dir, years) {
+    match load_bucket(dir, years, store) {
         Ok(b) => Found::Bucket(b, None),
         Err(e) => Found::Damaged(DamagedBucket { key, reason: e.to_string(), at_load: true }),
     }
 }
 
-fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>) -> Result<Bucket> {
+fn load_bucket(dir: &Path, years: Vec<(i32, PathBuf)>, store: Option<&Arc<ColdStore>>) -> Result<Bucket> {
     let (key, meta) = checked_bucket_file(dir)?;
     let layouts = Arc::new(physical_layouts(meta.schema.kind, &meta.schema.columns));
+    let cold = ColdManifest::load(dir)?;
     let mut parts = BTreeMap::new();
     for (year, path) in years {
+        if cold.get(year).is_some() {
+            // The year is in object storage: these files are what an interrupted move had not removed
+            // yet, or an interrupted thaw had not committed (module docs of `tier`). Finish/undo it.
+            fs::remove_dir_all(&path).map_err(|e| EngineError::io(&path, e))?;
+            wal::sync_dir(dir)?;
+            tracing::info!(key = %key, year, "removed the local files of a year that is in object storage");
+            continue;
+        }
         parts.insert(year, Partition::load(&path, year, meta.schema.kind, layouts.clone())?);
     }
-    let mut b = Bucket::with_layouts(key, Arc::new(meta.schema), layouts, meta.created_lsn, dir.to_path_buf());
+    let mut b = Bucket::with_layouts(key, Arc::new(meta.schema), layouts, meta.created_lsn, dir.to_path_buf(), store);
     b.schema_lsn = meta.schema_lsn;
+    *b.cold.get_mut() = cold;
     b.publish(&mut parts);
     *b.parts.lock() = parts;
     Ok(b)
@@ -455,6 +478,9 @@ struct SnapGroup {
     schema_lsn: u64,
     #[prost(message, repeated, tag = "6")]
     parts: Vec<SnapPart>,
+    /// `cold.json` as JSON (empty: no cold years).
+    #[prost(string, tag = "8")]
+    cold: String,
 }
 
 /// A year partition: its directory's time and its durable manifest.
@@ -655,11 +681,15 @@ pub(super) fn write_snapshot(
             mtime: st.group,
             schema_lsn: b.schema_lsn,
             parts: parts.values().zip(st.years.iter()).map(|(p, (year, m))| SnapPart::new(*year, *m, p.manifest())).collect(),
+            cold: {
+                let c = b.cold.lock();
+                if c.years.is_empty() && c.pending.is_empty() { String::new() } else { serde_json::to_string(&*c).unwrap_or_default() }
+            },
         };
         tree.entry(key.symbol.as_str()).or_default().entry(key.timeframe.as_str()).or_default().push(group);
     }
     for k in &reload {
-        let group = SnapGroup { name: k.attr_group.clone(), reload: true, schema: 0, created_lsn: 0, mtime: 0, schema_lsn: 0, parts: Vec::new() };
+        let group = SnapGroup { name: k.attr_group.clone(), reload: true, schema: 0, created_lsn: 0, mtime: 0, schema_lsn: 0, parts: Vec::new(), cold: String::new() };
         tree.entry(k.symbol.as_str()).or_default().entry(k.timeframe.as_str()).or_default().push(group);
     }
     // The directories above every bucket and reload entry.

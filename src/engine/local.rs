@@ -17,7 +17,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use super::bucket::{select, Bucket, Selection};
+use super::bucket::{select, Bucket, Selection, Span};
 use super::error::{EngineError, Result};
 use super::partition::{ColBufs, FileId, PartView, Piece};
 use super::read::{batches_of, OutCol};
@@ -112,7 +112,15 @@ fn pieces(sel: &Selection) -> std::result::Result<(Vec<LocalPiece>, usize), Fail
     let mut total = 0;
     // Columns whose files are not Arrow's layout for the read type come inline.
     let arrow_layout = sel.cols.iter().all(|c| !matches!(c.ty, ColumnType::Bool | ColumnType::String16));
-    for &(i, lo, hi) in &sel.ranges {
+    for span in &sel.ranges {
+        let &Span::Hot(i, lo, hi) = span else {
+            // Cold years (object storage) come inline.
+            if let Span::Cold(batches) = span {
+                total += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+                out.extend(batches.iter().cloned().map(LocalPiece::Inline));
+            }
+            continue;
+        };
         let view = &sel.snap[i];
         total += hi - lo;
         for (piece, first, len) in view.pieces(lo, hi) {

@@ -31,6 +31,7 @@ mod read; // Arrow arrays over partition views
 mod records; // log record payload codecs
 mod recovery; // start-up replay
 mod retention; // how long buckets keep rows
+pub mod tier; // sealed years in object storage as Parquet: moving, thawing, reading
 pub mod types;
 pub mod wal; // the write-ahead log: segments, frames, scan, trim
 mod writer; // the single writer thread: prepare, log, apply, checkpoint
@@ -62,6 +63,7 @@ pub use integrity::{check_integrity, Finding, IntegrityReport};
 pub use changes::{Captured, CapturedBucket, Change, ChangeCursor, ChangeGap, ChangeRecord, Origin};
 pub use events::{AppendEvent, Subscription};
 pub use retention::RetentionRule;
+pub use tier::{ColdStore, ColdYear, TierConfig};
 pub use zone::recorded_timezone;
 
 use bucket::{read_bucket, Bucket};
@@ -114,6 +116,9 @@ pub struct EngineConfig {
     /// stores each row at the start of its interval on this zone's calendar (a `1D` row at the zone's
     /// midnight, a UTC epoch like every other). `None`: UTC. Sub-day intervals do not depend on it.
     pub timezone: Option<chrono_tz::Tz>,
+    /// Move sealed years to object storage (`tiering:` in mkts.yml, [`tier`]). `None`: every year stays
+    /// local (years already moved still need the store to be read).
+    pub tiering: Option<TierConfig>,
 }
 
 impl EngineConfig {
@@ -133,6 +138,7 @@ impl EngineConfig {
             change_window_bytes: 0,
             auto_add_columns: false,
             timezone: None,
+            tiering: None,
         }
     }
 }
@@ -217,6 +223,23 @@ pub struct BucketInfo {
     pub years: Vec<i32>,
     pub first_epoch: Option<i64>,
     pub last_epoch: Option<i64>,
+    /// Each year with rows: where it is, its rows and bytes.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// One year of a bucket as [`Engine::info`] reports it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub year: i32,
+    /// `hot` (local, mapped files) or `cold` (a Parquet object in the tiering store).
+    pub tier: &'static str,
+    pub rows: usize,
+    /// Local: rows x the fixed row width (offsets, not the bytes, of variable-length values); cold: the
+    /// object's size.
+    pub bytes: u64,
+    /// Cold: the object's path under the store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// A bucket that cannot be used: its files failed to load, or applying a logged write to it failed.
@@ -290,6 +313,8 @@ struct Inner {
     changes: Option<Arc<changes::ChangeLog>>,
     /// Where this server stands in its upstream's log (a replica's applied position).
     origin: RwLock<Origin>,
+    /// The tiering store, when configured.
+    cold: Option<Arc<ColdStore>>,
     /// This data directory's identity (see [`changes`]).
     store_id: String,
     _lock: fs::File,
@@ -394,7 +419,11 @@ impl Engine {
         })?;
         let wal_dir = root.join(".wal");
         let t0 = Instant::now();
-        let loaded = catalog::load_catalog(&root)?;
+        let cold = match &cfg.tiering {
+            Some(t) => Some(Arc::new(ColdStore::open(t, cfg.timezone)?)),
+            None => None,
+        };
+        let loaded = catalog::load_catalog(&root, cold.as_ref())?;
         tracing::info!(
             from_snapshot = loaded.from_snapshot,
             from_files = loaded.from_files,
@@ -434,7 +463,11 @@ impl Engine {
         scan.cut_torn_tail()?;
         let store_id = changes::store_id(&root)?;
         let saved_origin = changes::read_origin(&root)?.unwrap_or_default();
-        let replay = recovery::replay(&root, &mut catalog, &mut damaged, &scan, saved_origin.clone());
+        let replay = recovery::replay(&root, &mut catalog, &mut damaged, &scan, saved_origin.clone(), cold.as_ref());
+        // Objects an interrupted move, thaw or removal left behind.
+        for b in catalog.values() {
+            b.clear_pending();
+        }
         max_lsn = max_lsn.max(scan.max_lsn());
         // A segment is named by the first LSN it was opened for: everything below it was handed out before,
         // even when no record of it survives (a destroy, then a clean stop that trimmed the log). LSNs are
@@ -485,6 +518,7 @@ impl Engine {
         let inner = Arc::new(Inner {
             changes: (cfg.change_window_bytes > 0).then(|| Arc::new(changes::ChangeLog::new(max_lsn, cfg.change_window_bytes))),
             origin: RwLock::new(replay.origin.clone()),
+            cold,
             store_id,
             root: root.clone(),
             policy: cfg.policy,
@@ -878,17 +912,32 @@ impl Engine {
         let Some(b) = self.bucket(key) else {
             return Err(self.inner.damage_of(key).unwrap_or_else(|| EngineError::NotFound(key.to_string())));
         };
-        let snap = b.snapshot();
-        let rows = snap.iter().map(|p| p.rows).sum();
-        let first = snap.iter().find(|p| p.rows > 0).and_then(|p| p.first);
-        let last = snap.iter().rev().find(|p| p.rows > 0).and_then(|p| p.last);
+        let published = b.published();
+        let width = b.row_width();
+        let mut partitions: Vec<(PartitionInfo, i64, i64)> = published
+            .parts
+            .iter()
+            .filter(|p| p.rows > 0)
+            .map(|p| {
+                // Rows x fixed row width: the same on a master and its replicas, whatever their files'
+                // preallocated capacity or mapping state.
+                let bytes = p.rows as u64 * width;
+                (PartitionInfo { year: p.year, tier: "hot", rows: p.rows, bytes, object: None }, p.first.unwrap_or(i64::MAX), p.last.unwrap_or(i64::MIN))
+            })
+            .collect();
+        for c in published.cold.iter().filter(|c| c.rows > 0) {
+            let rows = usize::try_from(c.rows).unwrap_or(usize::MAX);
+            partitions.push((PartitionInfo { year: c.year, tier: "cold", rows, bytes: c.bytes, object: Some(c.object.clone()) }, c.first.0, c.last.0));
+        }
+        partitions.sort_by_key(|p| p.0.year);
         Ok(BucketInfo {
             key: key.to_string(),
             schema: (*b.schema).clone(),
-            rows,
-            years: snap.iter().filter(|p| p.rows > 0).map(|p| p.year).collect(),
-            first_epoch: first,
-            last_epoch: last,
+            rows: partitions.iter().map(|p| p.0.rows).sum(),
+            years: partitions.iter().map(|p| p.0.year).collect(),
+            first_epoch: partitions.first().map(|p| p.1),
+            last_epoch: partitions.last().map(|p| p.2),
+            partitions: partitions.into_iter().map(|p| p.0).collect(),
         })
     }
 
@@ -1067,3 +1116,5 @@ pub fn recover_wal(root: &Path) -> Result<wal::Recovery> {
 mod tests;
 #[cfg(test)]
 mod tests_arrow;
+#[cfg(test)]
+mod tests_tier;

@@ -109,7 +109,8 @@ pub(crate) fn row_range(view: &PartView, kind: RecordKind, start: TimePoint, end
     }
 }
 
-fn partition_point_by(len: usize, pred: impl Fn(usize) -> bool) -> usize {
+/// The first index in `0..len` where `pred` turns false (`pred` true then false, as on sorted rows).
+pub(crate) fn partition_point_by(len: usize, pred: impl Fn(usize) -> bool) -> usize {
     let (mut lo, mut hi) = (0, len);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;

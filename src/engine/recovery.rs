@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::bucket::Bucket;
 use super::changes::Origin;
 use super::catalog::{create_bucket_files, remove_bucket_files};
+use super::tier::ColdStore;
 use super::records::{decode_direct, decode_range, decode_write_payload};
 use super::wal::{self, Op};
 use super::{BucketKey, BucketSchema, DamagedBucket, EngineError, Result};
@@ -35,6 +36,7 @@ pub(super) fn replay(
     damaged: &mut BTreeMap<String, DamagedBucket>,
     scan: &wal::LogScan,
     origin: Origin,
+    store: Option<&Arc<ColdStore>>,
 ) -> Replayed {
     let aborted = scan.aborted();
     let mut out = Replayed { records: 0, touched: Default::default(), halted: None, origin };
@@ -65,7 +67,7 @@ pub(super) fn replay(
         if damaged.contains_key(rec.key) {
             if rec.op == Op::Destroy {
                 // Destroying a damaged bucket is how it is given up: finish it.
-                if let Err(e) = remove_bucket_files(root, &key) {
+                if let Err(e) = remove_bucket_files(root, &key, store) {
                     tracing::warn!(key = %key, "cannot remove a destroyed bucket's files: {e}");
                 } else {
                     damaged.remove(rec.key);
@@ -74,7 +76,7 @@ pub(super) fn replay(
             continue;
         }
         out.touched.insert(key.clone());
-        if let Err(e) = replay_record(root, cat, &key, &rec) {
+        if let Err(e) = replay_record(root, cat, &key, &rec, store) {
             if e.is_disk_full() {
                 out.halted = Some(format!(
                     "the disk is full: replay stopped at log record {} ({e}); reads show the data before it, writes are refused; free space and restart",
@@ -98,7 +100,7 @@ fn corrupt(lsn: u64, reason: &str) -> EngineError {
 }
 
 /// Re-apply one logged record, skipping whatever the durable state already contains.
-fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &BucketKey, rec: &wal::Record<'_>) -> Result<()> {
+fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &BucketKey, rec: &wal::Record<'_>, store: Option<&Arc<ColdStore>>) -> Result<()> {
     // Records of a bucket before its last schema change were checkpointed before it: nothing to replay,
     // and their payloads are in the old columns.
     let current = cat.get(key).filter(|b| b.created_lsn <= rec.lsn && b.schema_lsn < rec.lsn).cloned();
@@ -106,13 +108,13 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &
         Op::Create => {
             if !cat.contains_key(key) {
                 let schema: BucketSchema = serde_json::from_slice(rec.payload).map_err(|e| corrupt(rec.lsn, &e.to_string()))?;
-                let b = create_bucket_files(root, key, &schema, rec.lsn)?;
+                let b = create_bucket_files(root, key, &schema, rec.lsn, store)?;
                 cat.insert(key.clone(), Arc::new(b));
             }
         }
         Op::Destroy => {
             if current.is_some() {
-                remove_bucket_files(root, key)?;
+                remove_bucket_files(root, key, store)?;
                 cat.remove(key);
             }
         }
@@ -141,7 +143,7 @@ fn replay_record(root: &Path, cat: &mut BTreeMap<BucketKey, Arc<Bucket>>, key: &
                 schema.validate()?;
                 let layouts = super::partition::physical_layouts(schema.kind, &schema.columns);
                 b.prepare_schema(&layouts)?;
-                let nb = super::catalog::commit_schema(&b.dir, &schema, rec.lsn)?;
+                let nb = super::catalog::commit_schema(&b.dir, &schema, rec.lsn, store)?;
                 b.remove_dropped_files(&layouts);
                 cat.insert(key.clone(), Arc::new(nb));
             }

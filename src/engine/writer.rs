@@ -101,6 +101,9 @@ pub(super) struct Writer {
     pub origin_saved: Origin,
 }
 
+/// Longest a checkpoint tick spends moving years to object storage.
+const TIER_BUDGET: Duration = Duration::from_secs(2);
+
 /// Retention runs at checkpoint ticks at most this often (the first tick after start-up included), at every
 /// forced checkpoint and at shutdown.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
@@ -218,6 +221,10 @@ impl Writer {
                             self.checkpoint(inner)
                         }
                     };
+                    if r.is_ok() && self.wal.is_some() {
+                        // Sealed years due to move go now too (within the tick budget).
+                        self.tier(inner, false);
+                    }
                     if r.is_ok() && (self.snapshot.due || !self.snapshot.changed.is_empty()) {
                         self.snapshot_now(inner);
                     }
@@ -288,10 +295,10 @@ impl Writer {
                 // between leaves an empty bucket nobody was told about), then create + write share a group.
                 self.flush(inner, buf, pending);
                 let clsn = self.take_lsn();
-                let b = match create_bucket_files(&inner.root, &key, &schema, clsn) {
+                let b = match create_bucket_files(&inner.root, &key, &schema, clsn, inner.cold.as_ref()) {
                     Ok(b) => Arc::new(b),
                     Err(e) => {
-                        let _ = remove_bucket_files(&inner.root, &key);
+                        let _ = remove_bucket_files(&inner.root, &key, inner.cold.as_ref());
                         let _ = reply.send(Err(e));
                         return;
                     }
@@ -300,7 +307,7 @@ impl Writer {
                     p.extend_from_slice(&serde_json::to_vec(&schema).unwrap_or_default())
                 });
                 if let Err(e) = self.log(inner, buf) {
-                    let _ = remove_bucket_files(&inner.root, &key);
+                    let _ = remove_bucket_files(&inner.root, &key, inner.cold.as_ref());
                     let _ = reply.send(Err(e));
                     return;
                 }
@@ -375,10 +382,10 @@ impl Writer {
             return Err(d);
         }
         let lsn = self.take_lsn();
-        let b = match create_bucket_files(&inner.root, key, schema, lsn) {
+        let b = match create_bucket_files(&inner.root, key, schema, lsn, inner.cold.as_ref()) {
             Ok(b) => b,
             Err(e) => {
-                let _ = remove_bucket_files(&inner.root, key);
+                let _ = remove_bucket_files(&inner.root, key, inner.cold.as_ref());
                 return Err(e);
             }
         };
@@ -387,7 +394,7 @@ impl Writer {
             p.extend_from_slice(&serde_json::to_vec(schema).unwrap_or_default())
         });
         if let Err(e) = self.log(inner, &mut g) {
-            let _ = remove_bucket_files(&inner.root, key);
+            let _ = remove_bucket_files(&inner.root, key, inner.cold.as_ref());
             return Err(e);
         }
         inner.catalog.write().insert(key.clone(), Arc::new(b));
@@ -413,7 +420,7 @@ impl Writer {
         inner.advance_origin(from);
         inner.feed(lsn, || Change::Destroy { key: key.clone() });
         // Logged: a failure to remove the files now is finished by replay at the next start.
-        if let Err(e) = remove_bucket_files(&inner.root, key) {
+        if let Err(e) = remove_bucket_files(&inner.root, key, inner.cold.as_ref()) {
             tracing::warn!(key = %key, "destroy is logged but removing the files failed (replay finishes it): {e}");
         }
         Ok(())
@@ -459,7 +466,7 @@ impl Writer {
         let json = serde_json::to_vec(&schema).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
         wal::encode_record_from(&mut g, lsn, Op::Alter, &key.to_string(), from.origin, |p| p.extend_from_slice(&json));
         self.log(inner, &mut g)?;
-        let nb = match super::catalog::commit_schema(&b.dir, &schema, lsn) {
+        let nb = match super::catalog::commit_schema(&b.dir, &schema, lsn, inner.cold.as_ref()) {
             Ok(nb) => Arc::new(nb),
             // Logged but not committed: cancel the record (the added files stay unnamed) and keep the bucket
             // offline until a restart loads whatever bucket.json says.
@@ -520,6 +527,9 @@ impl Writer {
             if ((self.snapshot.due || n >= SNAPSHOT_CHANGED) && since >= SNAPSHOT_MIN_EVERY) || (n > 0 && since >= SNAPSHOT_MAX_EVERY) {
                 self.snapshot_now(inner);
             }
+        }
+        if r.is_ok() && self.wal.is_some() {
+            self.tier(inner, reply.is_some());
         }
         unmap_coldest(inner, self.cfg.max_mapped_files);
         if let Some(reply) = reply {
@@ -729,7 +739,7 @@ impl Writer {
         for b in buckets {
             let Some(keep) = self.cfg.retention.iter().find(|r| r.on.matches(&b.key)).map(|r| r.keep.as_secs()) else { continue };
             let cutoff = now.saturating_sub(keep as i64);
-            let first = b.snapshot().iter().find(|p| p.rows > 0).and_then(|p| p.first);
+            let first = b.first_epoch();
             if first.is_none_or(|f| f >= cutoff) || inner.damaged.read().contains_key(&b.key.to_string()) {
                 continue;
             }
@@ -741,6 +751,44 @@ impl Writer {
                     tracing::info!(key = %b.key, rows = n, keep_secs = keep, "retention removed expired rows");
                 }
                 Err(e) => tracing::warn!(key = %b.key, "retention could not remove expired rows (retried at the next run): {e}"),
+            }
+        }
+    }
+
+    /// Move sealed years to object storage (`tiering`, [`super::tier`]): every checkpointed local year
+    /// that ended more than `after` ago. A tick moves for at most [`TIER_BUDGET`] (the writer takes no
+    /// writes meanwhile); a forced checkpoint (`all`) moves everything due. A failure (the store is
+    /// down) is logged and retried at the next tick: the year stays local and readable.
+    fn tier(&mut self, inner: &Arc<Inner>, all: bool) {
+        let Some(store) = inner.cold.clone() else { return };
+        if inner.halted.read().is_some() {
+            return;
+        }
+        let t0 = Instant::now();
+        let now = chrono::Utc::now().timestamp();
+        let after = i64::try_from(store.after.as_secs()).unwrap_or(i64::MAX);
+        let buckets: Vec<Arc<Bucket>> = inner.catalog.read().values().cloned().collect();
+        for b in buckets {
+            if inner.damaged.read().contains_key(&b.key.to_string()) || self.dirty.contains(&b.key) {
+                continue;
+            }
+            let due: Vec<i32> = b.parts.lock().iter().filter(|(y, p)| p.rows > 0 && super::bucket::year_start(**y + 1).saturating_add(after) <= now).map(|(y, _)| *y).collect();
+            for year in due {
+                if !all && t0.elapsed() >= TIER_BUDGET {
+                    return;
+                }
+                let t = Instant::now();
+                match b.tier_year(year) {
+                    Ok(Some(bytes)) => {
+                        self.snapshot.changed.insert(b.key.clone());
+                        tracing::info!(key = %b.key, year, bytes, ms = t.elapsed().as_millis() as u64, store = store.url(), "moved a sealed year to object storage");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(key = %b.key, year, "cannot move a sealed year to object storage (retried at the next checkpoint): {e}");
+                        return;
+                    }
+                }
             }
         }
     }
