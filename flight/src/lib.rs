@@ -18,6 +18,7 @@
 
 pub mod ipc;
 pub mod ticket;
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,6 +86,14 @@ fn mark_sql<T>(request: &Request<T>) {
     if let Some(m) = request.extensions().get::<FlightSqlCall>() {
         m.0.store(true, Ordering::Relaxed);
     }
+}
+
+/// What a DoGet ticket answers (see [`MktsFlightService::do_get_reply`]).
+pub(crate) enum DoGetReply {
+    /// Stored data: the wire path frames these batches without copying their buffers.
+    Stored(SchemaRef, BatchStream),
+    /// Messages already made (Flight SQL results, subscriptions).
+    Messages(Response<Bs<FlightData>>),
 }
 
 /// A stream of result batches.
@@ -306,10 +315,13 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
     }
 
     /// The tonic server for this service with these message limits (bytes): a larger incoming message
-    /// is refused, outgoing batches are split to stay within half of `send_bytes`.
-    pub fn into_server(mut self, recv_bytes: usize, send_bytes: usize) -> FlightServiceServer<Self> {
+    /// is refused, outgoing batches are split to stay within half of `send_bytes`. Stored-data DoGet is
+    /// framed by [`wire::FlightServer`] without copying column buffers; every other call goes to arrow-flight's
+    /// generated server.
+    pub fn into_server(mut self, recv_bytes: usize, send_bytes: usize) -> wire::FlightServer<B, S> {
         self.max_flight_data = MAX_FLIGHT_DATA.min(send_bytes / 2).max(1);
-        FlightServiceServer::new(self).max_decoding_message_size(recv_bytes).max_encoding_message_size(send_bytes)
+        let inner = FlightServiceServer::new(self.clone()).max_decoding_message_size(recv_bytes).max_encoding_message_size(send_bytes);
+        wire::FlightServer::new(inner, self, recv_bytes, send_bytes)
     }
 
     fn encode(&self, schema: SchemaRef, batches: BatchStream) -> Bs<FlightData> {
@@ -319,6 +331,29 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
             .build(batches.map_err(|e| FlightError::Tonic(Box::new(Status::from(e)))))
             .map_err(Status::from);
         Box::pin(s)
+    }
+
+    /// Answer a DoGet ticket: stored data as its schema and batches, everything else (Flight SQL,
+    /// subscriptions) as finished messages.
+    pub(crate) async fn do_get_reply(&self, request: Request<Ticket>) -> Result<DoGetReply, Status> {
+        if as_sql_any(&request.get_ref().ticket).is_some() {
+            mark_sql(&request);
+            self.backend.check_readable(&self.backend.caller(request.extensions(), true))?;
+            return Ok(DoGetReply::Messages(FlightService::do_get(self.sql.as_ref(), request).await?));
+        }
+        let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
+        let caller = self.backend.caller(request.extensions(), false);
+        if let Some(pattern) = &q.subscribe {
+            let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+            let req = SubscribeRequest { pattern: pattern.clone(), feed: q.feed.clone(), from_lsn: q.from_lsn };
+            let s = self.backend.subscribe(&caller, req, &peer).await?;
+            return Ok(DoGetReply::Messages(Response::new(Self::subscription_stream(s))));
+        }
+        if q.trigger.is_some() {
+            return Err(Status::invalid_argument("a trigger ticket is opened with DoExchange, acknowledging each batch (docs/plugins.md)"));
+        }
+        let (schema, batches) = self.backend.query(&caller, q).await?;
+        Ok(DoGetReply::Stored(schema, batches))
     }
 
     async fn flight_info(&self, caller: &B::Caller, desc: FlightDescriptor) -> Result<FlightInfo, Status> {
@@ -579,25 +614,13 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> FlightService for
         Ok(Response::new(r))
     }
 
+    /// Tonic's path (prost-encoded messages) for what [`wire::FlightServer`] does not frame itself: a
+    /// compressed request, or a caller of the trait (the fuzzer).
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        if as_sql_any(&request.get_ref().ticket).is_some() {
-            mark_sql(&request);
-            self.backend.check_readable(&self.backend.caller(request.extensions(), true))?;
-            return FlightService::do_get(self.sql.as_ref(), request).await;
+        match self.do_get_reply(request).await? {
+            DoGetReply::Stored(schema, batches) => Ok(Response::new(self.encode(schema, batches))),
+            DoGetReply::Messages(m) => Ok(m),
         }
-        let q = QueryTicket::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
-        let caller = self.backend.caller(request.extensions(), false);
-        if let Some(pattern) = &q.subscribe {
-            let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
-            let req = SubscribeRequest { pattern: pattern.clone(), feed: q.feed.clone(), from_lsn: q.from_lsn };
-            let s = self.backend.subscribe(&caller, req, &peer).await?;
-            return Ok(Response::new(Self::subscription_stream(s)));
-        }
-        if q.trigger.is_some() {
-            return Err(Status::invalid_argument("a trigger ticket is opened with DoExchange, acknowledging each batch (docs/plugins.md)"));
-        }
-        let (schema, batches) = self.backend.query(&caller, q).await?;
-        Ok(Response::new(self.encode(schema, batches)))
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
