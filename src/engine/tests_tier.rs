@@ -291,3 +291,27 @@ fn interrupted_moves_are_finished_or_undone_at_start() {
     assert!(e.health().damaged.is_empty());
     assert_eq!(rows_of(&e.read(&ReadRequest::key(&key)).unwrap()), all);
 }
+
+#[test]
+fn retention_deletes_the_objects_of_expired_cold_years() {
+    let (root, store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut c = cfg(root.path(), store.path());
+    let key = BucketKey::parse("RET/1H/OHLCV").unwrap();
+    let [_, b, last] = years();
+    let e = open(&c);
+    let all = expected(&setup(&e, &key));
+    assert_eq!(objects(store.path()).len(), 2);
+    rt().block_on(e.shutdown()).unwrap();
+    drop(e);
+    // Keep everything from the start of year b: year a (cold) expires whole.
+    let keep = chrono::Utc::now().timestamp() - year_start(b);
+    c.retention = vec![RetentionRule { on: KeyPattern::parse("*/*/*").unwrap(), keep: std::time::Duration::from_secs(keep as u64) }];
+    let e = open(&c);
+    rt().block_on(e.checkpoint()).unwrap();
+    assert_eq!(tiers(&e, &key), vec![(b, "cold"), (last, "hot")]);
+    let objs = objects(store.path());
+    assert_eq!(objs.len(), 1, "{objs:?}");
+    assert!(objs[0].contains(&format!("year={b}/")), "{objs:?}");
+    let left: Vec<Row> = all.iter().filter(|r| r.0 >= year_start(b)).cloned().collect();
+    assert_eq!(rows_of(&e.read(&ReadRequest::key(&key)).unwrap()), left);
+}
