@@ -221,7 +221,7 @@ fn a_write_into_a_cold_year_thaws_and_moves_it_again() {
     // A crash after the write (no checkpoint): replay is idempotent on thawed and cold years.
     let over2 = bars(year_start(b) + 3 * 3600, 2, 4.5);
     rt.block_on(e.write(&key, &over2, WriteOptions::default())).unwrap();
-    drop(e); // no shutdown: the log holds the write
+    drop(e); // no shutdown: what was not checkpointed is replayed from the log at the next open
     let e = open(&c);
     for r in expected(&[over2]) {
         let i = want.iter().position(|w| w.0 == r.0).unwrap();

@@ -340,7 +340,7 @@ impl ColdStore {
         Ok(out)
     }
 
-    /// Columns `leaves` (file schema root indices) of row group `g`, each as one array.
+    /// Columns `roots` (indices of the file schema's top-level fields) of row group `g`, each as one array.
     fn fetch_group(&self, y: &ColdYear, meta: &ArrowReaderMetadata, g: usize, roots: &[usize]) -> Result<Vec<ArrayRef>> {
         let path = self.full(&y.object)?;
         let reader = ObjectReader { store: self.store.clone(), path, size: y.bytes };
