@@ -49,6 +49,14 @@ enum Cmd {
     },
     /// Estimate the storage a data set needs (MarketStore's `estimate`, with mkts's layout).
     Estimate(mkts::cli::estimate::EstimateArgs),
+    /// Distributed SQL on Apache DataFusion Ballista: runs `mkts-ballista` (installed next to `mkts`) with these
+    /// arguments, e.g. `mkts ballista scheduler --config mkts.yml` or `mkts ballista executor --scheduler
+    /// 127.0.0.1:50050` (docs/scale-out.md).
+    #[command(disable_help_flag = true)]
+    Ballista {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Maintenance of a data directory (the server must be stopped).
     Tool {
         #[command(subcommand)]
@@ -123,6 +131,14 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Connect(args) => mkts::cli::connect::run(args),
+        Cmd::Ballista { args } => {
+            // A separate binary keeps Ballista out of the server's build; look beside this one, then on PATH.
+            let beside = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("mkts-ballista"))).filter(|p| p.exists());
+            let bin = beside.unwrap_or_else(|| PathBuf::from("mkts-ballista"));
+            use std::os::unix::process::CommandExt;
+            let err = std::process::Command::new(&bin).args(&args).exec();
+            bail!("cannot run {}: {err} (build it with `cargo build -p mkts-ballista`)", bin.display())
+        }
         Cmd::HashPassword => {
             let password = mkts::cli::read_password("password: ")?;
             if password.is_empty() {

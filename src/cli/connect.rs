@@ -37,8 +37,13 @@ pub struct ConnectArgs {
     /// Server address: `http://host:5993` or `https://…` (MarketStore's JSON-RPC on /rpc),
     /// `grpc://host:5995` or `grpc+tls://…` (Flight SQL), or a bare `host:port` (5993: JSON-RPC, 5995: Flight
     /// SQL, another port: JSON-RPC if it answers as /rpc does, else Flight SQL).
-    #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present = "dir")]
+    #[arg(short = 'u', long, conflicts_with = "dir", required_unless_present_any = ["dir", "ballista"])]
     pub url: Option<String>,
+    /// A Ballista scheduler started with `mkts ballista scheduler` (`grpc://host:50050`, its Flight SQL
+    /// endpoint): SQL runs on the cluster over the same catalog. `\` commands that change buckets need a
+    /// server (`--url`).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["url", "dir"])]
+    pub ballista: Option<String>,
     /// Open this data directory in-process instead of connecting to a server.
     #[arg(short = 'd', long)]
     pub dir: Option<PathBuf>,
@@ -765,7 +770,10 @@ fn history_path() -> Option<PathBuf> {
 pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let client = Client::from_args(args.url.as_deref(), args.dir.as_deref(), &args.remote).await?;
+        let client = match &args.ballista {
+            Some(b) => Client::connect_flight(b, &args.remote).await?,
+            None => Client::from_args(args.url.as_deref(), args.dir.as_deref(), &args.remote).await?,
+        };
         let mut shell = Shell::new(client);
         let mut failed = false;
         if !args.command.is_empty() {

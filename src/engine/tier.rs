@@ -174,36 +174,44 @@ impl Drop for ColdStore {
     }
 }
 
+/// The object store a `tiering` config names and the prefix objects live under (a `file://` store is
+/// rooted at its directory, so its prefix is empty). Object names ([`ColdStore::object_name`]) are relative
+/// to the prefix. No request is made; a `file://` directory is created. Also used by `mkts-ballista`, whose
+/// executors read cold years straight from the store.
+pub fn object_store_of(cfg: &TierConfig) -> Result<(Arc<dyn ObjectStore>, ObjPath)> {
+    let bad = |m: String| EngineError::InvalidInput(format!("tiering.store {:?}: {m}", cfg.store));
+    let url = url_parts(&cfg.store).ok_or_else(|| bad("expected file:///absolute/dir or s3://bucket[/prefix]".into()))?;
+    Ok(match url {
+        ("file", path) => {
+            if !path.starts_with('/') {
+                return Err(bad("a file:// store needs an absolute path (file:///dir)".into()));
+            }
+            std::fs::create_dir_all(path).map_err(|e| EngineError::io(path, e))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| bad(e.to_string()))?;
+            (Arc::new(fs), ObjPath::default())
+        }
+        ("s3", rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket name".into()));
+            }
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            for (k, v) in &cfg.s3 {
+                let key: object_store::aws::AmazonS3ConfigKey =
+                    k.parse().map_err(|_| bad(format!("unknown tiering.s3 setting {k:?}")))?;
+                b = b.with_config(key, v.clone());
+            }
+            let s3 = b.build().map_err(|e| bad(e.to_string()))?;
+            (Arc::new(s3), ObjPath::parse(prefix.trim_matches('/')).map_err(|e| bad(e.to_string()))?)
+        }
+        (scheme, _) => return Err(bad(format!("unsupported scheme {scheme:?} (file or s3)"))),
+    })
+}
+
 impl ColdStore {
     /// Connect to the configured store (no request is made yet).
     pub fn open(cfg: &TierConfig, tz: Option<chrono_tz::Tz>) -> Result<ColdStore> {
-        let bad = |m: String| EngineError::InvalidInput(format!("tiering.store {:?}: {m}", cfg.store));
-        let url = url_parts(&cfg.store).ok_or_else(|| bad("expected file:///absolute/dir or s3://bucket[/prefix]".into()))?;
-        let (store, prefix): (Arc<dyn ObjectStore>, ObjPath) = match url {
-            ("file", path) => {
-                if !path.starts_with('/') {
-                    return Err(bad("a file:// store needs an absolute path (file:///dir)".into()));
-                }
-                std::fs::create_dir_all(path).map_err(|e| EngineError::io(path, e))?;
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| bad(e.to_string()))?;
-                (Arc::new(fs), ObjPath::default())
-            }
-            ("s3", rest) => {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(bad("no bucket name".into()));
-                }
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-                for (k, v) in &cfg.s3 {
-                    let key: object_store::aws::AmazonS3ConfigKey =
-                        k.parse().map_err(|_| bad(format!("unknown tiering.s3 setting {k:?}")))?;
-                    b = b.with_config(key, v.clone());
-                }
-                let s3 = b.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(s3), ObjPath::parse(prefix.trim_matches('/')).map_err(|e| bad(e.to_string()))?)
-            }
-            (scheme, _) => return Err(bad(format!("unsupported scheme {scheme:?} (file or s3)"))),
-        };
+        let (store, prefix) = object_store_of(cfg)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("mkts-objstore")
