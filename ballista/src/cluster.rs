@@ -70,16 +70,14 @@ impl ClusterSettings {
             .with_create_default_catalog_and_schema(false)
             .with_default_catalog_and_schema(CATALOG, SCHEMA);
         config.options_mut().sql_parser.enable_ident_normalization = false;
-        // Ballista 55's adaptive planner runs a union of a stage-cut branch (the hot Flight scan) and
-        // file scans (cold Parquet) with the cut branch unrestricted in every task, which multiplies its
-        // rows; the static distributed planner restricts it (tested: tests/python/test_ballista.py).
-        config = config.set_str(ballista_core::config::BALLISTA_ADAPTIVE_PLANNER_ENABLED, "false");
         config
     }
 
     /// A runtime whose object-store registry has the cold store under [`COLD_STORE_URL`].
     pub fn runtime(&self) -> datafusion::error::Result<Arc<RuntimeEnv>> {
         let rt = RuntimeEnvBuilder::new().build_arc()?;
+        let hot = datafusion::execution::object_store::ObjectStoreUrl::parse(crate::exec::HOT_STORE_URL)?;
+        rt.register_object_store(hot.as_ref(), Arc::new(object_store::memory::InMemory::new()));
         if let Some((store, _)) = &self.store {
             let url = datafusion::execution::object_store::ObjectStoreUrl::parse(COLD_STORE_URL)?;
             rt.register_object_store(url.as_ref(), store.clone());

@@ -1,6 +1,7 @@
 //! Extension codecs: how mkts's plan pieces travel between a Ballista client, the scheduler and executors.
 //!
-//! - Physical: [`MktsFlightScanExec`] as JSON (server URL, table, parts) plus its schema as Arrow IPC;
+//! - Physical: the hot scan (a file scan over a [`FlightSource`]) as JSON (server URL, table, parts, the
+//!   parts of each partition) plus its schema as Arrow IPC;
 //!   everything else goes to Ballista's own codec (its shuffle nodes, then DataFusion's default, which
 //!   covers the Parquet scans of cold years).
 //! - Logical: an [`MktsTable`] as its server URL and name; decoding resolves the name again against the
@@ -24,7 +25,7 @@ use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::exec::{HotPart, MktsFlightScanExec};
+use crate::exec::{FlightSource, HotPart};
 use crate::remote::Remote;
 use crate::table::{ColdLayout, MktsTable};
 
@@ -40,6 +41,8 @@ struct ScanNode {
     url: String,
     table: String,
     parts: Vec<HotPart>,
+    /// Part indexes of each output partition (Ballista slices them per task).
+    groups: Vec<Vec<usize>>,
 }
 
 fn schema_bytes(schema: &Schema) -> DfResult<Vec<u8>> {
@@ -83,17 +86,20 @@ impl PhysicalExtensionCodec for MktsPhysicalCodec {
             Some(&TAG_MKTS) => {
                 let (json, rest) = unframe(buf)?;
                 let node: ScanNode = serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))?;
-                Ok(Arc::new(MktsFlightScanExec::new(Remote::new(node.url), node.table, node.parts, schema_of(rest)?)))
+                if node.groups.iter().flatten().any(|&i| i >= node.parts.len()) {
+                    return Err(bad("partition names a part that is not there"));
+                }
+                Ok(FlightSource::new(Remote::new(node.url), node.table, node.parts, schema_of(rest)?).scan(node.groups)?)
             }
             _ => Err(bad("unknown node tag")),
         }
     }
 
     fn try_encode(&self, node: Arc<dyn ExecutionPlan>, buf: &mut Vec<u8>, conv: &dyn PhysicalProtoConverterExtension) -> DfResult<()> {
-        if let Some(scan) = node.downcast_ref::<MktsFlightScanExec>() {
-            let json = serde_json::to_vec(&ScanNode { url: scan.remote.url.clone(), table: scan.table.clone(), parts: scan.parts.clone() })
-                .map_err(|e| bad(&e.to_string()))?;
-            return frame(&json, &schema_bytes(&scan.schema)?, buf);
+        if let Some((src, groups)) = FlightSource::of(node.as_ref()) {
+            let scan = ScanNode { url: src.remote.url.clone(), table: src.table.clone(), parts: src.parts.as_ref().clone(), groups };
+            let json = serde_json::to_vec(&scan).map_err(|e| bad(&e.to_string()))?;
+            return frame(&json, &schema_bytes(src.schema())?, buf);
         }
         buf.push(TAG_BALLISTA);
         self.inner.try_encode(node, buf, conv)
@@ -172,8 +178,10 @@ mod tests {
     #[test]
     fn the_flight_scan_round_trips_and_other_nodes_go_to_ballista() {
         let schema = Arc::new(Schema::new(vec![Field::new("Close", DataType::Float64, true), Field::new("Symbol", DataType::Utf8, false)]));
-        let parts = vec![HotPart { key: "AAPL/1Min/OHLCV".into(), symbol: Some("AAPL".into()), start: (1, 0), end: (2, 999_999_999) }];
-        let node: Arc<dyn ExecutionPlan> = Arc::new(MktsFlightScanExec::new(Remote::new("grpc://h:1"), "*/1Min/OHLCV".into(), parts.clone(), schema.clone()));
+        let part = |s: &str| HotPart { key: format!("{s}/1Min/OHLCV"), symbol: Some(s.into()), start: (1, 0), end: (2, 999_999_999) };
+        let parts = vec![part("AAPL"), part("MSFT"), part("TSLA")];
+        // As Ballista leaves it for one task: the partitions of parts 2 and 0.
+        let node: Arc<dyn ExecutionPlan> = FlightSource::new(Remote::new("grpc://h:1"), "*/1Min/OHLCV".into(), parts.clone(), schema.clone()).scan(vec![vec![2], vec![0]]).unwrap();
         let codec = MktsPhysicalCodec::default();
         let conv = DefaultPhysicalProtoConverter {};
         let mut buf = Vec::new();
@@ -181,9 +189,11 @@ mod tests {
         assert_eq!(buf[0], TAG_MKTS);
         let ctx = TaskContext::default();
         let back = codec.try_decode(&buf, &[], &ctx, &conv).unwrap();
-        let back = back.downcast_ref::<MktsFlightScanExec>().unwrap();
-        assert_eq!((back.remote.url.as_str(), back.table.as_str(), &back.parts, &back.schema), ("grpc://h:1", "*/1Min/OHLCV", &parts, &schema));
-        assert_eq!(back.properties().output_partitioning().partition_count(), 1);
+        let (src, groups) = FlightSource::of(back.as_ref()).unwrap();
+        assert_eq!((src.remote.url.as_str(), src.table.as_str(), src.parts.as_ref(), src.schema()), ("grpc://h:1", "*/1Min/OHLCV", &parts, &schema));
+        assert_eq!(groups, vec![vec![2], vec![0]]);
+        assert_eq!(back.properties().output_partitioning().partition_count(), 2);
+        assert_eq!(back.schema(), schema);
 
         // A node that is not ours is Ballista's to encode (which refuses plain DataFusion nodes).
         let mut buf = Vec::new();
@@ -194,5 +204,10 @@ mod tests {
         assert!(codec.try_decode(&[TAG_MKTS, 9, 0], &[], &ctx, &conv).is_err());
         assert!(codec.try_decode(&[7], &[], &ctx, &conv).is_err());
         assert!(codec.try_decode(&[], &[], &ctx, &conv).is_err());
+        let mut bad_group = vec![TAG_MKTS];
+        let json = br#"{"url":"grpc://h:1","table":"t","parts":[],"groups":[[0]]}"#;
+        bad_group.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bad_group.extend_from_slice(json);
+        assert!(codec.try_decode(&bad_group, &[], &ctx, &conv).is_err());
     }
 }

@@ -7,7 +7,7 @@
 //!   (row-group pruning with the statement's filters, only the projected columns), one file group per
 //!   object; Ballista's default codec ships that plan and every executor reads the objects itself from the
 //!   store registered as [`crate::COLD_STORE_URL`];
-//! - **hot years** are read from the server over Flight by [`MktsFlightScanExec`], one partition per run of
+//! - **hot years** are read from the server over Flight by [`FlightSource`]'s scan, one partition per run of
 //!   consecutive hot years per bucket, with the `Epoch` range the filters imply.
 //!
 //! Filters are reported [`TableProviderFilterPushDown::Inexact`]: both scans use them to read less, and
@@ -37,7 +37,7 @@ use mkts::engine::TimePoint;
 use mkts::query::scan::Pushdown;
 use object_store::path::Path as ObjPath;
 
-use crate::exec::{HotPart, MktsFlightScanExec, SYMBOL};
+use crate::exec::{FlightSource, HotPart, SYMBOL};
 use crate::remote::{Bucket, Remote};
 
 /// Catalog and schema names, as on the server.
@@ -281,7 +281,7 @@ impl TableProvider for MktsTable {
         let (hot, cold) = self.split(&Pushdown::from_filters(filters));
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         if !hot.is_empty() {
-            plans.push(Arc::new(MktsFlightScanExec::new(self.remote.clone(), self.name.clone(), hot, projected.clone())));
+            plans.push(FlightSource::new(self.remote.clone(), self.name.clone(), hot, projected.clone()).scan_all()?);
         }
         if !cold.is_empty() {
             plans.push(self.cold_scan(state, cold, projection, filters, limit)?);
