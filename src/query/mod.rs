@@ -312,12 +312,26 @@ impl QueryEngine {
     pub async fn apply_functions(&self, input: BucketRead, functions: &[String]) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
         let ctx = self.context();
         let symbol = input.key.symbol.clone();
-        let mem = MemTable::try_new(input.schema.clone(), vec![input.batches])?;
-        let df = ctx.read_table(Arc::new(mem))?;
         let mut opts = mkts_udf::ApplyOptions::default();
         if self.tz != chrono_tz::UTC {
             opts = opts.with_timezone(self.tz.name());
         }
+        // A bucket read is in time order, so a leading candler runs in one pass over it (no hash table);
+        // the rest of the chain, if any, runs on its bars.
+        let (mut schema, mut batches, mut functions) = (input.schema.clone(), input.batches, functions);
+        if let Some(first) = functions.first()
+            && let Ok(f) = mkts_udf::Function::parse(first)
+        {
+            let bars = mkts_udf::candle_sorted(&schema, &batches, &f, &opts).await.map_err(|e| QueryError::Function(e.to_string()))?;
+            if let Some(bars) = bars {
+                if functions.len() == 1 {
+                    return Ok((bars.schema(), vec![bars]));
+                }
+                (schema, batches, functions) = (bars.schema(), vec![bars], &functions[1..]);
+            }
+        }
+        let mem = MemTable::try_new(schema, vec![batches])?;
+        let df = ctx.read_table(Arc::new(mem))?;
         if functions.iter().any(|f| f.trim_start().to_ascii_lowercase().starts_with("adjust")) {
             if let Ok(key) = BucketKey::from_parts(&symbol, "1D", "ACTIONS") {
                 if let Ok(reads) = self.engine.read(&crate::engine::ReadRequest::key(&key)) {

@@ -53,6 +53,7 @@ mod apply;
 mod asof;
 mod call;
 mod error;
+mod sorted_candle;
 mod time_bucket;
 mod timeframe;
 
@@ -65,6 +66,7 @@ pub use apply::{ApplyOptions, apply_function, apply_functions, apply_functions_w
 pub use asof::{AsofJoinFunction, asof_join, asof_join_batches, asof_schema};
 pub use call::{Call, Function, Param, REGISTRY, parse_call};
 pub use error::{Result, UdfError};
+pub use sorted_candle::candle_sorted;
 pub use time_bucket::{TimeBucket, bucket_array};
 pub use timeframe::{Bucketer, Timeframe, Unit, parse_timezone};
 

@@ -207,11 +207,12 @@ pub fn bucket_array(array: &ArrayRef, tf: Timeframe, timezone: Option<&str>) -> 
         } else {
             0
         };
+        // A bar start before i64::MIN units cannot be represented: an error, not a wrapped value.
         let out: Vec<i64> = raw
             .values()
             .iter()
-            .map(|&v| v - v.wrapping_sub(origin).rem_euclid(du))
-            .collect();
+            .map(|&v| v.checked_sub(v.wrapping_sub(origin).rem_euclid(du)).ok_or(UdfError::OutOfRange(v)))
+            .collect::<Result<_>>()?;
         let out: ArrayRef = Arc::new(Int64Array::new(out.into(), nulls.cloned()));
         return Ok(if dtype == DataType::Int64 {
             out
