@@ -70,7 +70,11 @@ impl ClusterSettings {
             .with_create_default_catalog_and_schema(false)
             .with_default_catalog_and_schema(CATALOG, SCHEMA);
         config.options_mut().sql_parser.enable_ident_normalization = false;
-        config
+        // Ballista's static distributed planner: with the adaptive one (Ballista 55's default), a query whose
+        // executor was killed mid-stage was resubmitted after a shuffle fetch failure and then waited
+        // forever ("Can't find active stage"); the static planner reruns the lost tasks and answers
+        // (tests/python/test_ballista.py, the executor-kill test).
+        config.set_str(ballista_core::config::BALLISTA_ADAPTIVE_PLANNER_ENABLED, "false")
     }
 
     /// A runtime whose object-store registry has the cold store under [`COLD_STORE_URL`].

@@ -79,8 +79,9 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.
 
 
 class Cluster:
-    def __init__(self, workdir: Path, config: Path):
+    def __init__(self, workdir: Path, config: Path, env: dict | None = None):
         self.workdir, self.config = workdir, config
+        self.env = env or {}  # extra environment of every process (e.g. MKTS_USER / MKTS_PASSWORD)
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
@@ -89,7 +90,7 @@ class Cluster:
         log = self.workdir / f"{name}.log"
         self.logs[name] = log
         p = subprocess.Popen([ballista_bin(), *args], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                             cwd=self.workdir, env=dict(os.environ, RUST_LOG="info"))
+                             cwd=self.workdir, env=dict(os.environ, RUST_LOG="info", **self.env))
         self.procs[name] = p
         return p
 
@@ -311,3 +312,54 @@ def test_an_executor_killed_mid_query_is_retried(setup):
     survivor = next(n for n in names if n != victim)
     assert cluster.procs[survivor].poll() is None
     cluster.start_executor("executor3")
+
+
+def test_a_cluster_reads_a_server_with_users(tmp_path):
+    """With `auth:` on the server, the scheduler and executors read with MKTS_USER / MKTS_PASSWORD from
+    their environment (a read-only user is enough); without them the statement fails with the server's
+    refusal. The password appears in no log."""
+    from test_tls_auth import hash_password
+    password = "cluster-reader-pw-never-logged"
+    (tmp_path / "server").mkdir()
+    srv = Server(tmp_path / "server", "auth:\n  users:\n    - name: reader\n"
+                 f"      password_hash: \"{hash_password(password)}\"\n      role: read_only\n"
+                 "    - name: writer\n"
+                 f"      password_hash: \"{hash_password(password + '-w')}\"\n      role: read_write\n")
+    srv.start()
+    cluster = Cluster(tmp_path, srv.config_path, env={"MKTS_USER": "reader", "MKTS_PASSWORD": password})
+    try:
+        c = fl.FlightClient(srv.flight_url)
+        token = c.authenticate_basic_token(b"writer", (password + "-w").encode())
+        opts = fl.FlightCallOptions(headers=[token])
+        data = bars(0, years()[-1]).slice(0, 300)
+        w, r = c.do_put(fl.FlightDescriptor.for_path("AAPL/1Min/OHLCV"), data.schema, options=opts)
+        w.write_table(data)
+        w.close()
+        text = 'SELECT count(*) AS n, sum("Volume") AS v FROM "AAPL/1Min/OHLCV"'
+        cluster.start_scheduler()
+        cluster.start_executor("executor1")
+        deadline = time.time() + 60
+        while True:
+            try:
+                got = query(cluster.url, text).to_pylist()
+                break
+            except Exception:  # noqa: BLE001
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert got == [{"n": 300, "v": sum(data.column("Volume").to_pylist())}]
+        cluster.stop()
+        # The same cluster without credentials: the server refuses, and the statement says so.
+        (tmp_path / "bare").mkdir()
+        bare = Cluster(tmp_path / "bare", srv.config_path)
+        bare.start_scheduler()
+        bare.start_executor("executor1")
+        time.sleep(2)
+        with pytest.raises(Exception, match="(?i)unauthenticated|credentials|authoriz"):
+            query(bare.url, text)
+        bare.stop()
+        for log in list(cluster.logs.values()) + list(bare.logs.values()) + [srv.log_path]:
+            assert password not in log.read_text(errors="replace"), log
+    finally:
+        cluster.stop()
+        srv.stop()
