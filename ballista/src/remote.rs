@@ -17,7 +17,6 @@ use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::{Criteria, FlightClient, Ticket};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use serde::Deserialize;
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::{ClusterError, Result};
@@ -125,12 +124,12 @@ impl Remote {
     }
 
     /// HTTP Basic from `MKTS_USER` / `MKTS_PASSWORD`, when set.
-    fn authorization() -> Option<MetadataValue<tonic::metadata::Ascii>> {
+    fn authorization() -> Option<String> {
         use base64::Engine as _;
         let user = std::env::var("MKTS_USER").ok().filter(|u| !u.is_empty())?;
         let password = std::env::var("MKTS_PASSWORD").unwrap_or_default();
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        format!("Basic {token}").parse().ok()
+        Some(format!("Basic {token}"))
     }
 
     async fn client(&self) -> Result<FlightClient> {
@@ -139,9 +138,7 @@ impl Remote {
             .max_encoding_message_size(MAX_MESSAGE);
         let mut client = FlightClient::new_from_inner(inner);
         if let Some(v) = Self::authorization() {
-            if let Ok(s) = v.to_str() {
-                client.add_header("authorization", s).map_err(|e| ClusterError::Remote(e.to_string()))?;
-            }
+            client.add_header("authorization", &v).map_err(|e| ClusterError::Remote(e.to_string()))?;
         }
         Ok(client)
     }

@@ -83,14 +83,20 @@ pub async fn candle_sorted(schema: &SchemaRef, batches: &[RecordBatch], f: &Func
     out.push(extreme(&cols[2], &bounds, true)?);
     out.push(extreme(&cols[3], &bounds, false)?);
     out.push(take(cols[4].as_ref(), &lasts, None)?);
-    let f64s = |a: &ArrayRef| -> Result<Vec<f64>> { Ok(cast(a, &DataType::Float64)?.as_primitive::<Float64Type>().values().to_vec()) };
-    for (k, _) in sum_i.iter().enumerate() {
-        let v = f64s(&cols[5 + k])?;
-        out.push(Arc::new(Float64Array::from_iter_values(bounds.windows(2).map(|w| v[w[0]..w[1]].iter().sum::<f64>()))));
+    // Per-bar sums (and means) in float64, over the cast column's values without another copy.
+    let per_bar = |a: &ArrayRef, mean: bool| -> Result<ArrayRef> {
+        let f = cast(a, &DataType::Float64)?;
+        let v = f.as_primitive::<Float64Type>().values();
+        Ok(Arc::new(Float64Array::from_iter_values(bounds.windows(2).map(|w| {
+            let total = v[w[0]..w[1]].iter().sum::<f64>();
+            if mean { total / (w[1] - w[0]) as f64 } else { total }
+        }))))
+    };
+    for k in 0..sum_i.len() {
+        out.push(per_bar(&cols[5 + k], false)?);
     }
-    for (k, _) in avg_i.iter().enumerate() {
-        let v = f64s(&cols[5 + sum_i.len() + k])?;
-        out.push(Arc::new(Float64Array::from_iter_values(bounds.windows(2).map(|w| v[w[0]..w[1]].iter().sum::<f64>() / (w[1] - w[0]) as f64))));
+    for k in 0..avg_i.len() {
+        out.push(per_bar(&cols[5 + sum_i.len() + k], true)?);
     }
     if out.len() != out_schema.fields().len() {
         return Ok(None);
