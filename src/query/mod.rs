@@ -22,6 +22,7 @@ pub mod catalog;
 pub mod confine;
 pub mod functions;
 pub mod scan;
+pub mod sorted_agg; // one-pass GROUP BY over input in group order
 pub mod ticks;
 
 use std::collections::HashMap;
@@ -201,6 +202,7 @@ impl QueryEngine {
             .with_config(config)
             .with_runtime_env(runtime.clone())
             .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(sorted_agg::SortedAggregateRule))
             .with_table_factories(HashMap::new())
             .build();
         let ctx = SessionContext::new_with_state(state);

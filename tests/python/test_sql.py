@@ -98,9 +98,18 @@ def test_resample_matches_pandas(loaded):
         np.testing.assert_array_equal(got[col].to_numpy(), exp[col].to_numpy().astype(np.float32), err_msg=col)
     np.testing.assert_array_equal(got["Volume"].to_numpy(), exp["Volume"].to_numpy())
     # time_bucket (udf crate) gives the same bars.
-    got2 = query(conn, '''SELECT time_bucket('15Min', Epoch) AS bar, last_value(Close ORDER BY Epoch) AS c
-                          FROM "TSLA/1Min/OHLCV" GROUP BY 1 ORDER BY 1''')
-    np.testing.assert_array_equal(got2["c"].to_numpy(), exp["Close"].to_numpy().astype(np.float32))
+    sql2 = '''SELECT time_bucket('15Min', Epoch) AS bar, first_value(Open ORDER BY Epoch) AS o, max(High) AS h,
+                     min(Low) AS l, last_value(Close ORDER BY Epoch) AS c, sum(Volume) AS v
+              FROM "TSLA/1Min/OHLCV" GROUP BY 1 ORDER BY 1'''
+    got2 = query(conn, sql2)
+    for col, name in [("o", "Open"), ("h", "High"), ("l", "Low"), ("c", "Close")]:
+        np.testing.assert_array_equal(got2[col].to_numpy(), exp[name].to_numpy().astype(np.float32), err_msg=col)
+    np.testing.assert_array_equal(got2["v"].to_numpy(), exp["Volume"].to_numpy())
+    # Both run as one pass over the time-ordered scan (query::sorted_agg), not as a hash aggregation.
+    for q in (sql, sql2):
+        plan = "\n".join(query(conn, "EXPLAIN " + q)["plan"])
+        assert "SortedAggregateExec" in plan and "(first row)" in plan and "(last row)" in plan, plan
+        assert "AggregateExec: mode=Partial" not in plan, plan
 
 
 def test_group_by_symbol_matches_pandas(loaded):

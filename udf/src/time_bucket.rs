@@ -207,12 +207,18 @@ pub fn bucket_array(array: &ArrayRef, tf: Timeframe, timezone: Option<&str>) -> 
         } else {
             0
         };
-        // A bar start before i64::MIN units cannot be represented: an error, not a wrapped value.
-        let out: Vec<i64> = raw
-            .values()
-            .iter()
-            .map(|&v| v.checked_sub(v.wrapping_sub(origin).rem_euclid(du)).ok_or(UdfError::OutOfRange(v)))
-            .collect::<Result<_>>()?;
+        // Input in time order (a bucket read) mostly stays in the last bar: reuse its bounds and divide only
+        // when a value leaves it. A bar start before i64::MIN units cannot be represented: an error, not a
+        // wrapped value.
+        let mut out: Vec<i64> = Vec::with_capacity(raw.len());
+        let (mut lo, mut hi) = (1i64, 0i64);
+        for &v in raw.values().iter() {
+            if v < lo || v > hi {
+                lo = v.checked_sub(v.wrapping_sub(origin).rem_euclid(du)).ok_or_else(|| UdfError::OutOfRange(v))?;
+                hi = lo.saturating_add(du - 1);
+            }
+            out.push(lo);
+        }
         let out: ArrayRef = Arc::new(Int64Array::new(out.into(), nulls.cloned()));
         return Ok(if dtype == DataType::Int64 {
             out
@@ -229,7 +235,7 @@ pub fn bucket_array(array: &ArrayRef, tf: Timeframe, timezone: Option<&str>) -> 
         }
         let secs = v.div_euclid(scale);
         let start = bucketer.bucket(secs)?;
-        out.push(start.checked_mul(scale).ok_or(UdfError::OutOfRange(secs))?);
+        out.push(start.checked_mul(scale).ok_or_else(|| UdfError::OutOfRange(secs))?);
     }
     let out: ArrayRef = Arc::new(Int64Array::new(out.into(), nulls.cloned()));
     Ok(if dtype == DataType::Int64 {
