@@ -12,11 +12,21 @@ the descriptors), into the same pandas DataFrame (DatetimeIndex `Epoch`, float32
     python benches/local_read_bench.py --size small --server grpc://127.0.0.1:5995 --rpc none \\
         --peers arcticdb,ref-flight-ram,server-local --ops bulk_write,read_full,read_range,read_tail
 
-Runs the peers in this process (`--no-isolate`), since the harness's child processes would not know the
-added peer. Options are peers.py's.
+Also adds `server-flight-stream`: server-flight with its appends as one DoPut stream
+(`--flight-append-mode stream` for that peer only), so per-call and stream appends sit in one table. With
+every peer, the server peers and both of these in one run (the command behind the peer table in
+benches/README.md):
+
+    PEERS_SCRIPT=benches/local_read_bench.py \
+    PEERS=arcticdb,hdf5,parquet,parquet-rewrite,duckdb,ref-memcpy,ref-file,ref-file-fsync,ref-file-pandas,\
+ref-arrow-pandas,ref-flight-ram,ref-flight-fsync,server-local,server-flight-stream benches/run_peers.sh small
+
+Each peer still runs in its own process: the harness starts `<dir>/peers.py` per peer, and <dir> is set to
+`benches/harness/`, whose peers.py registers these peers first. Options are peers.py's.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -71,10 +81,20 @@ class LocalPeer(server_client.FlightPeer):
         super().close()
 
 
+class StreamPeer(server_client.FlightPeer):
+    """server-flight with appends as one DoPut stream (one record batch per append)."""
+
+    name = "server-flight-stream"
+    ops = {"bulk_write", "append"}
+
+    def __init__(self, args):
+        super().__init__(argparse.Namespace(**{**vars(args), "flight_append_mode": "stream"}))
+
+
 peers.PEER_CLASSES[LocalPeer.name] = LocalPeer
+peers.PEER_CLASSES[StreamPeer.name] = StreamPeer
+# The harness starts each peer as <HERE>/peers.py: ours registers the peers above first.
+peers.HERE = os.path.join(REPO, "benches", "harness")
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--no-isolate" not in argv:
-        argv.append("--no-isolate")
-    sys.exit(peers.main(argv))
+    sys.exit(peers.main(sys.argv[1:]))

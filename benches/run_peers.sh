@@ -6,7 +6,7 @@
 #   benches/run_peers.sh tiny --reps 3 --appends 100
 #   PEERS=ref-flight-ram,ref-file-fsync,arcticdb benches/run_peers.sh small
 #
-# Env: MKTS_BIN (default: release build in ~/.cache/mkts-target-release), BENCH_DIR (default ../shared/bench
+# Env: PEERS_SCRIPT (default: the bench's peers.py), MKTS_BIN (default: release build in ~/.cache/mkts-target-release), BENCH_DIR (default ../shared/bench
 # beside the repo), BENCH_VENV (default ~/.cache/mkts-bench-venv, created from the bench's requirements.txt).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -32,7 +32,9 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http_port/heartbeat" >/dev/n
 peers_arg=()
 if [ -n "${PEERS:-}" ]; then peers_arg=(--peers "$PEERS,server-flight,server-pymarketstore"); fi
 out="${OUT:-$here/results-$size}"
-"$BENCH_VENV/bin/python" "$BENCH_DIR/peers.py" --size "$size" \
+# PEERS_SCRIPT: a wrapper that adds peers (benches/local_read_bench.py adds server-local and server-flight-stream).
+script="${PEERS_SCRIPT:-$BENCH_DIR/peers.py}"
+"$BENCH_VENV/bin/python" "$script" --size "$size" \
   --server "grpc://127.0.0.1:$grpc_port" --rpc "http://127.0.0.1:$http_port/rpc" \
   --json "$out.json" --md "$out.md" "${peers_arg[@]}" "$@"
 echo "server data dir size: $(du -sh "$work/data" | cut -f1)"
