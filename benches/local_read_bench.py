@@ -21,6 +21,10 @@ benches/README.md):
     PEERS=arcticdb,hdf5,parquet,parquet-rewrite,duckdb,ref-memcpy,ref-file,ref-file-fsync,ref-file-pandas,\
 ref-arrow-pandas,ref-flight-ram,ref-flight-fsync,server-local,server-flight-stream benches/run_peers.sh small
 
+With MKTS_BIN_BASE set, benches/run_peers.sh starts a second server from that binary, and the peers
+`server-flight-base` / `server-flight-stream-base` measure it in the same run (a change side by side with
+the binary before it).
+
 Each peer still runs in its own process: the harness starts `<dir>/peers.py` per peer, and <dir> is set to
 `benches/harness/`, whose peers.py registers these peers first. Options are peers.py's.
 """
@@ -91,8 +95,33 @@ class StreamPeer(server_client.FlightPeer):
         super().__init__(argparse.Namespace(**{**vars(args), "flight_append_mode": "stream"}))
 
 
+class BaseFlightPeer(server_client.FlightPeer):
+    """server-flight against a second server running the binary a change is measured against
+    (`MKTS_BIN_BASE` in benches/run_peers.sh, which exports its address as MKTS_BASE_SERVER), so the binary
+    before and after a change sit in one run."""
+
+    name = "server-flight-base"
+
+    def __init__(self, args):
+        base = os.environ.get("MKTS_BASE_SERVER", "grpc://127.0.0.1:6995")
+        super().__init__(argparse.Namespace(**{**vars(args), "server": base}))
+        self.description = "the base binary's " + self.description
+
+
+class BaseStreamPeer(StreamPeer):
+    """server-flight-stream against the base binary's server (see BaseFlightPeer)."""
+
+    name = "server-flight-stream-base"
+
+    def __init__(self, args):
+        base = os.environ.get("MKTS_BASE_SERVER", "grpc://127.0.0.1:6995")
+        super().__init__(argparse.Namespace(**{**vars(args), "server": base}))
+
+
 peers.PEER_CLASSES[LocalPeer.name] = LocalPeer
 peers.PEER_CLASSES[StreamPeer.name] = StreamPeer
+peers.PEER_CLASSES[BaseFlightPeer.name] = BaseFlightPeer
+peers.PEER_CLASSES[BaseStreamPeer.name] = BaseStreamPeer
 # The harness starts each peer as <HERE>/peers.py: ours registers the peers above first.
 peers.HERE = os.path.join(REPO, "benches", "harness")
 

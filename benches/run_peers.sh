@@ -6,7 +6,8 @@
 #   benches/run_peers.sh tiny --reps 3 --appends 100
 #   PEERS=ref-flight-ram,ref-file-fsync,arcticdb benches/run_peers.sh small
 #
-# Env: PEERS_SCRIPT (default: the bench's peers.py), MKTS_BIN (default: release build in ~/.cache/mkts-target-release), BENCH_DIR (default ../shared/bench
+# Env: MKTS_BIN_BASE (a second binary, served on HTTP 6993 / gRPC 6995 for the `server-flight-base` peers of
+# benches/local_read_bench.py), PEERS_SCRIPT (default: the bench's peers.py), MKTS_BIN (default: release build in ~/.cache/mkts-target-release), BENCH_DIR (default ../shared/bench
 # beside the repo), BENCH_VENV (default ~/.cache/mkts-bench-venv, created from the bench's requirements.txt).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -27,8 +28,19 @@ printf 'root_directory: %s/data\nlisten_host: 127.0.0.1\nlisten_port: %s\ngrpc_l
   "$work" "$http_port" "$grpc_port" > "$work/mkts.yml"
 "$MKTS_BIN" start --config "$work/mkts.yml" > "$work/server.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+base_pid=""
+if [ -n "${MKTS_BIN_BASE:-}" ]; then
+  printf 'root_directory: %s/data-base\nlisten_host: 127.0.0.1\nlisten_port: 6993\ngrpc_listen_port: 6995\nlog_level: warning\n' \
+    "$work" > "$work/mkts-base.yml"
+  "$MKTS_BIN_BASE" start --config "$work/mkts-base.yml" > "$work/server-base.log" 2>&1 &
+  base_pid=$!
+  export MKTS_BASE_SERVER="grpc://127.0.0.1:6995"
+fi
+trap 'kill $pid $base_pid 2>/dev/null; wait $pid $base_pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http_port/heartbeat" >/dev/null && break; sleep 0.1; done
+if [ -n "$base_pid" ]; then
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:6993/heartbeat" >/dev/null && break; sleep 0.1; done
+fi
 peers_arg=()
 if [ -n "${PEERS:-}" ]; then peers_arg=(--peers "$PEERS,server-flight,server-pymarketstore"); fi
 out="${OUT:-$here/results-$size}"

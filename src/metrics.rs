@@ -55,6 +55,8 @@ pub struct EngineSample {
     pub rows_written: u64,
     pub wal_syncs: u64,
     pub wal_records: u64,
+    /// Writes committed on their caller's thread (the writer idle), of `wal_records`.
+    pub writes_inline: u64,
     pub buckets: u64,
     /// Bytes used under the root directory (`None` while not yet measured).
     pub disk_usage_bytes: Option<u64>,
@@ -357,6 +359,7 @@ impl Collector for SampledCollector {
         sample(enc, "mkts_rows_written", "Rows acknowledged by the engine since start.", ConstCounter::new(e.rows_written))?;
         sample(enc, "mkts_wal_syncs", "Durable log appends (fdatasync) since start.", ConstCounter::new(e.wal_syncs))?;
         sample(enc, "mkts_wal_records", "Write records carried by those appends (group commit).", ConstCounter::new(e.wal_records))?;
+        sample(enc, "mkts_writes_inline", "Writes committed on their caller's thread while the writer was idle.", ConstCounter::new(e.writes_inline))?;
         sample(enc, "mkts_buckets", "Buckets in the catalog.", ConstGauge::new(e.buckets as i64))?;
         if let Some(d) = e.disk_usage_bytes {
             sample(enc, "alpaca_marketstore_total_disk_usage_bytes", "Bytes used under root_directory.", ConstGauge::new(d as i64))?;

@@ -448,19 +448,21 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         let desc = first.flight_descriptor.clone().ok_or_else(|| Status::invalid_argument("DoPut: the first message needs a flight descriptor"))?;
         let key = descriptor_key(&desc)?;
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
-        let mut batches = ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input));
+        let mut batches = Box::pin(ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input)).peekable());
         let backend = self.backend.clone();
         // Batches are handed to the backend as they arrive, in order, without waiting for the previous
         // one's fsync, so a stream of appends shares fsyncs (group commit); one PutResult per batch, in
-        // order, each sent once that batch is durable. After a refused batch the ones before it are still
-        // acknowledged, then the error ends the call; nothing after it is written.
+        // order, each sent once that batch is durable. A batch with nothing before it unacknowledged and
+        // nothing after it received yet (a per-call append, or a stream's pause) is written with
+        // `FlightBackend::write`, which may commit it without a queue. After a refused batch the ones
+        // before it are still acknowledged, then the error ends the call; nothing after it is written.
         let out = async_stream(move |tx| async move {
             let ack = |r: Result<usize, BackendError>| r.map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) }).map_err(Status::from);
             let mut in_flight = futures::stream::FuturesOrdered::new();
             let mut refused: Option<Status> = None;
             let mut input_done = false;
             loop {
-                tokio::select! {
+                let batch = tokio::select! {
                     biased;
                     Some(r) = in_flight.next(), if !in_flight.is_empty() => {
                         let r = ack(r);
@@ -468,18 +470,30 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
                         if tx.send(r).await.is_err() || stop {
                             return;
                         }
+                        continue;
                     }
-                    b = batches.next(), if !input_done && refused.is_none() && in_flight.len() < PUT_IN_FLIGHT => {
-                        match b {
-                            None => input_done = true,
-                            Some(Err(e)) => refused = Some(decode_error(e)),
-                            Some(Ok(batch)) => match backend.submit_write(&caller, &key, batch).await {
-                                Ok(pending) => in_flight.push_back(pending),
-                                Err(e) => refused = Some(Status::from(e)),
-                            },
+                    b = batches.next(), if !input_done && refused.is_none() && in_flight.len() < PUT_IN_FLIGHT => match b {
+                        None => {
+                            input_done = true;
+                            continue;
                         }
-                    }
+                        Some(Err(e)) => {
+                            refused = Some(decode_error(e));
+                            continue;
+                        }
+                        Some(Ok(batch)) => batch,
+                    },
                     else => break,
+                };
+                let alone = in_flight.is_empty() && !matches!(futures::poll!(batches.as_mut().peek()), std::task::Poll::Ready(Some(_)));
+                if alone {
+                    let r = backend.write(&caller, &key, batch).await;
+                    in_flight.push_back(Box::pin(futures::future::ready(r)) as PendingAck);
+                } else {
+                    match backend.submit_write(&caller, &key, batch).await {
+                        Ok(pending) => in_flight.push_back(pending),
+                        Err(e) => refused = Some(Status::from(e)),
+                    }
                 }
             }
             if let Some(e) = refused {

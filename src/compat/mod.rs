@@ -92,6 +92,7 @@ async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
         rows_written: ctx.engine.rows_written(),
         wal_syncs,
         wal_records,
+        writes_inline: ctx.engine.inline_commits(),
         buckets: ctx.engine.keys().len() as u64,
         disk_usage_bytes: disk,
         uptime: ctx.started.elapsed(),

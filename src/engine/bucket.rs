@@ -450,7 +450,7 @@ impl Bucket {
             if replay && lsn <= part.applied_lsn {
                 continue;
             }
-            if let Err(err) = part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn) {
+            if let Err(err) = part.commit_direct_append(e.generation, e.start as usize, e.rows as usize, e.crc, lsn, replay) {
                 result = Err(err);
                 break;
             }

@@ -70,7 +70,7 @@ use bucket::{read_bucket, Bucket};
 use events::Subscriber;
 use partition::Rows;
 use wal::WalWriter;
-use writer::{Cmd, Writer};
+use writer::{Cmd, CmdQueue, Writer};
 
 /// Which operations the server allows (MarketStore's `enable_add`, `enable_remove`, `queryable`).
 #[derive(Debug, Clone, Copy)]
@@ -290,7 +290,10 @@ struct Inner {
     /// [`EngineConfig::timezone`].
     timezone: Option<chrono_tz::Tz>,
     catalog: RwLock<BTreeMap<BucketKey, Arc<Bucket>>>,
-    tx: mpsc::UnboundedSender<Cmd>,
+    tx: CmdQueue,
+    /// The writer's state: the writer thread's, or a caller's committing a small write itself while the
+    /// writer is idle ([`Writer::commit_inline`]).
+    writer: Mutex<Writer>,
     subscribers: Mutex<Vec<Subscriber>>,
     /// Set when the log can no longer be trusted or the writer panicked: every write is refused.
     halted: RwLock<Option<String>>,
@@ -305,6 +308,8 @@ struct Inner {
     /// `records_logged > wal_syncs` under concurrent writers.
     wal_syncs: AtomicU64,
     records_logged: AtomicU64,
+    /// Writes committed on their caller's thread ([`Engine::write`]), of `records_logged`.
+    inline_commits: AtomicU64,
     /// Rows and bytes removed by retention since start.
     retention_rows: AtomicU64,
     retention_bytes: AtomicU64,
@@ -514,7 +519,26 @@ impl Engine {
 
         // When start-up could not finish, the log still holds the positions the file lacks.
         let origin_saved = if walw.is_some() { replay.origin.clone() } else { saved_origin };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let snapshot = writer::SnapshotState {
+            stamps: loaded.stamps,
+            due: snapshot_due || !replay.touched.is_empty(),
+            changed: replay.touched,
+            written: Instant::now(),
+        };
+        let snapshot_now = snapshot.due;
+        let writer = Writer {
+            wal: walw,
+            next_lsn: max_lsn + 1,
+            dirty: HashSet::new(),
+            cfg: cfg.clone(),
+            last_checkpoint: Instant::now(),
+            snapshot,
+            // The first checkpoint tick applies retention.
+            last_retention: Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now),
+            origin_saved,
+            closed: false,
+        };
+        let (tx, rx) = CmdQueue::new();
         let inner = Arc::new(Inner {
             changes: (cfg.change_window_bytes > 0).then(|| Arc::new(changes::ChangeLog::new(max_lsn, cfg.change_window_bytes))),
             origin: RwLock::new(replay.origin.clone()),
@@ -526,6 +550,7 @@ impl Engine {
             timezone: cfg.timezone,
             catalog: RwLock::new(catalog),
             tx,
+            writer: Mutex::new(writer),
             subscribers: Mutex::new(Vec::new()),
             halted: RwLock::new(halted),
             damaged: RwLock::new(damaged),
@@ -535,6 +560,7 @@ impl Engine {
             rows_written: AtomicU64::new(0),
             wal_syncs: AtomicU64::new(0),
             records_logged: AtomicU64::new(0),
+            inline_commits: AtomicU64::new(0),
             retention_rows: AtomicU64::new(0),
             retention_bytes: AtomicU64::new(0),
             startup: StartupReport {
@@ -546,28 +572,9 @@ impl Engine {
             _lock: lock,
         });
         let weak = Arc::downgrade(&inner);
-        let snapshot = writer::SnapshotState {
-            stamps: loaded.stamps,
-            due: snapshot_due || !replay.touched.is_empty(),
-            changed: replay.touched,
-            written: Instant::now(),
-        };
-        let snapshot_now = snapshot.due;
-        let mut writer = Writer {
-            inner: weak,
-            wal: walw,
-            next_lsn: max_lsn + 1,
-            dirty: HashSet::new(),
-            cfg: cfg.clone(),
-            last_checkpoint: Instant::now(),
-            snapshot,
-            // The first checkpoint tick applies retention.
-            last_retention: Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now),
-            origin_saved,
-        };
         std::thread::Builder::new()
             .name("mkts-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer::run(weak, rx))
             .map_err(|e| EngineError::io(&root, e))?;
         // Record what this start had to read from files, so the next start need not (off the start path:
         // the writer does it before the first write it takes).
@@ -642,6 +649,11 @@ impl Engine {
         (self.inner.wal_syncs.load(Ordering::Relaxed), self.inner.records_logged.load(Ordering::Relaxed))
     }
 
+    /// Writes committed on their caller's thread because the writer was idle ([`Engine::write`]).
+    pub fn inline_commits(&self) -> u64 {
+        self.inner.inline_commits.load(Ordering::Relaxed)
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.stopped.load(Ordering::Acquire) {
             return send_err(EngineError::Unavailable("the engine is shut down".into()));
@@ -659,8 +671,34 @@ impl Engine {
     /// Write a batch to a bucket, creating it when absent (if `enable_add`). Returns once the rows are
     /// durable in the log and visible to readers. Waits while the writer's queue holds more than its byte
     /// budget (backpressure instead of unbounded memory).
+    ///
+    /// A small write to an existing bucket that finds the writer idle is committed on the calling thread
+    /// (one log append and fsync, as the writer thread would; at most one caller at a time), which saves
+    /// the two thread hand-offs of a queued write; otherwise it is queued ([`Engine::submit_write`]).
     pub async fn write(&self, key: &BucketKey, batch: &RecordBatch, opts: WriteOptions) -> Result<WriteAck> {
+        if batch.num_rows() < records::DIRECT_APPEND_ROWS && self.columns_to_add(key, batch)?.is_none() {
+            let prepared = self.prepare_write(key, batch, opts)?;
+            return match self.write_inline(prepared) {
+                Ok(ack) => ack,
+                Err(prepared) => self.queue_write(prepared, writer::Applied::LOCAL).await,
+            };
+        }
         self.submit_write(key, batch, opts).await?.durable().await
+    }
+
+    /// Commit `prepared` on this thread when it qualifies ([`Engine::write`]) and the writer is idle;
+    /// the write back otherwise.
+    fn write_inline(&self, prepared: PreparedWrite) -> std::result::Result<Result<WriteAck>, PreparedWrite> {
+        if prepared.created_lsn.is_none() || prepared.rows.byte_len() > writer::INLINE_WRITE_BYTES {
+            return Err(prepared);
+        }
+        let Some(mut writer) = Writer::lock_if_idle(&self.inner) else { return Err(prepared) };
+        let (reply, mut rx) = oneshot::channel();
+        let PreparedWrite { key, created_lsn, schema, create, rows } = prepared;
+        writer.commit_inline(&self.inner, Cmd::Write { key, created_lsn, schema, create, rows, permit: None, from: writer::Applied::LOCAL, reply });
+        drop(writer);
+        self.inner.inline_commits.fetch_add(1, Ordering::Relaxed);
+        Ok(rx.try_recv().unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into()))))
     }
 
     /// [`Engine::write`] in two steps, for callers that pipeline writes: this validates the batch and hands
@@ -706,7 +744,10 @@ impl Engine {
         if let Some(change) = self.columns_to_add(key, batch)? {
             futures::executor::block_on(self.alter_or_raced(key, change))?;
         }
-        let prepared = self.prepare_write(key, batch, opts)?;
+        let prepared = match self.write_inline(self.prepare_write(key, batch, opts)?) {
+            Ok(ack) => return ack,
+            Err(prepared) => prepared,
+        };
         let permit = futures::executor::block_on(self.inner.queue.clone().acquire_many_owned(queue_permits(&prepared.rows)))
             .map_err(|_| EngineError::Unavailable("writer stopped".into()))?;
         let rx = self.send_write(prepared, permit, writer::Applied::LOCAL)?;

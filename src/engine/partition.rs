@@ -34,8 +34,9 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::cell::OnceCell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{make_array, Array, ArrayData, ArrayRef, AsArray, MutableArrayData};
 use arrow::buffer::{BooleanBuffer, Buffer};
@@ -282,6 +283,14 @@ fn deep_copy(a: &ArrayRef) -> Option<ArrayRef> {
     Some(make_array(m.freeze()))
 }
 
+/// Bulk path: write `bytes` at `at` into the values file at `path` and fsync it; the bytes' crc32c.
+fn stage_column(path: &Path, bytes: &[u8], at: usize) -> Result<u32> {
+    let crc = crc32c::crc32c(bytes);
+    let file = open_rw(path)?;
+    file.write_all_at(bytes, at as u64).and_then(|_| file.sync_data()).map_err(|e| EngineError::io(path, e))?;
+    Ok(crc)
+}
+
 /// One mapped file of a column.
 struct Plane {
     path: PathBuf,
@@ -289,6 +298,45 @@ struct Plane {
     buffer: Option<Buffer>,
     /// The mapped file's identity (set with `buffer`).
     id: Option<Arc<FileId>>,
+    /// The file, kept open from its first write until the partition's next checkpoint (within
+    /// [`held_files_max`]), so that a small append costs one `pwrite` per column, not `open` + `pwrite` +
+    /// `close`.
+    held: OnceCell<HeldFile>,
+}
+
+/// Descriptors held by planes across the process ([`HeldFile`]).
+static HELD_FILES: AtomicUsize = AtomicUsize::new(0);
+
+/// Most descriptors planes hold at once: a quarter of the soft open-file limit, at most 4,096. Past it a
+/// plane opens its file per write, so thousands of buckets never exhaust the limit (MarketStore #183); the
+/// checkpoint releases what the partitions written since the last one hold.
+fn held_files_max() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the struct it is given.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 1024 };
+        usize::try_from(soft / 4).unwrap_or(usize::MAX).min(4096)
+    })
+}
+
+/// An open plane file counted in [`HELD_FILES`] for as long as it lives.
+struct HeldFile(File);
+
+impl HeldFile {
+    /// `file` as a held descriptor, when the process holds fewer than [`held_files_max`].
+    fn take(file: File) -> std::result::Result<HeldFile, File> {
+        match HELD_FILES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < held_files_max()).then_some(n + 1)) {
+            Ok(_) => Ok(HeldFile(file)),
+            Err(_) => Err(file),
+        }
+    }
+}
+
+impl Drop for HeldFile {
+    fn drop(&mut self) {
+        HELD_FILES.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Which file a mapped buffer came from: its path and inode. A same-host reader ([`crate::engine::Engine::local_read`])
@@ -311,42 +359,84 @@ impl FileId {
 
 impl Plane {
     fn new(path: PathBuf) -> Plane {
-        Plane { path, buffer: None, id: None }
+        Plane { path, buffer: None, id: None, held: OnceCell::new() }
     }
     fn mapped(&self) -> Buffer {
         self.buffer.clone().unwrap_or_else(|| Buffer::from_vec(Vec::<u64>::new()))
     }
+    /// Run `op` on the plane's file: the held descriptor, or one opened now (and held from now on when the
+    /// budget allows).
+    fn with_file<T>(&self, op: impl FnOnce(&File) -> std::io::Result<T>) -> Result<T> {
+        let io = |e| EngineError::io(&self.path, e);
+        if let Some(h) = self.held.get() {
+            return op(&h.0).map_err(io);
+        }
+        match HeldFile::take(open_rw(&self.path)?) {
+            Ok(h) => {
+                let _ = self.held.set(h);
+                match self.held.get() {
+                    Some(h) => op(&h.0).map_err(io),
+                    None => Err(EngineError::io(&self.path, std::io::Error::other("held descriptor vanished"))),
+                }
+            }
+            Err(file) => op(&file).map_err(io),
+        }
+    }
+    /// Close the held descriptor (at a checkpoint: the partition may not be written again for long).
+    fn release(&mut self) {
+        self.held.take();
+    }
+    /// Map the file (a read does not hold its descriptor: only writes do).
     fn map(&mut self) -> Result<()> {
         if self.buffer.is_none() {
-            let file = open_rw(&self.path)?;
-            self.buffer = Some(map_file(&file, &self.path)?);
-            self.id = Some(FileId::of(&file, &self.path)?);
+            let opened;
+            let file = match self.held.get() {
+                Some(h) => &h.0,
+                None => {
+                    opened = open_rw(&self.path)?;
+                    &opened
+                }
+            };
+            self.buffer = Some(map_file(file, &self.path)?);
+            self.id = Some(FileId::of(file, &self.path)?);
         }
         Ok(())
     }
     /// Grow to at least `len` bytes (blocks allocated), remapping when mapped.
     fn grow(&mut self, len: usize) -> Result<()> {
-        let file = open_rw(&self.path)?;
-        allocate(&file, &self.path, len)?;
-        if self.buffer.is_some() {
-            self.buffer = Some(map_file(&file, &self.path)?);
-            self.id = Some(FileId::of(&file, &self.path)?);
+        let mapped = self.buffer.is_some();
+        let remapped = self.with_file(|file| {
+            Ok((|| -> Result<Option<(Buffer, Arc<FileId>)>> {
+                allocate(file, &self.path, len)?;
+                if !mapped {
+                    return Ok(None);
+                }
+                Ok(Some((map_file(file, &self.path)?, FileId::of(file, &self.path)?)))
+            })())
+        })??;
+        if let Some((buffer, id)) = remapped {
+            self.buffer = Some(buffer);
+            self.id = Some(id);
         }
         Ok(())
     }
     fn write_at(&self, bytes: &[u8], at: usize) -> Result<()> {
-        open_rw(&self.path)?.write_all_at(bytes, at as u64).map_err(|e| EngineError::io(&self.path, e))
+        self.with_file(|f| f.write_all_at(bytes, at as u64))
+    }
+    fn read_at(&self, buf: &mut [u8], at: usize) -> Result<()> {
+        self.with_file(|f| f.read_exact_at(buf, at as u64))
     }
     fn sync(&self) -> Result<()> {
-        open_rw(&self.path)?.sync_data().map_err(|e| EngineError::io(&self.path, e))
+        self.with_file(|f| f.sync_data())
     }
     fn len(&self) -> Result<usize> {
         fs::metadata(&self.path).map(|m| m.len() as usize).map_err(|e| EngineError::io(&self.path, e))
     }
 }
 
-/// The files of one physical column. No file descriptor is kept open (a mapping outlives its
-/// descriptor), so thousands of buckets never exhaust the process's open-file limit (MarketStore #183).
+/// The files of one physical column. A mapping outlives its descriptor, so descriptors are held only
+/// between a write and the partition's next checkpoint, within a process-wide budget ([`held_files_max`]):
+/// thousands of buckets never exhaust the process's open-file limit (MarketStore #183).
 struct ColumnFile {
     layout: Layout,
     values: Plane,
@@ -576,7 +666,7 @@ fn write_bits(plane: &Plane, at: usize, bits: &BooleanBuffer) -> Result<()> {
     let mut b = arrow::array::BooleanBufferBuilder::new(keep + bits.len());
     if keep > 0 {
         let mut byte = [0u8; 1];
-        read_at(&plane.path, &mut byte, first)?;
+        plane.read_at(&mut byte, first)?;
         for k in 0..keep {
             b.append(bit_util::get_bit(&byte, k));
         }
@@ -589,7 +679,7 @@ fn write_bits(plane: &Plane, at: usize, bits: &BooleanBuffer) -> Result<()> {
 /// Set or clear one bit of a bitmap file (an in-place overwrite of a hot tail row).
 fn write_bit(plane: &Plane, at: usize, valid: bool) -> Result<()> {
     let mut byte = [0u8; 1];
-    read_at(&plane.path, &mut byte, at / 8)?;
+    plane.read_at(&mut byte, at / 8)?;
     if valid {
         bit_util::set_bit(&mut byte, at % 8);
     } else {
@@ -1149,20 +1239,46 @@ impl Partition {
         self.checkpoint()?;
         let start = self.rows;
         self.reserve(rows)?;
+        let columns: Vec<(&Path, Buffer, usize)> = self
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.values.path.as_path(), value_bytes(&rows.cols[i], f.width()), start * f.width()))
+            .collect();
+        // Each column is checksummed, written and fsync'd on its own thread (a few at a time): the time is
+        // the page cache taking megabytes into new pages and the device taking them, which overlap across
+        // files. The checksums combine in column order, as the record carries them.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(columns.len().max(1));
+        let mut crcs: Vec<Result<u32>> = Vec::new();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let mine: Vec<&(&Path, Buffer, usize)> = columns.iter().skip(t).step_by(threads).collect();
+                    scope.spawn(move || mine.into_iter().map(|(path, bytes, at)| stage_column(path, bytes.as_slice(), *at)).collect::<Vec<_>>())
+                })
+                .collect();
+            let per_thread: Vec<Vec<Result<u32>>> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| vec![Err(EngineError::Unavailable("a column writer thread panicked".into()))]))
+                .collect();
+            // Back to column order: column i was the (i / threads)-th job of thread i % threads.
+            let mut iters: Vec<_> = per_thread.into_iter().map(|v| v.into_iter()).collect();
+            for i in 0..columns.len() {
+                crcs.push(iters[i % threads].next().unwrap_or_else(|| Err(EngineError::Unavailable("a column writer thread panicked".into()))));
+            }
+        });
         let mut crc = 0u32;
-        for (i, f) in self.files.iter().enumerate() {
-            let w = f.width();
-            let bytes = value_bytes(&rows.cols[i], w);
-            crc = crc32c::crc32c_append(crc, bytes.as_slice());
-            f.values.write_at(bytes.as_slice(), start * w)?;
-            f.values.sync()?;
+        for (i, c) in crcs.into_iter().enumerate() {
+            crc = crc32c::crc32c_combine(crc, c?, columns[i].1.len());
         }
         Ok((self.generation, start, crc))
     }
 
     /// Bulk path, step 2 (after the commit record is durable), and replay: make rows `start..start+n`
-    /// visible, after checking that they are the bytes the record describes.
-    pub fn commit_direct_append(&mut self, generation: u64, start: usize, n: usize, crc: u32, lsn: u64) -> Result<()> {
+    /// visible. At replay (`verify`) the files' bytes are checked against the record's checksum first; at
+    /// run time the checksum was just taken over the very bytes written, under the same lock, so reading
+    /// them back (and faulting in every page of the mapping) would check nothing.
+    pub fn commit_direct_append(&mut self, generation: u64, start: usize, n: usize, crc: u32, lsn: u64, verify: bool) -> Result<()> {
         if generation != self.generation || start != self.rows {
             return Err(EngineError::Corrupt {
                 path: self.dir.display().to_string(),
@@ -1177,10 +1293,13 @@ impl Partition {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}) beyond the column files") });
         }
         self.ensure_mapped()?;
-        let mut got = 0u32;
-        for f in &self.files {
-            let w = f.width();
-            got = crc32c::crc32c_append(got, &f.values.mapped().as_slice()[start * w..(start + n) * w]);
+        let mut got = crc;
+        if verify {
+            got = 0;
+            for f in &self.files {
+                let w = f.width();
+                got = crc32c::crc32c_append(got, &f.values.mapped().as_slice()[start * w..(start + n) * w]);
+            }
         }
         if got != crc {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}): checksum mismatch") });
@@ -1382,9 +1501,10 @@ impl Partition {
         }
         // Files never checked were never written: nothing of theirs to make durable.
         if self.opened {
-            for f in &self.files {
-                for p in f.planes() {
+            for f in &mut self.files {
+                for p in f.planes_mut() {
                     p.sync()?;
+                    p.release();
                 }
             }
             if self.created_files {

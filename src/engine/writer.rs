@@ -1,5 +1,6 @@
-//! The single writer thread: owns the log, assigns LSNs, prepares, logs and applies every change, runs
-//! checkpoints.
+//! The writer: owns the log, assigns LSNs, prepares, logs and applies every change, runs checkpoints. Its
+//! state is behind one lock; the writer thread takes queued commands in groups, and a caller with a small
+//! write commits it itself while the writer is idle ([`Writer::commit_inline`]).
 //!
 //! Every change is split so that whatever can fail for lack of space or bad state fails *before* its log
 //! record is written, with nothing stored:
@@ -14,8 +15,8 @@
 //! every health report; reads go on.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
@@ -85,9 +86,48 @@ struct PendingWrite {
     reply: oneshot::Sender<Result<WriteAck>>,
 }
 
-/// The writer's state; lives on its own thread.
+/// The writer's command queue: the channel to its thread, and how many commands were sent and not yet
+/// processed. A caller commits its own write on its thread only when none are ([`Writer::commit_inline`]),
+/// so writes are still applied in the order they were handed over.
+#[derive(Clone)]
+pub(super) struct CmdQueue {
+    tx: mpsc::UnboundedSender<Cmd>,
+    unprocessed: Arc<AtomicUsize>,
+}
+
+impl CmdQueue {
+    pub fn new() -> (CmdQueue, mpsc::UnboundedReceiver<Cmd>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (CmdQueue { tx, unprocessed: Arc::new(AtomicUsize::new(0)) }, rx)
+    }
+
+    /// Hand a command to the writer thread.
+    pub fn send(&self, cmd: Cmd) -> std::result::Result<(), mpsc::error::SendError<Cmd>> {
+        self.unprocessed.fetch_add(1, Ordering::SeqCst);
+        let r = self.tx.send(cmd);
+        if r.is_err() {
+            self.unprocessed.fetch_sub(1, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn processed(&self, n: usize) {
+        self.unprocessed.fetch_sub(n, Ordering::SeqCst);
+    }
+
+    fn idle(&self) -> bool {
+        self.unprocessed.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// Largest write a caller commits on its own thread (bytes of column data); larger ones go to the writer
+/// thread, so that a caller on an async worker blocks it for one small log append at most.
+pub(super) const INLINE_WRITE_BYTES: usize = 1 << 20;
+
+/// The writer's state. The writer thread takes commands from [`CmdQueue`]; a caller with a small write
+/// may commit it itself while the writer is idle ([`Writer::commit_inline`]). Either holds the state's
+/// lock (in [`Inner`]) for the whole group.
 pub(super) struct Writer {
-    pub inner: std::sync::Weak<Inner>,
     /// `None` while start-up could not finish (e.g. a full disk): writes are refused until a checkpoint
     /// tick manages to finish it.
     pub wal: Option<WalWriter>,
@@ -99,6 +139,8 @@ pub(super) struct Writer {
     pub last_retention: Instant,
     /// The upstream position as of the origin file (written at checkpoints when it moved).
     pub origin_saved: Origin,
+    /// Shut down: nothing more is committed inline.
+    pub closed: bool,
 }
 
 /// Longest a checkpoint tick spends moving years to object storage.
@@ -129,48 +171,82 @@ const GROUP_BYTES: usize = 64 << 20;
 
 type ShutdownReply = (oneshot::Sender<Result<()>>, Result<()>);
 
-impl Writer {
-    pub fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        while let Some(first) = rx.blocking_recv() {
-            let Some(inner) = self.inner.upgrade() else { break };
-            let mut group = vec![first];
-            let mut bytes = 0usize;
-            while bytes < GROUP_BYTES {
-                match rx.try_recv() {
-                    Ok(c) => {
-                        if let Cmd::Write { rows, .. } = &c {
-                            bytes += rows.byte_len();
-                        }
-                        group.push(c)
+/// The writer thread: takes the queued commands in groups (one log append and fsync per group of writes).
+pub(super) fn run(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    while let Some(first) = rx.blocking_recv() {
+        let Some(inner) = weak.upgrade() else { break };
+        let mut writer = inner.writer.lock();
+        let mut group = vec![first];
+        let mut bytes = 0usize;
+        while bytes < GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(c) => {
+                    if let Cmd::Write { rows, .. } = &c {
+                        bytes += rows.byte_len();
                     }
-                    Err(_) => break,
+                    group.push(c)
                 }
+                Err(_) => break,
             }
-            // A panic must not end the thread silently: every later write would hang or vanish. Stop
-            // writing, say why everywhere, and keep answering (with errors) until shutdown.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(&inner, group)));
-            match outcome {
-                Ok(Some((reply, r))) => {
-                    // Let go of the engine before answering: whoever waits for the shutdown may reopen the
-                    // directory at once, and the directory lock lives as long as the engine.
-                    drop(inner);
-                    let _ = reply.send(r);
-                    break;
-                }
-                Ok(None) => {}
-                Err(p) => {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    inner.halt(format!("the writer thread panicked ({msg}); writes are stopped until restart"));
-                }
+        }
+        let taken = group.len();
+        let outcome = writer.process_guarded(&inner, group);
+        inner.tx.processed(taken);
+        if let Some((reply, r)) = outcome {
+            // Let go of the engine before answering: whoever waits for the shutdown may reopen the
+            // directory at once, and the directory lock lives as long as the engine.
+            drop(writer);
+            drop(inner);
+            let _ = reply.send(r);
+            break;
+        }
+        if writer.checkpoint_due() {
+            let _ = writer.checkpoint(&inner);
+        }
+    }
+}
+
+impl Writer {
+    /// [`Writer::process`], turning a panic into a halt: a panic must not end the writer silently (every
+    /// later write would hang or vanish). Writes stop, every health report says why, and commands are
+    /// answered (with errors) until shutdown.
+    fn process_guarded(&mut self, inner: &Arc<Inner>, group: Vec<Cmd>) -> Option<ShutdownReply> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(inner, group))) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                inner.halt(format!("the writer panicked ({msg}); writes are stopped until restart"));
+                None
             }
-            let oversized = self.wal.as_ref().is_some_and(|w| w.size() > self.cfg.wal_segment_bytes);
-            if oversized && self.last_checkpoint.elapsed() >= Duration::from_secs(1) {
-                let _ = self.checkpoint(&inner);
-            }
+        }
+    }
+
+    /// The log outgrew its segment size and the last checkpoint is a second old.
+    fn checkpoint_due(&self) -> bool {
+        let oversized = self.wal.as_ref().is_some_and(|w| w.size() > self.cfg.wal_segment_bytes);
+        oversized && self.last_checkpoint.elapsed() >= Duration::from_secs(1)
+    }
+
+    /// The writer's state, when it is idle: nothing queued, nobody holding it. Under its lock every
+    /// command sent before has been processed, so a write committed with [`Writer::commit_inline`] is
+    /// applied after them, as when queued.
+    pub(super) fn lock_if_idle(inner: &Inner) -> Option<parking_lot::MutexGuard<'_, Writer>> {
+        let writer = inner.writer.try_lock()?;
+        (inner.tx.idle() && !writer.closed).then_some(writer)
+    }
+
+    /// Commit one small write on the caller's thread: log, fsync, apply and publish exactly as the writer
+    /// thread would, without the two thread hand-offs of a queued write (a per-call durable append is
+    /// mostly those and the fsync).
+    pub(super) fn commit_inline(&mut self, inner: &Arc<Inner>, cmd: Cmd) {
+        let _ = self.process_guarded(inner, vec![cmd]);
+        // A checkpoint is long: the thread does it.
+        if self.checkpoint_due() {
+            let _ = inner.tx.send(Cmd::Checkpoint { reply: None });
         }
     }
 
@@ -214,6 +290,7 @@ impl Writer {
                 }
                 Cmd::Shutdown { reply } => {
                     self.flush(inner, &mut buf, &mut pending);
+                    self.closed = true;
                     let r = match self.refusal(inner) {
                         Some(e) => Err(EngineError::Unavailable(format!("no final checkpoint: {e}"))),
                         None => {

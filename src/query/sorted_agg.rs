@@ -567,6 +567,11 @@ where
     }
 }
 
+/// A row of a batch as a `take` index (batches past `u32::MAX` rows are refused, not wrapped).
+fn take_index(row: usize) -> DfResult<u32> {
+    u32::try_from(row).map_err(|_| DataFusionError::Execution(format!("batch row {row} is past u32 take indices")))
+}
+
 /// One value per group taken from the group's first (or last) row: the group keys, and `first_value` /
 /// `last_value` in input order. Values are kept as slices of the input, one array per input batch.
 struct RunValues {
@@ -583,7 +588,7 @@ impl RunValues {
     /// when `continues`.
     fn update(&mut self, values: &ArrayRef, runs: &[std::ops::Range<usize>], continues: bool) -> DfResult<()> {
         let rows: Vec<u32> = if self.first {
-            runs.iter().skip(usize::from(continues)).map(|r| r.start as u32).collect()
+            runs.iter().skip(usize::from(continues)).map(|r| take_index(r.start)).collect::<DfResult<_>>()?
         } else {
             if continues {
                 // The continued group's last row is in this batch now.
@@ -593,7 +598,7 @@ impl RunValues {
                     self.chunks.push(last.slice(0, last.len() - 1));
                 }
             }
-            runs.iter().map(|r| (r.end - 1) as u32).collect()
+            runs.iter().map(|r| take_index(r.end - 1)).collect::<DfResult<_>>()?
         };
         if !rows.is_empty() {
             self.chunks.push(take(values.as_ref(), &UInt32Array::from(rows), None)?);

@@ -17,8 +17,12 @@ impl Service {
 
     /// Write one batch; returns once the rows are durable and visible. A write racing a recreate of its
     /// bucket fails `Aborted` (nothing stored, safe to retry).
+    /// A small write may be committed on the calling thread ([`crate::engine::Engine::write`]).
     pub async fn write(&self, caller: &Caller, w: &WriteRequest) -> Result<WriteAck, ServiceError> {
-        self.submit_write(caller, w).await?.await
+        self.authorize_write(caller, w)?;
+        let ack = self.engine.write(&w.key, &w.batch, WriteOptions { variable: w.variable }).await?;
+        super::acknowledged(&self.engine, self.ack_gate.as_deref(), ack.lsn).await?;
+        Ok(ack)
     }
 
     /// [`Service::write`] in two steps, for interfaces that pipeline a stream of writes (a Flight DoPut
