@@ -688,6 +688,8 @@ impl Engine {
 
     /// Commit `prepared` on this thread when it qualifies ([`Engine::write`]) and the writer is idle;
     /// the write back otherwise.
+    // The write comes back (to be queued) by value: boxing it would allocate on the path this saves time on.
+    #[allow(clippy::result_large_err)]
     fn write_inline(&self, prepared: PreparedWrite) -> std::result::Result<Result<WriteAck>, PreparedWrite> {
         if prepared.created_lsn.is_none() || prepared.rows.byte_len() > writer::INLINE_WRITE_BYTES {
             return Err(prepared);

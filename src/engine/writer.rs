@@ -101,14 +101,13 @@ impl CmdQueue {
         (CmdQueue { tx, unprocessed: Arc::new(AtomicUsize::new(0)) }, rx)
     }
 
-    /// Hand a command to the writer thread.
-    pub fn send(&self, cmd: Cmd) -> std::result::Result<(), mpsc::error::SendError<Cmd>> {
+    /// Hand a command to the writer thread; `Err` when it has stopped.
+    pub fn send(&self, cmd: Cmd) -> std::result::Result<(), WriterStopped> {
         self.unprocessed.fetch_add(1, Ordering::SeqCst);
-        let r = self.tx.send(cmd);
-        if r.is_err() {
+        self.tx.send(cmd).map_err(|_| {
             self.unprocessed.fetch_sub(1, Ordering::SeqCst);
-        }
-        r
+            WriterStopped
+        })
     }
 
     fn processed(&self, n: usize) {
@@ -119,6 +118,10 @@ impl CmdQueue {
         self.unprocessed.load(Ordering::SeqCst) == 0
     }
 }
+
+/// The writer thread has stopped (shutdown, or the engine is gone): the command was dropped.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WriterStopped;
 
 /// Largest write a caller commits on its own thread (bytes of column data); larger ones go to the writer
 /// thread, so that a caller on an async worker blocks it for one small log append at most.
