@@ -448,59 +448,60 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
         let desc = first.flight_descriptor.clone().ok_or_else(|| Status::invalid_argument("DoPut: the first message needs a flight descriptor"))?;
         let key = descriptor_key(&desc)?;
         let input = futures::stream::once(async { Ok(first) }).chain(rest.map_err(FlightError::from));
-        let mut batches = Box::pin(ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input)).peekable());
-        let backend = self.backend.clone();
+        let batches = Box::pin(ipc::guard(arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(input)).peekable());
+        let (backend, caller, key) = (self.backend.clone(), Arc::new(caller), Arc::new(key));
         // Batches are handed to the backend as they arrive, in order, without waiting for the previous
         // one's fsync, so a stream of appends shares fsyncs (group commit); one PutResult per batch, in
         // order, each sent once that batch is durable. A batch with nothing before it unacknowledged and
         // nothing after it received yet (a per-call append, or a stream's pause) is written with
         // `FlightBackend::write`, which may commit it without a queue. After a refused batch the ones
         // before it are still acknowledged, then the error ends the call; nothing after it is written.
-        let out = async_stream(move |tx| async move {
-            let ack = |r: Result<usize, BackendError>| r.map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) }).map_err(Status::from);
-            let mut in_flight = futures::stream::FuturesOrdered::new();
-            let mut refused: Option<Status> = None;
-            let mut input_done = false;
-            loop {
-                let batch = tokio::select! {
-                    biased;
-                    Some(r) = in_flight.next(), if !in_flight.is_empty() => {
-                        let r = ack(r);
-                        let stop = r.is_err();
-                        if tx.send(r).await.is_err() || stop {
-                            return;
+        // The loop runs inside the response stream itself (no task of its own): tonic polls it as it sends,
+        // so an acknowledgement is produced and written without a hand-off between tasks.
+        let state = PutLoop { batches, in_flight: futures::stream::FuturesOrdered::new(), refused: None, input_done: false, ended: false };
+        let out = futures::stream::unfold(state, move |mut st| {
+            let (backend, caller, key) = (backend.clone(), caller.clone(), key.clone());
+            async move {
+                if st.ended {
+                    return None;
+                }
+                loop {
+                    let batch = tokio::select! {
+                        biased;
+                        Some(r) = st.in_flight.next(), if !st.in_flight.is_empty() => {
+                            let r = put_ack(r);
+                            st.ended = r.is_err();
+                            return Some((r, st));
                         }
-                        continue;
-                    }
-                    b = batches.next(), if !input_done && refused.is_none() && in_flight.len() < PUT_IN_FLIGHT => match b {
-                        None => {
-                            input_done = true;
-                            continue;
+                        b = st.batches.next(), if !st.input_done && st.refused.is_none() && st.in_flight.len() < PUT_IN_FLIGHT => match b {
+                            None => {
+                                st.input_done = true;
+                                continue;
+                            }
+                            Some(Err(e)) => {
+                                st.refused = Some(decode_error(e));
+                                continue;
+                            }
+                            Some(Ok(batch)) => batch,
+                        },
+                        else => break,
+                    };
+                    let alone = st.in_flight.is_empty() && !matches!(futures::poll!(st.batches.as_mut().peek()), std::task::Poll::Ready(Some(_)));
+                    if alone {
+                        let r = backend.write(&caller, key.as_str(), batch).await;
+                        st.in_flight.push_back(Box::pin(futures::future::ready(r)) as PendingAck);
+                    } else {
+                        match backend.submit_write(&caller, key.as_str(), batch).await {
+                            Ok(pending) => st.in_flight.push_back(pending),
+                            Err(e) => st.refused = Some(Status::from(e)),
                         }
-                        Some(Err(e)) => {
-                            refused = Some(decode_error(e));
-                            continue;
-                        }
-                        Some(Ok(batch)) => batch,
-                    },
-                    else => break,
-                };
-                let alone = in_flight.is_empty() && !matches!(futures::poll!(batches.as_mut().peek()), std::task::Poll::Ready(Some(_)));
-                if alone {
-                    let r = backend.write(&caller, &key, batch).await;
-                    in_flight.push_back(Box::pin(futures::future::ready(r)) as PendingAck);
-                } else {
-                    match backend.submit_write(&caller, &key, batch).await {
-                        Ok(pending) => in_flight.push_back(pending),
-                        Err(e) => refused = Some(Status::from(e)),
                     }
                 }
-            }
-            if let Some(e) = refused {
-                let _ = tx.send(Err(e)).await;
+                st.ended = true;
+                st.refused.take().map(|e| (Err(e), st))
             }
         });
-        Ok(Response::new(out))
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn sql_do_put(&self, caller: &B::Caller, cmd: Command, _rest: Streaming<FlightData>) -> Result<Response<Bs<PutResult>>, Status> {
@@ -517,25 +518,23 @@ impl<B: FlightBackend, S: FlightSqlService<FlightService = S>> MktsFlightService
 
 }
 
-/// A small channel-backed stream helper (keeps the writer loop readable).
+/// The state of one DoPut's write loop ([`MktsFlightService::plain_do_put`]).
+struct PutLoop<S: futures::Stream> {
+    batches: Pin<Box<futures::stream::Peekable<S>>>,
+    in_flight: futures::stream::FuturesOrdered<PendingAck>,
+    refused: Option<Status>,
+    input_done: bool,
+    ended: bool,
+}
+
+/// The PutResult of one acknowledged batch.
+fn put_ack(r: Result<usize, BackendError>) -> Result<PutResult, Status> {
+    r.map(|n| PutResult { app_metadata: Bytes::from(format!("{{\"rows\":{n}}}")) }).map_err(Status::from)
+}
+
 /// `{"ack": n}` in a client message's app_metadata.
 fn parse_ack(meta: &[u8]) -> Option<u64> {
     serde_json::from_slice::<serde_json::Value>(meta).ok()?.get("ack")?.as_u64()
-}
-
-fn async_stream<T, F, Fut>(f: F) -> Bs<T>
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream_from(rx))
-}
-
-fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 fn json_result(v: serde_json::Value) -> arrow_flight::Result {

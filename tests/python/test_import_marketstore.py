@@ -240,10 +240,10 @@ def test_kill9_during_import_then_rerun_gives_full_data(tmp_path):
     cfg = write_cfg(tmp_path / "mkts.yml", dest)
     p = subprocess.Popen([mkts_bin(), "import-marketstore", str(src), "--config", str(cfg)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Kill as soon as the first bucket is being written (a fixed delay after start-up raced a fast import).
     deadline = time.time() + 120
-    while time.time() < deadline and not (dest / ".wal").exists():
-        time.sleep(0.02)
-    time.sleep(0.4)
+    while time.time() < deadline and p.poll() is None and not (dest / "A").exists():
+        time.sleep(0.002)
     killed = p.poll() is None
     if killed:
         p.send_signal(signal.SIGKILL)
