@@ -50,8 +50,8 @@ def main():
                 for sym in tables:
                     try:
                         list(c.do_action(fl.Action("destroy", f"{sym}/1Min/OHLCV".encode())))
-                    except fl.FlightError:
-                        pass  # not there yet
+                    except (fl.FlightError, KeyError):  # not there yet (pyarrow raises not-found as a KeyError)
+                        pass
                 t0 = time.perf_counter()
                 for sym, t in tables.items():
                     put(c, f"{sym}/1Min/OHLCV", t)
