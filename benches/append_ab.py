@@ -71,16 +71,27 @@ def round_(c, pid, n, start):
     return np.percentile(lat, 50), np.percentile(lat, 99), (ns1 - ns0) / n / 1e3, (cs1 - cs0) / n
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def server_pair(doc: str):
+    """A parser for the two servers (`--a URL --a-pid PID --b URL --b-pid PID`) plus the caller's options."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", required=True)
     ap.add_argument("--a-pid", type=int, required=True)
     ap.add_argument("--b", required=True)
     ap.add_argument("--b-pid", type=int, required=True)
+    return ap
+
+
+def connect_pair(args):
+    """`[(name, client, pid)]` for servers a and b."""
+    return [("a", fl.connect(args.a), args.a_pid), ("b", fl.connect(args.b), args.b_pid)]
+
+
+def main():
+    ap = server_pair(__doc__)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--appends", type=int, default=400)
     args = ap.parse_args()
-    servers = [("a", fl.connect(args.a), args.a_pid), ("b", fl.connect(args.b), args.b_pid)]
+    servers = connect_pair(args)
     base = 1735689600  # 2025-01-01: one year per round after the seed below
     for _, c, _ in servers:  # seed: every bucket holds a day of 2024
         for s in SYMBOLS:

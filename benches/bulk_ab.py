@@ -8,7 +8,6 @@ the server's on-CPU time per repetition (all threads, /proc/<pid>/task/*/schedst
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from append_ab import cpu_and_switches, put
+from append_ab import connect_pair, cpu_and_switches, put, server_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ.get("BENCH_DIR", os.path.join(os.path.dirname(REPO), "shared", "bench")))
@@ -26,11 +25,7 @@ import make_data as md  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--a", required=True)
-    ap.add_argument("--a-pid", type=int, required=True)
-    ap.add_argument("--b", required=True)
-    ap.add_argument("--b-pid", type=int, required=True)
+    ap = server_pair(__doc__)
     ap.add_argument("--alternations", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -39,7 +34,7 @@ def main():
     for sym, df in frames.items():
         epoch = pa.array(df.index.values.astype("datetime64[s]").astype(np.int64))
         tables[sym] = pa.table([epoch] + [pa.array(df[c].to_numpy()) for c in md.COLUMNS], names=["Epoch"] + md.COLUMNS)
-    servers = [("a", fl.connect(args.a), args.a_pid), ("b", fl.connect(args.b), args.b_pid)]
+    servers = connect_pair(args)
     medians = {"a": [], "b": []}
     cpus = {"a": [], "b": []}
     for k in range(args.alternations):

@@ -699,8 +699,11 @@ impl Engine {
         let PreparedWrite { key, created_lsn, schema, create, rows } = prepared;
         writer.commit_inline(&self.inner, Cmd::Write { key, created_lsn, schema, create, rows, permit: None, from: writer::Applied::LOCAL, reply });
         drop(writer);
-        self.inner.inline_commits.fetch_add(1, Ordering::Relaxed);
-        Ok(rx.try_recv().unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into()))))
+        let ack = rx.try_recv().unwrap_or_else(|_| Err(EngineError::Unavailable("writer stopped".into())));
+        if ack.is_ok() {
+            self.inner.inline_commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(ack)
     }
 
     /// [`Engine::write`] in two steps, for callers that pipeline writes: this validates the batch and hands

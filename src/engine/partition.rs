@@ -339,6 +339,22 @@ impl Drop for HeldFile {
     }
 }
 
+/// A plane's file for one operation: its held descriptor, or one opened for the operation alone.
+enum FileRef<'a> {
+    Held(&'a File),
+    Opened(File),
+}
+
+impl std::ops::Deref for FileRef<'_> {
+    type Target = File;
+    fn deref(&self) -> &File {
+        match self {
+            FileRef::Held(f) => f,
+            FileRef::Opened(f) => f,
+        }
+    }
+}
+
 /// Which file a mapped buffer came from: its path and inode. A same-host reader ([`crate::engine::Engine::local_read`])
 /// opens the path and keeps the file only if it is this inode, i.e. the file of the view it was given (a
 /// newer generation's file at a reused path would be another inode).
@@ -364,56 +380,46 @@ impl Plane {
     fn mapped(&self) -> Buffer {
         self.buffer.clone().unwrap_or_else(|| Buffer::from_vec(Vec::<u64>::new()))
     }
-    /// Run `op` on the plane's file: the held descriptor, or one opened now (and held from now on when the
-    /// budget allows).
-    fn with_file<T>(&self, op: impl FnOnce(&File) -> std::io::Result<T>) -> Result<T> {
-        let io = |e| EngineError::io(&self.path, e);
+    /// The plane's file: the held descriptor, or one opened now — held from now on when `hold` and the
+    /// budget allows (writes hold, reads do not).
+    fn file(&self, hold: bool) -> Result<FileRef<'_>> {
         if let Some(h) = self.held.get() {
-            return op(&h.0).map_err(io);
+            return Ok(FileRef::Held(&h.0));
         }
-        match HeldFile::take(open_rw(&self.path)?) {
-            Ok(h) => {
-                let _ = self.held.set(h);
-                match self.held.get() {
-                    Some(h) => op(&h.0).map_err(io),
-                    None => Err(EngineError::io(&self.path, std::io::Error::other("held descriptor vanished"))),
-                }
-            }
-            Err(file) => op(&file).map_err(io),
+        let file = open_rw(&self.path)?;
+        if !hold {
+            return Ok(FileRef::Opened(file));
         }
+        Ok(match HeldFile::take(file) {
+            Ok(h) => FileRef::Held(&self.held.get_or_init(|| h).0),
+            Err(file) => FileRef::Opened(file),
+        })
     }
     /// Close the held descriptor (at a checkpoint: the partition may not be written again for long).
     fn release(&mut self) {
         self.held.take();
     }
-    /// Map the file (a read does not hold its descriptor: only writes do).
     fn map(&mut self) -> Result<()> {
         if self.buffer.is_none() {
-            let opened;
-            let file = match self.held.get() {
-                Some(h) => &h.0,
-                None => {
-                    opened = open_rw(&self.path)?;
-                    &opened
-                }
+            let (buffer, id) = {
+                let file = self.file(false)?;
+                (map_file(&file, &self.path)?, FileId::of(&file, &self.path)?)
             };
-            self.buffer = Some(map_file(file, &self.path)?);
-            self.id = Some(FileId::of(file, &self.path)?);
+            self.buffer = Some(buffer);
+            self.id = Some(id);
         }
         Ok(())
     }
     /// Grow to at least `len` bytes (blocks allocated), remapping when mapped.
     fn grow(&mut self, len: usize) -> Result<()> {
-        let mapped = self.buffer.is_some();
-        let remapped = self.with_file(|file| {
-            Ok((|| -> Result<Option<(Buffer, Arc<FileId>)>> {
-                allocate(file, &self.path, len)?;
-                if !mapped {
-                    return Ok(None);
-                }
-                Ok(Some((map_file(file, &self.path)?, FileId::of(file, &self.path)?)))
-            })())
-        })??;
+        let remapped = {
+            let file = self.file(true)?;
+            allocate(&file, &self.path, len)?;
+            match self.buffer {
+                Some(_) => Some((map_file(&file, &self.path)?, FileId::of(&file, &self.path)?)),
+                None => None,
+            }
+        };
         if let Some((buffer, id)) = remapped {
             self.buffer = Some(buffer);
             self.id = Some(id);
@@ -421,13 +427,13 @@ impl Plane {
         Ok(())
     }
     fn write_at(&self, bytes: &[u8], at: usize) -> Result<()> {
-        self.with_file(|f| f.write_all_at(bytes, at as u64))
+        self.file(true)?.write_all_at(bytes, at as u64).map_err(|e| EngineError::io(&self.path, e))
     }
     fn read_at(&self, buf: &mut [u8], at: usize) -> Result<()> {
-        self.with_file(|f| f.read_exact_at(buf, at as u64))
+        self.file(true)?.read_exact_at(buf, at as u64).map_err(|e| EngineError::io(&self.path, e))
     }
     fn sync(&self) -> Result<()> {
-        self.with_file(|f| f.sync_data())
+        self.file(false)?.sync_data().map_err(|e| EngineError::io(&self.path, e))
     }
     fn len(&self) -> Result<usize> {
         fs::metadata(&self.path).map(|m| m.len() as usize).map_err(|e| EngineError::io(&self.path, e))
@@ -1248,28 +1254,22 @@ impl Partition {
         // Each column is checksummed, written and fsync'd on its own thread (a few at a time): the time is
         // the page cache taking megabytes into new pages and the device taking them, which overlap across
         // files. The checksums combine in column order, as the record carries them.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(columns.len().max(1));
-        let mut crcs: Vec<Result<u32>> = Vec::new();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let mine: Vec<&(&Path, Buffer, usize)> = columns.iter().skip(t).step_by(threads).collect();
-                    scope.spawn(move || mine.into_iter().map(|(path, bytes, at)| stage_column(path, bytes.as_slice(), *at)).collect::<Vec<_>>())
-                })
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+        let per_thread = columns.len().div_ceil(threads).max(1);
+        let crcs: Vec<Result<u32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = columns
+                .chunks(per_thread)
+                .map(|chunk| scope.spawn(move || chunk.iter().map(|(path, bytes, at)| stage_column(path, bytes.as_slice(), *at)).collect::<Vec<_>>()))
                 .collect();
-            let per_thread: Vec<Vec<Result<u32>>> = handles
+            handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| vec![Err(EngineError::Unavailable("a column writer thread panicked".into()))]))
-                .collect();
-            // Back to column order: column i was the (i / threads)-th job of thread i % threads.
-            let mut iters: Vec<_> = per_thread.into_iter().map(|v| v.into_iter()).collect();
-            for i in 0..columns.len() {
-                crcs.push(iters[i % threads].next().unwrap_or_else(|| Err(EngineError::Unavailable("a column writer thread panicked".into()))));
-            }
+                .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(EngineError::Unavailable("a column writer thread panicked".into()))]))
+                .collect()
         });
+        // In column order (a panicked thread's chunk is one error, met before any column after it).
         let mut crc = 0u32;
-        for (i, c) in crcs.into_iter().enumerate() {
-            crc = crc32c::crc32c_combine(crc, c?, columns[i].1.len());
+        for (c, (_, bytes, _)) in crcs.into_iter().zip(&columns) {
+            crc = crc32c::crc32c_combine(crc, c?, bytes.len());
         }
         Ok((self.generation, start, crc))
     }
@@ -1293,15 +1293,8 @@ impl Partition {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}) beyond the column files") });
         }
         self.ensure_mapped()?;
-        let mut got = crc;
-        if verify {
-            got = 0;
-            for f in &self.files {
-                let w = f.width();
-                got = crc32c::crc32c_append(got, &f.values.mapped().as_slice()[start * w..(start + n) * w]);
-            }
-        }
-        if got != crc {
+        let staged_crc = || self.files.iter().fold(0u32, |c, f| crc32c::crc32c_append(c, &f.values.mapped().as_slice()[start * f.width()..(start + n) * f.width()]));
+        if verify && staged_crc() != crc {
             return Err(EngineError::Corrupt { path: self.dir.display().to_string(), reason: format!("bulk append record (lsn {lsn}): checksum mismatch") });
         }
         self.rows = start + n;
