@@ -905,6 +905,9 @@ impl Partition {
             }
         }
         self.capacity = if capacity == usize::MAX { 0 } else { capacity };
+        // Files of an empty partition may have been created just now: their entries become durable with
+        // the directory's fsync at the checkpoint that first counts rows in them.
+        self.created_files |= rows == 0;
         if self.rows > 0 && (self.first_key.is_none() || self.last_key.is_none()) {
             let key_at = |i: usize| -> Result<(i64, i32)> {
                 let mut e = [0u8; 8];

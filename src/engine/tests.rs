@@ -568,7 +568,7 @@ fn flipped_bit_mid_log_refuses_to_start_then_recovers() {
     });
     let seg = only_segment(dir.path());
     let mut bytes = std::fs::read(&seg).unwrap();
-    let mid = bytes.len() / 2;
+    let mid = wal::segment_end(&seg).unwrap() as usize / 2; // the middle of the records, not of the zero-filled file
     bytes[mid] ^= 0x10;
     std::fs::write(&seg, &bytes).unwrap();
     let err = match try_reopen(EngineConfig::new(dir.path())) {
@@ -607,8 +607,9 @@ fn torn_tail_is_cut_silently() {
     });
     let seg = only_segment(dir.path());
     let mut bytes = std::fs::read(&seg).unwrap();
-    let n = bytes.len();
-    bytes.truncate(n - 5); // the last record loses its end
+    let end = wal::segment_end(&seg).unwrap() as usize;
+    assert!(bytes.len() > end && bytes[end..].iter().all(|&b| b == 0), "the segment is zero-filled after its records");
+    bytes[end - 5..end].fill(0); // the last record loses its end, inside the zero-filled space
     std::fs::write(&seg, &bytes).unwrap();
     rt().block_on(async {
         let e = reopen(dir.path());
