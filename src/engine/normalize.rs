@@ -279,9 +279,7 @@ pub fn normalize(batch: &RecordBatch, schema: &BucketSchema, tf: Timeframe, tz: 
             None => ts_nanos.unwrap_or_else(|| vec![0; n]),
         });
     } else {
-        for s in secs.iter_mut() {
-            *s = tf.truncate_in(*s, tz);
-        }
+        tf.truncate_all_in(&mut secs, tz);
     }
 
     let mut data_cols = Vec::with_capacity(schema.columns.len());
