@@ -3,6 +3,11 @@
 
 use std::path::PathBuf;
 
+/// mimalloc instead of glibc's malloc: the write path allocates and frees many small buffers per request
+/// (h2 frames, IPC decode, log records) and a few large ones per bulk write; measured in benches/README.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
