@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as fl
 
@@ -71,9 +72,11 @@ def main():
     import peers
     import server_client
 
+    # server_client's methods called as the server-flight peer calls them (they read only `args` / `client`).
+    wire_peer = argparse.Namespace(args=argparse.Namespace(flight_epoch="int64"))
     cols = md.gen_symbol(0, 525_600)
     df = md.cols_to_frame(cols)
-    table = server_client.FlightPeer.to_wire(type("P", (), {"args": argparse.Namespace(flight_epoch="int64")})(), df)
+    table = server_client.FlightPeer.to_wire(wire_peer, df)
     rows = table.num_rows
     mk = fl.FlightClient(args.server)
     for key in (KEY, APPEND_KEY):
@@ -90,7 +93,7 @@ def main():
     fsync_dir = os.path.join(work, "fsync")
     os.makedirs(fsync_dir)
     fsync_proc, fsync = start(peers.RefFlightFsync.SERVER, fsync_dir)
-    floor = type("Floor", (), {"client": ram})()
+    floor = argparse.Namespace(client=ram)  # for peers.RefFlightRam._get
 
     day0 = int(cols["Epoch"][0]) + 200 * 86400
     i0 = (day0 - int(cols["Epoch"][0])) // 60
@@ -106,8 +109,7 @@ def main():
         b = ram.do_get(ram_t[op]).read_all()
         assert a.num_rows == b.num_rows and a.column("Open").equals(b.column("Open")), op
 
-    bulk = [table] + [server_client.FlightPeer.to_wire(type("P", (), {"args": argparse.Namespace(flight_epoch="int64")})(),
-                                                      md.cols_to_frame(md.gen_symbol(i, 525_600)))
+    bulk = [table] + [server_client.FlightPeer.to_wire(wire_peer, md.cols_to_frame(md.gen_symbol(i, 525_600)))
                       for i in range(1, args.bulk_symbols)]
     ops = list(reads) + ["append p50", "bulk write"]
     wire = {(op, side): [] for op in ops for side in ("mkts", "floor")}
@@ -169,15 +171,14 @@ def main():
         ours = median_ms(lambda: server_client.FlightPeer.from_wire(t), n)
         def floor_conv():
             df = t.to_pandas()
-            df.index = __import__("pandas").DatetimeIndex(df.pop("Epoch"), name="Epoch").tz_convert("UTC").tz_localize(None)
+            df.index = pd.DatetimeIndex(df.pop("Epoch"), name="Epoch").tz_convert("UTC").tz_localize(None)
         theirs = median_ms(floor_conv, n)
         q = reads[op][1]
         assert server_client.FlightPeer.from_wire(t).equals(peers.RefFlightRam._get(floor, "SYM", q["offset"], q.get("length")))
         print(f"| {op}: from_wire vs pop + DatetimeIndex | {ours:.3f} | {theirs:.3f} |")
     frames = [md.cols_to_frame({k: v[i * 60:(i + 1) * 60] for k, v in cols.items()}) for i in range(1000)]
-    p = type("P", (), {"args": argparse.Namespace(flight_epoch="int64")})()
     it = iter(frames)
-    print(f"| append: to_wire of a fresh 60-bar frame | {median_ms(lambda: server_client.FlightPeer.to_wire(p, next(it)), 1000):.3f} | 0 (built untimed) |")
+    print(f"| append: to_wire of a fresh 60-bar frame | {median_ms(lambda: server_client.FlightPeer.to_wire(wire_peer, next(it)), 1000):.3f} | 0 (built untimed) |")
     for proc in (ram_proc, fsync_proc):
         proc.kill()
         proc.wait()
